@@ -1,0 +1,503 @@
+"""save / load / open on one file: atomic durable writes, verified and lazy reads."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+
+from . import _io, knobs
+from .dtypes import name_of_numpy, name_of_torch, numpy_dtype, torch_dtype
+from .errors import ChecksumError, FormatError
+from .format import (
+    CRC_KEY, CRC_PLACEHOLDER, DTYPE_SIZES, crc32, TK_KEY, TK_PREFIX, Header, TensorInfo, dumps,
+    encode_header, header_crc, header_length, looks_like_tensorkeep, parse_checksums,
+    parse_header, strict_json,
+)
+from .tree import flatten, leaf_kinds, unflatten
+
+FORMAT_VERSION = 1
+PathLike = "str | os.PathLike[str]"
+
+
+class UnsafePickleError(FormatError):
+    """A ``.pt`` file needs code (a class, a function) to load; tensorkeep never runs it."""
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def _source(x: Any, path: str, name: str) -> tuple[str, tuple[int, ...], Callable[[], np.ndarray]]:
+    """(dtype name, shape, function returning the bytes as a flat uint8 array). Copies happen
+    per tensor at write time (device to host, non-contiguous), never for the whole state at once."""
+    if isinstance(x, torch.Tensor):
+        dt = name_of_torch(x.dtype)
+        if dt is None:
+            raise TypeError(f"cannot save {path}: tensor {name!r} has dtype {x.dtype}, which safetensors cannot store")
+
+        def get_t() -> np.ndarray:
+            t = x.detach()
+            if t.device.type != "cpu":
+                t = t.cpu()
+            t = t.resolve_conj().resolve_neg().contiguous()
+            return t.reshape(-1).view(torch.uint8).numpy()
+
+        return dt, tuple(x.shape), get_t
+    dt = name_of_numpy(x.dtype)
+    if dt is None:
+        raise TypeError(f"cannot save {path}: array {name!r} has NumPy dtype {x.dtype}, which safetensors cannot store")
+
+    def get_n() -> np.ndarray:
+        a = np.ascontiguousarray(x)
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        return a.reshape(-1).view(np.uint8)
+
+    return dt, tuple(x.shape), get_n
+
+
+def _block_crcs(buf: np.ndarray, block: int) -> list[str]:
+    mv = memoryview(buf)
+    return [f"{crc32(mv[i : i + block]):08x}" for i in range(0, max(len(mv), 1), block)]
+
+
+def _nblocks(nbytes: int, block: int) -> int:
+    return max(1, -(-nbytes // block))
+
+
+def _write_buffered(fd: int, start: int, sources: list, block: int) -> dict[str, list[str]]:
+    crcs, off = {}, start
+    for name, get in sources:
+        buf = get()
+        crcs[name] = _block_crcs(buf, block)
+        _io.pwrite_all(fd, memoryview(buf), off)
+        off += buf.nbytes
+    return crcs
+
+
+def _write_direct(fd: int, start: int, sources: list, block: int, total: int) -> dict[str, list[str]]:
+    """Stage through reused page-aligned buffers: the main thread copies and checksums
+    one buffer while a writer thread writes the other with O_DIRECT."""
+    chunk = knobs.CHUNK_BYTES
+    bufs = [_io.STAGING.get(chunk), _io.STAGING.get(chunk)]
+    crcs: dict[str, list[str]] = {}
+    pending = [None, None]
+    cur, fill, off = 0, 0, start
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="tk-write") as pool:
+
+            def flush(length: int) -> None:
+                nonlocal cur, fill, off
+                pending[cur] = pool.submit(_io.pwrite_all, fd, memoryview(bufs[cur])[:length], off)
+                off += length
+                cur, fill = 1 - cur, 0
+                if pending[cur] is not None:
+                    pending[cur].result()  # the other buffer must be written before we refill it
+                    pending[cur] = None
+
+            for name, get in sources:
+                src = get()
+                crcs[name] = _block_crcs(src, block)
+                mv, pos = memoryview(src), 0
+                while pos < len(mv):
+                    n = min(chunk - fill, len(mv) - pos)
+                    bufs[cur][fill : fill + n] = mv[pos : pos + n]
+                    fill, pos = fill + n, pos + n
+                    if fill == chunk:
+                        flush(chunk)
+            if fill:
+                padded = -(-fill // knobs.ALIGN) * knobs.ALIGN
+                bufs[cur][fill:padded] = bytes(padded - fill)
+                flush(padded)
+            for p in pending:
+                if p is not None:
+                    p.result()
+        _io.ftruncate(fd, start + total)
+    finally:
+        for b in bufs:
+            _io.STAGING.put(b)
+    return crcs
+
+
+def save(obj: Any, path: "str | os.PathLike[str]", *, metadata: Mapping[str, str] | None = None,
+         durable: bool = True) -> None:
+    """Save a tensor, array, or any nesting of dict/list/tuple of them and plain values.
+
+    The file is a safetensors file with tensorkeep's structure and checksums in its
+    metadata. It is written to a temporary file, fsynced, renamed over ``path`` and
+    the directory fsynced (``durable=False`` skips the fsyncs, for scratch files).
+
+    >>> import torch, tensorkeep as tk
+    >>> tk.save({"w": torch.ones(2), "step": 3}, "/tmp/tk-doc.tk")
+    >>> tk.load("/tmp/tk-doc.tk")
+    {'w': tensor([1., 1.]), 'step': 3}
+    """
+    path = os.fspath(path)
+    user = dict(metadata or {})
+    for k, v in user.items():
+        if type(k) is not str or type(v) is not str:
+            raise TypeError(f"metadata must map str to str; got {k!r}: {type(v).__name__}")
+        if k.startswith(TK_KEY):
+            raise ValueError(f"metadata key {k!r}: keys starting with 'tensorkeep' are reserved")
+    tree, leaves = flatten(obj)
+    entries = [(name, *_source(x, path, name)) for name, x in leaves]
+    entries.sort(key=lambda e: -DTYPE_SIZES[e[1]])  # larger items first keeps every tensor aligned
+    block = knobs.BLOCK_BYTES
+    info: dict[str, Any] = {"v": FORMAT_VERSION, "block": block, "tree": tree,
+                            "crc": {n: [CRC_PLACEHOLDER] * _nblocks(_nbytes(dt, sh), block) for n, dt, sh, _ in entries}}
+    meta = {CRC_KEY: CRC_PLACEHOLDER, TK_KEY: dumps(info), **user}
+    total = sum(_nbytes(dt, sh) for _, dt, sh, _ in entries)
+    direct = hasattr(os, "O_DIRECT") and total >= knobs.DIRECT_IO_MIN_BYTES
+    layout = [(n, dt, sh) for n, dt, sh, _ in entries]
+    head, _ = encode_header(layout, meta, knobs.ALIGN if direct else 8)
+    sources = [(n, get) for n, _, _, get in entries]
+    with _io.atomic_file(path, durable=durable, direct=direct) as fd:
+        if direct and _io.fd_is_direct(fd):
+            info["crc"] = _write_direct(fd, len(head), sources, block, total)
+        else:
+            info["crc"] = _write_buffered(fd, len(head), sources, block)
+        meta[TK_KEY] = dumps(info)
+        final, _ = encode_header(layout, meta, knobs.ALIGN if direct else 8)
+        assert len(final) == len(head), "header length changed between placeholder and final write"
+        final = bytearray(final)
+        at = 8 + len(TK_PREFIX)
+        final[at : at + 8] = f"{header_crc(final):08x}".encode()
+        if direct and _io.fd_is_direct(fd):
+            buf = _io.STAGING.get(len(final))
+            try:
+                buf[:] = final
+                _io.pwrite_all(fd, memoryview(buf), 0)
+            finally:
+                _io.STAGING.put(buf)
+        else:
+            _io.pwrite_all(fd, memoryview(final), 0)
+
+
+def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    n = DTYPE_SIZES[dtype]
+    for d in shape:
+        n *= d
+    return n
+
+
+# ----------------------------------------------------------------------------- read
+
+_GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _torch_file(path: str, device: Any, lazy: bool) -> Any:
+    try:
+        return torch.load(path, map_location=device or "cpu", weights_only=True, mmap=lazy or None)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, ...
+        msg = str(e)
+        m = _GLOBAL_RE.search(msg)
+        if m or "Weights only load failed" in msg:
+            what = m.group(1) if m else "a Python object"
+            raise UnsafePickleError(
+                f"{path}: this pickle needs {what} to load, so it holds Python objects (for example a whole "
+                "model saved with torch.save(net)), not only tensors. Loading it would run code from the file, "
+                "so tensorkeep refuses. Fix: save only the parameters, torch.save(net.state_dict(), path) or "
+                "tk.save(net.state_dict(), path), and rebuild the model in code before tk.load_into(net, path); "
+                "or use tk.save_model(net, path, config=...) to keep the architecture safely. If you trust this "
+                "file's source, convert it once yourself: net = torch.load(path, weights_only=False); "
+                "tk.save(net.state_dict(), 'model.safetensors')."
+            ) from None
+        raise FormatError(f"{path}: not a readable torch file ({type(e).__name__}: {msg[:300]})") from None
+
+
+class _Reader:
+    """An open tensorkeep or safetensors file: validated header, tensor reads, verification."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            self.size = os.fstat(self.fd).st_size
+            first = os.pread(self.fd, 8 + len(TK_PREFIX), 0)
+            self.torch_pickle = first[:4] == b"PK\x03\x04" or (first[:1] == b"\x80" and first[1:2] in b"\x02\x03\x04\x05")
+            if self.torch_pickle:
+                return
+            try:
+                n = header_length(first, self.size, path)
+                self.header = parse_header(first[:8] + os.pread(self.fd, n, 8), self.size, path)
+                self._parse_tk()
+            except FormatError as e:
+                if looks_like_tensorkeep(first) and not isinstance(e, ChecksumError):
+                    raise ChecksumError(f"{e} (the file is a damaged tensorkeep file)") from None
+                raise
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _parse_tk(self) -> None:
+        h = self.header
+        self.crcs: dict[str, list[int]] | None = None
+        self.kinds = {n: "t" for n in h.tensors}
+        self.tree: Any = None
+        self.block = 0
+        self.metadata = dict(h.metadata or {})
+        if not h.is_tensorkeep:
+            if TK_KEY in self.metadata or CRC_KEY in self.metadata:
+                raise FormatError(f"{self.path}: header has tensorkeep metadata in the wrong place")
+            return
+        info = strict_json(self.metadata.pop(TK_KEY), f"{self.path}: tensorkeep metadata")
+        self.metadata.pop(CRC_KEY)
+        if not isinstance(info, dict) or set(info) != {"v", "block", "tree", "crc"}:
+            raise FormatError(f"{self.path}: tensorkeep metadata must have exactly v, block, tree, crc")
+        if info["v"] != FORMAT_VERSION:
+            raise FormatError(f"{self.path}: written by a newer tensorkeep (format {info['v']!r}); upgrade tensorkeep")
+        self.block = info["block"]
+        self.crcs = parse_checksums(info["crc"], info["block"], h, self.path)
+        self.tree = info["tree"]
+        kinds = leaf_kinds(self.tree, self.path)
+        if set(kinds) != set(h.tensors):
+            raise FormatError(f"{self.path}: stored structure does not refer to exactly the file's tensors")
+        for name, kind in kinds.items():
+            if kind == "n" and numpy_dtype(h.tensors[name].dtype) is None:
+                raise FormatError(f"{self.path}: NumPy array {name!r} has dtype {h.tensors[name].dtype} that NumPy lacks")
+        self.kinds = kinds
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- verification
+    def check(self, name: str, buf: Any, first_block: int = 0) -> None:
+        """Verify ``buf``: the bytes of ``name`` starting at block ``first_block``."""
+        if self.crcs is None:
+            return
+        want = self.crcs[name]
+        mv = memoryview(buf).cast("B") if not isinstance(buf, np.ndarray) else memoryview(buf)
+        for i, at in enumerate(range(0, max(len(mv), 1), self.block)):
+            got = crc32(mv[at : at + self.block])
+            if got != want[first_block + i]:
+                raise ChecksumError(
+                    f"{self.path}: tensor {name!r} is damaged (checksum of bytes {(first_block + i) * self.block}.. "
+                    f"is {got:08x}, stored {want[first_block + i]:08x}). The file changed after it was written "
+                    "(disk, copy or transfer error); use a backup or an earlier checkpoint"
+                )
+
+    # -- reads
+    def _empty(self, t: TensorInfo, kind: str, rows: int | None = None) -> tuple[Any, np.ndarray]:
+        shape = t.shape if rows is None else (rows, *t.shape[1:])
+        if kind == "n":
+            arr = np.empty(shape, numpy_dtype(t.dtype))
+            return arr, arr.reshape(-1).view(np.uint8)
+        x = torch.empty(shape, dtype=torch_dtype(t.dtype))
+        return x, x.reshape(-1).view(torch.uint8).numpy()
+
+    def read_range(self, buf: np.ndarray, offset: int) -> None:
+        mv = memoryview(buf)
+        while len(mv):
+            n = os.preadv(self.fd, [mv], offset)
+            if n <= 0:
+                raise ChecksumError(f"{self.path}: file is truncated (read at byte {offset} returned nothing)")
+            mv, offset = mv[n:], offset + n
+
+    def read(self, name: str, kind: str, verify: bool) -> Any:
+        t = self.header.tensors[name]
+        x, buf = self._empty(t, kind)
+        self.read_range(buf, self.header.data_start + t.begin)
+        if verify:
+            self.check(name, buf)
+        return x
+
+    def read_all(self, verify: bool) -> dict[str, Any]:
+        names = list(self.header.tensors)
+        if len(names) < 2 or knobs.IO_THREADS < 2:
+            return {n: self.read(n, self.kinds[n], verify) for n in names}
+        with ThreadPoolExecutor(knobs.IO_THREADS, thread_name_prefix="tk-read") as pool:
+            futs = {n: pool.submit(self.read, n, self.kinds[n], verify) for n in names}
+            return {n: f.result() for n, f in futs.items()}
+
+    def map_all(self, verify: bool) -> dict[str, Any]:
+        mm = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY)
+        if len(mm) != self.size:
+            raise ChecksumError(f"{self.path}: file changed size while being opened")
+        out = {}
+        for name, t in self.header.tensors.items():
+            start = self.header.data_start + t.begin
+            if verify:
+                with memoryview(mm) as mv:
+                    self.check(name, mv[start : start + t.nbytes])
+            kind = self.kinds[name]
+            numel = t.nbytes // DTYPE_SIZES[t.dtype]
+            if kind == "n":
+                out[name] = np.frombuffer(mm, numpy_dtype(t.dtype), numel, start).reshape(t.shape)
+            elif numel == 0:
+                out[name] = torch.empty(t.shape, dtype=torch_dtype(t.dtype))
+            else:
+                out[name] = torch.frombuffer(mm, dtype=torch_dtype(t.dtype), count=numel, offset=start).reshape(t.shape)
+        return out
+
+    def build(self, arrays: dict[str, Any], device: Any) -> Any:
+        if device is not None:
+            arrays = {n: (a.to(device) if isinstance(a, torch.Tensor) else a) for n, a in arrays.items()}
+        if self.tree is None:
+            return arrays
+        return unflatten(self.tree, lambda name, kind: arrays[name], self.path)
+
+
+def load(path: "str | os.PathLike[str]", *, device: Any = None, lazy: bool = False, verify: bool = True) -> Any:
+    """Load what :func:`save` wrote, with the same structure and types.
+
+    Also reads plain safetensors files (a flat dict of tensors comes back) and
+    ``.pt``/``.pth``/``.bin`` files through ``torch.load(weights_only=True)`` only.
+    ``lazy=True`` maps the file instead of reading it; ``verify`` checks every checksum.
+
+    >>> import torch, tensorkeep as tk
+    >>> tk.save([torch.arange(4), torch.zeros(4)], "/tmp/tk-doc-x-files")
+    >>> x2, y2 = tk.load("/tmp/tk-doc-x-files")
+    >>> x2
+    tensor([0, 1, 2, 3])
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        from .sharded import load_dir  # a sharded model directory
+
+        return load_dir(path, device=device, lazy=lazy, verify=verify)
+    r = _Reader(path)
+    try:
+        if r.torch_pickle:
+            return _torch_file(path, device, lazy)
+        arrays = r.map_all(verify) if lazy else r.read_all(verify)
+        return r.build(arrays, device)
+    finally:
+        r.close()
+
+
+class TensorSlice:
+    """A tensor in a file, sliced on demand: ``f.get_slice("w")[2:5]`` reads only rows 2..4."""
+
+    def __init__(self, reader: _Reader, name: str) -> None:
+        self._r, self._name = reader, name
+        self._info = reader.header.tensors[name]
+        self.shape = self._info.shape
+        self.dtype = self._info.dtype
+
+    def get_shape(self) -> list[int]:
+        return list(self.shape)
+
+    def get_dtype(self) -> str:
+        return self.dtype
+
+    def __getitem__(self, key: Any) -> Any:
+        key = key if isinstance(key, tuple) else (key,)
+        t, r = self._info, self._r
+        if not t.shape or not key or key[0] is Ellipsis:
+            return r.read(self._name, r.kinds[self._name], True)[key]
+        k0, dim0 = key[0], t.shape[0]
+        if isinstance(k0, int):
+            i = k0 + dim0 if k0 < 0 else k0
+            if not 0 <= i < dim0:
+                raise IndexError(f"index {k0} is out of range for dimension 0 of size {dim0} ({self._name!r})")
+            lo, hi, rest = i, i + 1, (0, *key[1:])
+        elif isinstance(k0, slice):
+            idx = range(*k0.indices(dim0))
+            if idx.step < 0:
+                raise ValueError("get_slice: negative steps are not supported (torch slicing has none either)")
+            lo, hi = (idx[0], idx[-1] + 1) if len(idx) else (0, 0)
+            rest = (slice(0, hi - lo, idx.step), *key[1:])
+        else:
+            raise TypeError(f"get_slice supports ints and slices on the first dimension, got {k0!r}")
+        row = t.nbytes // dim0 if dim0 else 0
+        kind = r.kinds[self._name]
+        x, buf = r._empty(t, kind, rows=hi - lo)
+        if row and hi > lo:
+            b0, b1 = lo * row, hi * row
+            if r.crcs is None:
+                r.read_range(buf, r.header.data_start + t.begin + b0)
+            else:  # read whole checksum blocks so everything returned is verified
+                k, end = b0 // r.block, min(-(-b1 // r.block) * r.block, t.nbytes)
+                raw = np.empty(end - k * r.block, np.uint8)
+                r.read_range(raw, r.header.data_start + t.begin + k * r.block)
+                r.check(self._name, raw, k)
+                buf[:] = raw[b0 - k * r.block : b1 - k * r.block]
+        return x[rest]
+
+
+class SafeOpen:
+    """A file opened for reading only what is asked for. Use :func:`open`."""
+
+    def __init__(self, path: "str | os.PathLike[str]") -> None:
+        self.path = os.fspath(path)
+        self._r = _Reader(self.path)
+        self._all: dict[str, Any] | None = None
+        if self._r.torch_pickle:
+            obj = _torch_file(self.path, None, False)
+            self._all = obj if isinstance(obj, dict) else {"tensor": obj}
+            self.metadata: dict[str, str] = {}
+        else:
+            self.metadata = self._r.metadata
+
+    def keys(self) -> list[str]:
+        """Tensor names in the file (nested structures are flattened with dots)."""
+        return list(self._all) if self._all is not None else list(self._r.header.tensors)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.keys()
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def info(self, name: str) -> TensorInfo:
+        """dtype, shape and byte range of one tensor, without reading it."""
+        return self._r.header.tensors[self._check(name)]
+
+    def _check(self, name: str) -> str:
+        if name not in self.keys():
+            close = ", ".join(sorted(self.keys())[:10])
+            raise KeyError(f"{self.path}: no tensor named {name!r}; it has: {close}{' ...' if len(self) > 10 else ''}")
+        return name
+
+    def get(self, name: str, *, verify: bool = True) -> Any:
+        """Read one tensor (verified)."""
+        self._check(name)
+        if self._all is not None:
+            return self._all[name]
+        return self._r.read(name, self._r.kinds[name], verify)
+
+    get_tensor = get  # safetensors' spelling
+
+    def get_slice(self, name: str) -> TensorSlice:
+        """A view that reads only the rows an index asks for: ``f.get_slice("w")[2:5]``."""
+        self._check(name)
+        if self._all is not None:
+            raise TypeError(f"{self.path}: slicing is for safetensors files; use get() on a torch file")
+        return TensorSlice(self._r, name)
+
+    def load(self, *, device: Any = None, verify: bool = True) -> Any:
+        """The whole saved object, as :func:`load` returns it."""
+        if self._all is not None:
+            return self._all
+        return self._r.build(self._r.read_all(verify), device)
+
+    def close(self) -> None:
+        self._r.close()
+
+    def __enter__(self) -> "SafeOpen":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def open(path: "str | os.PathLike[str]") -> SafeOpen:  # noqa: A001 - mirrors safetensors' safe_open
+    """Open a file to read single tensors or slices without reading the rest.
+
+    >>> import torch, tensorkeep as tk
+    >>> tk.save({"w": torch.arange(10)}, "/tmp/tk-doc-open.tk")
+    >>> with tk.open("/tmp/tk-doc-open.tk") as f:
+    ...     f.keys(), f.get_slice("w")[2:5]
+    (['w'], tensor([2, 3, 4]))
+    """
+    return SafeOpen(path)

@@ -1,0 +1,280 @@
+"""The file format: safetensors bytes, validated strictly. Knows bytes and dtype names, not torch.
+
+Layout (little endian)::
+
+    u64 N | N bytes of UTF-8 JSON header, space padded | data area
+
+The header maps each tensor name to ``{"dtype", "shape", "data_offsets"}`` (offsets
+relative to the data area, back to back, covering it exactly) and may hold
+``"__metadata__"``, a str -> str map. tensorkeep files put their header checksum
+first in that map and their structure and tensor checksums under ``"tensorkeep"``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from . import knobs
+from .errors import ChecksumError, FormatError
+
+#: safetensors dtype name -> bytes per element.
+DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1,
+    "F8_E5M2FNUZ": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+}
+
+TK_KEY = "tensorkeep"
+CRC_KEY = "tensorkeep.crc32"
+#: Every tensorkeep header starts with these bytes; the 8 hex digits after them are
+#: the CRC-32 of the length prefix and header with those digits set to "00000000".
+TK_PREFIX = b'{"__metadata__":{"' + CRC_KEY.encode() + b'":"'
+CRC_PLACEHOLDER = "00000000"
+_MAX_DIM = 1 << 62
+
+try:  # ISA-L computes the same CRC-32 as zlib, 4x faster, and releases the GIL
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover - platforms without isal wheels
+    from zlib import crc32
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # offsets relative to the data area
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class Header:
+    tensors: dict[str, TensorInfo]  # in file order (by offset)
+    metadata: dict[str, str] | None
+    data_start: int  # absolute offset of the data area
+    is_tensorkeep: bool
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        keys = [k for k, _ in pairs]
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"duplicate key {dup!r}")
+    return out
+
+
+def strict_json(text: str | bytes, where: str) -> Any:
+    """Parse JSON refusing duplicate keys, NaN/Infinity and runaway nesting.
+
+    >>> strict_json('{"a": 1}', "x")
+    {'a': 1}
+    """
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except RecursionError:
+        raise FormatError(f"{where}: JSON nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FormatError(f"{where}: not valid JSON ({e})") from None
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON as tensorkeep writes it (NaN refused, Unicode kept)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _bit_distance(a: bytes, b: bytes) -> int:
+    return sum(bin(x ^ y).count("1") for x, y in zip(a, b)) + 8 * abs(len(a) - len(b))
+
+
+def looks_like_tensorkeep(head: bytes) -> bool:
+    """True if the first bytes of a file are those of a tensorkeep file, up to one flipped bit."""
+    return _bit_distance(head[8 : 8 + len(TK_PREFIX)], TK_PREFIX) <= 1
+
+
+def header_crc(prefix_and_header: bytes) -> int:
+    """CRC-32 of the length prefix + header, with the stored checksum digits zeroed."""
+    start = 8 + len(TK_PREFIX)
+    b = bytearray(prefix_and_header)
+    b[start : start + 8] = CRC_PLACEHOLDER.encode()
+    return crc32(b)
+
+
+def encode_header(
+    tensors: list[tuple[str, str, tuple[int, ...]]],
+    metadata: dict[str, str] | None,
+    align: int = 8,
+) -> tuple[bytes, list[tuple[int, int]]]:
+    """Encode ``[(name, dtype, shape), ...]`` (in data order) into ``prefix + header``.
+
+    The header is space padded so that the data area starts at a multiple of ``align``.
+    Returns the bytes and each tensor's ``(begin, end)`` offsets.
+
+    >>> b, offs = encode_header([("x", "F32", (2,))], None)
+    >>> offs, len(b) % 8
+    ([(0, 8)], 0)
+    """
+    obj: dict[str, Any] = {}
+    if metadata is not None:
+        obj["__metadata__"] = metadata
+    offsets = []
+    pos = 0
+    for name, dtype, shape in tensors:
+        n = DTYPE_SIZES[dtype]
+        for d in shape:
+            n *= d
+        offsets.append((pos, pos + n))
+        obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    text = dumps(obj).encode("utf-8")
+    total = 8 + len(text)
+    text += b" " * ((-total) % align)
+    return struct.pack("<Q", len(text)) + text, offsets
+
+
+def _check_int(v: Any, what: str, path: str, lo: int = 0, hi: int = _MAX_DIM) -> int:
+    if type(v) is not int or not lo <= v <= hi:
+        raise FormatError(f"{path}: {what} must be an integer in [{lo}, {hi}], found {v!r}")
+    return v
+
+
+def _check_str(s: Any, what: str, path: str) -> str:
+    if type(s) is not str:
+        raise FormatError(f"{path}: {what} must be a string, found {type(s).__name__}")
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FormatError(f"{path}: {what} {s!r} is not valid UTF-8 (lone surrogate)") from None
+    return s
+
+
+def _tensor_info(name: str, v: Any, path: str) -> TensorInfo:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(v, dict):
+        raise FormatError(f"{where}: expected an object with dtype, shape, data_offsets, found {type(v).__name__}")
+    if set(v) != {"dtype", "shape", "data_offsets"}:
+        raise FormatError(
+            f"{where}: expected exactly the fields dtype, shape, data_offsets, found {sorted(v)}"
+        )
+    dtype = v["dtype"]
+    if dtype not in DTYPE_SIZES or type(dtype) is not str:
+        raise FormatError(f"{where}: unknown dtype {dtype!r}; known: {', '.join(DTYPE_SIZES)}")
+    shape = v["shape"]
+    if type(shape) is not list or len(shape) > knobs.MAX_NDIM:
+        raise FormatError(f"{where}: shape must be a list of at most {knobs.MAX_NDIM} integers, found {shape!r:.80}")
+    shape = tuple(_check_int(d, "every dimension", where) for d in shape)
+    offs = v["data_offsets"]
+    if type(offs) is not list or len(offs) != 2:
+        raise FormatError(f"{where}: data_offsets must be [begin, end], found {offs!r:.80}")
+    begin, end = (_check_int(o, "data_offsets", where) for o in offs)
+    if begin > end:
+        raise FormatError(f"{where}: data_offsets are reversed ({begin} > {end})")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel * DTYPE_SIZES[dtype] != end - begin:
+        raise FormatError(
+            f"{where}: shape {list(shape)} of {dtype} needs {numel * DTYPE_SIZES[dtype]} bytes, "
+            f"but data_offsets [{begin}, {end}] hold {end - begin}"
+        )
+    return TensorInfo(name, dtype, shape, begin, end)
+
+
+def parse_header(head: bytes, file_size: int, path: str) -> Header:
+    """Validate ``prefix + header`` bytes of a file of ``file_size`` bytes.
+
+    ``head`` must hold at least the 8-byte prefix and the whole header (see
+    :func:`header_length`). Raises :class:`FormatError` naming the problem.
+    """
+    n = header_length(head[:8], file_size, path)
+    raw = head[8 : 8 + n]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{path}: header is not UTF-8 ({e})") from None
+    if not text.startswith("{"):
+        raise FormatError(f"{path}: header must be a JSON object starting with '{{', found {text[:20]!r}")
+    obj = strict_json(text, f"{path}: header")
+    if not isinstance(obj, dict):
+        raise FormatError(f"{path}: header must be a JSON object")
+    metadata = None
+    infos = []
+    for key, v in obj.items():
+        _check_str(key, "tensor name", path)
+        if key == "__metadata__":
+            if not isinstance(v, dict):
+                raise FormatError(f"{path}: __metadata__ must be an object of strings, found {type(v).__name__}")
+            for mk, mv in v.items():
+                _check_str(mk, "metadata key", path)
+                _check_str(mv, f"metadata value of {mk!r}", path)
+            metadata = v
+        else:
+            infos.append(_tensor_info(key, v, path))
+    infos.sort(key=lambda t: (t.begin, t.end))
+    pos = 0
+    for t in infos:
+        if t.begin != pos:
+            kind = "overlaps the previous tensor" if t.begin < pos else f"leaves a hole of {t.begin - pos} bytes"
+            raise FormatError(f"{path}: tensor {t.name!r} at data_offsets [{t.begin}, {t.end}] {kind}")
+        pos = t.end
+    data_len = file_size - 8 - n
+    if pos != data_len:
+        if pos > data_len:
+            raise FormatError(f"{path}: file is truncated: the header describes {pos} data bytes, the file has {data_len}")
+        raise FormatError(f"{path}: {data_len - pos} trailing bytes after the last tensor")
+    is_tk = head[8 : 8 + len(TK_PREFIX)] == TK_PREFIX and metadata is not None and TK_KEY in metadata
+    if is_tk:
+        stored = metadata.get(CRC_KEY, "")
+        if header_crc(head[: 8 + n]) != _hex(stored, path):
+            raise ChecksumError(f"{path}: header checksum mismatch: the file is damaged")
+    return Header({t.name: t for t in infos}, metadata, 8 + n, is_tk)
+
+
+def header_length(prefix: bytes, file_size: int, path: str) -> int:
+    """Read and bound the u64 header length at the start of a file."""
+    if len(prefix) < 8 or file_size < 8:
+        raise FormatError(f"{path}: file is {file_size} bytes; a safetensors file starts with an 8-byte header length")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n > knobs.MAX_HEADER_BYTES:
+        raise FormatError(f"{path}: header length {n} exceeds the cap of {knobs.MAX_HEADER_BYTES} bytes")
+    if 8 + n > file_size:
+        raise FormatError(f"{path}: header length {n} runs past the end of the file ({file_size} bytes)")
+    if n < 2:
+        raise FormatError(f"{path}: header length {n} is too small for a JSON object")
+    return n
+
+
+def _hex(s: Any, path: str) -> int:
+    if type(s) is not str or len(s) != 8:
+        raise FormatError(f"{path}: checksum must be 8 hex digits, found {s!r:.40}")
+    try:
+        return int(s, 16)
+    except ValueError:
+        raise FormatError(f"{path}: checksum must be 8 hex digits, found {s!r}") from None
+
+
+def parse_checksums(v: Any, block: Any, header: Header, path: str) -> dict[str, list[int]]:
+    """Validate the per-tensor block checksums stored in a tensorkeep header."""
+    block = _check_int(block, "checksum block size", path, lo=1)
+    if not isinstance(v, dict) or set(v) != set(header.tensors):
+        raise FormatError(f"{path}: checksum table does not list exactly the file's tensors")
+    out = {}
+    for name, crcs in v.items():
+        nblocks = max(1, -(-header.tensors[name].nbytes // block))
+        if type(crcs) is not list or len(crcs) != nblocks:
+            raise FormatError(f"{path}: tensor {name!r}: expected {nblocks} block checksums")
+        out[name] = [_hex(c, path) for c in crcs]
+    return out
