@@ -468,6 +468,27 @@ class SafeOpen:
 
     get_tensor = get  # safetensors' spelling
 
+    def read_into(self, name: str, out: torch.Tensor, *, verify: bool = True) -> torch.Tensor:
+        """Read tensor ``name`` straight into ``out`` (same dtype and shape), verified.
+
+        A contiguous CPU ``out`` is filled in place with no extra copy; otherwise the
+        tensor is read into a temporary and copied (``out`` may be on any device).
+        """
+        self._check(name)
+        if self._all is not None:
+            return out.copy_(self._all[name])
+        t = self._r.header.tensors[name]
+        if torch_dtype(t.dtype) != out.dtype or tuple(out.shape) != t.shape:
+            raise ValueError(f"{self.path}: {name!r} is {t.dtype} {list(t.shape)}, out is {out.dtype} {list(out.shape)}")
+        if out.device.type == "cpu" and out.is_contiguous() and not out.requires_grad:
+            buf = out.reshape(-1).view(torch.uint8).numpy()
+        else:
+            return out.copy_(self._r.read(name, "t", verify))
+        self._r.read_range(buf, self._r.header.data_start + t.begin)
+        if verify:
+            self._r.check(name, buf)
+        return out
+
     def get_slice(self, name: str) -> TensorSlice:
         """A view that reads only the rows an index asks for: ``f.get_slice("w")[2:5]``."""
         self._check(name)
