@@ -1,0 +1,155 @@
+"""Single-file save / load / open: tensorkeep vs torch.save/torch.load vs safetensors, same run.
+
+    .venv/bin/python bench/bench_files.py [--reps 5] [--dir /tmp/tk-bench]
+
+Contenders run interleaved (A B C A B C ...), a new file each time; medians and minimums.
+Save times include fsync (durability); tensorkeep's includes the rename and directory fsync.
+Cold loads evict the file from the page cache first. Peak extra RSS is measured in a fresh
+subprocess per contender: ru_maxrss after the operation minus RSS once the state exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import evict, fsync_path, gpt2_state_dict, nbytes, peak_rss, reset_peak_rss, summary, table, timed  # noqa: E402
+
+import tensorkeep as tk  # noqa: E402
+
+ONE = "h.5.mlp.c_fc.weight"
+
+
+def save_tk(sd, p):
+    tk.save(sd, p)
+
+
+def save_torch(sd, p):
+    torch.save(sd, p)
+    fsync_path(p)
+
+
+def save_st(sd, p):
+    save_file(sd, p)
+    fsync_path(p)
+
+
+def load_tk(p):
+    return tk.load(p)
+
+
+def load_torch(p):
+    return torch.load(p, weights_only=True)
+
+
+def load_st(p):
+    # safetensors' load_file maps the file lazily; touch every tensor so it is really read
+    sd = load_file(p)
+    for t in sd.values():
+        t.sum()
+    return sd
+
+
+def load_tk_lazy(p):
+    return tk.load(p, lazy=True, verify=False)
+
+
+def get_tk(p):
+    with tk.open(p) as f:
+        return f.get(ONE)
+
+
+def get_st(p):
+    with safe_open(p, "pt") as f:
+        return f.get_tensor(ONE)
+
+
+SAVES = {"tensorkeep save": save_tk, "torch.save + fsync": save_torch, "safetensors save_file + fsync": save_st}
+EXT = {"tensorkeep save": ".tk", "torch.save + fsync": ".pt", "safetensors save_file + fsync": ".safetensors"}
+LOADS = {"tensorkeep load (verified)": (load_tk, ".tk"), "torch.load(weights_only=True)": (load_torch, ".pt"),
+         "safetensors load_file (+touch)": (load_st, ".safetensors"), "tensorkeep load lazy=True": (load_tk_lazy, ".tk")}
+GETS = {"tensorkeep open().get(1 tensor)": (get_tk, ".tk"), "safetensors safe_open().get_tensor": (get_st, ".safetensors")}
+
+
+def rss_child(what: str, name: str, path: str) -> None:
+    """Run in a subprocess: print peak extra RSS (MB) of one operation."""
+    if what == "save":
+        sd = gpt2_state_dict()
+        base = reset_peak_rss()
+        SAVES[name](sd, path)
+    else:
+        SAVES[{".tk": "tensorkeep save", ".pt": "torch.save + fsync", ".safetensors": "safetensors save_file + fsync"}[
+            os.path.splitext(path)[1]]](gpt2_state_dict(), path)
+        import gc
+
+        gc.collect()
+        base = reset_peak_rss()
+        out = LOADS[name][0](path)
+        if name.startswith("safetensors"):
+            del out
+    print(json.dumps({"extra_mb": (peak_rss() - base) / 1e6}))
+
+
+def measure_rss(what: str, name: str, path: str) -> float:
+    out = subprocess.run([sys.executable, __file__, "--rss-child", what, name, path],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["extra_mb"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--dir", default="/tmp/tk-bench")
+    ap.add_argument("--rss-child", nargs=3)
+    a = ap.parse_args()
+    if a.rss_child:
+        return rss_child(*a.rss_child)
+    os.makedirs(a.dir, exist_ok=True)
+    sd = gpt2_state_dict()
+    mb = nbytes(sd) / 1e6
+    print(f"workload: GPT-2-small-shaped fp32 state dict, {len(sd)} tensors, {mb:.1f} MB; "
+          f"torch threads {torch.get_num_threads()}, {os.cpu_count()} cores, {a.reps} interleaved reps\n")
+    times: dict[str, list[float]] = {k: [] for k in [*SAVES, *LOADS, *[k + " (cold)" for k in LOADS], *GETS]}
+    for rep in range(a.reps):
+        paths = {}
+        for name, fn in SAVES.items():
+            p = os.path.join(a.dir, f"r{rep}{EXT[name]}")
+            times[name].append(timed(lambda: fn(sd, p)))
+            paths[EXT[name]] = p
+        for name, (fn, ext) in LOADS.items():
+            times[name].append(timed(lambda: fn(paths[ext])))
+        for name, (fn, ext) in GETS.items():
+            times[name].append(timed(lambda: fn(paths[ext])))
+        for name, (fn, ext) in LOADS.items():
+            evict(paths[ext])
+            times[name + " (cold)"].append(timed(lambda: fn(paths[ext])))
+        if rep:
+            for p in paths.values():
+                os.unlink(p)
+    rows = []
+    for name, xs in times.items():
+        med, lo = summary(xs)
+        thr = f"{mb / med / 1e3:.2f}" if "get" not in name else "-"
+        rows.append((name, f"{med * 1e3:.1f}", f"{lo * 1e3:.1f}", thr))
+    print(table(rows, ("operation", "median ms", "min ms", "GB/s (median)")))
+    print()
+    rss_rows = []
+    for name in SAVES:
+        rss_rows.append((name, f"{measure_rss('save', name, os.path.join(a.dir, 'rss' + EXT[name])):.0f}"))
+    for name, (fn, ext) in LOADS.items():
+        rss_rows.append((name, f"{measure_rss('load', name, os.path.join(a.dir, 'rss' + ext)):.0f}"))
+    print(table(rss_rows, ("operation", "peak extra RSS MB")))
+    for f in os.listdir(a.dir):
+        os.unlink(os.path.join(a.dir, f))
+
+
+if __name__ == "__main__":
+    main()
