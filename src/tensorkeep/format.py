@@ -13,6 +13,7 @@ first in that map and their structure and tensor checksums under ``"tensorkeep"`
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -161,16 +162,37 @@ def _check_str(s: Any, what: str, path: str) -> str:
     return s
 
 
+_FIELDS = {"dtype", "shape", "data_offsets"}
+
+
 def _tensor_info(name: str, v: Any, path: str) -> TensorInfo:
+    # The common case is checked with cheap type tests; messages are built only on failure.
+    if type(v) is dict and len(v) == 3 and v.keys() == _FIELDS:
+        dtype, shape, offs = v["dtype"], v["shape"], v["data_offsets"]
+        if (type(dtype) is str and dtype in DTYPE_SIZES and type(shape) is list and len(shape) <= knobs.MAX_NDIM
+                and type(offs) is list and len(offs) == 2):
+            numel = DTYPE_SIZES[dtype]
+            for d in shape:
+                if type(d) is not int or not 0 <= d <= _MAX_DIM:
+                    break
+                numel *= d
+            else:
+                b, e = offs
+                if type(b) is int and type(e) is int and 0 <= b <= e <= _MAX_DIM and numel == e - b:
+                    return TensorInfo(name, dtype, tuple(shape), b, e)
+    return _tensor_info_slow(name, v, path)
+
+
+def _tensor_info_slow(name: str, v: Any, path: str) -> TensorInfo:
     where = f"{path}: tensor {name!r}"
     if not isinstance(v, dict):
         raise FormatError(f"{where}: expected an object with dtype, shape, data_offsets, found {type(v).__name__}")
-    if set(v) != {"dtype", "shape", "data_offsets"}:
+    if set(v) != _FIELDS:
         raise FormatError(
             f"{where}: expected exactly the fields dtype, shape, data_offsets, found {sorted(v)}"
         )
     dtype = v["dtype"]
-    if dtype not in DTYPE_SIZES or type(dtype) is not str:
+    if type(dtype) is not str or dtype not in DTYPE_SIZES:
         raise FormatError(f"{where}: unknown dtype {dtype!r}; known: {', '.join(DTYPE_SIZES)}")
     shape = v["shape"]
     if type(shape) is not list or len(shape) > knobs.MAX_NDIM:
@@ -210,16 +232,22 @@ def parse_header(head: bytes, file_size: int, path: str) -> Header:
     obj = strict_json(text, f"{path}: header")
     if not isinstance(obj, dict):
         raise FormatError(f"{path}: header must be a JSON object")
+    if "\\u" in text:  # only escapes can smuggle in lone surrogates; raw bytes were checked by decode()
+        for key in obj:
+            _check_str(key, "tensor name", path)
     metadata = None
     infos = []
     for key, v in obj.items():
-        _check_str(key, "tensor name", path)
         if key == "__metadata__":
-            if not isinstance(v, dict):
+            if type(v) is not dict:
                 raise FormatError(f"{path}: __metadata__ must be an object of strings, found {type(v).__name__}")
             for mk, mv in v.items():
-                _check_str(mk, "metadata key", path)
-                _check_str(mv, f"metadata value of {mk!r}", path)
+                if type(mv) is not str:
+                    raise FormatError(f"{path}: __metadata__ value of {mk!r} must be a string, found {type(mv).__name__}")
+            if "\\u" in text:
+                for mk, mv in v.items():
+                    _check_str(mk, "metadata key", path)
+                    _check_str(mv, f"metadata value of {mk!r}", path)
             metadata = v
         else:
             infos.append(_tensor_info(key, v, path))
@@ -266,15 +294,23 @@ def _hex(s: Any, path: str) -> int:
         raise FormatError(f"{path}: checksum must be 8 hex digits, found {s!r}") from None
 
 
+_HEX = re.compile(r"[0-9a-f]*")
+
+
 def parse_checksums(v: Any, block: Any, header: Header, path: str) -> dict[str, list[int]]:
     """Validate the per-tensor block checksums stored in a tensorkeep header."""
     block = _check_int(block, "checksum block size", path, lo=1)
-    if not isinstance(v, dict) or set(v) != set(header.tensors):
+    if type(v) is not dict or v.keys() != header.tensors.keys():
         raise FormatError(f"{path}: checksum table does not list exactly the file's tensors")
-    out = {}
+    digits = []
     for name, crcs in v.items():
         nblocks = max(1, -(-header.tensors[name].nbytes // block))
         if type(crcs) is not list or len(crcs) != nblocks:
             raise FormatError(f"{path}: tensor {name!r}: expected {nblocks} block checksums")
-        out[name] = [_hex(c, path) for c in crcs]
-    return out
+        for c in crcs:
+            if type(c) is not str or len(c) != 8:
+                raise FormatError(f"{path}: tensor {name!r}: checksum must be 8 hex digits, found {c!r:.40}")
+        digits.append("".join(crcs))
+    if not _HEX.fullmatch("".join(digits)):
+        raise FormatError(f"{path}: checksums must be lowercase hex digits")
+    return {name: [int(c, 16) for c in crcs] for name, crcs in v.items()}
