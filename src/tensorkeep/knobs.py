@@ -20,3 +20,7 @@ CHUNK_BYTES = 32 << 20
 ALIGN = 4096
 #: Threads for reading and checksumming in ``load``.
 IO_THREADS = 2
+#: ``load`` splits the work into tasks of about this many bytes (whole checksum blocks).
+TASK_BYTES = 16 << 20
+#: Reads are checksummed in pieces of this size while the piece is still in the CPU cache.
+READ_PIECE_BYTES = 256 << 10
