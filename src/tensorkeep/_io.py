@@ -9,10 +9,12 @@ Linux may already have dropped the dirty pages, so a retry could "succeed" on lo
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
 import secrets
+import shutil
 import threading
 from contextlib import contextmanager
 from typing import Iterator
@@ -64,6 +66,43 @@ def rename(src: str, dst: str) -> None:
 
 def unlink(path: str) -> None:
     os.unlink(path)
+
+
+def rmtree(path: str) -> None:
+    shutil.rmtree(path)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def replace_dir(src: str, dst: str) -> None:
+    """Publish directory ``src`` as ``dst`` atomically (swapping out an existing ``dst``), then fsync the parent."""
+    parent = os.path.dirname(os.path.abspath(dst))
+    if not os.path.lexists(dst):
+        rename(src, dst)
+    elif _exchange(src, dst):
+        fsync_dir(parent)
+        rmtree(src)  # now holds the old directory
+    else:  # no RENAME_EXCHANGE: a crash between these renames leaves dst missing but both copies on disk
+        old = tmp_path(dst)
+        rename(dst, old)
+        rename(src, dst)
+        fsync_dir(parent)
+        rmtree(old)
+    fsync_dir(parent)
 
 
 def mkdir(path: str) -> None:

@@ -144,6 +144,11 @@ def save(obj: Any, path: "str | os.PathLike[str]", *, metadata: Mapping[str, str
             raise TypeError(f"metadata must map str to str; got {k!r}: {type(v).__name__}")
         if k.startswith(TK_KEY):
             raise ValueError(f"metadata key {k!r}: keys starting with 'tensorkeep' are reserved")
+    write(obj, path, user, durable)
+
+
+def write(obj: Any, path: str, user: dict[str, str], durable: bool) -> None:
+    """:func:`save` without the check on reserved metadata keys (for tensorkeep's own modules)."""
     tree, leaves = flatten(obj)
     entries = [(name, *_source(x, path, name)) for name, x in leaves]
     entries.sort(key=lambda e: -DTYPE_SIZES[e[1]])  # larger items first keeps every tensor aligned

@@ -1,0 +1,400 @@
+"""Models: load a checkpoint straight into a model, explain every mismatch, and save the
+architecture safely (import path + JSON config, never code)."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib
+import os
+import platform
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .dtypes import torch_dtype
+from .errors import FormatError, MismatchError, UntrustedModelError
+from .files import SafeOpen, write
+from .format import dumps, strict_json
+from .sharded import ShardedOpen, save_sharded
+
+MODEL_KEY = "tensorkeep.model"
+#: Prefixes that wrappers add to every name: DataParallel/DDP, torch.compile, Lightning-style holders.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+_CHUNK_BYTES = 16 << 20
+
+Rename = "Mapping[str, str] | Callable[[str], str | None] | None"
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_into` did. ``print(report)`` gives a readable summary."""
+
+    source: str
+    model: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # in the model, not in the checkpoint: kept initial values
+    unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not in the model
+    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (name, checkpoint shape, model shape)
+    converted: list[tuple[str, str, str]] = field(default_factory=list)  # (name, from dtype, to dtype)
+    skipped: list[str] = field(default_factory=list)  # in the checkpoint, left out by `include`
+    tied: list[str] = field(default_factory=list)  # not in the checkpoint, shares memory with a loaded tensor
+    renamed: dict[str, str] = field(default_factory=dict)  # checkpoint name -> model name, where they differ
+
+    @property
+    def ok(self) -> bool:
+        """True when every model tensor came from the checkpoint and nothing was left over."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def __str__(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors from {self.source} into {self.model}"
+                 + ("" if self.ok else " (partial)")]
+
+        def section(title: str, names: Sequence[str]) -> None:
+            if names:
+                shown = ", ".join(names[:12]) + (f", ... ({len(names) - 12} more)" if len(names) > 12 else "")
+                lines.append(f"  {title} ({len(names)}): {shown}")
+
+        section("from the checkpoint", self.loaded)
+        if self.renamed:
+            section("renamed", [f"{a} -> {b}" for a, b in self.renamed.items()])
+        section("kept their initial values (not in the checkpoint)", self.missing)
+        section("tied to a loaded tensor", self.tied)
+        section("not loaded: shape differs", [f"{n}: checkpoint {_shape(a)} vs model {_shape(b)}" for n, a, b in self.mismatched])
+        section("in the checkpoint but not in the model", self.unexpected)
+        section("left out by include", self.skipped)
+        section("converted", [f"{n}: {a} -> {b}" for n, a, b in self.converted])
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _shape(s: Iterable[int]) -> str:
+    s = tuple(s)
+    return "(" + ", ".join(map(str, s)) + ("," if len(s) == 1 else "") + ")"
+
+
+class _DictSource:
+    """An in-memory state dict behind the same small interface as SafeOpen."""
+
+    def __init__(self, sd: Mapping[str, Any], path: str = "<state dict>") -> None:
+        self._sd = {k: torch.as_tensor(v) for k, v in sd.items() if isinstance(v, torch.Tensor) or hasattr(v, "__array__")}
+        self.path = path
+
+    def keys(self) -> list[str]:
+        return list(self._sd)
+
+    def meta(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        t = self._sd[name]
+        return t.dtype, tuple(t.shape)
+
+    def copy_into(self, name: str, out: torch.Tensor) -> None:
+        out.copy_(self._sd[name])
+
+    def close(self) -> None:
+        pass
+
+
+class _FileSource:
+    """A tensorkeep/safetensors file, a .pt file, or a sharded directory, read tensor by tensor."""
+
+    def __init__(self, f: SafeOpen | ShardedOpen, owned: bool) -> None:
+        self.f, self.owned, self.path = f, owned, f.path
+        self._flat = f._all if isinstance(f, SafeOpen) and f._all is not None else None
+        if self._flat is not None:
+            self._flat = {k: v for k, v in self._flat.items() if isinstance(v, torch.Tensor)}
+
+    def keys(self) -> list[str]:
+        return list(self._flat) if self._flat is not None else self.f.keys()
+
+    def meta(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        if self._flat is not None:
+            return self._flat[name].dtype, tuple(self._flat[name].shape)
+        t = self.f.info(name)
+        return torch_dtype(t.dtype), t.shape
+
+    def copy_into(self, name: str, out: torch.Tensor) -> None:
+        """Fill ``out`` without holding more than one chunk of extra memory."""
+        if self._flat is not None:
+            out.copy_(self._flat[name])
+            return
+        dtype, shape = self.meta(name)
+        if dtype == out.dtype and out.device.type == "cpu" and out.is_contiguous():
+            self.f.read_into(name, out)  # straight into the model's memory
+            return
+        if not shape or shape[0] == 0:
+            out.copy_(self.f.get(name))
+            return
+        row = max(1, out[0].numel() * out.element_size())
+        step = max(1, _CHUNK_BYTES // row)
+        view = self.f.get_slice(name)
+        for a in range(0, shape[0], step):
+            out[a : a + step].copy_(view[a : a + step])
+
+    def close(self) -> None:
+        if self.owned:
+            self.f.close()
+
+
+def _open_source(source: Any) -> _DictSource | _FileSource:
+    if isinstance(source, (SafeOpen, ShardedOpen)):
+        return _FileSource(source, owned=False)
+    if isinstance(source, Mapping):
+        return _DictSource(source)
+    if isinstance(source, (str, os.PathLike)):
+        p = os.fspath(source)
+        return _FileSource(ShardedOpen(p) if os.path.isdir(p) else SafeOpen(p), owned=True)
+    raise TypeError(f"load_into: source must be a path, a state dict or a tk.open handle, not {type(source).__name__}")
+
+
+def _renamer(rename: Any) -> Callable[[str], str | None]:
+    if rename is None:
+        return lambda n: n
+    if callable(rename):
+        return rename
+    if isinstance(rename, Mapping):
+        rules = sorted(rename.items(), key=lambda kv: -len(kv[0]))  # longest prefix wins
+
+        def by_prefix(n: str) -> str:
+            for old, new in rules:
+                if n.startswith(old):
+                    return new + n[len(old):]
+            return n
+
+        return by_prefix
+    raise TypeError("rename must be a dict of prefix replacements ({'module.': ''}) or a function name -> name")
+
+
+def _includer(include: Any) -> Callable[[str], bool]:
+    if include is None:
+        return lambda n: True
+    if callable(include):
+        return include
+    pats = [include] if isinstance(include, str) else list(include)
+
+    def match(n: str) -> bool:
+        return any(n.startswith(p) or fnmatch.fnmatchcase(n, p) for p in pats)
+
+    return match
+
+
+def _prefix_hint(ckpt: list[str], model: list[str]) -> str | None:
+    """If one prefix explains the difference between the names, the exact ``rename`` to pass."""
+    cset, mset = set(ckpt), set(model)
+    for p in WRAPPER_PREFIXES + tuple({n.split(".", 1)[0] + "." for n in ckpt if "." in n}):
+        if ckpt and all(n.startswith(p) for n in ckpt) and {n[len(p):] for n in ckpt} & mset:
+            return f"every checkpoint name starts with {p!r}{_why(p)}: pass rename={{{p!r}: ''}}"
+    for p in WRAPPER_PREFIXES:
+        if model and all(n.startswith(p) for n in model) and {n[len(p):] for n in model} & cset:
+            return f"every model name starts with {p!r}{_why(p)} but the checkpoint's do not: pass rename={{'': {p!r}}}"
+    return None
+
+
+def _why(p: str) -> str:
+    return {"module.": " (saved from DataParallel/DistributedDataParallel)",
+            "_orig_mod.": " (saved from a torch.compile'd model)"}.get(p, "")
+
+
+def _mismatch_message(rep: LoadReport, hint: str | None) -> str:
+    lines = [f"cannot load {rep.source} into {rep.model}: the checkpoint does not match the model."]
+    if rep.mismatched:
+        lines.append("  shapes differ:")
+        lines += [f"    {n}: checkpoint {_shape(a)} vs model {_shape(b)}" for n, a, b in rep.mismatched]
+    if rep.missing:
+        lines.append("  in the model but missing from the checkpoint:")
+        for n in rep.missing[:20]:
+            close = difflib.get_close_matches(n, rep.unexpected, n=1)
+            lines.append(f"    {n}" + (f"  (did you mean {close[0]!r}?)" if close else ""))
+        if len(rep.missing) > 20:
+            lines.append(f"    ... and {len(rep.missing) - 20} more")
+    if rep.unexpected:
+        lines.append("  in the checkpoint but not in the model:")
+        lines += [f"    {n}" for n in rep.unexpected[:20]]
+        if len(rep.unexpected) > 20:
+            lines.append(f"    ... and {len(rep.unexpected) - 20} more")
+    if hint:
+        lines.append(f"Fix: {hint}.")
+    else:
+        lines.append("The model's architecture must match the one that was saved (same layers, same sizes): "
+                     "build the model exactly as it was when the checkpoint was written.")
+    lines.append("To load only what fits and keep the rest at initial values, pass strict=False; "
+                 "to take only some layers, pass include=[...] (and rename={...}).")
+    return "\n".join(lines)
+
+
+def load_into(model: nn.Module, source: Any, *, strict: bool = True, rename: Any = None,
+              dtype: torch.dtype | None = None, include: Any = None, verify: bool = True) -> LoadReport:
+    """Copy a checkpoint's tensors straight into ``model``'s parameters and buffers.
+
+    ``source`` is a path (tensorkeep, safetensors or .pt file, or a sharded directory), a state
+    dict, or a ``tk.open`` handle. Files are read tensor by tensor into the model's own memory.
+    ``rename`` maps checkpoint names to model names (``{"module.": ""}`` or a function);
+    ``include`` keeps only model names with these prefixes/globs (or a predicate);
+    ``dtype`` converts floating-point tensors (and the model's) on the way in.
+    With ``strict=True`` any missing, unexpected or mis-shaped tensor raises
+    :class:`MismatchError` before the model is touched.
+
+    >>> import torch, tensorkeep as tk
+    >>> net = torch.nn.Linear(2, 3); tk.save(net.state_dict(), "/tmp/tk-doc-lin.tk")
+    >>> print(tk.load_into(torch.nn.Linear(2, 3), "/tmp/tk-doc-lin.tk"))
+    loaded 2 tensors from /tmp/tk-doc-lin.tk into Linear
+      from the checkpoint (2): weight, bias
+    """
+    src = _open_source(source)
+    try:
+        rep = LoadReport(source=src.path, model=type(model).__name__)
+        targets = model.state_dict(keep_vars=True)
+        ren, inc = _renamer(rename), _includer(include)
+        plan: dict[str, str] = {}  # model name -> checkpoint name
+        ckpt_names = src.keys()
+        for cname in ckpt_names:
+            mname = ren(cname)
+            if mname is None:
+                continue
+            if not inc(mname):
+                rep.skipped.append(cname)
+                continue
+            if mname != cname:
+                rep.renamed[cname] = mname
+            if mname in targets:
+                cshape, mshape = src.meta(cname)[1], tuple(targets[mname].shape)
+                if cshape != mshape:
+                    rep.mismatched.append((mname, cshape, mshape))
+                else:
+                    plan[mname] = cname
+            else:
+                rep.unexpected.append(mname)
+        loaded_ptrs = {targets[m].data_ptr() for m in plan if targets[m].numel()}
+        for mname, t in targets.items():
+            if mname in plan or not inc(mname) or any(m == mname for m, _, _ in rep.mismatched):
+                continue
+            (rep.tied if t.numel() and t.data_ptr() in loaded_ptrs else rep.missing).append(mname)
+        if strict and not rep.ok:
+            hint = _prefix_hint([c for c in ckpt_names if inc(ren(c) or "")] or ckpt_names, list(targets))
+            raise MismatchError(_mismatch_message(rep, hint))
+        if dtype is not None:
+            model.to(dtype)  # converts floating-point parameters and buffers only
+            targets = model.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for mname, cname in plan.items():
+                out = targets[mname].detach()
+                cdtype = src.meta(cname)[0]
+                if cdtype != out.dtype:
+                    rep.converted.append((mname, str(cdtype).removeprefix("torch."), str(out.dtype).removeprefix("torch.")))
+                src.copy_into(cname, out)
+                rep.loaded.append(mname)
+        return rep
+    finally:
+        src.close()
+
+
+# ------------------------------------------------------------------ architecture + parameters
+
+
+def _class_path(model: nn.Module) -> str:
+    cls = type(model)
+    mod, qual = cls.__module__, cls.__qualname__
+    if mod == "__main__" or "<locals>" in qual:
+        where = "in __main__ (your script)" if mod == "__main__" else "inside a function"
+        raise TypeError(
+            f"cannot save the architecture of {qual}: the class is defined {where}, so it cannot be imported "
+            "by path when loading. Move it into a module (e.g. myproject/models.py) and import it from there, "
+            "or save only the parameters with tk.save(model.state_dict(), path)."
+        )
+    obj: Any = importlib.import_module(mod)
+    for part in qual.split("."):
+        obj = getattr(obj, part, None)
+    if obj is not cls:
+        raise TypeError(f"cannot save the architecture of {qual}: {mod}.{qual} does not import back to this class")
+    return f"{mod}:{qual}"
+
+
+def _versions() -> dict[str, str]:
+    from . import __version__
+
+    return {"torch": torch.__version__.split("+")[0], "python": platform.python_version(), "tensorkeep": __version__}
+
+
+def save_model(model: nn.Module, path: "str | os.PathLike[str]", *, config: Mapping[str, Any] | None = None,
+               max_shard_size: int | str | None = None, metadata: Mapping[str, str] | None = None) -> None:
+    """Save a model's class (by import path), the JSON ``config`` its constructor takes, and its parameters.
+
+    No code and no pickle: :func:`load_model` imports the class only from modules you allow.
+    ``max_shard_size="2GB"`` writes a sharded directory instead of one file.
+
+    >>> import torch, tensorkeep as tk
+    >>> tk.save_model(torch.nn.Linear(20, 256), "/tmp/tk-doc-lin.model", config={"in_features": 20, "out_features": 256})
+    >>> tk.load_model("/tmp/tk-doc-lin.model", allow=["torch.nn"]).out_features
+    256
+    """
+    info = {"class": _class_path(model), "config": dict(config or {}), "versions": _versions()}
+    try:
+        text = dumps(info)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"save_model: config must be plain JSON (str, numbers, bool, None, lists, dicts): {e}") from None
+    meta = {**dict(metadata or {}), MODEL_KEY: text}
+    sd = model.state_dict()
+    if max_shard_size is None:
+        write(sd, os.fspath(path), meta, durable=True)
+    else:
+        save_sharded(sd, path, max_shard_size=max_shard_size, metadata=meta)
+
+
+def _allowed(module: str, allow: Iterable[str]) -> bool:
+    return any(module == a or module.startswith(a.rstrip(".") + ".") for a in allow)
+
+
+def load_model(path: "str | os.PathLike[str]", *, allow: Sequence[str], train: bool = False,
+               device: Any = None, dtype: torch.dtype | None = None) -> nn.Module:
+    """Rebuild a model saved with :func:`save_model`: import its class (only from ``allow``),
+    construct it with the stored config, load the parameters strictly, and return it in
+    ``eval()`` mode (``train=True`` to skip that).
+    """
+    path = os.fspath(path)
+    src = ShardedOpen(path) if os.path.isdir(path) else SafeOpen(path)
+    try:
+        text = src.metadata.get(MODEL_KEY)
+        if text is None:
+            raise FormatError(f"{path}: holds parameters only, no architecture (it was not written by tk.save_model). "
+                              "Build the model in code and call tk.load_into(model, path).")
+        info = strict_json(text, f"{path}: model info")
+        cls_path = info.get("class") if isinstance(info, dict) else None
+        config = info.get("config", {}) if isinstance(info, dict) else None
+        if type(cls_path) is not str or ":" not in cls_path or not isinstance(config, dict):
+            raise FormatError(f"{path}: model info must have a 'class' (module:QualName) and a 'config' object")
+        module, qual = cls_path.split(":", 1)
+        if isinstance(allow, str):
+            allow = [allow]
+        if not _allowed(module, allow):
+            raise UntrustedModelError(
+                f"{path} asks to build {module}.{qual}, but {module!r} is not in allow={list(allow)}. tensorkeep "
+                f"imports code only from modules you trust: if you trust this file, pass allow=[{module!r}] "
+                f"(or a parent package such as {module.split('.')[0]!r})."
+            )
+        _check_versions(path, info.get("versions"))
+        obj: Any = importlib.import_module(module)
+        for part in qual.split("."):
+            obj = getattr(obj, part, None)
+        if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+            raise FormatError(f"{path}: {module}.{qual} is not an nn.Module class")
+        model = obj(**config)
+        load_into(model, src, strict=True, dtype=dtype)
+    finally:
+        src.close()
+    if device is not None:
+        model.to(device)
+    return model.train() if train else model.eval()
+
+
+def _check_versions(path: str, saved: Any) -> None:
+    if not isinstance(saved, dict):
+        return
+    now = _versions()
+    for k in ("torch", "python", "tensorkeep"):
+        a, b = str(saved.get(k, "")), now[k]
+        if a and a.split(".")[:2] != b.split(".")[:2]:
+            warnings.warn(f"{path} was saved with {k} {a}; this is {k} {b}. It usually loads fine; "
+                          "if it does not, use the saved version.", stacklevel=3)
