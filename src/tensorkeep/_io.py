@@ -105,6 +105,13 @@ def replace_dir(src: str, dst: str) -> None:
     fsync_dir(parent)
 
 
+def unlink_if_exists(path: str) -> None:
+    try:
+        unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def mkdir(path: str) -> None:
     os.mkdir(path)
 

@@ -1,0 +1,128 @@
+"""How a run directory looks on disk, and the manifest that makes a checkpoint exist.
+
+    run/
+      .tensorkeep.lock
+      step_00001000/            a committed checkpoint: its manifest.json is written last
+        model.tk  optimizer.tk  ...  rng.tk  manifest.json
+      .step_00002000.tk-tmp-…/  a save in progress (or the leftovers of a crashed one)
+
+A checkpoint is published by renaming its finished, fsynced temporary directory; a
+directory without a valid manifest is not a checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import _io
+from ..errors import FormatError
+from ..format import dumps, strict_json
+
+MANIFEST = "manifest.json"
+FORMAT = "tensorkeep-checkpoint"
+VERSION = 1
+_STEP_RE = re.compile(r"^step_(\d{8,})$")
+
+
+def step_dir(run: str, step: int) -> str:
+    return os.path.join(run, f"step_{step:08d}")
+
+
+@dataclass
+class Manifest:
+    step: int
+    time: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"size", "crc32", "key"}
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return dumps({"format": FORMAT, "version": VERSION, "step": self.step, "time": self.time,
+                      "metrics": self.metrics, "files": self.files, "versions": self.versions})
+
+
+def read_manifest(directory: str) -> Manifest:
+    """Read and validate a checkpoint's manifest; :class:`FormatError` if it is missing or bad."""
+    path = os.path.join(directory, MANIFEST)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(10_000_001)
+    except FileNotFoundError:
+        raise FormatError(f"{directory}: no {MANIFEST} (the save did not finish)") from None
+    if len(raw) > 10_000_000:
+        raise FormatError(f"{path}: manifest larger than 10 MB")
+    d = strict_json(raw, path)
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise FormatError(f"{path}: not a tensorkeep checkpoint manifest")
+    if d.get("version") != VERSION:
+        raise FormatError(f"{path}: manifest version {d.get('version')!r}; this tensorkeep reads version {VERSION}")
+    step, files = d.get("step"), d.get("files")
+    if type(step) is not int or step < 0 or not isinstance(files, dict) or not isinstance(d.get("metrics"), dict):
+        raise FormatError(f"{path}: manifest needs an int step, a files object and a metrics object")
+    for name, info in files.items():
+        if "/" in name or name in (".", "..") or not isinstance(info, dict) or type(info.get("size")) is not int:
+            raise FormatError(f"{path}: bad file entry {name!r}")
+    return Manifest(step, float(d.get("time", 0)), d["metrics"], files, d.get("versions") or {})
+
+
+def write_manifest(directory: str, m: Manifest) -> None:
+    with _io.atomic_file(os.path.join(directory, MANIFEST)) as fd:
+        _io.pwrite_all(fd, memoryview(m.to_json().encode()), 0)
+
+
+def check_files(directory: str, m: Manifest) -> None:
+    """Every file the manifest lists exists with its recorded size (the cheap check)."""
+    for name, info in m.files.items():
+        p = os.path.join(directory, name)
+        try:
+            size = os.path.getsize(p)
+        except OSError:
+            raise FormatError(f"{directory}: {name} is missing") from None
+        if size != info["size"]:
+            raise FormatError(f"{directory}: {name} is {size} bytes, the manifest says {info['size']} (truncated?)")
+
+
+def list_steps(run: str) -> list[int]:
+    """Steps of the directories that look committed (named step_N with a manifest), ascending."""
+    try:
+        names = os.listdir(run)
+    except FileNotFoundError:
+        return []
+    steps = []
+    for n in names:
+        m = _STEP_RE.match(n)
+        if m and os.path.isfile(os.path.join(run, n, MANIFEST)):
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def leftovers(run: str) -> list[str]:
+    """Temporary directories of unfinished saves, and step directories without a manifest."""
+    out = []
+    try:
+        names = os.listdir(run)
+    except FileNotFoundError:
+        return []
+    for n in names:
+        p = os.path.join(run, n)
+        if _io.TMP_MARK in n:
+            out.append(p)
+        elif _STEP_RE.match(n) and not os.path.exists(os.path.join(p, MANIFEST)):
+            out.append(p)
+    return sorted(out)
+
+
+def remove_checkpoint(run: str, step: int) -> None:
+    """Delete a checkpoint: its manifest first (so a crash midway leaves a non-checkpoint), then the rest."""
+    d = step_dir(run, step)
+    _io.unlink_if_exists(os.path.join(d, MANIFEST))
+    _io.fsync_dir(d)
+    _io.rmtree(d)
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,341 @@
+"""CheckpointManager: never lose a run, resume bit-exactly, roll back to any kept step."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+import warnings
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+
+from .. import _io
+from ..errors import CheckpointNotFoundError, FormatError, TensorkeepError
+from ..files import load, write
+from ..format import TK_PREFIX
+from . import layout, rng
+from .lock import RunLock
+from .policies import BestN, EveryNSteps, LatestN, Policy, Record, to_keep
+
+RNG_FILE = "rng.tk"
+VALUES_FILE = "values.tk"
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,100}$")
+
+
+def _has_state(obj: Any) -> bool:
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+
+
+def _file_for(key: str, taken: set[str]) -> str:
+    base = key if _SAFE_KEY.match(key) and key not in ("rng", "values", "manifest") else "obj"
+    name, i = f"{base}.tk", 1
+    while name in taken:
+        i += 1
+        name = f"{base}-{i}.tk"
+    return name
+
+
+def _header_crc(path: str) -> str:
+    with open(path, "rb") as f:
+        head = f.read(8 + len(TK_PREFIX) + 8)
+    return head[8 + len(TK_PREFIX):].decode("ascii", "replace")
+
+
+class CheckpointManager:
+    """Saves and restores training state in ``directory``, one sub-directory per step.
+
+    >>> import torch, tensorkeep as tk
+    >>> net = torch.nn.Linear(2, 2); opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    >>> with tk.CheckpointManager("/tmp/tk-doc-run", keep_last=2) as mgr:
+    ...     step = mgr.restore({"model": net, "optimizer": opt}) or 0
+    ...     _ = mgr.save(step + 1, {"model": net, "optimizer": opt}, metrics={"loss": 0.5})
+    """
+
+    def __init__(
+        self,
+        directory: "str | os.PathLike[str]",
+        *,
+        keep_last: int | None = None,
+        keep_best: tuple | None = None,
+        keep_every: int | None = None,
+        policies: Sequence[Policy] = (),
+        save_interval_steps: int | None = None,
+        save_interval_seconds: float | None = None,
+        durable: bool = True,
+    ) -> None:
+        self.directory = os.path.abspath(os.fspath(directory))
+        _io.makedirs(self.directory)
+        self._policies: list[Policy] = list(policies)
+        if keep_last is not None:
+            self._policies.append(LatestN(keep_last))
+        self._best: BestN | None = None
+        if keep_best is not None:
+            metric, mode, *n = keep_best
+            self._best = BestN(metric, mode, n[0] if n else 1)
+            self._policies.append(self._best)
+        if keep_every is not None:
+            self._policies.append(EveryNSteps(keep_every))
+        self.save_interval_steps = save_interval_steps
+        self.save_interval_seconds = save_interval_seconds
+        self.durable = durable
+        self._lock = RunLock(self.directory)
+        self._lock.acquire()
+        self._closed = False
+        self._last_save_time = time.monotonic()
+        self._last_saved_step: int | None = None
+        self._current_step: int | None = None
+        self._preempted: int | None = None
+        self._old_handlers: dict[int, Any] = {}
+        self._records: dict[int, Record] = {}
+        for p in layout.leftovers(self.directory):  # unfinished saves of a crashed run
+            warnings.warn(f"removing the leftovers of an unfinished save: {p}", stacklevel=2)
+            _io.rmtree(p)
+        for s in layout.list_steps(self.directory):
+            try:
+                self._records[s] = Record(s, layout.read_manifest(layout.step_dir(self.directory, s)).metrics)
+            except FormatError:
+                pass  # damaged: restore() skips it with a warning
+
+    # ------------------------------------------------------------------ queries
+
+    def steps(self) -> list[int]:
+        """Steps of the committed checkpoints, ascending."""
+        return sorted(self._records)
+
+    def latest_step(self) -> int | None:
+        return max(self._records, default=None)
+
+    def best_step(self) -> int | None:
+        """The best step by the ``keep_best`` metric, or None."""
+        if self._best is None:
+            return None
+        best = self._best.best(list(self._records.values()))
+        return best[0].step if best else None
+
+    def metrics(self, step: int) -> dict[str, Any]:
+        return dict(self._records[step].metrics)
+
+    def path(self, step: int) -> str:
+        """The directory of a checkpoint (its ``model.tk`` etc. can be read with ``tk.load``)."""
+        return layout.step_dir(self.directory, step)
+
+    def should_save(self, step: int) -> bool:
+        """True when ``save_interval_steps`` / ``save_interval_seconds`` say a checkpoint is due
+        at ``step`` (or a preemption signal arrived, see :meth:`save_on_signal`)."""
+        self._current_step = step
+        if self._preempted is not None:
+            return True
+        if self.save_interval_steps and step % self.save_interval_steps == 0 and step != self._last_saved_step:
+            return True
+        if self.save_interval_seconds is not None and time.monotonic() - self._last_save_time >= self.save_interval_seconds:
+            return True
+        return False
+
+    # ------------------------------------------------------------------ save
+
+    def _payload(self, state: Mapping[str, Any]) -> dict[str, tuple[str, str, Any]]:
+        """file name -> (state key, kind, object to save). Live tensors, no copies."""
+        if not isinstance(state, Mapping):
+            raise TypeError("state must be a dict such as {'model': net, 'optimizer': opt, 'epoch': 3}")
+        out: dict[str, tuple[str, str, Any]] = {}
+        values: dict[str, Any] = {}
+        taken = {RNG_FILE, VALUES_FILE, layout.MANIFEST}
+        for key, obj in state.items():
+            if type(key) is not str:
+                raise TypeError(f"state keys must be str, got {key!r}")
+            if _has_state(obj):
+                name = _file_for(key, taken)
+                taken.add(name)
+                out[name] = (key, "state_dict", obj.state_dict())
+            else:
+                values[key] = obj
+        if values:
+            out[VALUES_FILE] = ("", "values", values)
+        out[RNG_FILE] = ("", "rng", rng.capture())
+        return out
+
+    def save(self, step: int, state: Mapping[str, Any], *, metrics: Mapping[str, Any] | None = None) -> str:
+        """Write a checkpoint of ``state`` at ``step`` and apply retention; returns its directory.
+
+        The checkpoint is written under a temporary name, fsynced, and published by an
+        atomic rename: a crash at any moment leaves either the new checkpoint or none.
+        """
+        self._check_open()
+        if type(step) is not int or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        metrics = dict(metrics or {})
+        for k, v in metrics.items():
+            if not isinstance(v, (int, float, str, bool)) and v is not None:
+                if isinstance(v, torch.Tensor) and v.numel() == 1:
+                    metrics[k] = v.item()
+                else:
+                    raise TypeError(f"metric {k!r} must be a number or string, got {type(v).__name__}")
+        final = self._commit(step, self._payload(state), metrics)
+        self._after_commit(step, metrics)
+        return final
+
+    def _commit(self, step: int, payload: dict[str, tuple[str, str, Any]], metrics: dict[str, Any]) -> str:
+        """Write everything into a temp directory, fsync, write the manifest last, publish by rename."""
+        tmp = os.path.join(self.directory, f".step_{step:08d}{_io.TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}")
+        _io.mkdir(tmp)
+        try:
+            files = {}
+            for name, (key, kind, obj) in payload.items():
+                p = os.path.join(tmp, name)
+                write(obj, p, {}, self.durable)
+                files[name] = {"size": os.path.getsize(p), "crc32": _header_crc(p), "key": key, "kind": kind}
+            from .. import __version__
+
+            m = layout.Manifest(step, layout.now(), metrics, files,
+                                {"tensorkeep": __version__, "torch": torch.__version__.split("+")[0]})
+            layout.write_manifest(tmp, m)
+            if self.durable:
+                _io.fsync_dir(tmp)
+            final = layout.step_dir(self.directory, step)
+            _io.replace_dir(tmp, final)
+            return final
+        except BaseException as e:
+            if os.path.isdir(tmp):
+                try:
+                    _io.rmtree(tmp)
+                except OSError:
+                    pass
+            if isinstance(e, TensorkeepError) and isinstance(e, OSError):
+                raise type(e)(e.errno, f"checkpoint step {step} was not saved: {e} Every committed checkpoint is intact.") from e
+            raise
+
+    def _after_commit(self, step: int, metrics: dict[str, Any]) -> None:
+        self._records[step] = Record(step, metrics)
+        self._last_saved_step = step
+        self._last_save_time = time.monotonic()
+        if self._policies:
+            keep = to_keep(list(self._records.values()), self._policies)
+            for s in sorted(set(self._records) - keep):
+                layout.remove_checkpoint(self.directory, s)
+                del self._records[s]
+        if self._preempted is not None:
+            self._exit_after_preemption()
+
+    # ------------------------------------------------------------------ restore
+
+    def restore(self, state: Mapping[str, Any], *, step: int | None = None) -> int | None:
+        """Put a checkpoint back into ``state`` (objects' ``load_state_dict``, values, every RNG).
+
+        Without ``step``: the newest intact checkpoint (a damaged newer one is skipped with a
+        warning), or None when there is none. With ``step``: that one, or
+        :class:`CheckpointNotFoundError` listing the steps that exist.
+        """
+        self._check_open()
+        candidates = [step] if step is not None else sorted(layout.list_steps(self.directory), reverse=True)
+        for s in candidates:
+            d = layout.step_dir(self.directory, s)
+            try:
+                if step is not None and not os.path.isdir(d):
+                    raise FormatError(f"{d}: no such checkpoint")
+                m = layout.read_manifest(d)
+                layout.check_files(d, m)
+                loaded = {name: load(os.path.join(d, name)) for name in m.files}  # verified before anything is applied
+            except (FormatError, OSError) as e:
+                if step is not None:
+                    raise CheckpointNotFoundError(
+                        f"cannot restore step {step} from {self.directory}: {e}. Steps that exist: {self.steps()}"
+                    ) from None
+                warnings.warn(f"skipping damaged checkpoint {d}: {e}; trying the previous one", stacklevel=2)
+                self._records.pop(s, None)
+                continue
+            self._apply(state, m, loaded)
+            self._current_step = s
+            return s
+        return None
+
+    def _apply(self, state: Mapping[str, Any], m: layout.Manifest, loaded: dict[str, Any]) -> None:
+        from ..model import load_into
+
+        by_key = {info["key"]: name for name, info in m.files.items() if info.get("kind") == "state_dict"}
+        values = next((loaded[n] for n, i in m.files.items() if i.get("kind") == "values"), {})
+        missing = [k for k, o in state.items() if (k not in by_key if _has_state(o) else k not in values)]
+        if missing:
+            warnings.warn(f"checkpoint step {m.step} has nothing for {missing}; they keep their current values",
+                          stacklevel=3)
+        for key, obj in state.items():
+            if _has_state(obj) and key in by_key:
+                sd = loaded[by_key[key]]
+                if isinstance(obj, torch.nn.Module):
+                    load_into(obj, sd, strict=True)
+                else:
+                    obj.load_state_dict(sd)
+        if isinstance(state, dict):
+            for key, v in values.items():
+                cur = state.get(key)
+                if isinstance(cur, torch.Tensor) and isinstance(v, torch.Tensor) and cur.shape == v.shape and cur.dtype == v.dtype:
+                    with torch.no_grad():
+                        cur.copy_(v)
+                elif key in state:
+                    state[key] = v
+        rng_state = next((loaded[n] for n, i in m.files.items() if i.get("kind") == "rng"), None)
+        if rng_state is not None:
+            rng.restore(rng_state)  # last: nothing above may consume randomness afterwards
+
+    # ------------------------------------------------------------------ preemption
+
+    def save_on_signal(self, state: Mapping[str, Any], signals: Iterable[int] = (signal.SIGTERM,)) -> None:
+        """On one of ``signals`` (a scheduler's SIGTERM), checkpoint at the next safe point and exit.
+
+        The handler only records the signal: the next :meth:`should_save` returns True, and
+        once that :meth:`save` has committed, the process exits with the signal's default action.
+        A save in the middle of an optimizer step would capture a half-updated model.
+        """
+        self._preempt_state = state
+
+        def handler(signum: int, frame: Any) -> None:
+            self._preempted = signum
+
+        for s in signals:
+            self._old_handlers[s] = signal.signal(s, handler)
+
+    @property
+    def preempted(self) -> bool:
+        """True once a signal registered with :meth:`save_on_signal` arrived."""
+        return self._preempted is not None
+
+    def _exit_after_preemption(self) -> None:
+        sig = self._preempted
+        assert sig is not None
+        self.close()
+        signal.signal(sig, self._old_handlers.get(sig, signal.SIG_DFL) if callable(self._old_handlers.get(sig)) else signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+
+    # ------------------------------------------------------------------ lifetime
+
+    def wait(self) -> None:
+        """Block until every submitted save is committed (saves are synchronous here)."""
+        self._check_open()
+
+    def close(self) -> None:
+        """Finish pending work and release the run directory's lock."""
+        if self._closed:
+            return
+        self._closed = True
+        for s, h in self._old_handlers.items():
+            if self._preempted is None:
+                signal.signal(s, h)
+        self._lock.release()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TensorkeepError(f"this CheckpointManager for {self.directory} is closed")
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            if not self._closed:
+                self._lock.release()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
