@@ -1,0 +1,39 @@
+"""Saves checkpoints in a loop until killed; each step's tensors are a function of the step.
+
+    python save_loop_job.py RUN_DIR [--keep-last N] [--mb SIZE]
+"""
+
+import argparse
+
+import torch
+
+import tensorkeep as tk
+
+
+def expected(step: int, mb: float) -> dict:
+    n = max(1, int(mb * 1e6 / 4 / 2))
+    return {"a": torch.full((n,), float(step)), "b": torch.arange(n, dtype=torch.float32) + step}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run")
+    ap.add_argument("--keep-last", type=int, default=2)
+    ap.add_argument("--mb", type=float, default=8.0)
+    a = ap.parse_args()
+    with tk.CheckpointManager(a.run, keep_last=a.keep_last) as mgr:
+        lin = torch.nn.Linear(4, 4)
+        state = {"model": lin, "step": 0, "data": {}}
+        step = mgr.restore(state) or 0
+        while True:
+            step += 1
+            state["data"] = expected(step, a.mb)
+            state["step"] = step
+            with torch.no_grad():
+                lin.weight.fill_(step)
+            mgr.save(step, state, metrics={"step": step})
+            print("COMMITTED", step, flush=True)
+
+
+if __name__ == "__main__":
+    main()
