@@ -129,6 +129,8 @@ def test_part_model_with_new_head_reports_initial_values(tmp):
     rep = tk.load_into(m, p, include=["hidden."], strict=False)
     assert set(rep.loaded) == {"hidden.weight", "hidden.bias"}
     assert set(rep.missing) == set() and set(rep.skipped) >= {"output.weight"}
+    assert set(rep.kept) == {"output.weight", "output.bias"}
+    assert "kept their initial values (left out by include) (2): output.weight, output.bias" in str(rep)
     rep = tk.load_into(m, p, strict=False)
     assert {n for n, _, _ in rep.mismatched} == {"output.weight", "output.bias"}
     assert "hidden2.weight" in rep.unexpected

@@ -41,6 +41,7 @@ class LoadReport:
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (name, checkpoint shape, model shape)
     converted: list[tuple[str, str, str]] = field(default_factory=list)  # (name, from dtype, to dtype)
     skipped: list[str] = field(default_factory=list)  # in the checkpoint, left out by `include`
+    kept: list[str] = field(default_factory=list)  # in the model, left out by `include`: initial values kept
     tied: list[str] = field(default_factory=list)  # not in the checkpoint, shares memory with a loaded tensor
     renamed: dict[str, str] = field(default_factory=dict)  # checkpoint name -> model name, where they differ
 
@@ -62,10 +63,11 @@ class LoadReport:
         if self.renamed:
             section("renamed", [f"{a} -> {b}" for a, b in self.renamed.items()])
         section("kept their initial values (not in the checkpoint)", self.missing)
+        section("kept their initial values (left out by include)", self.kept)
         section("tied to a loaded tensor", self.tied)
         section("not loaded: shape differs", [f"{n}: checkpoint {_shape(a)} vs model {_shape(b)}" for n, a, b in self.mismatched])
         section("in the checkpoint but not in the model", self.unexpected)
-        section("left out by include", self.skipped)
+        section("in the checkpoint, left out by include", self.skipped)
         section("converted", [f"{n}: {a} -> {b}" for n, a, b in self.converted])
         return "\n".join(lines)
 
@@ -269,7 +271,10 @@ def load_into(model: nn.Module, source: Any, *, strict: bool = True, rename: Any
                 rep.unexpected.append(mname)
         loaded_ptrs = {targets[m].data_ptr() for m in plan if targets[m].numel()}
         for mname, t in targets.items():
-            if mname in plan or not inc(mname) or any(m == mname for m, _, _ in rep.mismatched):
+            if mname in plan or any(m == mname for m, _, _ in rep.mismatched):
+                continue
+            if not inc(mname):
+                rep.kept.append(mname)
                 continue
             (rep.tied if t.numel() and t.data_ptr() in loaded_ptrs else rep.missing).append(mname)
         if strict and not rep.ok:
