@@ -27,7 +27,7 @@ def sd():
 
 
 def test_help_on_every_command():
-    for cmd in ([], ["inspect"], ["diff"], ["convert"], ["verify"]):
+    for cmd in ([], ["inspect"], ["diff"], ["convert"], ["verify"], ["ls"], ["prune"]):
         r = run(*cmd, "--help")
         assert r.returncode == 0 and "Usage" in r.stdout, (cmd, r.stderr)
 
@@ -121,3 +121,58 @@ def test_errors_are_one_line_unless_debug(tmp):
     assert len(r.stderr.strip().splitlines()) == 1
     r = run("--debug", "inspect", p)
     assert "Traceback" in r.stderr
+
+
+def _run_with_checkpoints(tmp):
+    rd = os.path.join(tmp, "run")
+    with tk.CheckpointManager(rd) as mgr:
+        for s, loss in [(1, 0.9), (2, 0.4), (3, 0.6), (4, 0.5)]:
+            mgr.save(s, {"model": torch.nn.Linear(2, 2), "epoch": s}, metrics={"val_loss": loss})
+    return rd
+
+
+def test_ls_marks_latest_best_damaged_and_uncommitted(tmp):
+    rd = _run_with_checkpoints(tmp)
+    os.makedirs(os.path.join(rd, ".step_00000005.tk-tmp-1-ab"))
+    model3 = os.path.join(rd, "step_00000003", "model.tk")
+    with open(model3, "r+b") as f:
+        f.truncate(os.path.getsize(model3) - 3)
+    r = run("ls", rd)
+    assert r.returncode == 0, r.stderr
+    lines = {l.split()[0]: l for l in r.stdout.splitlines() if l[:1].isdigit()}
+    assert "best" in lines["2"] and "latest" in lines["4"] and "ok" in lines["1"]
+    assert "DAMAGED" in lines["3"] and "UNCOMMITTED" in lines["5"]
+    assert "val_loss=0.4" in lines["2"]
+    d = json.loads(run("ls", rd, "--json").stdout)
+    assert [c["step"] for c in d if c["best"]] == [2]
+
+
+def test_ls_plot(tmp):
+    pytest.importorskip("matplotlib")
+    rd = _run_with_checkpoints(tmp)
+    png = os.path.join(tmp, "m.png")
+    r = run("ls", rd, "--plot", png)
+    assert r.returncode == 0, r.stderr
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_prune_dry_run_then_for_real(tmp):
+    rd = _run_with_checkpoints(tmp)
+    r = run("prune", rd, "--keep-last", "1", "--keep-best", "val_loss", "--dry-run")
+    assert r.returncode == 0 and "would delete 2 checkpoint(s): [1, 3]" in r.stdout
+    assert len(tk.list_checkpoints(rd)) == 4
+    r = run("prune", rd, "--keep-last", "1", "--keep-best", "val_loss")
+    assert "deleted 2" in r.stdout and "kept: [2, 4]" in r.stdout
+    assert [c.step for c in tk.list_checkpoints(rd)] == [2, 4]
+
+
+def test_verify_a_run_directory(tmp):
+    rd = _run_with_checkpoints(tmp)
+    r = run("verify", rd)
+    assert r.returncode == 0 and "OK" in r.stdout
+    p = os.path.join(rd, "step_00000002", "model.tk")
+    data = bytearray(open(p, "rb").read())
+    data[-2] ^= 0x80
+    open(p, "wb").write(data)
+    r = run("verify", rd)
+    assert r.returncode == 1 and "step_00000002" in r.stdout and "model.tk" in r.stdout

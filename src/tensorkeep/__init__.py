@@ -13,14 +13,14 @@ from .errors import (
 from .files import SafeOpen, UnsafePickleError, load, open, save
 from .model import LoadReport, load_into, load_model, save_model
 from .sharded import save_sharded
-from .checkpoint import BestN, CheckpointManager, EveryNSteps, LatestN, keep_rng
+from .checkpoint import BestN, CheckpointInfo, CheckpointManager, EveryNSteps, LatestN, keep_rng, list_checkpoints
 
 __version__ = "0.1.0"
 
 __all__ = [
     "save", "load", "open", "SafeOpen",
     "load_into", "LoadReport", "save_model", "load_model", "save_sharded",
-    "CheckpointManager", "LatestN", "BestN", "EveryNSteps", "keep_rng",
+    "CheckpointManager", "list_checkpoints", "CheckpointInfo", "LatestN", "BestN", "EveryNSteps", "keep_rng",
     "TensorkeepError", "FormatError", "ChecksumError", "MismatchError", "UntrustedModelError",
     "CheckpointNotFoundError", "LockedError", "SaveError", "UnsafePickleError",
 ]

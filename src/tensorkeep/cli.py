@@ -181,5 +181,114 @@ def verify(ctx: click.Context, paths: tuple[str, ...], threads: int | None) -> N
     ctx.exit(0 if res.ok else 1)
 
 
+def _best_metric(infos: list, spec: str | None) -> tuple[str, str] | None:
+    """``val_loss`` / ``val_acc:max`` -> (metric, mode); default: the first metric named like a loss, min."""
+    if spec:
+        name, _, mode = spec.partition(":")
+        return name, mode or "min"
+    for c in infos:
+        for k in c.metrics:
+            if "loss" in k:
+                return k, "min"
+    return None
+
+
+@main.command(name="ls")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--best", "best_spec", default=None, metavar="METRIC[:min|max]",
+              help="Metric that marks the best checkpoint (default: the first metric named *loss*, min).")
+@click.option("--verify", "deep", is_flag=True, help="Check every checksum too (reads everything).")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Draw the metrics across steps into this PNG, kept checkpoints marked (needs matplotlib).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def ls_cmd(run_dir: str, best_spec: str | None, deep: bool, plot: str | None, as_json: bool) -> None:
+    """List the checkpoints of a run: step, time, size, metrics, latest/best, damaged or unfinished."""
+    import datetime
+
+    infos = tk.list_checkpoints(run_dir, verify=deep)
+    good = [c for c in infos if c.ok]
+    latest = max((c.step for c in good), default=None)
+    best = None
+    bm = _best_metric(good, best_spec)
+    if bm:
+        scored = [c for c in good if isinstance(c.metrics.get(bm[0]), (int, float))]
+        if scored:
+            pick = min if bm[1] == "min" else max
+            best = pick(scored, key=lambda c: c.metrics[bm[0]]).step
+    if as_json:
+        click.echo(json.dumps([{"step": c.step, "path": c.path, "status": c.status, "time": c.time,
+                                "bytes_held": c.bytes_held, "metrics": c.metrics,
+                                "latest": c.step == latest and c.ok, "best": c.step == best and c.ok} for c in infos],
+                              indent=2))
+        return
+    rows = []
+    for c in infos:
+        when = datetime.datetime.fromtimestamp(c.time).strftime("%Y-%m-%d %H:%M:%S") if c.time else "-"
+        tags = [t for t, on in (("latest", c.ok and c.step == latest), ("best", c.ok and c.step == best)) if on]
+        status = c.status if c.ok else c.status.split(":")[0].upper()
+        metrics = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in c.metrics.items())
+        rows.append((c.step, when, _human(c.bytes_held), metrics, " ".join(tags), status))
+    if not rows:
+        click.echo(f"{run_dir}: no checkpoints")
+        return
+    click.echo(_table(rows, ("step", "time", "size", "metrics", "", "status")))
+    for c in infos:
+        if not c.ok and c.status != "uncommitted":
+            click.echo(f"{c.path}: {c.status}")
+    if plot:
+        _plot(good, plot, latest, best)
+        click.echo(f"wrote {plot}")
+
+
+def _plot(infos: list, out: str, latest: int | None, best: int | None) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise click.ClickException("--plot needs matplotlib: pip install 'tensorkeep[plot]'") from None
+    names = sorted({k for c in infos for k, v in c.metrics.items() if isinstance(v, (int, float))})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for n in names:
+        pts = [(c.step, c.metrics[n]) for c in infos if isinstance(c.metrics.get(n), (int, float))]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=n)
+    for s, label, color in ((latest, "latest", "tab:green"), (best, "best", "tab:red")):
+        if s is not None:
+            ax.axvline(s, linestyle="--", color=color, alpha=0.6, label=f"{label} (step {s})")
+    ax.set_xlabel("step")
+    ax.set_title("kept checkpoints")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--keep-last", type=int, default=None, help="Keep the N newest checkpoints.")
+@click.option("--keep-best", default=None, metavar="METRIC[:min|max]", help="Keep the best checkpoint by a metric.")
+@click.option("--keep-every", type=int, default=None, help="Keep every checkpoint whose step is a multiple of N.")
+@click.option("--dry-run", is_flag=True, help="Only say what would be deleted.")
+def prune(run_dir: str, keep_last: int | None, keep_best: str | None, keep_every: int | None, dry_run: bool) -> None:
+    """Apply a retention policy by hand. The newest checkpoint is always kept."""
+    policies = []
+    if keep_last is not None:
+        policies.append(tk.LatestN(keep_last))
+    if keep_best:
+        name, _, mode = keep_best.partition(":")
+        policies.append(tk.BestN(name, mode or "min"))
+    if keep_every is not None:
+        policies.append(tk.EveryNSteps(keep_every))
+    if not policies:
+        raise click.UsageError("say what to keep: --keep-last, --keep-best and/or --keep-every")
+    with tk.CheckpointManager(run_dir) as mgr:
+        doomed = mgr.prune(policies, dry_run=dry_run)
+        kept = mgr.steps() if not dry_run else [s for s in mgr.steps() if s not in doomed]
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{verb} {len(doomed)} checkpoint(s): {doomed}" if doomed else "nothing to delete")
+    click.echo(f"kept: {kept}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

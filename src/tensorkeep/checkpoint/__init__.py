@@ -1,7 +1,8 @@
 """Training checkpoints: a directory per step, committed last, restored exactly."""
 
+from .listing import CheckpointInfo, list_checkpoints
 from .manager import CheckpointManager
 from .policies import BestN, EveryNSteps, LatestN, Record
 from .rng import keep_rng
 
-__all__ = ["CheckpointManager", "LatestN", "BestN", "EveryNSteps", "Record", "keep_rng"]
+__all__ = ["CheckpointManager", "list_checkpoints", "CheckpointInfo", "LatestN", "BestN", "EveryNSteps", "Record", "keep_rng"]

@@ -210,13 +210,24 @@ class CheckpointManager:
         self._records[step] = Record(step, metrics)
         self._last_saved_step = step
         self._last_save_time = time.monotonic()
-        if self._policies:
-            keep = to_keep(list(self._records.values()), self._policies)
-            for s in sorted(set(self._records) - keep):
-                layout.remove_checkpoint(self.directory, s)
-                del self._records[s]
+        self.prune()  # only now that the new checkpoint is committed
         if self._preempted is not None:
             self._exit_after_preemption()
+
+    def prune(self, policies: Sequence[Policy] | None = None, *, dry_run: bool = False) -> list[int]:
+        """Apply a retention policy now (the manager's own by default); returns the steps deleted
+        (or that would be, with ``dry_run``). The newest checkpoint is always kept."""
+        self._check_open()
+        pols = self._policies if policies is None else list(policies)
+        if not pols:
+            return []
+        keep = to_keep(list(self._records.values()), pols)
+        doomed = sorted(set(self._records) - keep)
+        if not dry_run:
+            for s in doomed:
+                layout.remove_checkpoint(self.directory, s)
+                del self._records[s]
+        return doomed
 
     # ------------------------------------------------------------------ restore
 

@@ -1,0 +1,75 @@
+"""A read-only look at a run directory: every checkpoint, committed, damaged or unfinished."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import FormatError
+from . import layout
+
+_ANY_STEP = re.compile(r"^\.?step_(\d+)")
+
+
+@dataclass
+class CheckpointInfo:
+    """One entry of :func:`list_checkpoints`. ``status`` is "ok", "damaged: ..." or "uncommitted"."""
+
+    step: int
+    path: str
+    status: str
+    time: float = 0.0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    bytes_held: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def _du(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total
+
+
+def list_checkpoints(run: "str | os.PathLike[str]", *, verify: bool = False) -> list[CheckpointInfo]:
+    """Every checkpoint in ``run``, by step, without taking the run's lock.
+
+    ``verify=True`` also checks every checksum (reads everything); otherwise only the
+    manifest and file sizes are checked.
+
+    >>> import tensorkeep as tk
+    >>> with tk.CheckpointManager("/tmp/tk-doc-ls") as mgr: _ = mgr.save(1, {"x": 1})
+    >>> [(c.step, c.status) for c in tk.list_checkpoints("/tmp/tk-doc-ls")]
+    [(1, 'ok')]
+    """
+    run = os.fspath(run)
+    out = []
+    for p in layout.leftovers(run):
+        m = _ANY_STEP.match(os.path.basename(p))
+        out.append(CheckpointInfo(int(m.group(1)) if m else -1, p, "uncommitted", bytes_held=_du(p)))
+    for s in layout.list_steps(run):
+        d = layout.step_dir(run, s)
+        info = CheckpointInfo(s, d, "ok", bytes_held=_du(d))
+        try:
+            m = layout.read_manifest(d)
+            info.time, info.metrics = m.time, dict(m.metrics)
+            layout.check_files(d, m)
+            if verify:
+                from ..inspection import verify as verify_files
+
+                res = verify_files([os.path.join(d, f) for f in m.files])
+                if not res.ok:
+                    raise FormatError("; ".join(str(p) for p in res.problems))
+        except FormatError as e:
+            info.status = f"damaged: {e}"
+        out.append(info)
+    return sorted(out, key=lambda c: (c.step, c.status != "ok"))
