@@ -174,10 +174,16 @@ def verify(ctx: click.Context, paths: tuple[str, ...], threads: int | None) -> N
         res = inspection.verify(list(paths), threads=threads, progress=update)
     for note in res.notes:
         click.echo(f"note: {note}")
+    bad = {p.path for p in res.problems}
+    for f in res.files:
+        if f not in bad:
+            click.echo(f"ok       {f}")
     for p in res.problems:
-        click.echo(f"DAMAGED {p}")
+        click.echo(f"DAMAGED  {p}")
     if res.ok:
         click.echo(f"OK: {res.checked_files} file(s), {_human(res.checked_bytes)} verified")
+    else:
+        click.echo(f"{len(bad)} of {len(set(res.files) | bad)} file(s) damaged")
     ctx.exit(0 if res.ok else 1)
 
 

@@ -31,6 +31,7 @@ class VerifyResult:
 
     checked_files: int = 0
     checked_bytes: int = 0
+    files: list[str] = field(default_factory=list)  # every file looked at
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. files that carry no checksums
 
@@ -125,6 +126,7 @@ def render_tree(tree: Any, infos: dict, indent: str = "", limit: int = 200) -> s
 
 
 def _verify_file(path: str, threads: int, progress: Callable[[int], None] | None, res: VerifyResult) -> None:
+    res.files.append(path)
     try:
         r = _Reader(path)
     except (FormatError, OSError) as e:
