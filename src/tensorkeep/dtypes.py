@@ -45,3 +45,12 @@ def name_of_torch(dtype: torch.dtype) -> str | None:
 
 def name_of_numpy(dtype: np.dtype) -> str | None:
     return _FROM_NUMPY.get(dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype)
+
+
+def byte_view(t: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of a contiguous tensor's memory (copying only in torch's corner cases:
+    a size-1 dimension may keep a non-unit stride even when ``is_contiguous()`` says True)."""
+    flat = t.reshape(-1)
+    if flat.stride(0) != 1:
+        flat = torch.empty(flat.shape, dtype=flat.dtype).copy_(flat)
+    return flat.view(torch.uint8)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from . import _io, knobs
-from .dtypes import name_of_numpy, name_of_torch, numpy_dtype, torch_dtype
+from .dtypes import byte_view, name_of_numpy, name_of_torch, numpy_dtype, torch_dtype
 from .errors import ChecksumError, FormatError
 from .format import (
     CRC_KEY, CRC_PLACEHOLDER, DTYPE_SIZES, crc32, TK_KEY, TK_PREFIX, Header, TensorInfo, dumps,
@@ -44,8 +44,10 @@ def _source(x: Any, path: str, name: str) -> tuple[str, tuple[int, ...], Callabl
             t = x.detach()
             if t.device.type != "cpu":
                 t = t.cpu()
-            t = t.resolve_conj().resolve_neg().contiguous()
-            return t.reshape(-1).view(torch.uint8).numpy()
+            t = t.resolve_conj().resolve_neg().contiguous().reshape(-1)
+            if t.numel() <= 1 and t.stride(0) != 1:  # contiguous() keeps odd strides on 0/1-element tensors
+                t = torch.empty(t.numel(), dtype=t.dtype).copy_(t)
+            return t.view(torch.uint8).numpy()
 
         return dt, tuple(x.shape), get_t
     dt = name_of_numpy(x.dtype)
@@ -224,7 +226,10 @@ class _Reader:
         try:
             self.size = os.fstat(self.fd).st_size
             first = os.pread(self.fd, 8 + len(TK_PREFIX), 0)
-            self.torch_pickle = first[:4] == b"PK\x03\x04" or (first[:1] == b"\x80" and first[1:2] in b"\x02\x03\x04\x05")
+            # a safetensors header length is followed by '{'; only files that do not look like that may be pickles
+            st_like = first[8:9] == b"{" or looks_like_tensorkeep(first)
+            self.torch_pickle = not st_like and (
+                first[:4] == b"PK\x03\x04" or (first[:1] == b"\x80" and first[1:2] in b"\x02\x03\x04\x05"))
             if self.torch_pickle:
                 return
             try:
@@ -382,7 +387,7 @@ class _Reader:
     def build(self, arrays: dict[str, Any], device: Any) -> Any:
         if device is not None:
             arrays = {n: (a.to(device) if isinstance(a, torch.Tensor) else a) for n, a in arrays.items()}
-        if self.tree is None:
+        if not self.header.is_tensorkeep:  # a plain safetensors file (a tensorkeep tree may be None itself)
             return arrays
         return unflatten(self.tree, lambda name, kind: arrays[name], self.path)
 
@@ -523,7 +528,7 @@ class SafeOpen:
         t = self._r.header.tensors[name]
         if torch_dtype(t.dtype) != out.dtype or tuple(out.shape) != t.shape:
             raise ValueError(f"{self.path}: {name!r} is {t.dtype} {list(t.shape)}, out is {out.dtype} {list(out.shape)}")
-        if out.device.type == "cpu" and out.is_contiguous() and not out.requires_grad:
+        if out.device.type == "cpu" and out.is_contiguous() and not out.requires_grad and out.reshape(-1).stride(0) == 1:
             buf = out.reshape(-1).view(torch.uint8).numpy()
         else:
             return out.copy_(self._r.read(name, "t", verify))

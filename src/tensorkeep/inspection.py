@@ -11,6 +11,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .dtypes import byte_view
 from .errors import FormatError, TensorkeepError
 from .files import SafeOpen, _Reader, _torch_file
 from .format import DTYPE_SIZES, crc32
@@ -292,9 +293,7 @@ def diff(a: str, b: str) -> list[TensorDiff]:
 
 
 def _bytes_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
-    bx = x.contiguous().reshape(-1).view(torch.uint8) if x.dtype.itemsize else x
-    by = y.contiguous().reshape(-1).view(torch.uint8) if y.dtype.itemsize else y
-    return bool(torch.equal(bx, by))
+    return bool(torch.equal(byte_view(x.contiguous()), byte_view(y.contiguous())))
 
 
 def _as_float(x: torch.Tensor) -> torch.Tensor:
