@@ -411,7 +411,7 @@ def test_safetensors_reads_every_tensor_of_our_files(tmp):
 def test_we_read_safetensors_files_with_metadata(tmp):
     p = os.path.join(tmp, "hf.safetensors")
     sd = {"a.weight": torch.randn(3, 4), "a.bias": torch.arange(3, dtype=torch.float16),
-          "e": torch.zeros(0, 2), "f8": torch.ones(4).to(torch.float8_e5m2), "u": torch.arange(3, dtype=torch.uint16)}
+          "e": torch.zeros(0, 2), "f8": torch.ones(4).to(torch.float8_e5m2), "u": torch.arange(3).to(torch.uint16)}
     st_save_file(sd, p, metadata={"format": "pt"})
     for lazy in (False, True):
         out = tk.load(p, lazy=lazy)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import re
@@ -157,7 +158,7 @@ def write(obj: Any, path: str, user: dict[str, str], durable: bool) -> None:
     block = knobs.BLOCK_BYTES
     info: dict[str, Any] = {"v": FORMAT_VERSION, "block": block, "tree": tree,
                             "crc": {n: [CRC_PLACEHOLDER] * _nblocks(_nbytes(dt, sh), block) for n, dt, sh, _ in entries}}
-    meta = {CRC_KEY: CRC_PLACEHOLDER, TK_KEY: dumps(info), **user}
+    meta = {CRC_KEY: CRC_PLACEHOLDER, TK_KEY: _dumps_tree(info), **user}
     total = sum(_nbytes(dt, sh) for _, dt, sh, _ in entries)
     direct = hasattr(os, "O_DIRECT") and total >= knobs.DIRECT_IO_MIN_BYTES
     layout = [(n, dt, sh) for n, dt, sh, _ in entries]
@@ -168,7 +169,7 @@ def write(obj: Any, path: str, user: dict[str, str], durable: bool) -> None:
             info["crc"] = _write_direct(fd, len(head), sources, block, total)
         else:
             info["crc"] = _write_buffered(fd, len(head), sources, block)
-        meta[TK_KEY] = dumps(info)
+        meta[TK_KEY] = _dumps_tree(info)
         final, _ = encode_header(layout, meta, knobs.ALIGN if direct else 8)
         assert len(final) == len(head), "header length changed between placeholder and final write"
         final = bytearray(final)
@@ -183,6 +184,17 @@ def write(obj: Any, path: str, user: dict[str, str], durable: bool) -> None:
                 _io.STAGING.put(buf)
         else:
             _io.pwrite_all(fd, memoryview(final), 0)
+
+
+def _dumps_tree(info: dict[str, Any]) -> str:
+    """The structure as JSON; strings holding lone surrogates (valid Python str, invalid UTF-8)
+    are kept as \\ud800 escapes so the header stays UTF-8."""
+    text = dumps(info)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(info, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    return text
 
 
 def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:

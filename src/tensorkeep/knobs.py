@@ -15,7 +15,7 @@ BLOCK_BYTES = 4 << 20
 #: Files smaller than this are written with plain buffered I/O.
 DIRECT_IO_MIN_BYTES = 32 << 20
 #: Size of each aligned staging buffer used by direct-I/O writes.
-CHUNK_BYTES = 32 << 20
+CHUNK_BYTES = 8 << 20
 #: Alignment of the data area (and of O_DIRECT buffers, offsets and lengths).
 ALIGN = 4096
 #: Threads for reading and checksumming in ``load``.

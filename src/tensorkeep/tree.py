@@ -194,9 +194,14 @@ def unflatten(tree: Any, get: Callable[[str, str], Any], where: str) -> Any:
                 raise _fail(where, f"bad float {v!r:.40}") from None
         if tag == "t":
             x = leaf(v, "t")
-            if n.get("p"):
-                return torch.nn.Parameter(x, requires_grad=bool(n.get("g")))
-            return x.requires_grad_(True) if n.get("g") and x.is_floating_point() else x
+            p, g = bool(n.get("p")), bool(n.get("g")) and (x.is_floating_point() or x.is_complex())
+            if not p and not g:
+                return x
+            # a new tensor object sharing x's storage, made once per (name, kind), so that setting
+            # requires_grad on one reference does not leak into a plain (detached) alias of it
+            if (v, p, g) not in cache:
+                cache[(v, p, g)] = torch.nn.Parameter(x, requires_grad=g) if p else x.detach().requires_grad_(True)
+            return cache[(v, p, g)]
         if tag == "n":
             x = leaf(v, "n")
             return x[()] if n.get("s") else x

@@ -1,0 +1,348 @@
+"""Strict header parsing: a hand-written corpus of malformed headers, then a fuzz test.
+
+TK_FUZZ_EXAMPLES (default 10000) sets the number of generated headers thrown at the parser.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tensorkeep as tk
+from tensorkeep import format as fmt
+from tensorkeep import knobs
+
+FUZZ_EXAMPLES = int(os.environ.get("TK_FUZZ_EXAMPLES", "10000"))
+
+
+def st_file(header, data: bytes = b"", *, raw: bool = False, length: int | None = None) -> bytes:
+    """A safetensors file from a header object (or raw header bytes with ``raw=True``)."""
+    text = header if raw else json.dumps(header).encode()
+    n = len(text) if length is None else length
+    return struct.pack("<Q", n) + text + data
+
+
+def T(dtype="F32", shape=(2,), offs=(0, 8)):
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offs)}
+
+
+GOOD = st_file({"a": T(), "b": T("I8", (3,), (8, 11))}, bytes(11))
+
+# (id, file bytes, words the message must contain)
+CORPUS = [
+    ("empty file", b"", "8-byte"),
+    ("short file", b"\x01\x02\x03", "8-byte"),
+    ("length past eof", struct.pack("<Q", 1000) + b'{"a":1}', "past the end"),
+    ("length over cap", struct.pack("<Q", 100_000_001) + b"{}", "cap"),
+    ("length 2**64-1", b"\xff" * 8 + b"{}", "cap"),
+    ("length zero", struct.pack("<Q", 0) + b"{}", "too small"),
+    ("not utf-8", st_file(b'{"\xff\xfe":1}', raw=True), "UTF-8"),
+    ("utf-16", st_file('{"a":1}'.encode("utf-16"), raw=True), "UTF-8"),
+    ("json array", st_file(b"[1,2]", raw=True), "JSON object"),
+    ("json string", st_file(b'"abc"', raw=True), "JSON object"),
+    ("leading garbage", st_file(b"x{}", raw=True), "JSON object"),
+    ("broken json", st_file(b'{"a": ', raw=True), "JSON"),
+    ("trailing json", st_file(b"{}{}", raw=True), "JSON"),
+    ("duplicate keys", st_file(b'{"a":' + json.dumps(T()).encode() + b',"a":' + json.dumps(T()).encode() + b"}",
+                               bytes(8), raw=True), "duplicate"),
+    ("duplicate field", st_file(b'{"a":{"dtype":"F32","dtype":"F32","shape":[2],"data_offsets":[0,8]}}', bytes(8),
+                                raw=True), "duplicate"),
+    ("NaN", st_file(b'{"a":{"dtype":"F32","shape":[NaN],"data_offsets":[0,8]}}', bytes(8), raw=True), "NaN"),
+    ("Infinity", st_file(b'{"__metadata__":{"a":Infinity}}', raw=True), "Infinity"),
+    ("-Infinity", st_file(b'{"x":-Infinity}', raw=True), "Infinity"),
+    ("missing dtype", st_file({"a": {"shape": [2], "data_offsets": [0, 8]}}, bytes(8)), "dtype"),
+    ("missing offsets", st_file({"a": {"dtype": "F32", "shape": [2]}}, bytes(8)), "data_offsets"),
+    ("unknown field", st_file({"a": {**T(), "extra": 1}}, bytes(8)), "extra"),
+    ("tensor not object", st_file({"a": [1, 2]}, bytes(8)), "expected an object"),
+    ("unknown dtype", st_file({"a": T("F128")}, bytes(8)), "unknown dtype"),
+    ("lowercase dtype", st_file({"a": T("f32")}, bytes(8)), "unknown dtype"),
+    ("dtype not str", st_file({"a": T(5)}, bytes(8)), "unknown dtype"),
+    ("negative dim", st_file({"a": T(shape=(-2,))}, bytes(8)), "every dimension"),
+    ("float dim", st_file({"a": T(shape=(2.0,))}, bytes(8)), "every dimension"),
+    ("bool dim", st_file({"a": T(shape=(True, 2))}, bytes(8)), "every dimension"),
+    ("str dim", st_file({"a": T(shape=("2",))}, bytes(8)), "every dimension"),
+    ("shape not list", st_file({"a": {"dtype": "F32", "shape": 2, "data_offsets": [0, 8]}}, bytes(8)), "shape"),
+    ("too many dims", st_file({"a": T(shape=(1,) * 65, offs=(0, 4))}, bytes(4)), "shape"),
+    ("huge dim", st_file({"a": T(shape=(2**63,), offs=(0, 8))}, bytes(8)), "every dimension"),
+    ("overflowing shape", st_file({"a": T(shape=(2**40, 2**40, 2**40), offs=(0, 8))}, bytes(8)), "needs"),
+    ("overflow to 8 bytes mod 2**64", st_file({"a": T("U8", shape=(2**32, 2**32 + 8), offs=(0, 8))}, bytes(8)),
+     "needs"),
+    ("negative offset", st_file({"a": T(offs=(-8, 0))}, bytes(8)), "data_offsets"),
+    ("float offset", st_file({"a": T(offs=(0.0, 8))}, bytes(8)), "data_offsets"),
+    ("bool offset", st_file({"a": T("BOOL", (1,), (False, True))}, bytes(1)), "data_offsets"),
+    ("three offsets", st_file({"a": T(offs=(0, 8, 8))}, bytes(8)), "data_offsets"),
+    ("offsets not list", st_file({"a": {"dtype": "F32", "shape": [2], "data_offsets": "0,8"}}, bytes(8)),
+     "data_offsets"),
+    ("huge offset", st_file({"a": T(offs=(2**64, 2**64 + 8))}, bytes(8)), "data_offsets"),
+    ("reversed offsets", st_file({"a": T("F32", (0,), (8, 0))}, bytes(8)), "reversed"),
+    ("shape/offsets mismatch", st_file({"a": T(shape=(3,))}, bytes(8)), "needs 12 bytes"),
+    ("overlap", st_file({"a": T(), "b": T(offs=(4, 12))}, bytes(12)), "overlaps"),
+    ("same offsets", st_file({"a": T(), "b": T(offs=(0, 8))}, bytes(8)), "overlaps"),
+    ("hole at start", st_file({"a": T(offs=(4, 12))}, bytes(12)), "hole"),
+    ("hole between", st_file({"a": T(), "b": T(offs=(12, 20))}, bytes(20)), "hole"),
+    ("out of bounds", st_file({"a": T()}, bytes(4)), "truncated"),
+    ("trailing bytes", st_file({"a": T()}, bytes(9)), "trailing"),
+    ("data without tensors", st_file({}, b"x"), "trailing"),
+    ("deep json", st_file(b"{" + b'"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}", raw=True), "nested"),
+    ("deep objects", st_file(b'{"a":' * 50_000 + b"1" + b"}" * 50_000, raw=True), "nested"),
+    ("metadata not object", st_file({"__metadata__": ["a"]}), "__metadata__"),
+    ("metadata int value", st_file({"__metadata__": {"a": 1}}), "must be a string"),
+    ("metadata null value", st_file({"__metadata__": {"a": None}}), "must be a string"),
+    ("metadata nested", st_file({"__metadata__": {"a": {"b": "c"}}}), "must be a string"),
+    ("lone surrogate name", st_file(b'{"\\ud800":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', bytes(8),
+                                    raw=True), "surrogate"),
+    ("lone surrogate metadata", st_file(b'{"__metadata__":{"k":"\\udfff"}}', raw=True), "surrogate"),
+    ("int too long", st_file(b'{"a":{"dtype":"F32","shape":[' + b"9" * 5000 + b'],"data_offsets":[0,8]}}', bytes(8),
+                             raw=True), "JSON"),
+    ("tensorkeep metadata in a plain file", st_file({"__metadata__": {"tensorkeep": "{}"}}), "tensorkeep"),
+]
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    for i, (_, data, _) in enumerate(CORPUS):
+        (d / f"{i}.safetensors").write_bytes(data)
+    return str(d)
+
+
+def test_good_file_is_accepted(tmp):
+    p = os.path.join(tmp, "good.safetensors")
+    open(p, "wb").write(GOOD)
+    out = tk.load(p)
+    assert set(out) == {"a", "b"} and out["a"].dtype == torch.float32 and out["b"].shape == (3,)
+
+
+@pytest.mark.parametrize("i", range(len(CORPUS)), ids=[c[0] for c in CORPUS])
+def test_malformed_header_refused(corpus_dir, i):
+    _, data, words = CORPUS[i]
+    p = os.path.join(corpus_dir, f"{i}.safetensors")
+    for attempt in (lambda: tk.load(p), lambda: tk.load(p, lazy=True), lambda: tk.open(p)):
+        with pytest.raises(tk.FormatError) as e:
+            attempt()
+        assert words.lower() in str(e.value).lower(), str(e.value)
+        assert p in str(e.value)
+    if CORPUS[i][0] != "tensorkeep metadata in a plain file":  # checked by the reader, not the parser
+        with pytest.raises(tk.FormatError):
+            fmt.parse_header(data, len(data), "x")
+    assert isinstance(e.value, ValueError) and isinstance(e.value, tk.TensorkeepError)
+
+
+def test_safetensors_refuses_what_we_refuse_spot_check(corpus_dir):
+    """What safetensors refuses, we refuse (we are stricter still: duplicate keys, unknown fields,
+    more than 64 dimensions and misplaced tensorkeep metadata, which safetensors accepts)."""
+    from safetensors import SafetensorError, safe_open
+
+    for name in ("length past eof", "overlap", "hole between", "trailing bytes",
+                 "unknown dtype", "shape/offsets mismatch", "metadata int value"):
+        i = [c[0] for c in CORPUS].index(name)
+        with pytest.raises(SafetensorError):
+            with safe_open(os.path.join(corpus_dir, f"{i}.safetensors"), "pt") as f:
+                for k in f.keys():
+                    f.get_tensor(k)
+
+
+def test_header_cap_is_checked_before_reading(tmp, monkeypatch):
+    """An absurd header length is refused from the 8-byte prefix alone, without allocating it."""
+    p = os.path.join(tmp, "big.safetensors")
+    with open(p, "wb") as f:
+        f.write(struct.pack("<Q", 200_000_000) + b"{")
+        f.truncate(200_000_100)  # sparse: the file really is that long
+    reads = []
+    real_pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, off: reads.append(n) or real_pread(fd, n, off))
+    with pytest.raises(tk.FormatError, match="cap"):
+        tk.load(p)
+    assert max(reads) < 1 << 20
+
+
+# ----------------------------------------------------------------------------- fuzz
+
+FIELD_VALUES = st.one_of(
+    st.integers(-3, 40), st.integers(-(2**70), 2**70), st.floats(allow_nan=False), st.booleans(), st.none(),
+    st.text(max_size=4), st.sampled_from(list(fmt.DTYPE_SIZES) + ["F128", "f32", ""]),
+    st.lists(st.integers(-2, 20), max_size=3),
+)
+
+
+@st.composite
+def tensor_entries(draw):
+    dtype = draw(st.sampled_from(list(fmt.DTYPE_SIZES)))
+    shape = draw(st.lists(st.integers(0, 4), max_size=3))
+    n = fmt.DTYPE_SIZES[dtype]
+    for d in shape:
+        n *= d
+    entry = {"dtype": dtype, "shape": shape, "nbytes": n}
+    return entry
+
+
+@st.composite
+def structured_headers(draw):
+    """Mostly valid headers with a few targeted mutations; returns the file bytes."""
+    names = draw(st.lists(st.text(max_size=5), max_size=4, unique=True))
+    entries = [draw(tensor_entries()) for _ in names]
+    order = draw(st.permutations(list(range(len(names)))))
+    pos, header = 0, {}
+    offs = {}
+    for i in order:
+        offs[i] = [pos, pos + entries[i]["nbytes"]]
+        pos += entries[i]["nbytes"]
+    for i, name in enumerate(names):
+        header[name] = {"dtype": entries[i]["dtype"], "shape": entries[i]["shape"], "data_offsets": offs[i]}
+    if draw(st.booleans()):
+        header["__metadata__"] = draw(st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2))
+    data_len = pos
+    for _ in range(draw(st.integers(0, 3))):
+        kind = draw(st.sampled_from(["field", "drop", "add", "meta", "data_len", "swap"]))
+        if kind == "field" and names:
+            name = draw(st.sampled_from(names))
+            field = draw(st.sampled_from(["dtype", "shape", "data_offsets"]))
+            cur = header[name].get(field)
+            if type(cur) is list and cur and draw(st.booleans()):
+                v = list(cur)
+                v[draw(st.integers(0, len(v) - 1))] = draw(FIELD_VALUES)
+                header[name][field] = v
+            else:
+                header[name][field] = draw(FIELD_VALUES)
+        elif kind == "drop" and names:
+            name = draw(st.sampled_from(names))
+            header[name].pop(draw(st.sampled_from(["dtype", "shape", "data_offsets"])), None)
+        elif kind == "add" and names:
+            header[draw(st.sampled_from(names))][draw(st.text(max_size=3))] = draw(FIELD_VALUES)
+        elif kind == "meta":
+            header["__metadata__"] = draw(st.one_of(FIELD_VALUES, st.dictionaries(st.text(max_size=2), FIELD_VALUES,
+                                                                                   max_size=2)))
+        elif kind == "data_len":
+            data_len = max(0, data_len + draw(st.integers(-9, 9)))
+        elif kind == "swap" and len(names) >= 2:
+            a, b = draw(st.sampled_from(names)), draw(st.sampled_from(names))
+            header[a]["data_offsets"], header[b]["data_offsets"] = header[b]["data_offsets"], header[a]["data_offsets"]
+    text = json.dumps(header).encode()
+    text += b" " * draw(st.integers(0, 9))
+    data = draw(st.binary(min_size=min(data_len, 64), max_size=min(data_len, 64)))
+    data += bytes(max(0, data_len - len(data)))
+    return struct.pack("<Q", len(text)) + text + data
+
+
+@st.composite
+def byte_mutations(draw):
+    """A valid file (tensorkeep or plain) with a few bytes flipped, inserted, deleted or the length changed."""
+    base = bytearray(draw(st.sampled_from(SEEDS)))
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["set", "flip", "insert", "delete", "length", "truncate"]))
+        if not base:
+            break
+        i = draw(st.integers(0, len(base) - 1))
+        if kind == "set":
+            base[i] = draw(st.integers(0, 255))
+        elif kind == "flip":
+            base[i] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "insert":
+            base[i:i] = draw(st.binary(min_size=1, max_size=4))
+        elif kind == "delete":
+            del base[i : i + draw(st.integers(1, 4))]
+        elif kind == "length" and len(base) >= 8:
+            base[:8] = struct.pack("<Q", draw(st.integers(0, 2**64 - 1)) if draw(st.booleans())
+                                   else max(0, struct.unpack("<Q", base[:8])[0] + draw(st.integers(-16, 16))))
+        elif kind == "truncate":
+            del base[i:]
+    return bytes(base)
+
+
+def _seed_files():
+    out = [GOOD, st_file({}), st_file({"__metadata__": {"k": "v"}, "x": T("BF16", (2, 2), (0, 8))}, bytes(8))]
+    with tempfile.TemporaryDirectory() as d:
+        for obj in ({"w": torch.arange(6.0).reshape(2, 3), "n": np.arange(3, dtype=np.int16), "s": "x"},
+                    [torch.ones(0), 1.5, None]):
+            p = os.path.join(d, "f.tk")
+            tk.save(obj, p)
+            out.append(open(p, "rb").read())
+    return out
+
+
+SEEDS = _seed_files()
+
+headers = st.one_of(
+    structured_headers(),
+    byte_mutations(),
+    st.binary(max_size=64).map(lambda b: struct.pack("<Q", len(b)) + b),
+    st.binary(max_size=80),
+    st.text(max_size=40).map(lambda s: st_file(s.encode(), raw=True)),
+)
+
+
+def check_accepted(data: bytes, h: fmt.Header) -> None:
+    """Invariants of an accepted header: tensors tile the data area exactly and match their shapes."""
+    assert h.data_start == 8 + struct.unpack("<Q", data[:8])[0]
+    pos = 0
+    for t in h.tensors.values():
+        assert t.begin == pos and t.dtype in fmt.DTYPE_SIZES
+        n = fmt.DTYPE_SIZES[t.dtype]
+        for d in t.shape:
+            assert type(d) is int and d >= 0
+            n *= d
+        assert t.end - t.begin == n
+        pos = t.end
+    assert h.data_start + pos == len(data)
+    assert h.metadata is None or all(type(k) is str and type(v) is str for k, v in h.metadata.items())
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+@given(data=headers)
+def test_fuzz_parse_header_only_raises_format_error(data):
+    try:
+        h = fmt.parse_header(data, len(data), "fuzz")
+    except tk.FormatError:
+        return
+    check_accepted(data, h)
+
+
+@settings(max_examples=max(50, FUZZ_EXAMPLES // 50), deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=headers)
+def test_fuzz_files_load_or_raise_format_error(data):
+    """Through tk.load / tk.open on real files: FormatError or tensors equal to the data area slices."""
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "f.safetensors")
+        with open(p, "wb") as f:
+            f.write(data)
+        try:
+            h = fmt.parse_header(data, len(data), "fuzz")
+        except tk.FormatError:
+            h = None
+        try:
+            out = tk.load(p)
+        except tk.FormatError:
+            out = None
+        if h is None or out is None:
+            for attempt in (lambda: tk.load(p, lazy=True), lambda: tk.open(p).load()):
+                try:
+                    attempt()
+                except tk.FormatError:
+                    pass
+            return
+        with tk.open(p) as f:
+            for name, t in h.tensors.items():
+                want = data[h.data_start + t.begin : h.data_start + t.end]
+                got = f.get(name)
+                flat = got.reshape(-1)
+                raw = (flat.view(torch.uint8).numpy() if isinstance(got, torch.Tensor) else flat.view(np.uint8))
+                assert raw.tobytes() == want, name
+                assert tuple(got.shape) == t.shape
+        if not h.is_tensorkeep:
+            assert set(out) == set(h.tensors)
+
+
+def test_max_header_cap_knob(monkeypatch):
+    monkeypatch.setattr(knobs, "MAX_HEADER_BYTES", 10)
+    with pytest.raises(tk.FormatError, match="cap"):
+        fmt.parse_header(GOOD, len(GOOD), "x")
