@@ -20,8 +20,9 @@ def main() -> None:
     ap.add_argument("run")
     ap.add_argument("--keep-last", type=int, default=2)
     ap.add_argument("--mb", type=float, default=8.0)
+    ap.add_argument("--async-save", action="store_true")
     a = ap.parse_args()
-    with tk.CheckpointManager(a.run, keep_last=a.keep_last) as mgr:
+    with tk.CheckpointManager(a.run, keep_last=a.keep_last, async_save=a.async_save) as mgr:
         lin = torch.nn.Linear(4, 4)
         state = {"model": lin, "step": 0, "data": {}}
         step = mgr.restore(state) or 0

@@ -12,6 +12,8 @@ directory without a valid manifest is not a checkpoint.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import re
 import time
@@ -20,7 +22,7 @@ from typing import Any
 
 from .. import _io
 from ..errors import FormatError
-from ..format import dumps, strict_json
+from ..format import TK_PREFIX, dumps, strict_json
 
 MANIFEST = "manifest.json"
 FORMAT = "tensorkeep-checkpoint"
@@ -41,8 +43,38 @@ class Manifest:
     versions: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
+        metrics = {k: ({"$float": repr(v)} if isinstance(v, float) and not math.isfinite(v) else v)
+                   for k, v in self.metrics.items()}  # JSON has no NaN/Infinity: a diverged loss is tagged
         return dumps({"format": FORMAT, "version": VERSION, "step": self.step, "time": self.time,
-                      "metrics": self.metrics, "files": self.files, "versions": self.versions})
+                      "metrics": metrics, "files": self.files, "versions": self.versions})
+
+
+def clean_metrics(metrics: "dict[str, Any] | None", step: int) -> dict[str, Any]:
+    """Metrics as plain Python scalars (NumPy and one-element tensor values unwrapped).
+
+    >>> import numpy as np; clean_metrics({"acc": np.float32(0.5), "loss": float("nan")}, 1)
+    {'acc': 0.5, 'loss': nan}
+    """
+    out: dict[str, Any] = {}
+    for k, v in (metrics or {}).items():
+        if type(k) is not str:
+            raise TypeError(f"checkpoint step {step}: metric names must be str, got {k!r}")
+        if type(v) not in (str, bool, int, float) and callable(getattr(v, "item", None)):
+            try:
+                v = v.item()  # a NumPy scalar, a 0-d array, a one-element tensor
+            except (ValueError, RuntimeError):
+                pass
+        if v is not None and not isinstance(v, (str, bool, numbers.Real)):
+            raise TypeError(f"checkpoint step {step}: metric {k!r} must be a number or a string, got "
+                            f"{type(v).__name__}; pass e.g. float(value)")
+        out[k] = v if v is None or isinstance(v, (str, bool, int, float)) else float(v)
+    return out
+
+
+def _untag(v: Any) -> Any:
+    if isinstance(v, dict) and set(v) == {"$float"} and v["$float"] in ("nan", "inf", "-inf"):
+        return float(v["$float"])
+    return v
 
 
 def read_manifest(directory: str) -> Manifest:
@@ -66,7 +98,8 @@ def read_manifest(directory: str) -> Manifest:
     for name, info in files.items():
         if "/" in name or name in (".", "..") or not isinstance(info, dict) or type(info.get("size")) is not int:
             raise FormatError(f"{path}: bad file entry {name!r}")
-    return Manifest(step, float(d.get("time", 0)), d["metrics"], files, d.get("versions") or {})
+    metrics = {k: _untag(v) for k, v in d["metrics"].items()}
+    return Manifest(step, float(d.get("time", 0)), metrics, files, d.get("versions") or {})
 
 
 def write_manifest(directory: str, m: Manifest) -> None:
@@ -75,7 +108,8 @@ def write_manifest(directory: str, m: Manifest) -> None:
 
 
 def check_files(directory: str, m: Manifest) -> None:
-    """Every file the manifest lists exists with its recorded size (the cheap check)."""
+    """Every file the manifest lists exists with its recorded size and header checksum (the cheap
+    check: it reads a few bytes per file; ``tk.load`` verifies the data itself)."""
     for name, info in m.files.items():
         p = os.path.join(directory, name)
         try:
@@ -84,6 +118,17 @@ def check_files(directory: str, m: Manifest) -> None:
             raise FormatError(f"{directory}: {name} is missing") from None
         if size != info["size"]:
             raise FormatError(f"{directory}: {name} is {size} bytes, the manifest says {info['size']} (truncated?)")
+        want = info.get("crc32")
+        if isinstance(want, str) and header_crc(p) != want:
+            raise FormatError(f"{directory}: {name} has header checksum {header_crc(p)!r}, the manifest says "
+                              f"{want!r}: it is not the file this checkpoint wrote (replaced or damaged)")
+
+
+def header_crc(path: str) -> str:
+    """The header checksum a tensorkeep file records about itself (8 hex digits)."""
+    with open(path, "rb") as f:
+        head = f.read(8 + len(TK_PREFIX) + 8)
+    return head[8 + len(TK_PREFIX):].decode("ascii", "replace")
 
 
 def list_steps(run: str) -> list[int]:

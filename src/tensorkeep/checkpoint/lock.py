@@ -1,12 +1,19 @@
-"""One writer per run directory: a lock file holding the owner's pid and host."""
+"""One writer per run directory: a lock file holding the owner's pid and host.
+
+The lock is an ``flock`` on ``run/.tensorkeep.lock``: the kernel releases it when its
+owner dies, even by SIGKILL, so a stale lock is simply one nobody holds and is taken over.
+That also survives pid reuse (a restarted container often gets the same pid as the job it
+replaces). The file's content (pid, host) is only for the error message. On a file system
+without ``flock`` the pid in the file decides: a lock whose pid is gone from this host is stale.
+"""
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import socket
-import time
 
 from .. import _io
 from ..errors import LockedError
@@ -25,40 +32,68 @@ def _alive(pid: int) -> bool:
 
 
 class RunLock:
-    """An exclusive lock on a run directory. A lock left by a dead process on this host is taken over."""
+    """An exclusive lock on a run directory, released by :meth:`release` or by the owner's death.
+
+    >>> import tempfile; d = tempfile.mkdtemp()
+    >>> a = RunLock(d); a.acquire()
+    >>> RunLock(d).acquire()  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    tensorkeep.errors.LockedError: ... is already open by another CheckpointManager in this process; ...
+    >>> a.release()
+    """
 
     def __init__(self, directory: str) -> None:
         self.path = os.path.join(directory, LOCK_NAME)
         self.held = False
+        self._fd = -1
 
     def acquire(self) -> None:
         me = {"pid": os.getpid(), "host": socket.gethostname()}
-        for _ in range(3):
+        for _ in range(5):
+            fd = _io.open_lock_file(self.path)
             try:
-                fd = _io.open_new(self.path)
-            except FileExistsError:
-                owner = self._owner()
-                if owner is None and self._young():
-                    owner = {"pid": "?", "host": "?"}  # being written right now by its owner
-                elif owner is None or self._stale(owner):
-                    _io.unlink_if_exists(self.path)  # stale: its owner is gone
-                    continue
-                if owner.get("pid") == me["pid"] and owner.get("host") == me["host"]:
-                    raise LockedError(f"{os.path.dirname(self.path)} is already open by another CheckpointManager "
-                                      "in this process; close it first (mgr.close() or a with block)")
-                raise LockedError(
-                    f"{os.path.dirname(self.path)} is in use by process {owner.get('pid')} on {owner.get('host')}: two "
-                    "processes writing one run would interleave checkpoints. Stop that process, or use another "
-                    f"directory. If it is gone (e.g. another machine died), delete {self.path}."
-                )
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise self._refusal(me, child_holds=True) from None
+            except OSError as e:
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    os.close(fd)
+                    raise
+                owner = self._owner()  # no flock here: trust the pid in the file
+                if owner and owner != me and not self._stale(owner):
+                    os.close(fd)
+                    raise self._refusal(me, child_holds=False) from None
+            try:  # its previous holder may have unlinked the file between our open and flock
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
             try:
+                _io.ftruncate(fd, 0)
                 _io.pwrite_all(fd, memoryview(json.dumps(me).encode()), 0)
                 _io.fsync(fd)
-            finally:
+            except BaseException:
                 os.close(fd)
-            self.held = True
+                raise
+            self._fd, self.held = fd, True
             return
-        raise LockedError(f"could not take the lock {self.path}: it keeps reappearing")
+        raise LockedError(f"could not take the lock {self.path}: it keeps being replaced by another process")
+
+    def _refusal(self, me: dict, child_holds: bool) -> LockedError:
+        run, owner = os.path.dirname(self.path), self._owner() or {"pid": "?", "host": "?"}
+        if owner.get("pid") == me["pid"] and owner.get("host") == me["host"]:
+            return LockedError(f"{run} is already open by another CheckpointManager in this process; "
+                               "close it first (mgr.close() or a with block)")
+        if child_holds and owner.get("host") == me["host"] and type(owner.get("pid")) is int and not _alive(owner["pid"]):
+            return LockedError(
+                f"{run} was opened by process {owner['pid']}, which is gone, but a process it started (e.g. a "
+                "DataLoader worker) still holds the lock. Wait a few seconds for it to exit, or kill it.")
+        return LockedError(
+            f"{run} is in use by process {owner.get('pid')} on {owner.get('host')}: two processes writing one run "
+            "would interleave checkpoints. Stop that process, or use another directory.")
 
     def _owner(self) -> dict | None:
         try:
@@ -68,12 +103,6 @@ class RunLock:
         except (OSError, ValueError):
             return None
 
-    def _young(self) -> bool:
-        try:
-            return time.time() - os.stat(self.path).st_mtime < 10
-        except OSError:
-            return False
-
     @staticmethod
     def _stale(owner: dict) -> bool:
         pid = owner.get("pid")
@@ -82,6 +111,7 @@ class RunLock:
         return not _alive(pid)
 
     def release(self) -> None:
+        """Remove the lock file, then drop the lock (in this order, see the inode check in acquire)."""
         if self.held:
             self.held = False
             try:
@@ -89,3 +119,6 @@ class RunLock:
             except OSError as e:
                 if e.errno != errno.ENOENT:
                     raise
+            finally:
+                os.close(self._fd)
+                self._fd = -1

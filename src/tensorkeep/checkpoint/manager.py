@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import signal
+import sys
+import threading
 import time
 import warnings
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -18,6 +23,7 @@ from ..format import TK_PREFIX
 from . import layout, rng
 from .lock import RunLock
 from .policies import BestN, EveryNSteps, LatestN, Policy, Record, to_keep
+from .snapshot import Staging
 
 RNG_FILE = "rng.tk"
 VALUES_FILE = "values.tk"
@@ -64,6 +70,7 @@ class CheckpointManager:
         save_interval_steps: int | None = None,
         save_interval_seconds: float | None = None,
         durable: bool = True,
+        async_save: bool = False,
     ) -> None:
         self.directory = os.path.abspath(os.fspath(directory))
         _io.makedirs(self.directory)
@@ -89,6 +96,13 @@ class CheckpointManager:
         self._preempted: int | None = None
         self._old_handlers: dict[int, Any] = {}
         self._records: dict[int, Record] = {}
+        self._records_lock = threading.Lock()
+        self.async_save = async_save
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="tk-checkpoint") if async_save else None
+        self._pending: tuple[int, Future] | None = None
+        self._staging = Staging()
+        if async_save:
+            atexit.register(_finish_at_exit, weakref.ref(self))
         for p in layout.leftovers(self.directory):  # unfinished saves of a crashed run
             warnings.warn(f"removing the leftovers of an unfinished save: {p}", stacklevel=2)
             _io.rmtree(p)
@@ -102,16 +116,18 @@ class CheckpointManager:
 
     def steps(self) -> list[int]:
         """Steps of the committed checkpoints, ascending."""
-        return sorted(self._records)
+        with self._records_lock:
+            return sorted(self._records)
 
     def latest_step(self) -> int | None:
-        return max(self._records, default=None)
+        return max(self.steps(), default=None)
 
     def best_step(self) -> int | None:
         """The best step by the ``keep_best`` metric, or None."""
         if self._best is None:
             return None
-        best = self._best.best(list(self._records.values()))
+        with self._records_lock:
+            best = self._best.best(list(self._records.values()))
         return best[0].step if best else None
 
     def metrics(self, step: int) -> dict[str, Any]:
@@ -142,18 +158,22 @@ class CheckpointManager:
         out: dict[str, tuple[str, str, Any]] = {}
         values: dict[str, Any] = {}
         taken = {RNG_FILE, VALUES_FILE, layout.MANIFEST}
-        for key, obj in state.items():
-            if type(key) is not str:
-                raise TypeError(f"state keys must be str, got {key!r}")
-            if _has_state(obj):
-                name = _file_for(key, taken)
-                taken.add(name)
-                out[name] = (key, "state_dict", obj.state_dict())
-            else:
-                values[key] = obj
+        rng_state = rng.capture()  # first: some state_dict() calls draw random numbers (a StatefulDataLoader
+        try:  # without an iterator creates one, drawing a base seed); saving must not move any stream
+            for key, obj in state.items():
+                if type(key) is not str:
+                    raise TypeError(f"state keys must be str, got {key!r}")
+                if _has_state(obj):
+                    name = _file_for(key, taken)
+                    taken.add(name)
+                    out[name] = (key, "state_dict", obj.state_dict())
+                else:
+                    values[key] = obj
+        finally:
+            pass
         if values:
             out[VALUES_FILE] = ("", "values", values)
-        out[RNG_FILE] = ("", "rng", rng.capture())
+        out[RNG_FILE] = ("", "rng", rng_state)
         return out
 
     def save(self, step: int, state: Mapping[str, Any], *, metrics: Mapping[str, Any] | None = None) -> str:
@@ -165,16 +185,24 @@ class CheckpointManager:
         self._check_open()
         if type(step) is not int or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
-        metrics = dict(metrics or {})
-        for k, v in metrics.items():
-            if not isinstance(v, (int, float, str, bool)) and v is not None:
-                if isinstance(v, torch.Tensor) and v.numel() == 1:
-                    metrics[k] = v.item()
-                else:
-                    raise TypeError(f"metric {k!r} must be a number or string, got {type(v).__name__}")
-        final = self._commit(step, self._payload(state), metrics)
-        self._after_commit(step, metrics)
+        metrics = layout.clean_metrics(metrics, step)  # NumPy/tensor scalars unwrapped; NaN allowed
+        if not self.async_save:
+            final = self._commit(step, self._payload(state), metrics)
+            self._after_commit(step, metrics)
+        else:
+            self.wait()  # at most one save in flight: memory stays bounded, errors surface here
+            payload = self._staging.snapshot(self._payload(state))  # the only part that blocks training
+            fut = self._writer.submit(self._commit_and_retain, step, payload, metrics)  # type: ignore[union-attr]
+            self._pending = (step, fut)
+            final = layout.step_dir(self.directory, step)
+        if self._preempted is not None:
+            self.wait()
+            self._exit_after_preemption()
         return final
+
+    def _commit_and_retain(self, step: int, payload: dict, metrics: dict[str, Any]) -> None:
+        self._commit(step, payload, metrics)
+        self._after_commit(step, metrics)
 
     def _commit(self, step: int, payload: dict[str, tuple[str, str, Any]], metrics: dict[str, Any]) -> str:
         """Write everything into a temp directory, fsync, write the manifest last, publish by rename."""
@@ -207,26 +235,31 @@ class CheckpointManager:
             raise
 
     def _after_commit(self, step: int, metrics: dict[str, Any]) -> None:
-        self._records[step] = Record(step, metrics)
+        with self._records_lock:
+            self._records[step] = Record(step, metrics)
         self._last_saved_step = step
         self._last_save_time = time.monotonic()
-        self.prune()  # only now that the new checkpoint is committed
-        if self._preempted is not None:
-            self._exit_after_preemption()
+        self._prune(None, False)  # only now that the new checkpoint is committed
 
     def prune(self, policies: Sequence[Policy] | None = None, *, dry_run: bool = False) -> list[int]:
         """Apply a retention policy now (the manager's own by default); returns the steps deleted
         (or that would be, with ``dry_run``). The newest checkpoint is always kept."""
         self._check_open()
+        self.wait()
+        return self._prune(policies, dry_run)
+
+    def _prune(self, policies: Sequence[Policy] | None, dry_run: bool) -> list[int]:
         pols = self._policies if policies is None else list(policies)
         if not pols:
             return []
-        keep = to_keep(list(self._records.values()), pols)
-        doomed = sorted(set(self._records) - keep)
+        with self._records_lock:
+            keep = to_keep(list(self._records.values()), pols)
+            doomed = sorted(set(self._records) - keep)
         if not dry_run:
             for s in doomed:
                 layout.remove_checkpoint(self.directory, s)
-                del self._records[s]
+                with self._records_lock:
+                    del self._records[s]
         return doomed
 
     # ------------------------------------------------------------------ restore
@@ -239,6 +272,7 @@ class CheckpointManager:
         :class:`CheckpointNotFoundError` listing the steps that exist.
         """
         self._check_open()
+        self.wait()
         candidates = [step] if step is not None else sorted(layout.list_steps(self.directory), reverse=True)
         for s in candidates:
             d = layout.step_dir(self.directory, s)
@@ -321,18 +355,33 @@ class CheckpointManager:
     # ------------------------------------------------------------------ lifetime
 
     def wait(self) -> None:
-        """Block until every submitted save is committed (saves are synchronous here)."""
-        self._check_open()
+        """Block until the save in flight (``async_save=True``) is committed.
+
+        An error of that background save (disk full, ...) is raised here — or by the next
+        ``save()`` or ``close()``, which wait first — and that checkpoint was not published.
+        """
+        if self._pending is None:
+            return
+        step, fut = self._pending
+        try:
+            fut.result()
+        finally:
+            self._pending = None
 
     def close(self) -> None:
-        """Finish pending work and release the run directory's lock."""
+        """Finish the save in flight, release the run directory's lock (raises a pending save's error)."""
         if self._closed:
             return
-        self._closed = True
-        for s, h in self._old_handlers.items():
-            if self._preempted is None:
-                signal.signal(s, h)
-        self._lock.release()
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+            for s, h in self._old_handlers.items():
+                if self._preempted is None:
+                    signal.signal(s, h)
+            self._lock.release()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -344,9 +393,21 @@ class CheckpointManager:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def __del__(self) -> None:
+    def __del__(self) -> None:  # noqa: D105
         try:
             if not self._closed:
                 self._lock.release()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+def _finish_at_exit(ref: "weakref.ref[CheckpointManager]") -> None:
+    """At interpreter exit, finish an asynchronous save still in flight, or say loudly that it failed."""
+    mgr = ref()
+    if mgr is None or mgr._pending is None:
+        return
+    step = mgr._pending[0]
+    try:
+        mgr.wait()
+    except BaseException as e:  # noqa: BLE001 - nobody is left to catch it
+        print(f"tensorkeep: the checkpoint of step {step} in {mgr.directory} was NOT saved: {e}", file=sys.stderr)

@@ -1,0 +1,135 @@
+"""Asynchronous saves: snapshot isolation, reused staging buffers, errors surfaced, kill -9 safety."""
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import tensorkeep as tk
+from tensorkeep import _io
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRIALS = int(os.environ.get("TK_ASYNC_KILL_TRIALS", "8"))
+
+
+def test_save_returns_snapshot_and_later_mutation_is_not_saved(tmp):
+    st = {"w": torch.zeros(300, 300), "model": torch.nn.Linear(8, 8), "n": 0}
+    with tk.CheckpointManager(tmp, async_save=True) as mgr:
+        for s in (1, 2, 3):
+            st["w"].fill_(s)
+            st["n"] = s
+            with torch.no_grad():
+                st["model"].weight.fill_(s)
+            mgr.save(s, st, metrics={"s": s})
+            st["w"].fill_(-1)  # the training loop goes on right away
+            with torch.no_grad():
+                st["model"].weight.fill_(-1)
+        mgr.wait()
+        assert mgr.steps() == [1, 2, 3]
+        for s in (1, 2, 3):
+            back = {"w": torch.zeros(300, 300), "model": torch.nn.Linear(8, 8), "n": 0}
+            assert mgr.restore(back, step=s) == s
+            assert torch.equal(back["w"], torch.full((300, 300), float(s))) and back["n"] == s
+            assert torch.equal(back["model"].weight, torch.full((8, 8), float(s)))
+
+
+def test_staging_buffers_are_reused(tmp):
+    st = {"w": torch.randn(100, 100)}
+    with tk.CheckpointManager(tmp, async_save=True) as mgr:
+        mgr.save(1, st)
+        first = {k: v.data_ptr() for k, v in mgr._staging._bufs.items()}
+        mgr.save(2, st)
+        mgr.wait()
+        second = {k: v.data_ptr() for k, v in mgr._staging._bufs.items()}
+    assert first and first == second
+
+
+def test_tied_weights_stay_tied_in_snapshot(tmp):
+    emb = torch.nn.Embedding(50, 8)
+    head = torch.nn.Linear(8, 50, bias=False)
+    head.weight = emb.weight
+    m = torch.nn.ModuleDict({"emb": emb, "head": head})
+    with tk.CheckpointManager(tmp, async_save=True) as mgr:
+        mgr.save(1, {"model": m})
+        mgr.wait()
+        sd = tk.load(os.path.join(mgr.path(1), "model.tk"))
+    assert sd["emb.weight"].data_ptr() == sd["head.weight"].data_ptr()
+
+
+def _fail_writes(monkeypatch):
+    real = _io.pwrite_all
+
+    def failing(fd, buf, off):
+        if len(buf) > 1000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, buf, off)
+
+    monkeypatch.setattr(_io, "pwrite_all", failing)
+
+
+@pytest.mark.parametrize("surface", ["save", "wait", "close"])
+def test_background_error_is_raised_by_next_call(tmp, monkeypatch, surface):
+    mgr = tk.CheckpointManager(tmp, async_save=True)
+    mgr.save(1, {"w": torch.ones(1000)})
+    mgr.wait()
+    _fail_writes(monkeypatch)
+    mgr.save(2, {"w": torch.zeros(1000)})  # returns: the failure happens in the background
+    with pytest.raises(tk.SaveError, match="step 2 was not saved"):
+        if surface == "save":
+            mgr.save(3, {"w": torch.zeros(1000)})
+        elif surface == "wait":
+            mgr.wait()
+        else:
+            mgr.close()
+    monkeypatch.undo()
+    if not mgr._closed:
+        mgr.close()
+    with tk.CheckpointManager(tmp) as m2:
+        assert m2.steps() == [1]
+        st = {"w": None}
+        assert m2.restore(st) == 1 and torch.equal(st["w"], torch.ones(1000))
+    assert [f for f in os.listdir(tmp) if "tk-tmp" in f] == []
+
+
+def test_pending_save_finished_at_interpreter_exit(tmp):
+    code = f"""
+import torch, tensorkeep as tk
+mgr = tk.CheckpointManager({tmp!r}, async_save=True)
+mgr.save(7, {{"w": torch.ones(2_000_000)}})
+# no wait(), no close(): the interpreter exits with the write in flight
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    with tk.CheckpointManager(tmp) as mgr:
+        st = {"w": None}
+        assert mgr.restore(st) == 7 and torch.equal(st["w"], torch.ones(2_000_000))
+
+
+def test_kill9_during_async_saves(tmp):
+    sys.path.insert(0, HERE)
+    from save_loop_job import expected
+
+    rnd = random.Random(7)
+    run = os.path.join(tmp, "run")
+    for _ in range(TRIALS):
+        p = subprocess.Popen([sys.executable, os.path.join(HERE, "save_loop_job.py"), run, "--mb", "4",
+                              "--async-save"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = p.stdout.readline()
+        assert line.startswith("COMMITTED"), p.stderr.read()[-2000:]
+        time.sleep(rnd.uniform(0, 0.3))
+        os.kill(p.pid, signal.SIGKILL)
+        out, _ = p.communicate()
+        submitted = max(int(x.split()[1]) for x in [line, *out.splitlines()] if x.startswith("COMMITTED"))
+        # with async saves "COMMITTED s" means s was submitted and s-1 is durable
+        with tk.CheckpointManager(run) as mgr:
+            st = {"model": torch.nn.Linear(4, 4), "step": 0, "data": {}}
+            step = mgr.restore(st)
+        assert step is not None and step >= submitted - 1 and st["step"] == step
+        want = expected(step, 4)
+        assert torch.equal(st["data"]["a"], want["a"]) and torch.equal(st["data"]["b"], want["b"])
