@@ -25,7 +25,7 @@ from .errors import SaveError
 TMP_MARK = ".tk-tmp-"
 
 
-def _save_error(e: OSError, path: str, what: str) -> SaveError:
+def _save_error(e: OSError, path: str, what: str, replaced: bool = False) -> SaveError:
     name = errno.errorcode.get(e.errno or 0, str(e.errno))
     hint = {
         errno.ENOSPC: " The disk is full: free space or save elsewhere.",
@@ -34,8 +34,9 @@ def _save_error(e: OSError, path: str, what: str) -> SaveError:
         errno.EROFS: " The file system is read-only.",
         errno.EFBIG: " The file is larger than this process or file system allows.",
     }.get(e.errno or 0, "")
-    return SaveError(e.errno, f"could not save {path}: {what} failed: {e.strerror or e} ({name}).{hint} "
-                     "The previous file, if any, is untouched")
+    outcome = ("The new file is in place, but it may not survive a power cut; save again to be sure" if replaced
+               else "The previous file, if any, is untouched")
+    return SaveError(e.errno, f"could not save {path}: {what} failed: {e.strerror or e} ({name}).{hint} {outcome}")
 
 
 def tmp_path(path: str) -> str:
@@ -141,6 +142,11 @@ def ftruncate(fd: int, size: int) -> None:
     os.ftruncate(fd, size)
 
 
+def open_lock_file(path: str) -> int:
+    """Open (creating if needed) a lock file for reading and writing; not inherited by exec'd children."""
+    return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+
+
 @contextmanager
 def atomic_file(path: str, *, durable: bool = True, direct: bool = False) -> Iterator[int]:
     """Yield a file descriptor for a temp file that replaces ``path`` on success.
@@ -151,7 +157,7 @@ def atomic_file(path: str, *, durable: bool = True, direct: bool = False) -> Ite
     """
     tmp = tmp_path(path)
     step = "creating a temporary file"
-    fd = -1
+    fd, replaced = -1, False
     try:
         try:
             fd = open_new(tmp, direct)
@@ -168,6 +174,7 @@ def atomic_file(path: str, *, durable: bool = True, direct: bool = False) -> Ite
         fd = -1
         step = "renaming the temporary file over the target"
         replace(tmp, path)
+        replaced = True
         if durable:
             step = "fsync of the directory"
             fsync_dir(os.path.dirname(os.path.abspath(path)))
@@ -180,7 +187,7 @@ def atomic_file(path: str, *, durable: bool = True, direct: bool = False) -> Ite
             except OSError:
                 pass
         if isinstance(e, OSError) and not isinstance(e, SaveError):
-            raise _save_error(e, path, step) from e
+            raise _save_error(e, path, step, replaced) from e
         raise
 
 
@@ -209,8 +216,11 @@ class StagingPool:
         with self._lock:
             if len(self._free) < 4:
                 self._free.append(buf)
-            else:
-                buf.close()
+                return
+        try:
+            buf.close()
+        except BufferError:  # a view is still alive (say, in a failed write's traceback): leave it to the GC
+            pass
 
 
 STAGING = StagingPool()

@@ -170,7 +170,7 @@ class CheckpointManager:
                 else:
                     values[key] = obj
         finally:
-            pass
+            rng.restore(rng_state)
         if values:
             out[VALUES_FILE] = ("", "values", values)
         out[RNG_FILE] = ("", "rng", rng_state)
