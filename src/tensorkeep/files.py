@@ -361,7 +361,7 @@ class _Reader:
             out[name] = x
             for at in range(0, max(t.nbytes, 1), span):
                 tasks.append((name, buf[at : at + span], at))
-        if knobs.IO_THREADS < 2 or len(tasks) < 2:
+        if knobs.IO_THREADS < 2 or len(tasks) < 2 or self.size <= knobs.TASK_BYTES:  # threads cost ~1 ms to start
             for task in tasks:
                 self._read_task(task, verify)
         else:

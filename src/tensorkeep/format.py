@@ -102,8 +102,14 @@ def _bit_distance(a: bytes, b: bytes) -> int:
 
 
 def looks_like_tensorkeep(head: bytes) -> bool:
-    """True if the first bytes of a file are those of a tensorkeep file, up to one flipped bit."""
-    return _bit_distance(head[8 : 8 + len(TK_PREFIX)], TK_PREFIX) <= 1
+    """True if the first bytes of a file are those of a tensorkeep file, up to one flipped bit.
+
+    A shorter ``head`` (a truncated file, even an empty one) is judged by the bytes it has."""
+    got = head[8 : 8 + len(TK_PREFIX)]
+    if len(got) < len(TK_PREFIX):
+        high = head[4:8]  # a tensorkeep header is shorter than 4 GiB: the length's high bytes are zero
+        return _bit_distance(high + got, bytes(len(high)) + TK_PREFIX[: len(got)]) <= 1
+    return _bit_distance(got, TK_PREFIX) <= 1
 
 
 def header_crc(prefix_and_header: bytes) -> int:
@@ -286,12 +292,10 @@ def header_length(prefix: bytes, file_size: int, path: str) -> int:
 
 
 def _hex(s: Any, path: str) -> int:
-    if type(s) is not str or len(s) != 8:
-        raise FormatError(f"{path}: checksum must be 8 hex digits, found {s!r:.40}")
-    try:
-        return int(s, 16)
-    except ValueError:
-        raise FormatError(f"{path}: checksum must be 8 hex digits, found {s!r}") from None
+    # exactly 8 lowercase digits: int(s, 16) alone would also take "A" for "a" (one flipped bit), "+", "_"
+    if type(s) is not str or len(s) != 8 or not _HEX.fullmatch(s):
+        raise FormatError(f"{path}: checksum must be 8 lowercase hex digits, found {s!r:.40}")
+    return int(s, 16)
 
 
 _HEX = re.compile(r"[0-9a-f]*")
