@@ -264,3 +264,77 @@ def test_cuda_load_and_load_into(saved):
     assert sd["hidden.weight"].is_cuda
     m = MLP().cuda()
     assert tk.load_into(m, p).ok and torch.equal(m.hidden.weight.cpu(), net.hidden.weight)
+
+
+def test_verify_false_skips_checksums_and_true_catches_damage(saved, tmp):
+    net, p = saved
+    data = bytearray(open(p, "rb").read())
+    data[-3] ^= 0x10  # one bit of output.bias flipped on disk
+    bad = os.path.join(tmp, "damaged.params")
+    open(bad, "wb").write(bytes(data))
+    with pytest.raises(tk.ChecksumError):
+        tk.load_into(MLP(), bad)
+    m = MLP()
+    assert tk.load_into(m, bad, verify=False).ok
+    assert torch.equal(m.hidden.weight, net.hidden.weight) and not torch.equal(m.output.bias, net.output.bias)
+
+
+def test_training_checkpoint_pt_hint_gives_a_working_rename(tmp):
+    net = MLP()
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.randn(2, 20)).sum().backward()
+    opt.step()
+    p = os.path.join(tmp, "train.pt")
+    torch.save({"model_state_dict": net.state_dict(), "optimizer_state_dict": opt.state_dict(), "epoch": 3}, p)
+    with pytest.raises(tk.MismatchError) as e:
+        tk.load_into(MLP(), p)
+    msg = str(e.value)
+    fix = "rename={'model_state_dict.': '', 'optimizer_state_dict.': None}"
+    assert "training checkpoint" in msg and fix in msg
+    assert "hidden.bias  (did you mean 'model_state_dict.hidden.bias'?)" in msg
+    m = MLP()
+    rep = tk.load_into(m, p, rename={"model_state_dict.": "", "optimizer_state_dict.": None})
+    assert rep.ok and torch.equal(m.output.weight, net.output.weight)
+    m = MLP()  # the nested dict itself works the same way
+    assert tk.load_into(m, {"model": net.state_dict(), "epoch": 3}, rename={"model.": ""}).ok
+    assert torch.equal(m.hidden.bias, net.hidden.bias)
+
+
+def test_rename_collision_is_an_error_not_a_silent_overwrite():
+    def pair():
+        m = nn.Module()
+        m.a, m.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        return m
+
+    src = pair()
+    with pytest.raises(ValueError, match=r"maps both 'a.weight' and 'b.weight' to 'b.weight'") as e:
+        tk.load_into(pair(), src.state_dict(), rename={"a.": "b."}, strict=False)
+    assert "'b.weight': None" in str(e.value)
+    assert tk.load_into(pair(), src.state_dict(), rename={"a.": "b."}, include=["a."], strict=False).kept  # excluded: no clash
+    m = pair()
+    init = _params(m)
+    rep = tk.load_into(m, src.state_dict(), rename={"a.": "b.", "b.": None}, strict=False)
+    assert rep.loaded == ["b.weight", "b.bias"] and rep.missing == ["a.weight", "a.bias"] and not rep.unexpected
+    assert torch.equal(m.b.weight, src.a.weight) and torch.equal(m.a.weight, init["a.weight"])
+
+
+def test_float_into_integer_buffer_refused_not_truncated():
+    m = nn.Module()
+    m.register_buffer("count", torch.tensor(0))
+    m.lin = nn.Linear(2, 2)
+    sd = {"count": torch.tensor(2.7), "lin.weight": torch.ones(2, 2, dtype=torch.float64), "lin.bias": torch.zeros(2)}
+    with pytest.raises(tk.MismatchError, match=r"count: checkpoint float32 vs model int64"):
+        tk.load_into(m, sd)
+    assert int(m.count) == 0 and not torch.equal(m.lin.weight, torch.ones(2, 2))
+    rep = tk.load_into(m, sd, strict=False)
+    assert int(m.count) == 0 and rep.wrong_dtype == [("count", "float32", "int64")]
+    assert ("lin.weight", "float64", "float32") in rep.converted and torch.equal(m.lin.weight, torch.ones(2, 2))
+    assert "floating-point into integer (1): count: checkpoint float32 vs model int64" in str(rep)
+    with pytest.raises(TypeError, match="floating-point torch dtype"):
+        tk.load_into(m, sd, dtype=torch.int8)
+
+
+def test_save_model_checks_config_against_constructor(tmp):
+    with pytest.raises(TypeError, match=r"MLP\(\*\*config\), which would fail.*hiden"):
+        tk.save_model(MLP(), os.path.join(tmp, "x.tk"), config={"hiden": 256})
+    assert not os.path.exists(os.path.join(tmp, "x.tk"))

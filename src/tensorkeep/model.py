@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
+import inspect
 import os
 import platform
 import warnings
@@ -39,6 +40,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)  # in the model, not in the checkpoint: kept initial values
     unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not in the model
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (name, checkpoint shape, model shape)
+    wrong_dtype: list[tuple[str, str, str]] = field(default_factory=list)  # (name, checkpoint, model): would lose data
     converted: list[tuple[str, str, str]] = field(default_factory=list)  # (name, from dtype, to dtype)
     skipped: list[str] = field(default_factory=list)  # in the checkpoint, left out by `include`
     kept: list[str] = field(default_factory=list)  # in the model, left out by `include`: initial values kept
@@ -48,7 +50,7 @@ class LoadReport:
     @property
     def ok(self) -> bool:
         """True when every model tensor came from the checkpoint and nothing was left over."""
-        return not (self.missing or self.unexpected or self.mismatched)
+        return not (self.missing or self.unexpected or self.mismatched or self.wrong_dtype)
 
     def __str__(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors from {self.source} into {self.model}"
@@ -66,6 +68,7 @@ class LoadReport:
         section("kept their initial values (left out by include)", self.kept)
         section("tied to a loaded tensor", self.tied)
         section("not loaded: shape differs", [f"{n}: checkpoint {_shape(a)} vs model {_shape(b)}" for n, a, b in self.mismatched])
+        section("not loaded: floating-point into integer", [f"{n}: checkpoint {a} vs model {b}" for n, a, b in self.wrong_dtype])
         section("in the checkpoint but not in the model", self.unexpected)
         section("in the checkpoint, left out by include", self.skipped)
         section("converted", [f"{n}: {a} -> {b}" for n, a, b in self.converted])
@@ -79,11 +82,28 @@ def _shape(s: Iterable[int]) -> str:
     return "(" + ", ".join(map(str, s)) + ("," if len(s) == 1 else "") + ")"
 
 
+def _flat_tensors(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Tensors of a (possibly nested) dict, named with dots as tk.save names them; other values dropped."""
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(obj, Mapping):
+        items: Iterable[tuple[Any, Any]] = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return out
+    for k, v in items:
+        if isinstance(v, torch.Tensor) or (hasattr(v, "__array__") and not isinstance(v, (str, bytes))):
+            out[f"{prefix}{k}"] = torch.as_tensor(v)
+        else:
+            out.update(_flat_tensors(v, f"{prefix}{k}."))
+    return out
+
+
 class _DictSource:
     """An in-memory state dict behind the same small interface as SafeOpen."""
 
     def __init__(self, sd: Mapping[str, Any], path: str = "<state dict>") -> None:
-        self._sd = {k: torch.as_tensor(v) for k, v in sd.items() if isinstance(v, torch.Tensor) or hasattr(v, "__array__")}
+        self._sd = _flat_tensors(sd)
         self.path = path
 
     def keys(self) -> list[str]:
@@ -106,8 +126,9 @@ class _FileSource:
     def __init__(self, f: SafeOpen | ShardedOpen, owned: bool) -> None:
         self.f, self.owned, self.path = f, owned, f.path
         self._flat = f._all if isinstance(f, SafeOpen) and f._all is not None else None
-        if self._flat is not None:
-            self._flat = {k: v for k, v in self._flat.items() if isinstance(v, torch.Tensor)}
+        if self._flat is not None:  # a .pt file, already in memory (weights-only unpickling reads it whole)
+            self._flat = _flat_tensors(self._flat)
+        self.verify = True
 
     def keys(self) -> list[str]:
         return list(self._flat) if self._flat is not None else self.f.keys()
@@ -125,10 +146,10 @@ class _FileSource:
             return
         dtype, shape = self.meta(name)
         if dtype == out.dtype and out.device.type == "cpu" and out.is_contiguous():
-            self.f.read_into(name, out)  # straight into the model's memory
+            self.f.read_into(name, out, verify=self.verify)  # straight into the model's memory
             return
         if not shape or shape[0] == 0:
-            out.copy_(self.f.get(name))
+            out.copy_(self.f.get(name, verify=self.verify))
             return
         row = max(1, out[0].numel() * out.element_size())
         step = max(1, _CHUNK_BYTES // row)
@@ -160,14 +181,15 @@ def _renamer(rename: Any) -> Callable[[str], str | None]:
     if isinstance(rename, Mapping):
         rules = sorted(rename.items(), key=lambda kv: -len(kv[0]))  # longest prefix wins
 
-        def by_prefix(n: str) -> str:
+        def by_prefix(n: str) -> str | None:
             for old, new in rules:
                 if n.startswith(old):
-                    return new + n[len(old):]
+                    return None if new is None else new + n[len(old):]
             return n
 
         return by_prefix
-    raise TypeError("rename must be a dict of prefix replacements ({'module.': ''}) or a function name -> name")
+    raise TypeError("rename must be a dict of prefix replacements ({'module.': ''}, a None value drops those names) "
+                    "or a function name -> name (None drops the name)")
 
 
 def _includer(include: Any) -> Callable[[str], bool]:
@@ -192,7 +214,25 @@ def _prefix_hint(ckpt: list[str], model: list[str]) -> str | None:
     for p in WRAPPER_PREFIXES:
         if model and all(n.startswith(p) for n in model) and {n[len(p):] for n in model} & cset:
             return f"every model name starts with {p!r}{_why(p)} but the checkpoint's do not: pass rename={{'': {p!r}}}"
+    tops = list(dict.fromkeys(n.split(".", 1)[0] for n in ckpt))
+    for top in tops:  # a training checkpoint: {"model": ..., "optimizer": ..., "epoch": ...}
+        if mset and mset <= {n[len(top) + 1:] for n in ckpt if n.startswith(top + ".")}:
+            others = [o + "." if any(n.startswith(o + ".") for n in ckpt) else o for o in tops if o != top]
+            drop = "".join(f", {o!r}: None" for o in others)
+            return (f"the model's tensors are under {top + '.'!r}; the checkpoint also holds "
+                    f"{', '.join(repr(o) for o in tops if o != top)} (a training checkpoint?): "
+                    f"pass rename={{{top + '.'!r}: ''{drop}}} to take only the model's part")
     return None
+
+
+def _dt(d: torch.dtype) -> str:
+    return str(d).removeprefix("torch.")
+
+
+def _lossy(ckpt: torch.dtype, model: torch.dtype) -> bool:
+    """Copying would silently drop the fraction (float into int) or the imaginary part."""
+    return (ckpt.is_floating_point and not (model.is_floating_point or model.is_complex)) or (
+        ckpt.is_complex and not model.is_complex)
 
 
 def _why(p: str) -> str:
@@ -205,10 +245,14 @@ def _mismatch_message(rep: LoadReport, hint: str | None) -> str:
     if rep.mismatched:
         lines.append("  shapes differ:")
         lines += [f"    {n}: checkpoint {_shape(a)} vs model {_shape(b)}" for n, a, b in rep.mismatched]
+    if rep.wrong_dtype:
+        lines.append("  floating-point values would be truncated into integer tensors:")
+        lines += [f"    {n}: checkpoint {a} vs model {b}" for n, a, b in rep.wrong_dtype]
+        lines.append("    (if that is intended, convert them yourself in a state dict and pass that as the source)")
     if rep.missing:
         lines.append("  in the model but missing from the checkpoint:")
         for n in rep.missing[:20]:
-            close = difflib.get_close_matches(n, rep.unexpected, n=1)
+            close = [u for u in rep.unexpected if u.endswith("." + n)][:1] or difflib.get_close_matches(n, rep.unexpected, n=1)
             lines.append(f"    {n}" + (f"  (did you mean {close[0]!r}?)" if close else ""))
         if len(rep.missing) > 20:
             lines.append(f"    ... and {len(rep.missing) - 20} more")
@@ -233,11 +277,15 @@ def load_into(model: nn.Module, source: Any, *, strict: bool = True, rename: Any
 
     ``source`` is a path (tensorkeep, safetensors or .pt file, or a sharded directory), a state
     dict, or a ``tk.open`` handle. Files are read tensor by tensor into the model's own memory.
-    ``rename`` maps checkpoint names to model names (``{"module.": ""}`` or a function);
-    ``include`` keeps only model names with these prefixes/globs (or a predicate);
-    ``dtype`` converts floating-point tensors (and the model's) on the way in.
+    ``rename`` maps checkpoint names to model names: a dict of prefix replacements
+    (``{"module.": ""}``; a ``None`` value drops names with that prefix) or a function
+    (returning ``None`` drops the name). ``include`` keeps only model names with these
+    prefixes/globs (or a predicate); the model's other tensors keep their initial values.
+    ``dtype`` converts the model's floating-point tensors, and those read into them, on the way
+    in; integer tensors are left alone. ``verify=False`` skips the checksums.
     With ``strict=True`` any missing, unexpected or mis-shaped tensor raises
-    :class:`MismatchError` before the model is touched.
+    :class:`MismatchError` before the model is touched. A ``.pt`` source is unpickled (weights
+    only) as a whole; every other source is read tensor by tensor.
 
     >>> import torch, tensorkeep as tk
     >>> net = torch.nn.Linear(2, 3); tk.save(net.state_dict(), "/tmp/tk-doc-lin.tk")
@@ -245,12 +293,18 @@ def load_into(model: nn.Module, source: Any, *, strict: bool = True, rename: Any
     loaded 2 tensors from /tmp/tk-doc-lin.tk into Linear
       from the checkpoint (2): weight, bias
     """
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"load_into: dtype must be a floating-point torch dtype such as torch.bfloat16, not {dtype!r} "
+                        "(integer tensors are never converted)")
     src = _open_source(source)
+    if isinstance(src, _FileSource):
+        src.verify = verify
     try:
         rep = LoadReport(source=src.path, model=type(model).__name__)
         targets = model.state_dict(keep_vars=True)
         ren, inc = _renamer(rename), _includer(include)
         plan: dict[str, str] = {}  # model name -> checkpoint name
+        seen: dict[str, str] = {}  # model name -> the checkpoint name renamed to it
         ckpt_names = src.keys()
         for cname in ckpt_names:
             mname = ren(cname)
@@ -259,19 +313,28 @@ def load_into(model: nn.Module, source: Any, *, strict: bool = True, rename: Any
             if not inc(mname):
                 rep.skipped.append(cname)
                 continue
+            if mname in seen:
+                raise ValueError(
+                    f"load_into({src.path}): rename maps both {seen[mname]!r} and {cname!r} to {mname!r}. "
+                    f"Drop the one you do not want, e.g. rename={{..., {cname!r}: None}} (a None value drops "
+                    "names with that prefix), or narrow the prefixes so each name has one source.")
+            seen[mname] = cname
             if mname != cname:
                 rep.renamed[cname] = mname
             if mname in targets:
-                cshape, mshape = src.meta(cname)[1], tuple(targets[mname].shape)
-                if cshape != mshape:
-                    rep.mismatched.append((mname, cshape, mshape))
+                (cdtype, cshape), target = src.meta(cname), targets[mname]
+                if cshape != tuple(target.shape):
+                    rep.mismatched.append((mname, cshape, tuple(target.shape)))
+                elif _lossy(cdtype, target.dtype):
+                    rep.wrong_dtype.append((mname, _dt(cdtype), _dt(target.dtype)))
                 else:
                     plan[mname] = cname
             else:
                 rep.unexpected.append(mname)
         loaded_ptrs = {targets[m].data_ptr() for m in plan if targets[m].numel()}
+        refused = {m for m, _, _ in rep.mismatched} | {m for m, _, _ in rep.wrong_dtype}
         for mname, t in targets.items():
-            if mname in plan or any(m == mname for m, _, _ in rep.mismatched):
+            if mname in plan or mname in refused:
                 continue
             if not inc(mname):
                 rep.kept.append(mname)
@@ -288,7 +351,7 @@ def load_into(model: nn.Module, source: Any, *, strict: bool = True, rename: Any
                 out = targets[mname].detach()
                 cdtype = src.meta(cname)[0]
                 if cdtype != out.dtype:
-                    rep.converted.append((mname, str(cdtype).removeprefix("torch."), str(out.dtype).removeprefix("torch.")))
+                    rep.converted.append((mname, _dt(cdtype), _dt(out.dtype)))
                 src.copy_into(cname, out)
                 rep.loaded.append(mname)
         return rep
@@ -337,6 +400,13 @@ def save_model(model: nn.Module, path: "str | os.PathLike[str]", *, config: Mapp
     """
     info = {"class": _class_path(model), "config": dict(config or {}), "versions": _versions()}
     try:
+        inspect.signature(type(model)).bind(**info["config"])
+    except TypeError as e:
+        raise TypeError(f"save_model: load_model will build {type(model).__qualname__}(**config), which would fail: {e}. "
+                        "Pass config={...} with the arguments the model was built with.") from None
+    except ValueError:  # no signature to check (some C types)
+        pass
+    try:
         text = dumps(info)
     except (TypeError, ValueError) as e:
         raise TypeError(f"save_model: config must be plain JSON (str, numbers, bool, None, lists, dicts): {e}") from None
@@ -356,7 +426,13 @@ def load_model(path: "str | os.PathLike[str]", *, allow: Sequence[str], train: b
                device: Any = None, dtype: torch.dtype | None = None) -> nn.Module:
     """Rebuild a model saved with :func:`save_model`: import its class (only from ``allow``),
     construct it with the stored config, load the parameters strictly, and return it in
-    ``eval()`` mode (``train=True`` to skip that).
+    ``eval()`` mode (``train=True`` to skip that). ``allow`` lists trusted modules or packages:
+    ``allow=["myproject"]`` also allows ``myproject.models``. A version difference only warns.
+
+    >>> import torch, tensorkeep as tk
+    >>> tk.save_model(torch.nn.Linear(2, 3), "/tmp/tk-doc-lm.model", config={"in_features": 2, "out_features": 3})
+    >>> tk.load_model("/tmp/tk-doc-lm.model", allow=["torch.nn"]).training
+    False
     """
     path = os.fspath(path)
     src = ShardedOpen(path) if os.path.isdir(path) else SafeOpen(path)

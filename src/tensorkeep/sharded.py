@@ -125,7 +125,8 @@ def _read_index(directory: str) -> dict[str, str]:
         return out
     single = os.path.join(directory, SINGLE)
     if os.path.isfile(single):
-        return {name: single for name in SafeOpen(single).keys()}
+        with SafeOpen(single) as f:
+            return {name: single for name in f.keys()}
     found = sorted(os.listdir(directory))[:10]
     hint = (" It looks like a training checkpoint: use tk.CheckpointManager(...).restore(...)."
             if "manifest.json" in found or any(f.startswith("step_") for f in found) else "")
