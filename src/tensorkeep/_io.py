@@ -148,14 +148,16 @@ def open_lock_file(path: str) -> int:
 
 
 @contextmanager
-def atomic_file(path: str, *, durable: bool = True, direct: bool = False) -> Iterator[int]:
+def atomic_file(path: str, *, durable: bool = True, direct: bool = False, in_place: bool = False) -> Iterator[int]:
     """Yield a file descriptor for a temp file that replaces ``path`` on success.
 
     With ``direct=True`` the descriptor is opened with ``O_DIRECT`` where the file
     system allows it (callers must then write aligned buffers); check ``fd_is_direct``.
     On any exception the temp file is removed and ``path`` is left as it was.
+    ``in_place=True`` writes ``path`` itself (which must not exist) with no rename and no
+    directory fsync: for files inside a directory that is itself published by a rename later.
     """
-    tmp = tmp_path(path)
+    tmp = path if in_place else tmp_path(path)
     step = "creating a temporary file"
     fd, replaced = -1, False
     try:
@@ -172,6 +174,8 @@ def atomic_file(path: str, *, durable: bool = True, direct: bool = False) -> Ite
             fsync(fd)
         os.close(fd)
         fd = -1
+        if in_place:
+            return
         step = "renaming the temporary file over the target"
         replace(tmp, path)
         replaced = True

@@ -150,8 +150,10 @@ def save(obj: Any, path: "str | os.PathLike[str]", *, metadata: Mapping[str, str
     write(obj, path, user, durable)
 
 
-def write(obj: Any, path: str, user: dict[str, str], durable: bool) -> None:
-    """:func:`save` without the check on reserved metadata keys (for tensorkeep's own modules)."""
+def write(obj: Any, path: str, user: dict[str, str], durable: bool, *, in_place: bool = False) -> None:
+    """:func:`save` without the check on reserved metadata keys (for tensorkeep's own modules).
+
+    ``in_place=True``: write a new file directly at ``path`` (see ``_io.atomic_file``)."""
     tree, leaves = flatten(obj)
     entries = [(name, *_source(x, path, name)) for name, x in leaves]
     entries.sort(key=lambda e: -DTYPE_SIZES[e[1]])  # larger items first keeps every tensor aligned
@@ -164,7 +166,7 @@ def write(obj: Any, path: str, user: dict[str, str], durable: bool) -> None:
     layout = [(n, dt, sh) for n, dt, sh, _ in entries]
     head, _ = encode_header(layout, meta, knobs.ALIGN if direct else 8)
     sources = [(n, get) for n, _, _, get in entries]
-    with _io.atomic_file(path, durable=durable, direct=direct) as fd:
+    with _io.atomic_file(path, durable=durable, direct=direct, in_place=in_place) as fd:
         if direct and _io.fd_is_direct(fd):
             info["crc"] = _write_direct(fd, len(head), sources, block, total)
         else:

@@ -103,7 +103,7 @@ def read_manifest(directory: str) -> Manifest:
 
 
 def write_manifest(directory: str, m: Manifest) -> None:
-    with _io.atomic_file(os.path.join(directory, MANIFEST)) as fd:
+    with _io.atomic_file(os.path.join(directory, MANIFEST), in_place=True) as fd:  # published with its directory
         _io.pwrite_all(fd, memoryview(m.to_json().encode()), 0)
 
 

@@ -212,7 +212,7 @@ class CheckpointManager:
             files = {}
             for name, (key, kind, obj) in payload.items():
                 p = os.path.join(tmp, name)
-                write(obj, p, {}, self.durable)
+                write(obj, p, {}, self.durable, in_place=True)  # the directory is published by rename
                 files[name] = {"size": os.path.getsize(p), "crc32": _header_crc(p), "key": key, "kind": kind}
             from .. import __version__
 
