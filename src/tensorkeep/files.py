@@ -506,7 +506,7 @@ class SafeOpen:
         return iter(self.keys())
 
     def __contains__(self, name: object) -> bool:
-        return name in self.keys()
+        return name in (self._all if self._all is not None else self._r.header.tensors)
 
     def __len__(self) -> int:
         return len(self.keys())
@@ -516,7 +516,7 @@ class SafeOpen:
         return self._r.header.tensors[self._check(name)]
 
     def _check(self, name: str) -> str:
-        if name not in self.keys():
+        if name not in (self._all if self._all is not None else self._r.header.tensors):
             close = ", ".join(sorted(self.keys())[:10])
             raise KeyError(f"{self.path}: no tensor named {name!r}; it has: {close}{' ...' if len(self) > 10 else ''}")
         return name
