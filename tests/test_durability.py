@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import tensorkeep as tk
-from tensorkeep import _io, files, knobs
+from tensorkeep import _io, knobs, writer
 
 
 def state(seed: int = 0, n: int = 4) -> dict:
@@ -163,7 +163,7 @@ def test_exception_while_converting_a_tensor(tmp, io_path, monkeypatch):
     p = os.path.join(tmp, "ckpt.tk")
     tk.save(state(0), p)
     before = open(p, "rb").read()
-    real_source = files._source
+    real_source = writer._source
     seen = []
 
     def source(x, path, name):
@@ -177,7 +177,7 @@ def test_exception_while_converting_a_tensor(tmp, io_path, monkeypatch):
 
         return dt, shape, broken
 
-    monkeypatch.setattr(files, "_source", source)
+    monkeypatch.setattr(writer, "_source", source)
     with pytest.raises(RuntimeError, match="illegal memory access"):
         tk.save(state(1), p)
     assert len(seen) == 3

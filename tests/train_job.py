@@ -8,7 +8,6 @@ mid-epoch with torchdata's StatefulDataLoader, creating iterators under tk.keep_
 """
 
 import argparse
-import os
 import sys
 import time
 

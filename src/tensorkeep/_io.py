@@ -19,7 +19,6 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-from . import knobs
 from .errors import SaveError
 
 TMP_MARK = ".tk-tmp-"

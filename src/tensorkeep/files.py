@@ -1,209 +1,30 @@
-"""save / load / open on one file: atomic durable writes, verified and lazy reads."""
+"""save / load / open on one file: verified and lazy reads (the write side is :mod:`tensorkeep.writer`)."""
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from . import _io, knobs
-from .dtypes import byte_view, name_of_numpy, name_of_torch, numpy_dtype, torch_dtype
+from . import knobs
+from .dtypes import numpy_dtype, torch_dtype
 from .errors import ChecksumError, FormatError
 from .format import (
-    CRC_KEY, CRC_PLACEHOLDER, DTYPE_SIZES, crc32, TK_KEY, TK_PREFIX, Header, TensorInfo, dumps,
-    encode_header, header_crc, header_length, looks_like_tensorkeep, parse_checksums,
-    parse_header, strict_json,
+    CRC_KEY, DTYPE_SIZES, FORMAT_VERSION, TK_KEY, TK_PREFIX, TensorInfo, crc32, header_length,
+    looks_like_tensorkeep, parse_checksums, parse_header, strict_json,
 )
-from .tree import flatten, leaf_kinds, unflatten
+from .tree import leaf_kinds, unflatten
 
-FORMAT_VERSION = 1
-PathLike = "str | os.PathLike[str]"
+from .writer import save, write  # noqa: F401 - re-exported: tensorkeep.files is the one-file API
 
 
 class UnsafePickleError(FormatError):
     """A ``.pt`` file needs code (a class, a function) to load; tensorkeep never runs it."""
-
-
-# ----------------------------------------------------------------------------- save
-
-
-def _source(x: Any, path: str, name: str) -> tuple[str, tuple[int, ...], Callable[[], np.ndarray]]:
-    """(dtype name, shape, function returning the bytes as a flat uint8 array). Copies happen
-    per tensor at write time (device to host, non-contiguous), never for the whole state at once."""
-    if isinstance(x, torch.Tensor):
-        dt = name_of_torch(x.dtype)
-        if dt is None:
-            raise TypeError(f"cannot save {path}: tensor {name!r} has dtype {x.dtype}, which safetensors cannot store")
-
-        def get_t() -> np.ndarray:
-            t = x.detach()
-            if t.device.type != "cpu":
-                t = t.cpu()
-            t = t.resolve_conj().resolve_neg().contiguous().reshape(-1)
-            if t.numel() <= 1 and t.stride(0) != 1:  # contiguous() keeps odd strides on 0/1-element tensors
-                t = torch.empty(t.numel(), dtype=t.dtype).copy_(t)
-            return t.view(torch.uint8).numpy()
-
-        return dt, tuple(x.shape), get_t
-    dt = name_of_numpy(x.dtype)
-    if dt is None:
-        raise TypeError(f"cannot save {path}: array {name!r} has NumPy dtype {x.dtype}, which safetensors cannot store")
-
-    def get_n() -> np.ndarray:
-        a = np.ascontiguousarray(x)
-        if a.dtype.byteorder == ">":
-            a = a.astype(a.dtype.newbyteorder("<"))
-        return a.reshape(-1).view(np.uint8)
-
-    return dt, tuple(x.shape), get_n
-
-
-def _block_crcs(buf: np.ndarray, block: int) -> list[str]:
-    mv = memoryview(buf)
-    return [f"{crc32(mv[i : i + block]):08x}" for i in range(0, max(len(mv), 1), block)]
-
-
-def _nblocks(nbytes: int, block: int) -> int:
-    return max(1, -(-nbytes // block))
-
-
-def _write_buffered(fd: int, start: int, sources: list, block: int) -> dict[str, list[str]]:
-    crcs, off = {}, start
-    for name, get in sources:
-        buf = get()
-        crcs[name] = _block_crcs(buf, block)
-        _io.pwrite_all(fd, memoryview(buf), off)
-        off += buf.nbytes
-    return crcs
-
-
-def _write_direct(fd: int, start: int, sources: list, block: int, total: int) -> dict[str, list[str]]:
-    """Stage through reused page-aligned buffers: the main thread copies and checksums
-    one buffer while a writer thread writes the other with O_DIRECT."""
-    chunk = knobs.CHUNK_BYTES
-    bufs = [_io.STAGING.get(chunk), _io.STAGING.get(chunk)]
-    crcs: dict[str, list[str]] = {}
-    pending = [None, None]
-    cur, fill, off = 0, 0, start
-    try:
-        with ThreadPoolExecutor(1, thread_name_prefix="tk-write") as pool:
-
-            def flush(length: int) -> None:
-                nonlocal cur, fill, off
-                pending[cur] = pool.submit(_io.pwrite_all, fd, memoryview(bufs[cur])[:length], off)
-                off += length
-                cur, fill = 1 - cur, 0
-                if pending[cur] is not None:
-                    pending[cur].result()  # the other buffer must be written before we refill it
-                    pending[cur] = None
-
-            for name, get in sources:
-                src = get()
-                crcs[name] = _block_crcs(src, block)
-                mv, pos = memoryview(src), 0
-                while pos < len(mv):
-                    n = min(chunk - fill, len(mv) - pos)
-                    bufs[cur][fill : fill + n] = mv[pos : pos + n]
-                    fill, pos = fill + n, pos + n
-                    if fill == chunk:
-                        flush(chunk)
-            if fill:
-                padded = -(-fill // knobs.ALIGN) * knobs.ALIGN
-                bufs[cur][fill:padded] = bytes(padded - fill)
-                flush(padded)
-            for p in pending:
-                if p is not None:
-                    p.result()
-        _io.ftruncate(fd, start + total)
-    finally:
-        for b in bufs:
-            _io.STAGING.put(b)
-    return crcs
-
-
-def save(obj: Any, path: "str | os.PathLike[str]", *, metadata: Mapping[str, str] | None = None,
-         durable: bool = True) -> None:
-    """Save a tensor, array, or any nesting of dict/list/tuple of them and plain values.
-
-    The file is a safetensors file with tensorkeep's structure and checksums in its
-    metadata. It is written to a temporary file, fsynced, renamed over ``path`` and
-    the directory fsynced (``durable=False`` skips the fsyncs, for scratch files).
-
-    >>> import torch, tensorkeep as tk
-    >>> tk.save({"w": torch.ones(2), "step": 3}, "/tmp/tk-doc.tk")
-    >>> tk.load("/tmp/tk-doc.tk")
-    {'w': tensor([1., 1.]), 'step': 3}
-    """
-    path = os.fspath(path)
-    user = dict(metadata or {})
-    for k, v in user.items():
-        if type(k) is not str or type(v) is not str:
-            raise TypeError(f"metadata must map str to str; got {k!r}: {type(v).__name__}")
-        if k.startswith(TK_KEY):
-            raise ValueError(f"metadata key {k!r}: keys starting with 'tensorkeep' are reserved")
-    write(obj, path, user, durable)
-
-
-def write(obj: Any, path: str, user: dict[str, str], durable: bool, *, in_place: bool = False) -> None:
-    """:func:`save` without the check on reserved metadata keys (for tensorkeep's own modules).
-
-    ``in_place=True``: write a new file directly at ``path`` (see ``_io.atomic_file``)."""
-    tree, leaves = flatten(obj)
-    entries = [(name, *_source(x, path, name)) for name, x in leaves]
-    entries.sort(key=lambda e: -DTYPE_SIZES[e[1]])  # larger items first keeps every tensor aligned
-    block = knobs.BLOCK_BYTES
-    info: dict[str, Any] = {"v": FORMAT_VERSION, "block": block, "tree": tree,
-                            "crc": {n: [CRC_PLACEHOLDER] * _nblocks(_nbytes(dt, sh), block) for n, dt, sh, _ in entries}}
-    meta = {CRC_KEY: CRC_PLACEHOLDER, TK_KEY: _dumps_tree(info), **user}
-    total = sum(_nbytes(dt, sh) for _, dt, sh, _ in entries)
-    direct = hasattr(os, "O_DIRECT") and total >= knobs.DIRECT_IO_MIN_BYTES
-    layout = [(n, dt, sh) for n, dt, sh, _ in entries]
-    head, _ = encode_header(layout, meta, knobs.ALIGN if direct else 8)
-    sources = [(n, get) for n, _, _, get in entries]
-    with _io.atomic_file(path, durable=durable, direct=direct, in_place=in_place) as fd:
-        if direct and _io.fd_is_direct(fd):
-            info["crc"] = _write_direct(fd, len(head), sources, block, total)
-        else:
-            info["crc"] = _write_buffered(fd, len(head), sources, block)
-        meta[TK_KEY] = _dumps_tree(info)
-        final, _ = encode_header(layout, meta, knobs.ALIGN if direct else 8)
-        assert len(final) == len(head), "header length changed between placeholder and final write"
-        final = bytearray(final)
-        at = 8 + len(TK_PREFIX)
-        final[at : at + 8] = f"{header_crc(final):08x}".encode()
-        if direct and _io.fd_is_direct(fd):
-            buf = _io.STAGING.get(len(final))
-            try:
-                buf[:] = final
-                _io.pwrite_all(fd, memoryview(buf), 0)
-            finally:
-                _io.STAGING.put(buf)
-        else:
-            _io.pwrite_all(fd, memoryview(final), 0)
-
-
-def _dumps_tree(info: dict[str, Any]) -> str:
-    """The structure as JSON; strings holding lone surrogates (valid Python str, invalid UTF-8)
-    are kept as \\ud800 escapes so the header stays UTF-8."""
-    text = dumps(info)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = json.dumps(info, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
-    return text
-
-
-def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    n = DTYPE_SIZES[dtype]
-    for d in shape:
-        n *= d
-    return n
 
 
 # ----------------------------------------------------------------------------- read

@@ -30,6 +30,8 @@ DTYPE_SIZES = {
     "I64": 8, "U64": 8, "F64": 8, "C64": 8,
 }
 
+#: Version of the structure and checksum record tensorkeep keeps under ``__metadata__["tensorkeep"]``.
+FORMAT_VERSION = 1
 TK_KEY = "tensorkeep"
 CRC_KEY = "tensorkeep.crc32"
 #: Every tensorkeep header starts with these bytes; the 8 hex digits after them are
