@@ -43,6 +43,37 @@ def tmp_path(path: str) -> str:
     return os.path.join(d, f".{base}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def remove_stale_temps(path: str) -> None:
+    """Remove temp files of earlier saves of ``path`` whose process died (killed mid-save).
+
+    Only files named after ``path`` and owned by a pid that no longer exists on this host are
+    touched, so a concurrent save by a live process is never disturbed.
+    """
+    d, base = os.path.split(os.path.abspath(path))
+    prefix = f".{base}{TMP_MARK}"
+    try:
+        names = [n for n in os.listdir(d) if n.startswith(prefix)]
+    except OSError:
+        return
+    for n in names:
+        pid = n[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            try:
+                unlink(os.path.join(d, n))
+            except OSError:
+                pass
+
+
 def fsync(fd: int) -> None:
     os.fsync(fd)
 
@@ -156,6 +187,8 @@ def atomic_file(path: str, *, durable: bool = True, direct: bool = False, in_pla
     ``in_place=True`` writes ``path`` itself (which must not exist) with no rename and no
     directory fsync: for files inside a directory that is itself published by a rename later.
     """
+    if not in_place:
+        remove_stale_temps(path)
     tmp = path if in_place else tmp_path(path)
     step = "creating a temporary file"
     fd, replaced = -1, False
