@@ -21,15 +21,6 @@ from ..errors import LockedError
 LOCK_NAME = ".tensorkeep.lock"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 class RunLock:
     """An exclusive lock on a run directory, released by :meth:`release` or by the owner's death.
@@ -87,7 +78,7 @@ class RunLock:
         if owner.get("pid") == me["pid"] and owner.get("host") == me["host"]:
             return LockedError(f"{run} is already open by another CheckpointManager in this process; "
                                "close it first (mgr.close() or a with block)")
-        if child_holds and owner.get("host") == me["host"] and type(owner.get("pid")) is int and not _alive(owner["pid"]):
+        if child_holds and owner.get("host") == me["host"] and type(owner.get("pid")) is int and not _io.pid_alive(owner["pid"]):
             return LockedError(
                 f"{run} was opened by process {owner['pid']}, which is gone, but a process it started (e.g. a "
                 "DataLoader worker) still holds the lock. Wait a few seconds for it to exit, or kill it.")
@@ -108,7 +99,7 @@ class RunLock:
         pid = owner.get("pid")
         if owner.get("host") != socket.gethostname() or type(pid) is not int:
             return False  # another host's lock: we cannot tell, so we do not steal it
-        return not _alive(pid)
+        return not _io.pid_alive(pid)
 
     def release(self) -> None:
         """Remove the lock file, then drop the lock (in this order, see the inode check in acquire)."""
