@@ -740,12 +740,16 @@ def _ckpt_verdict(states: dict[int, dict]) -> Callable[[str], str]:
 
 
 def scenario_checkpoint(root: str, *, async_save: bool = False, keep_last: int | None = None,
-                        **variant: bool) -> tuple[Log, Callable[[str], str]]:
-    """A committed step 1, then a recorded save of step 2 (for async: save() then wait())."""
+                        incremental: bool = False, **variant: bool) -> tuple[Log, Callable[[str], str]]:
+    """A committed step 1, then a recorded save of step 2 (for async: save() then wait()).
+    Incremental: a frozen tensor of step 1's pack is reused by step 2."""
     import tensorkeep as tk
 
     states = {1: _train_state(1), 2: _train_state(2)}
-    mgr = tk.CheckpointManager(root, async_save=async_save, keep_last=keep_last)
+    if incremental:
+        frozen = torch.arange(3000.0)
+        states[1]["w"] = states[2]["w"] = frozen
+    mgr = tk.CheckpointManager(root, async_save=async_save, keep_last=keep_last, incremental=incremental)
     try:
         mgr.save(1, states[1])
         mgr.wait()
@@ -767,6 +771,8 @@ SCENARIOS: dict[str, Callable[[str], tuple[Log, Callable[[str], str]]]] = {
     "CheckpointManager.save (sync)": scenario_checkpoint,
     "CheckpointManager.save (async_save=True, then wait())": lambda r: scenario_checkpoint(r, async_save=True),
     "retention cleanup (keep_last=1)": lambda r: scenario_checkpoint(r, keep_last=1),
+    "incremental checkpoint + pack cleanup (keep_last=1)":
+        lambda r: scenario_checkpoint(r, keep_last=1, incremental=True),
     "comparison: torch.save over the old file": scenario_torch_save,
     "comparison: torch.save to temp file + os.replace, no fsync": scenario_torch_tmp_rename,
     "comparison: tk.save(durable=False) (temp file + rename, no fsync)":

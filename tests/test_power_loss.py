@@ -112,6 +112,16 @@ def test_retention_cleanup():
     _assert_clean(rep)
 
 
+def test_incremental_checkpoint_and_pack_cleanup():
+    rep, log = _run("incremental checkpoint + pack cleanup (keep_last=1)")
+    packs_written = [op.dst for op in log.ops if op.kind == "rename" and op.dst.startswith("packs/")]
+    assert len(packs_written) == 1  # step 2 wrote one pack, without the tensor step 1's pack holds
+    removed = [op.path for op in log.ops if op.kind in ("unlink", "rmdir")]
+    assert "step_00000001/manifest.json" in removed
+    assert not any(p.startswith("packs/00000001-") for p in removed)  # step 2 still needs it
+    _assert_clean(rep)
+
+
 # ------------------------------------------------------------------------------ the harness catches bugs
 
 @pytest.mark.parametrize("name", [

@@ -208,7 +208,7 @@ def _best_metric(infos: list, spec: str | None) -> tuple[str, str] | None:
               help="Draw the metrics across steps into this PNG, kept checkpoints marked (needs matplotlib).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def ls_cmd(run_dir: str, best_spec: str | None, deep: bool, plot: str | None, as_json: bool) -> None:
-    """List the checkpoints of a run: step, time, size, metrics, latest/best, damaged or unfinished."""
+    """List the checkpoints of a run: step, time, bytes held and written, metrics, latest/best, damaged or unfinished."""
     import datetime
 
     infos = tk.list_checkpoints(run_dir, verify=deep)
@@ -223,7 +223,7 @@ def ls_cmd(run_dir: str, best_spec: str | None, deep: bool, plot: str | None, as
             best = pick(scored, key=lambda c: c.metrics[bm[0]]).step
     if as_json:
         click.echo(json.dumps([{"step": c.step, "path": c.path, "status": c.status, "time": c.time,
-                                "bytes_held": c.bytes_held, "metrics": c.metrics,
+                                "bytes_held": c.bytes_held, "bytes_written": c.bytes_written, "metrics": c.metrics,
                                 "latest": c.step == latest and c.ok, "best": c.step == best and c.ok} for c in infos],
                               indent=2))
         return
@@ -233,11 +233,11 @@ def ls_cmd(run_dir: str, best_spec: str | None, deep: bool, plot: str | None, as
         tags = [t for t, on in (("latest", c.ok and c.step == latest), ("best", c.ok and c.step == best)) if on]
         status = c.status if c.ok else c.status.split(":")[0].upper()
         metrics = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in c.metrics.items())
-        rows.append((c.step, when, _human(c.bytes_held), metrics, " ".join(tags), status))
+        rows.append((c.step, when, _human(c.bytes_held), _human(c.bytes_written), metrics, " ".join(tags), status))
     if not rows:
         click.echo(f"{run_dir}: no checkpoints")
         return
-    click.echo(_table(rows, ("step", "time", "size", "metrics", "", "status")))
+    click.echo(_table(rows, ("step", "time", "holds", "wrote", "metrics", "", "status")))
     for c in infos:
         if not c.ok and c.status != "uncommitted":
             click.echo(f"{c.path}: {c.status}")

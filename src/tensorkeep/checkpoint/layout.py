@@ -27,7 +27,10 @@ from ..format import TK_PREFIX, dumps, strict_json
 MANIFEST = "manifest.json"
 FORMAT = "tensorkeep-checkpoint"
 VERSION = 1
+VERSION_INCREMENTAL = 2  # tensors live in run/packs (see packs.py); version-1 readers must refuse it
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
+_PACK_RE = re.compile(r"^\d{8,}-[0-9a-f]{8}\.tk$")
+_HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 def step_dir(run: str, step: int) -> str:
@@ -41,12 +44,21 @@ class Manifest:
     metrics: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"size", "crc32", "key"}
     versions: dict[str, str] = field(default_factory=dict)
+    # incremental checkpoints (packs.py): name -> {"key", "kind", "tree", "tensors": {leaf: [hash, pack]}}
+    parts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    packs: dict[str, dict[str, Any]] = field(default_factory=dict)  # pack -> {"size", "crc32"}
+    bytes_written: int | None = None  # tensor bytes this checkpoint wrote (None: it wrote all it holds)
+    bytes_held: int | None = None  # tensor bytes it restores
 
     def to_json(self) -> str:
         metrics = {k: ({"$float": repr(v)} if isinstance(v, float) and not math.isfinite(v) else v)
                    for k, v in self.metrics.items()}  # JSON has no NaN/Infinity: a diverged loss is tagged
-        return dumps({"format": FORMAT, "version": VERSION, "step": self.step, "time": self.time,
-                      "metrics": metrics, "files": self.files, "versions": self.versions})
+        d = {"format": FORMAT, "version": VERSION, "step": self.step, "time": self.time,
+             "metrics": metrics, "files": self.files, "versions": self.versions}
+        if self.parts:
+            d.update(version=VERSION_INCREMENTAL, parts=self.parts, packs=self.packs,
+                     bytes={"written": self.bytes_written, "held": self.bytes_held})
+        return dumps(d)
 
 
 def clean_metrics(metrics: "dict[str, Any] | None", step: int) -> dict[str, Any]:
@@ -90,8 +102,9 @@ def read_manifest(directory: str) -> Manifest:
     d = strict_json(raw, path)
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise FormatError(f"{path}: not a tensorkeep checkpoint manifest")
-    if d.get("version") != VERSION:
-        raise FormatError(f"{path}: manifest version {d.get('version')!r}; this tensorkeep reads version {VERSION}")
+    if d.get("version") not in (VERSION, VERSION_INCREMENTAL):
+        raise FormatError(f"{path}: manifest version {d.get('version')!r}; this tensorkeep reads versions "
+                          f"{VERSION} and {VERSION_INCREMENTAL}: upgrade tensorkeep")
     step, files = d.get("step"), d.get("files")
     if type(step) is not int or step < 0 or not isinstance(files, dict) or not isinstance(d.get("metrics"), dict):
         raise FormatError(f"{path}: manifest needs an int step, a files object and a metrics object")
@@ -99,7 +112,30 @@ def read_manifest(directory: str) -> Manifest:
         if "/" in name or name in (".", "..") or not isinstance(info, dict) or type(info.get("size")) is not int:
             raise FormatError(f"{path}: bad file entry {name!r}")
     metrics = {k: _untag(v) for k, v in d["metrics"].items()}
-    return Manifest(step, float(d.get("time", 0)), metrics, files, d.get("versions") or {})
+    m = Manifest(step, float(d.get("time", 0)), metrics, files, d.get("versions") or {})
+    if d["version"] == VERSION_INCREMENTAL:
+        m.parts, m.packs = d.get("parts"), d.get("packs")
+        _validate_parts(m.parts, m.packs, path)
+        b = d.get("bytes") if isinstance(d.get("bytes"), dict) else {}
+        m.bytes_written, m.bytes_held = b.get("written"), b.get("held")
+    return m
+
+
+def _validate_parts(parts: Any, packs: Any, where: str) -> None:
+    """Shape checks of a manifest's ``parts``/``packs`` (the JSON is untrusted)."""
+    if not isinstance(parts, dict) or not isinstance(packs, dict):
+        raise FormatError(f"{where}: 'parts' and 'packs' must be objects")
+    for pack, info in packs.items():
+        if not _PACK_RE.match(pack) or not isinstance(info, dict) or type(info.get("size")) is not int \
+                or not isinstance(info.get("crc32"), str):
+            raise FormatError(f"{where}: bad pack entry {pack!r}")
+    for name, part in parts.items():
+        refs = part.get("tensors") if isinstance(part, dict) else None
+        good = isinstance(refs, dict) and isinstance(part.get("key"), str) and isinstance(part.get("kind"), str) and all(
+            type(r) is list and len(r) == 2 and isinstance(r[0], str) and _HASH_RE.match(r[0]) and r[1] in packs
+            for r in refs.values())
+        if not good:
+            raise FormatError(f"{where}: bad part entry {name!r} (each tensor must be [sha256, pack listed in 'packs'])")
 
 
 def write_manifest(directory: str, m: Manifest) -> None:

@@ -8,14 +8,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import FormatError
-from . import layout
+from . import layout, packs
 
 _ANY_STEP = re.compile(r"^\.?step_(\d+)")
 
 
 @dataclass
 class CheckpointInfo:
-    """One entry of :func:`list_checkpoints`. ``status`` is "ok", "damaged: ..." or "uncommitted"."""
+    """One entry of :func:`list_checkpoints`. ``status`` is "ok", "damaged: ..." or "uncommitted".
+
+    ``bytes_held``: what restoring it reads; ``bytes_written``: what saving it wrote (less for an
+    incremental checkpoint that reuses tensors of earlier ones)."""
 
     step: int
     path: str
@@ -23,6 +26,7 @@ class CheckpointInfo:
     time: float = 0.0
     metrics: dict[str, Any] = field(default_factory=dict)
     bytes_held: int = 0
+    bytes_written: int = 0
 
     @property
     def ok(self) -> bool:
@@ -55,18 +59,24 @@ def list_checkpoints(run: "str | os.PathLike[str]", *, verify: bool = False) -> 
     out = []
     for p in layout.leftovers(run):
         m = _ANY_STEP.match(os.path.basename(p))
-        out.append(CheckpointInfo(int(m.group(1)) if m else -1, p, "uncommitted", bytes_held=_du(p)))
+        size = _du(p)
+        out.append(CheckpointInfo(int(m.group(1)) if m else -1, p, "uncommitted", bytes_held=size, bytes_written=size))
     for s in layout.list_steps(run):
         d = layout.step_dir(run, s)
-        info = CheckpointInfo(s, d, "ok", bytes_held=_du(d))
+        size = _du(d)
+        info = CheckpointInfo(s, d, "ok", bytes_held=size, bytes_written=size)
         try:
             m = layout.read_manifest(d)
             info.time, info.metrics = m.time, dict(m.metrics)
+            if m.parts:
+                info.bytes_held, info.bytes_written = m.bytes_held or 0, (m.bytes_written or 0) + size
             layout.check_files(d, m)
+            packs.check_packs(run, m.packs, d)
             if verify:
                 from ..inspection import verify as verify_files
 
-                res = verify_files([os.path.join(d, f) for f in m.files])
+                res = verify_files([os.path.join(d, f) for f in m.files]
+                                   + [os.path.join(packs.packs_dir(run), p) for p in m.packs])
                 if not res.ok:
                     raise FormatError("; ".join(str(p) for p in res.problems))
         except FormatError as e:

@@ -19,8 +19,7 @@ import torch
 from .. import _io
 from ..errors import CheckpointNotFoundError, FormatError, TensorkeepError
 from ..files import load, write
-from ..format import TK_PREFIX
-from . import layout, rng
+from . import layout, packs, rng
 from .lock import RunLock
 from .policies import BestN, EveryNSteps, LatestN, Policy, Record, to_keep
 from .snapshot import Staging
@@ -41,12 +40,6 @@ def _file_for(key: str, taken: set[str]) -> str:
         i += 1
         name = f"{base}-{i}.tk"
     return name
-
-
-def _header_crc(path: str) -> str:
-    with open(path, "rb") as f:
-        head = f.read(8 + len(TK_PREFIX) + 8)
-    return head[8 + len(TK_PREFIX):].decode("ascii", "replace")
 
 
 class CheckpointManager:
@@ -71,6 +64,7 @@ class CheckpointManager:
         save_interval_seconds: float | None = None,
         durable: bool = True,
         async_save: bool = False,
+        incremental: bool = False,
     ) -> None:
         self.directory = os.path.abspath(os.fspath(directory))
         _io.makedirs(self.directory)
@@ -87,6 +81,7 @@ class CheckpointManager:
         self.save_interval_steps = save_interval_steps
         self.save_interval_seconds = save_interval_seconds
         self.durable = durable
+        self.incremental = incremental
         self._lock = RunLock(self.directory)
         self._lock.acquire()
         self._closed = False
@@ -106,6 +101,7 @@ class CheckpointManager:
         for p in layout.leftovers(self.directory):  # unfinished saves of a crashed run
             warnings.warn(f"removing the leftovers of an unfinished save: {p}", stacklevel=2)
             _io.rmtree(p)
+        packs.collect(self.directory)  # packs of crashed saves or of an interrupted cleanup
         for s in layout.list_steps(self.directory):
             try:
                 self._records[s] = Record(s, layout.read_manifest(layout.step_dir(self.directory, s)).metrics)
@@ -209,15 +205,19 @@ class CheckpointManager:
         tmp = os.path.join(self.directory, f".step_{step:08d}{_io.TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}")
         _io.mkdir(tmp)
         try:
-            files = {}
-            for name, (key, kind, obj) in payload.items():
-                p = os.path.join(tmp, name)
-                write(obj, p, {}, self.durable, in_place=True)  # the directory is published by rename
-                files[name] = {"size": os.path.getsize(p), "crc32": _header_crc(p), "key": key, "kind": kind}
             from .. import __version__
 
-            m = layout.Manifest(step, layout.now(), metrics, files,
+            m = layout.Manifest(step, layout.now(), metrics, {},
                                 {"tensorkeep": __version__, "torch": torch.__version__.split("+")[0]})
+            if self.incremental:
+                known = packs.index(packs.committed(self.directory) or [])
+                m.parts, m.packs, m.bytes_written, m.bytes_held = packs.save_parts(
+                    self.directory, step, payload, known, self.durable)
+            else:
+                for name, (key, kind, obj) in payload.items():
+                    p = os.path.join(tmp, name)
+                    write(obj, p, {}, self.durable, in_place=True)  # the directory is published by rename
+                    m.files[name] = {"size": os.path.getsize(p), "crc32": layout.header_crc(p), "key": key, "kind": kind}
             layout.write_manifest(tmp, m)
             if self.durable:
                 _io.fsync_dir(tmp)
@@ -260,6 +260,7 @@ class CheckpointManager:
                 layout.remove_checkpoint(self.directory, s)
                 with self._records_lock:
                     del self._records[s]
+            packs.collect(self.directory)  # after the manifests: data a kept checkpoint needs stays
         return doomed
 
     # ------------------------------------------------------------------ restore
@@ -282,6 +283,7 @@ class CheckpointManager:
                 m = layout.read_manifest(d)
                 layout.check_files(d, m)
                 loaded = {name: load(os.path.join(d, name)) for name in m.files}  # verified before anything is applied
+                loaded.update(packs.load_parts(self.directory, m.parts, m.packs, d))
             except (FormatError, OSError) as e:
                 if step is not None:
                     raise CheckpointNotFoundError(
@@ -298,8 +300,9 @@ class CheckpointManager:
     def _apply(self, state: Mapping[str, Any], m: layout.Manifest, loaded: dict[str, Any]) -> None:
         from ..model import load_into
 
-        by_key = {info["key"]: name for name, info in m.files.items() if info.get("kind") == "state_dict"}
-        values = next((loaded[n] for n, i in m.files.items() if i.get("kind") == "values"), {})
+        entries = {**m.files, **m.parts}
+        by_key = {info["key"]: name for name, info in entries.items() if info.get("kind") == "state_dict"}
+        values = next((loaded[n] for n, i in entries.items() if i.get("kind") == "values"), {})
         missing = [k for k, o in state.items() if (k not in by_key if _has_state(o) else k not in values)]
         if missing:
             warnings.warn(f"checkpoint step {m.step} has nothing for {missing}; they keep their current values",
@@ -319,7 +322,7 @@ class CheckpointManager:
                         cur.copy_(v)
                 elif key in state:
                     state[key] = v
-        rng_state = next((loaded[n] for n, i in m.files.items() if i.get("kind") == "rng"), None)
+        rng_state = next((loaded[n] for n, i in entries.items() if i.get("kind") == "rng"), None)
         if rng_state is not None:
             rng.restore(rng_state)  # last: nothing above may consume randomness afterwards
 

@@ -1,0 +1,174 @@
+"""Incremental checkpoints: every tensor stored once, by content, in pack files the run shares.
+
+    run/
+      packs/00001000-3f9a1c2e.tk      the tensors step 1000 had to write, named by content hash
+      packs/00002000-81b0d4f7.tk      step 2000 wrote only what changed (trainable layers)
+      step_00002000/manifest.json     structure of each part + {tensor: [hash, pack]} + packs it needs
+
+A tensor whose content hash a kept checkpoint already holds is not written again: frozen
+layers of a fine-tuning run are written by the first checkpoint only. A pack is deleted
+only when no committed manifest refers to it, and manifests are deleted first, so a crash
+during cleanup leaves unreferenced packs (removed by the next cleanup), never a checkpoint
+whose data is gone. A pack written by a save that crashed before its manifest is likewise
+unreferenced and removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import _io, knobs
+from ..errors import FormatError
+from ..files import SafeOpen
+from ..tree import flatten, unflatten
+from ..writer import _source, write
+from .layout import Manifest, header_crc, list_steps, read_manifest, step_dir
+
+PACKS = "packs"
+_PIECE = 16 << 20  # hashed in pieces on IO_THREADS threads (hashlib releases the GIL)
+
+
+def packs_dir(run: str) -> str:
+    return os.path.join(run, PACKS)
+
+
+def content_hash(dtype: str, shape: tuple[int, ...], data: np.ndarray, pool: ThreadPoolExecutor) -> str:
+    """SHA-256 over the dtype, the shape and the SHA-256 of each 16 MiB piece of the bytes.
+
+    >>> with ThreadPoolExecutor(1) as p: content_hash("F32", (2,), np.zeros(8, np.uint8), p)[:12]
+    'a5dd74a7d5c9'
+    """
+    mv = memoryview(data)
+    pieces = pool.map(lambda i: hashlib.sha256(mv[i : i + _PIECE]).digest(), range(0, len(mv), _PIECE))
+    h = hashlib.sha256(f"{dtype}{list(shape)}".encode())
+    for d in pieces:
+        h.update(d)
+    return h.hexdigest()
+
+
+def split(payload: dict[str, tuple[str, str, Any]], pool: ThreadPoolExecutor) -> tuple[dict, dict[str, Any], dict[str, int]]:
+    """Each part's structure and ``{tensor: hash}``; the tensors by hash; their sizes by hash."""
+    parts: dict[str, dict[str, Any]] = {}
+    by_hash: dict[str, Any] = {}
+    sizes: dict[str, int] = {}
+    for name, (key, kind, obj) in payload.items():
+        tree, leaves = flatten(obj)
+        tensors = {}
+        for leaf, x in leaves:
+            dt, shape, get = _source(x, name, leaf)
+            data = get()
+            h = content_hash(dt, shape, data, pool)
+            tensors[leaf] = h
+            by_hash.setdefault(h, x)
+            sizes[h] = data.nbytes
+        parts[name] = {"key": key, "kind": kind, "tree": tree, "tensors": tensors}
+    return parts, by_hash, sizes
+
+
+def committed(run: str) -> list[Manifest] | None:
+    """The manifests of every committed checkpoint; None if one cannot be read (then nobody can
+    tell which packs it needs, so nothing may be deleted)."""
+    try:
+        return [read_manifest(step_dir(run, s)) for s in list_steps(run)]
+    except FormatError:
+        return None
+
+
+def index(manifests: list[Manifest]) -> dict[str, str]:
+    """hash -> the pack holding it, over the given (kept, committed) checkpoints."""
+    out: dict[str, str] = {}
+    for m in manifests:
+        for part in m.parts.values():
+            for h, pack in part["tensors"].values():
+                out[h] = pack
+    return out
+
+
+def save_parts(run: str, step: int, payload: dict[str, tuple[str, str, Any]], known: dict[str, str],
+               durable: bool) -> tuple[dict[str, dict], dict[str, dict], int, int]:
+    """Write the tensors of ``payload`` that ``known`` does not hold into one new pack.
+
+    Returns the manifest's ``parts`` and ``packs`` entries, the bytes written and the bytes held.
+    """
+    with ThreadPoolExecutor(max(1, knobs.IO_THREADS), thread_name_prefix="tk-hash") as pool:
+        parts, by_hash, sizes = split(payload, pool)
+    new = {h: x for h, x in by_hash.items() if h not in known}
+    where = dict(known)
+    written = 0
+    if new:
+        _io.makedirs(packs_dir(run))
+        pack = f"{step:08d}-{os.urandom(4).hex()}.tk"
+        path = os.path.join(packs_dir(run), pack)
+        write(new, path, {}, durable)  # temp file + fsync + rename + directory fsync
+        written = os.path.getsize(path)
+        where.update((h, pack) for h in new)
+    for part in parts.values():
+        part["tensors"] = {leaf: [h, where[h]] for leaf, h in part["tensors"].items()}
+    packs = {}
+    for pack in sorted({p for part in parts.values() for _, p in part["tensors"].values()}):
+        p = os.path.join(packs_dir(run), pack)
+        packs[pack] = {"size": os.path.getsize(p), "crc32": header_crc(p)}
+    return parts, packs, written, sum(sizes.values())
+
+
+def check_packs(run: str, packs: dict[str, dict], where: str) -> None:
+    """Every pack a checkpoint needs exists with its recorded size and header checksum."""
+    for pack, info in packs.items():
+        p = os.path.join(packs_dir(run), pack)
+        try:
+            size = os.path.getsize(p)
+        except OSError:
+            raise FormatError(f"{where}: needs {PACKS}/{pack}, which is missing") from None
+        if size != info["size"] or header_crc(p) != info["crc32"]:
+            raise FormatError(f"{where}: {PACKS}/{pack} is not the pack this checkpoint refers to "
+                              f"({size} bytes, the manifest says {info['size']}): damaged or replaced")
+
+
+def load_parts(run: str, parts: dict[str, dict], packs: dict[str, dict], where: str) -> dict[str, Any]:
+    """Rebuild every part of a checkpoint from its packs, every tensor verified."""
+    check_packs(run, packs, where)
+    opened = {pack: SafeOpen(os.path.join(packs_dir(run), pack)) for pack in packs}
+    try:
+        out = {}
+        for name, part in parts.items():
+            def get(leaf: str, kind: str, part: dict = part, name: str = name) -> Any:
+                if leaf not in part["tensors"]:
+                    raise FormatError(f"{where}: part {name!r} refers to tensor {leaf!r} but lists no hash for it")
+                h, pack = part["tensors"][leaf]
+                if pack not in opened or h not in opened[pack]:
+                    raise FormatError(f"{where}: tensor {leaf!r} of {name!r} should be {h[:12]}… in {PACKS}/{pack}, "
+                                      "which does not hold it")
+                x = opened[pack].get(h)
+                if kind == "t":
+                    return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+                return x.numpy() if isinstance(x, torch.Tensor) else x
+
+            out[name] = unflatten(part["tree"], get, f"{where} ({name})")
+        return out
+    finally:
+        for f in opened.values():
+            f.close()
+
+
+def collect(run: str) -> list[str]:
+    """Delete the packs no committed checkpoint refers to (nothing while a manifest is unreadable).
+
+    Only the run's writer may call this, between saves: a pack being written is not referenced yet.
+    """
+    d = packs_dir(run)
+    manifests = committed(run)
+    if manifests is None or not os.path.isdir(d):
+        return []
+    live = {p for m in manifests for p in m.packs}
+    doomed = sorted(n for n in os.listdir(d) if n not in live)
+    for n in doomed:
+        _io.unlink_if_exists(os.path.join(d, n))
+    if doomed:
+        _io.fsync_dir(d)
+    return doomed
