@@ -13,6 +13,8 @@ from .errors import (
 from .files import SafeOpen, UnsafePickleError, load, open, save
 from .model import LoadReport, load_into, load_model, save_model
 from .sharded import save_sharded
+from .distributed import save_distributed
+from .dist_load import load_distributed
 from .checkpoint import BestN, CheckpointInfo, CheckpointManager, EveryNSteps, LatestN, keep_rng, list_checkpoints
 
 __version__ = "0.1.0"
@@ -20,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "save", "load", "open", "SafeOpen",
     "load_into", "LoadReport", "save_model", "load_model", "save_sharded",
+    "save_distributed", "load_distributed",
     "CheckpointManager", "list_checkpoints", "CheckpointInfo", "LatestN", "BestN", "EveryNSteps", "keep_rng",
     "TensorkeepError", "FormatError", "ChecksumError", "MismatchError", "UntrustedModelError",
     "CheckpointNotFoundError", "LockedError", "SaveError", "UnsafePickleError",

@@ -242,6 +242,10 @@ def load(path: "str | os.PathLike[str]", *, device: Any = None, lazy: bool = Fal
     """
     path = os.fspath(path)
     if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "distributed.json")):  # written by tk.save_distributed
+            from .dist_load import load_distributed
+
+            return load_distributed(None, path, device=device)
         from .sharded import load_dir  # a sharded model directory
 
         return load_dir(path, device=device, lazy=lazy, verify=verify)

@@ -1,0 +1,265 @@
+"""Loading what :func:`tensorkeep.save_distributed` wrote: any world size, any layout, or one process.
+
+Loading needs no collective: each rank reads, from the shard files, only the rows of the
+chunks that overlap what it holds (``tk.open(...).get_slice``, checksummed as read), and
+copies them into its tensors (for a DTensor, its local shard).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import knobs
+from .dist_plan import Box, Chunk, check_cover, plan_read
+from .distributed import FORMAT, MANIFEST, VERSION, dtensor_box, dtensor_type, header_crc
+from .dtypes import name_of_torch, torch_dtype
+from .errors import FormatError, MismatchError
+from .files import SafeOpen
+from .format import DTYPE_SIZES, strict_json
+from .tree import leaf_kinds, unflatten
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One saved tensor: dtype (safetensors name), global shape, chunks (``Chunk.rank``: whose file)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    chunks: list[Chunk]
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A tensor of the saved structure, not read yet."""
+
+    name: str
+    kind: str  # 't' torch, 'n' NumPy
+
+
+def _ints(v: Any, n: int | None, what: str) -> tuple[int, ...]:
+    if type(v) is not list or any(type(x) is not int or x < 0 for x in v) or (n is not None and len(v) != n):
+        raise FormatError(f"{what} must be a list of {n if n is not None else ''} non-negative ints, got {v!r:.80}")
+    return tuple(v)
+
+
+def read_manifest(path: str) -> tuple[dict[str, Any], dict[str, Stored]]:
+    """Read and validate ``distributed.json``: (the manifest, key -> :class:`Stored`)."""
+    mpath = os.path.join(path, MANIFEST)
+    try:
+        with open(mpath, "rb") as f:
+            raw = f.read(knobs.MAX_HEADER_BYTES + 1)
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no {MANIFEST}, so not a checkpoint written by save_distributed "
+                          "(or its save did not finish)") from None
+    if len(raw) > knobs.MAX_HEADER_BYTES:
+        raise FormatError(f"{mpath}: larger than {knobs.MAX_HEADER_BYTES} bytes")
+    m = strict_json(raw, mpath)
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise FormatError(f"{mpath}: not a tensorkeep distributed manifest")
+    if m.get("version") != VERSION:
+        raise FormatError(f"{mpath}: version {m.get('version')!r}; this tensorkeep reads version {VERSION}. Upgrade tensorkeep")
+    files, tensors = m.get("files"), m.get("tensors")
+    if not isinstance(files, dict) or not isinstance(tensors, dict) or "tree" not in m:
+        raise FormatError(f"{mpath}: needs 'files', 'tensors' and 'tree'")
+    ranks: dict[str, int] = {}
+    for name, info in files.items():
+        if "/" in name or "\\" in name or name in (".", "..", MANIFEST) or not isinstance(info, dict):
+            raise FormatError(f"{mpath}: bad file entry {name!r}")
+        if type(info.get("rank")) is not int or type(info.get("size")) is not int or type(info.get("crc32")) is not str:
+            raise FormatError(f"{mpath}: file {name!r} needs an int rank, an int size and a crc32 string")
+        ranks[name] = info["rank"]
+    out = {}
+    for key, t in tensors.items():
+        if not isinstance(t, dict) or t.get("dtype") not in DTYPE_SIZES or type(t.get("chunks")) is not list:
+            raise FormatError(f"{mpath}: tensor {key!r} needs a known dtype and a list of chunks")
+        shape = _ints(t.get("shape"), None, f"{mpath}: shape of {key!r}")
+        chunks = []
+        for c in t["chunks"]:
+            if not isinstance(c, dict) or c.get("file") not in ranks:
+                raise FormatError(f"{mpath}: a chunk of {key!r} is in a file the manifest does not list")
+            chunks.append(Chunk(_ints(c.get("offsets"), len(shape), f"{mpath}: offsets in {key!r}"),
+                                _ints(c.get("sizes"), len(shape), f"{mpath}: sizes in {key!r}"), ranks[c["file"]]))
+        why = check_cover(key, shape, [(c.offsets, c.sizes) for c in chunks], mpath)
+        if why:
+            raise FormatError(why)
+        out[key] = Stored(t["dtype"], shape, chunks)
+    if set(leaf_kinds(m["tree"], mpath)) != set(out):
+        raise FormatError(f"{mpath}: the structure does not refer to exactly the manifest's tensors")
+    return m, out
+
+
+def _index(offsets: tuple[int, ...], sizes: tuple[int, ...]) -> tuple[slice, ...]:
+    return tuple(slice(o, o + n) for o, n in zip(offsets, sizes))
+
+
+class Checkpoint:
+    """A distributed checkpoint opened for reading boxes of its tensors."""
+
+    def __init__(self, path: str, device: Any = None) -> None:
+        self.path, self.device = path, device
+        self.manifest, self.tensors = read_manifest(path)
+        self.file_of = {info["rank"]: name for name, info in self.manifest["files"].items()}
+        self._open: dict[int, SafeOpen] = {}
+        self._checked: set[tuple[int, str]] = set()
+
+    def _file(self, rank: int, key: str) -> SafeOpen:
+        name = self.file_of[rank]
+        if rank not in self._open:
+            p, info = os.path.join(self.path, name), self.manifest["files"][name]
+            size = os.path.getsize(p) if os.path.isfile(p) else None
+            if size != info["size"] or header_crc(p) != info["crc32"]:
+                found = "missing" if size is None else f"{size} bytes, header checksum {header_crc(p)}"
+                raise FormatError(f"{self.path}: {name} is {found}; the manifest says {info['size']} bytes, checksum "
+                                  f"{info['crc32']}: it is not the file this checkpoint wrote (damaged or replaced)")
+            self._open[rank] = SafeOpen(p)
+        f = self._open[rank]
+        if (rank, key) not in self._checked:
+            chunk = next(c for c in self.tensors[key].chunks if c.rank == rank)
+            info = f.info(key) if key in f else None
+            if info is None or info.dtype != self.tensors[key].dtype or tuple(info.shape) != chunk.sizes:
+                found = "nothing" if info is None else f"{info.dtype} {list(info.shape)}"
+                raise FormatError(f"{self.path}: {name} should hold {key!r} as {self.tensors[key].dtype} "
+                                  f"{list(chunk.sizes)}, it holds {found}")
+            self._checked.add((rank, key))
+        return f
+
+    def read_box(self, key: str, box: Box, out: torch.Tensor) -> None:
+        """Fill ``out`` (shaped like ``box``) with that box of tensor ``key``, reading only the rows needed."""
+        with torch.no_grad():
+            for item in plan_read(self.tensors[key].chunks, box):
+                f = self._file(item.rank, key)
+                if not item.sizes:  # a 0-d tensor
+                    piece = f.get(key)
+                else:
+                    rows = f.get_slice(key)[item.src[0] : item.src[0] + item.sizes[0]]
+                    piece = rows[(slice(None), *_index(item.src[1:], item.sizes[1:]))]
+                if isinstance(piece, np.ndarray):
+                    piece = torch.from_numpy(np.ascontiguousarray(piece))
+                out[_index(item.dst, item.sizes)].copy_(piece)
+
+    def full(self, key: str, kind: str) -> Any:
+        """Tensor ``key`` whole, as a plain tensor (``kind`` 'n': a NumPy array)."""
+        t = self.tensors[key]
+        out = torch.empty(t.shape, dtype=torch_dtype(t.dtype))
+        self.read_box(key, ((0,) * len(t.shape), t.shape), out)
+        if kind == "n":
+            return out.numpy()
+        return out if self.device is None else out.to(self.device)
+
+    def into(self, key: str, target: Any, where: str) -> None:
+        """Fill ``target`` (a tensor, a DTensor's local shard, a NumPy array) from tensor ``key``."""
+        t, dt = self.tensors[key], dtensor_type()
+        if dt is not None and isinstance(target, dt):
+            box, local = dtensor_box(target, where)
+        else:
+            local = torch.from_numpy(target) if isinstance(target, np.ndarray) else target
+            box = ((0,) * target.ndim, tuple(target.shape))
+        if name_of_torch(local.dtype) != t.dtype or tuple(target.shape) != t.shape:
+            raise MismatchError(
+                f"cannot load {self.path} into {where}: the state has {name_of_torch(local.dtype)} "
+                f"{list(target.shape)}, the checkpoint's {key!r} is {t.dtype} {list(t.shape)}. Fix: build the state "
+                "with the same model and optimizer settings as when saving (only the sharding may differ)")
+        self.read_box(key, box, local)
+
+    def materialize(self, v: Any) -> Any:
+        """``v`` from the saved structure with every :class:`Ref` read whole."""
+        if isinstance(v, Ref):
+            return self.full(v.name, v.kind)
+        if isinstance(v, dict):
+            for k in v:
+                v[k] = self.materialize(v[k])
+            return v
+        if type(v) in (list, tuple):
+            return type(v)(self.materialize(x) for x in v)
+        return v
+
+    def close(self) -> None:
+        for f in self._open.values():
+            f.close()
+        self._open.clear()
+
+
+def _without_flags(n: Any, depth: int = 0) -> Any:
+    """The tree with tensors' Parameter / requires_grad flags dropped (tensors come as :class:`Ref`)."""
+    if depth > knobs.MAX_DEPTH:
+        raise FormatError(f"stored structure nested more than {knobs.MAX_DEPTH} levels deep")
+    if type(n) is list:
+        return [_without_flags(x, depth + 1) for x in n]
+    if type(n) is dict:
+        return {"t": n["t"]} if "t" in n else {k: _without_flags(v, depth + 1) for k, v in n.items()}
+    return n
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (torch.Tensor, np.ndarray))
+
+
+def _has_array(x: Any) -> bool:
+    if isinstance(x, dict):
+        return any(_has_array(v) for v in x.values())
+    if type(x) in (list, tuple):
+        return any(_has_array(v) for v in x)
+    return _is_array(x)
+
+
+def _fill(target: Any, saved: Any, where: str, ck: Checkpoint) -> Any:
+    """The value for ``target``'s slot: tensors filled in place, containers filled recursively,
+    everything else replaced by the saved value."""
+    if _is_array(target):
+        if not isinstance(saved, Ref):
+            raise MismatchError(f"cannot load {ck.path} into {where}: the state has a tensor there, the "
+                                f"checkpoint a {type(saved).__name__}")
+        ck.into(saved.name, target, where)
+        return target
+    if isinstance(target, dict) and isinstance(saved, dict):
+        missing = [k for k in target if k not in saved]
+        if missing:
+            raise MismatchError(f"cannot load {ck.path} into {where}: the checkpoint has no {missing[0]!r} there "
+                                f"({len(missing)} keys missing; it has {list(saved)[:8]}). Fix: remove the key from "
+                                "the state, or load from a checkpoint that has it")
+        for k, v in saved.items():
+            target[k] = _fill(target[k], v, f"{where}[{k!r}]", ck) if k in target else ck.materialize(v)
+        return target
+    if type(target) in (list, tuple) and type(saved) is type(target) and len(saved) == len(target):
+        items = [_fill(t, s, f"{where}[{i}]", ck) for i, (t, s) in enumerate(zip(target, saved))]
+        if type(target) is tuple:
+            return tuple(items)
+        target[:] = items
+        return target
+    if _has_array(target):
+        raise MismatchError(f"cannot load {ck.path} into {where}: the state holds tensors there, the checkpoint "
+                            f"a {type(saved).__name__} (of another length or type)")
+    return ck.materialize(saved)
+
+
+def load_distributed(state: Any, path: "str | os.PathLike[str]", *, device: Any = None) -> Any:
+    """Load a :func:`tensorkeep.save_distributed` checkpoint into ``state``, in place; returns it.
+
+    ``state`` says what each rank wants, as for torch DCP: its tensors and DTensors have the
+    target shapes and placements (any world size and sharding, not necessarily the saved ones)
+    and are filled in place, each rank reading only the bytes it needs; values that are not
+    tensors are replaced by the saved ones; keys the checkpoint has and ``state``'s dicts lack
+    are added (as whole plain tensors). Works with or without a process group (no collective).
+    ``state=None`` returns everything with plain, whole tensors (``device``: where to put them),
+    as ``tk.load(path)`` does. Raises :class:`MismatchError` when a shape or dtype differs.
+
+    >>> import torch, tensorkeep as tk
+    >>> tk.save_distributed({"w": torch.arange(6.0), "step": 3}, "/tmp/tk-doc-dist-load")
+    >>> state = {"w": torch.zeros(6), "step": 0}
+    >>> tk.load_distributed(state, "/tmp/tk-doc-dist-load")["step"], state["w"][:3]
+    (3, tensor([0., 1., 2.]))
+    """
+    path = os.fspath(path)
+    ck = Checkpoint(path, device)
+    try:
+        if state is None:
+            return unflatten(ck.manifest["tree"], ck.full, path)
+        saved = unflatten(_without_flags(ck.manifest["tree"]), lambda name, kind: Ref(name, kind), path)
+        return _fill(state, saved, "state", ck)
+    finally:
+        ck.close()
