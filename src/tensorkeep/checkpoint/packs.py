@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -38,36 +38,42 @@ def packs_dir(run: str) -> str:
     return os.path.join(run, PACKS)
 
 
-def content_hash(dtype: str, shape: tuple[int, ...], data: np.ndarray, pool: ThreadPoolExecutor) -> str:
-    """SHA-256 over the dtype, the shape and the SHA-256 of each 16 MiB piece of the bytes.
+def content_hash(dtype: str, shape: tuple[int, ...], data: np.ndarray, pool: ThreadPoolExecutor) -> Callable[[], str]:
+    """Start hashing: SHA-256 over the dtype, the shape and the SHA-256 of each 16 MiB piece of
+    the bytes (pieces of every tensor run on the pool at once); call the result for the hex digest.
 
-    >>> with ThreadPoolExecutor(1) as p: content_hash("F32", (2,), np.zeros(8, np.uint8), p)[:12]
-    'a5dd74a7d5c9'
+    >>> with ThreadPoolExecutor(1) as p: content_hash("F32", (2,), np.zeros(8, np.uint8), p)()[:12]
+    'c7ee54b02b5b'
     """
     mv = memoryview(data)
-    pieces = pool.map(lambda i: hashlib.sha256(mv[i : i + _PIECE]).digest(), range(0, len(mv), _PIECE))
-    h = hashlib.sha256(f"{dtype}{list(shape)}".encode())
-    for d in pieces:
-        h.update(d)
-    return h.hexdigest()
+    pieces = [pool.submit(lambda m: hashlib.sha256(m).digest(), mv[i : i + _PIECE]) for i in range(0, len(mv), _PIECE)]
+
+    def digest() -> str:
+        h = hashlib.sha256(f"{dtype}{list(shape)}".encode())
+        for f in pieces:
+            h.update(f.result())
+        return h.hexdigest()
+
+    return digest
 
 
 def split(payload: dict[str, tuple[str, str, Any]], pool: ThreadPoolExecutor) -> tuple[dict, dict[str, Any], dict[str, int]]:
     """Each part's structure and ``{tensor: hash}``; the tensors by hash; their sizes by hash."""
     parts: dict[str, dict[str, Any]] = {}
-    by_hash: dict[str, Any] = {}
-    sizes: dict[str, int] = {}
+    pending = []
     for name, (key, kind, obj) in payload.items():
         tree, leaves = flatten(obj)
-        tensors = {}
+        parts[name] = {"key": key, "kind": kind, "tree": tree, "tensors": {}}
         for leaf, x in leaves:
             dt, shape, get = _source(x, name, leaf)
             data = get()
-            h = content_hash(dt, shape, data, pool)
-            tensors[leaf] = h
-            by_hash.setdefault(h, x)
-            sizes[h] = data.nbytes
-        parts[name] = {"key": key, "kind": kind, "tree": tree, "tensors": tensors}
+            pending.append((parts[name]["tensors"], leaf, x, data.nbytes, content_hash(dt, shape, data, pool)))
+    by_hash: dict[str, Any] = {}
+    sizes: dict[str, int] = {}
+    for tensors, leaf, x, n, digest in pending:
+        h = tensors[leaf] = digest()
+        by_hash.setdefault(h, x)
+        sizes[h] = n
     return parts, by_hash, sizes
 
 
