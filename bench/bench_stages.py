@@ -1,0 +1,167 @@
+"""Where the time of a save and a load goes, next to what this machine can do at each stage.
+
+    .venv/bin/python bench/bench_stages.py [--reps 5] [--dir /tmp/tk-bench-stages]
+
+GPT-2-small-shaped fp32 state (497.8 MB). Each stage of tensorkeep's pipeline is timed alone,
+and beside it the raw limit of the same work on this machine (plain memory copy, plain
+pwrite into the page cache, O_DIRECT write + fsync, O_DIRECT read). Thread counts are the
+library's (knobs.IO_THREADS) unless a row says otherwise. Minimum of ``--reps`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import evict, gpt2_state_dict, nbytes, table  # noqa: E402
+
+import tensorkeep as tk  # noqa: E402
+from tensorkeep import knobs  # noqa: E402
+from tensorkeep.checkpoint import packs  # noqa: E402
+from tensorkeep.checkpoint.snapshot import Staging  # noqa: E402
+from tensorkeep.format import crc32  # noqa: E402
+
+CHUNK = 8 << 20
+
+
+def best(fn: Callable[[], object], reps: int, before: Callable[[], object] = lambda: None) -> float:
+    ts = []
+    for _ in range(reps):
+        before()
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return min(ts)
+
+
+def raw_write(path: str, arrays: list[np.ndarray], direct: bool, sync: bool) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
+    fd = os.open(path, flags, 0o644)
+    buf = mmap.mmap(-1, CHUNK) if direct else None
+    try:
+        off = 0
+        for a in arrays:
+            mv = memoryview(a)
+            for i in range(0, len(mv), CHUNK):
+                piece = mv[i : i + CHUNK]
+                if direct:
+                    n = -(-len(piece) // 4096) * 4096
+                    buf[: len(piece)] = piece  # type: ignore[index]
+                    os.pwrite(fd, memoryview(buf)[:n], off)  # type: ignore[arg-type]
+                else:
+                    os.pwrite(fd, piece, off)
+                off += -(-len(piece) // 4096) * 4096 if direct else len(piece)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+        if buf is not None:
+            buf.close()
+
+
+def raw_read_direct(path: str, size: int) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, CHUNK)
+    try:
+        for off in range(0, size, CHUNK):
+            os.preadv(fd, [buf], off)
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--dir", default="/tmp/tk-bench-stages")
+    a = ap.parse_args()
+    shutil.rmtree(a.dir, ignore_errors=True)
+    os.makedirs(a.dir)
+    sd = gpt2_state_dict()
+    size = nbytes(sd)
+    arrays = [t.view(-1).view(torch.uint8).numpy() for t in sd.values()]
+    mb = size / 1e6
+    rows = []
+
+    def row(stage: str, secs: float, limit_name: str = "", limit_secs: float | None = None) -> None:
+        gbs = mb / 1e3 / secs
+        lim = f"{mb / 1e3 / limit_secs:.1f} GB/s {limit_name}" if limit_secs else ""
+        pct = f"{100 * limit_secs / secs:.0f}%" if limit_secs else ""
+        rows.append((stage, f"{secs * 1e3:.0f}", f"{gbs:.1f}", lim, pct))
+
+    # memory: the snapshot of an async save
+    dst = {k: torch.empty_like(v) for k, v in sd.items()}
+    copy = best(lambda: [dst[k].copy_(v) for k, v in sd.items()], a.reps)
+    st = Staging()
+    st.snapshot(dict(sd))
+    row("snapshot into reused staging (async save blocks)", best(lambda: st.snapshot(dict(sd)), a.reps),
+        "copy_ into touched memory", copy)
+
+    # checksums and content hashes
+    with ThreadPoolExecutor(knobs.IO_THREADS) as pool:
+        crc1 = best(lambda: [crc32(memoryview(x)) for x in arrays], a.reps)
+        crc2 = best(lambda: list(pool.map(lambda x: crc32(memoryview(x)), arrays)), a.reps)
+        row("CRC-32 per 4 MiB block, 1 thread (ISA-L)", crc1)
+        row(f"CRC-32, {knobs.IO_THREADS} threads", crc2, "1 thread x threads", crc1 / knobs.IO_THREADS)
+        sha = best(lambda: [packs.content_hash("U8", x.shape, x, pool)() for x in arrays], a.reps)
+        row(f"SHA-256 content hash (incremental), {knobs.IO_THREADS} threads", sha)
+
+    # writing
+    p = os.path.join(a.dir, "raw.bin")
+    cache = best(lambda: raw_write(p, arrays, False, False), a.reps, lambda: os.path.exists(p) and os.unlink(p))
+    disk = best(lambda: raw_write(p, arrays, True, True), a.reps, lambda: os.path.exists(p) and os.unlink(p))
+    t_fsync = []
+    for _ in range(a.reps):
+        raw_write(p, arrays, False, False)
+        fd = os.open(p, os.O_RDONLY)
+        t = time.perf_counter()
+        os.fsync(fd)
+        t_fsync.append(time.perf_counter() - t)
+        os.close(fd)
+    row("raw pwrite into the page cache (no fsync)", cache)
+    row("raw fsync of those dirty pages", min(t_fsync))
+    row("raw O_DIRECT write + fsync (disk limit)", disk)
+    out = os.path.join(a.dir, "model.tk")
+    row("tk.save(durable=False), buffered path forced",
+        best(lambda: _save(sd, out, durable=False, direct=False), a.reps), "raw pwrite to page cache", cache)
+    row("tk.save (O_DIRECT + CRC overlapped, fsync)", best(lambda: tk.save(sd, out), a.reps),
+        "raw O_DIRECT + fsync", disk)
+    with tk.CheckpointManager(os.path.join(a.dir, "run"), keep_last=1) as mgr:
+        step = iter(range(10**6))
+        row("CheckpointManager.save (sync)", best(lambda: mgr.save(next(step), {"model": sd}), a.reps),
+            "raw O_DIRECT + fsync", disk)
+
+    # reading
+    tk.save(sd, out)
+    cold_raw = best(lambda: raw_read_direct(out, size), a.reps, lambda: evict(out))
+    row("raw O_DIRECT read (disk limit)", cold_raw)
+    row("tk.load, cold (read + verify, threads)", best(lambda: tk.load(out), a.reps, lambda: evict(out)),
+        "raw O_DIRECT read", cold_raw)
+    warm_copy = best(lambda: [np.copyto(np.empty_like(x), x) for x in arrays], a.reps)
+    row("tk.load, warm (page cache)", best(lambda: tk.load(out), a.reps), "copy into fresh memory", warm_copy)
+    shutil.rmtree(a.dir, ignore_errors=True)
+    print(f"\n{mb:.1f} MB, IO_THREADS={knobs.IO_THREADS}, {os.cpu_count()} cores, torch threads={torch.get_num_threads()}")
+    print(table(rows, ("stage", "ms", "GB/s", "machine limit", "of limit")))
+
+
+def _save(sd: dict, out: str, durable: bool, direct: bool) -> None:
+    old = knobs.DIRECT_IO_MIN_BYTES
+    knobs.DIRECT_IO_MIN_BYTES = old if direct else 1 << 62
+    try:
+        tk.save(sd, out, durable=durable)
+    finally:
+        knobs.DIRECT_IO_MIN_BYTES = old
+
+
+if __name__ == "__main__":
+    main()
