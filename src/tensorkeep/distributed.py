@@ -203,21 +203,26 @@ def manifest(plan: SavePlan, tree: Any, files: list[dict]) -> dict[str, Any]:
     }
 
 
-def write_distributed(state: Any, directory: str, *, group: Any = None, outcome: str = _NOTHING) -> list[str]:
+def write_distributed(state: Any, directory: str, *, group: Any = None, label: str | None = None,
+                      outcome: str = _NOTHING) -> list[str]:
     """Collective: write this rank's shard of ``state`` into ``directory`` (existing, the same path
     on every rank), fsynced; once every rank succeeded, rank 0 writes the manifest (fsynced). Does
     not publish: the caller fsyncs ``directory`` and renames it. Returns the names written.
-    On a failure anywhere every rank raises :class:`SaveError`; the caller removes ``directory``.
+    On a failure anywhere every rank raises :class:`SaveError` (its message starts with ``label``
+    and ends with ``outcome``); the caller removes ``directory``.
     """
     comm = Comm(group)
-    where = f"save_distributed to {directory}"
+    where = label or f"save_distributed into {directory}"
     error, tree, arrays, held = None, None, {}, []
     try:
         tree, arrays, held = local_view(state)
     except Exception as e:  # noqa: BLE001 - reported to every rank below
         error = e
     statuses = comm.check(error, f"{where}: inspecting the state", outcome, {"held": [h.to_json() for h in held]})
-    plan = plan_save([[Held.from_json(v) for v in s["held"]] for s in statuses])  # the same on every rank
+    try:
+        plan = plan_save([[Held.from_json(v) for v in s["held"]] for s in statuses])  # the same on every rank
+    except SaveError as e:
+        raise SaveError(f"{where}: {e}. {outcome}") from None
     name = shard_file(comm.rank, comm.world)
     error, info = None, {}
     try:
@@ -292,7 +297,7 @@ def save_distributed(state: Any, path: "str | os.PathLike[str]", *, group: Any =
     try:
         tmp = comm.check(error, f"save_distributed to {path}: creating a temporary directory", _NOTHING,
                          {"tmp": tmp})[0]["tmp"]
-        write_distributed(state, tmp, group=group)
+        write_distributed(state, tmp, group=group, label=f"save_distributed to {path}")
         error = None
         if comm.rank == 0:
             try:
