@@ -133,3 +133,21 @@ def test_kill9_during_async_saves(tmp):
         assert step is not None and step >= submitted - 1 and st["step"] == step
         want = expected(step, 4)
         assert torch.equal(st["data"]["a"], want["a"]) and torch.equal(st["data"]["b"], want["b"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_snapshot_is_taken_before_the_next_optimizer_step(tmp_path):
+    """save() only queues the device-to-host copies; an optimizer step queued right after must
+    not leak into the checkpoint (the GPU orders it after the copies)."""
+    net = torch.nn.Linear(2048, 2048).cuda()
+    opt = torch.optim.SGD(net.parameters(), lr=1.0)
+    want = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+    with tk.CheckpointManager(str(tmp_path / "run"), async_save=True) as mgr:
+        mgr.save(1, {"model": net})
+        net(torch.randn(64, 2048, device="cuda")).square().sum().backward()
+        opt.step()  # changes every parameter, queued right behind the copies
+        mgr.wait()
+    back = torch.nn.Linear(2048, 2048)
+    with tk.CheckpointManager(str(tmp_path / "run")) as mgr:
+        assert mgr.restore({"model": back}) == 1
+    assert all(torch.equal(want[k], v) for k, v in back.state_dict().items())

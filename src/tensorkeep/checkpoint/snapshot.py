@@ -2,8 +2,9 @@
 
 Copying into memory that is already mapped runs at tens of GB/s; into fresh memory, page
 faults make it ~50x slower. So the buffers of one checkpoint are kept for the next one
-(matched by position, dtype and shape), and on CUDA they are pinned and filled with
-non-blocking copies.
+(matched by position, dtype and shape). On CUDA they are pinned and filled by non-blocking
+copies on a side stream: ``snapshot`` returns once the copies are queued, the GPU's later
+work is ordered after them, and the writer waits for them with :meth:`Staging.ready`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class Staging:
 
     def __init__(self) -> None:
         self._bufs: dict[tuple, torch.Tensor] = {}
+        self._pending: list[torch.cuda.Event] = []
 
     def _buffer(self, key: tuple, x: torch.Tensor) -> torch.Tensor:
         buf = self._bufs.get(key)
@@ -32,19 +34,29 @@ class Staging:
         """A deep copy of ``obj`` whose tensors live in this object's buffers (valid until the next call)."""
         used: dict[tuple, torch.Tensor] = {}
         memo: dict[tuple, torch.Tensor] = {}  # the same view twice (tied weights) -> one copy
-        cuda = False
+        streams: dict[torch.device, torch.cuda.Stream] = {}
+
+        def side_stream(dev: torch.device) -> "torch.cuda.Stream":
+            # device-to-host copies go on a side stream, after the work already queued (which
+            # computes the values to save)
+            if dev not in streams:
+                streams[dev] = torch.cuda.Stream(dev)
+                streams[dev].wait_stream(torch.cuda.current_stream(dev))
+            return streams[dev]
 
         def copy(x: Any, path: tuple) -> Any:
-            nonlocal cuda
             if isinstance(x, torch.Tensor):
                 view = (x.device, x.data_ptr(), x.dtype, tuple(x.shape), x.stride())
                 if x.numel() and view in memo:
                     return memo[view]
                 key = (path, x.dtype, tuple(x.shape))
                 buf = self._buffer(key, x)
-                cuda |= x.is_cuda
                 with torch.no_grad():
-                    buf.copy_(x.detach(), non_blocking=x.is_cuda)
+                    if x.is_cuda:
+                        with torch.cuda.stream(side_stream(x.device)):
+                            buf.copy_(x.detach(), non_blocking=True)
+                    else:
+                        buf.copy_(x.detach())
                 used[key] = memo[view] = buf
                 if isinstance(x, torch.nn.Parameter):
                     return torch.nn.Parameter(buf, requires_grad=x.requires_grad)
@@ -61,7 +73,19 @@ class Staging:
             return x  # immutable plain values; anything else is refused later by save
 
         out = copy(obj, ())
-        if cuda:
-            torch.cuda.synchronize()  # the non-blocking device-to-host copies must land before writing
+        for dev, st in streams.items():
+            ev = torch.cuda.Event()
+            ev.record(st)
+            self._pending.append(ev)
+            # GPU work queued from now on (an optimizer step updating these tensors, or memory of
+            # freed ones reused) runs after the copies; the CPU does not wait for them here
+            torch.cuda.current_stream(dev).wait_stream(st)
         self._bufs = used
         return out
+
+    def ready(self) -> None:
+        """Block until the device-to-host copies of the last snapshot have landed (the writer
+        calls this before reading the buffers; a no-op for CPU tensors)."""
+        for ev in self._pending:
+            ev.synchronize()
+        self._pending = []
