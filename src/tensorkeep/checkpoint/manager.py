@@ -197,6 +197,7 @@ class CheckpointManager:
         return final
 
     def _commit_and_retain(self, step: int, payload: dict, metrics: dict[str, Any]) -> None:
+        self._staging.ready()  # device-to-host copies of the snapshot have landed
         self._commit(step, payload, metrics)
         self._after_commit(step, metrics)
 
