@@ -20,6 +20,7 @@ import traceback
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh
@@ -148,6 +149,9 @@ def scenario_a(rank: int, data: str, out: dict) -> None:
     path = os.path.join(data, "ck4")
     round_trip("A", 1, path)
     round_trip("A", 2, path)  # replaces the first
+    state, _ = make_state("A", 2)
+    del state["np"]  # a NumPy array is not something torch.load(weights_only=True) reads back
+    dcp.save(state, checkpoint_id=os.path.join(data, "dcp4"))  # for tk.convert_dcp
     state, _ = make_state("A", 3)
     out["enospc"] = failed_save(state, path, rank, 2, "raise")
     bad = dict(state, extra=torch.zeros(3)) if rank == 1 else state

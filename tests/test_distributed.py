@@ -138,6 +138,23 @@ def test_damaged_or_replaced_shard_is_refused(tmp):
         tk.load(path)
 
 
+def test_a_box_reads_only_the_rows_it_needs(tmp, monkeypatch):
+    import tensorkeep.files as files
+    from tensorkeep import knobs
+
+    monkeypatch.setattr(knobs, "BLOCK_BYTES", 1024)  # checksum blocks: a read covers whole blocks
+    w = torch.arange(256 * 64, dtype=torch.float32).reshape(256, 64)  # 64 KiB, 256 bytes a row
+    path = os.path.join(tmp, "ck")
+    tk.save_distributed({"w": w}, path)
+    read, real = [], files._Reader.read_range
+    monkeypatch.setattr(files._Reader, "read_range", lambda self, buf, at: (read.append(len(buf)), real(self, buf, at))[1])
+    ck = Checkpoint(path)
+    out = torch.empty(16, 32)
+    ck.read_box("w", ((64, 16), (16, 32)), out)
+    ck.close()
+    assert torch.equal(out, w[64:80, 16:48]) and sum(read) == 16 * 256
+
+
 # ------------------------------------------------------------------------------- real ranks
 
 
@@ -288,3 +305,63 @@ def test_four_ranks_on_a_2d_mesh_load_two_and_save_shared_boxes_once(data, ran_c
     assert len(m["tensors"]["cols"]["chunks"]) == 2  # [Replicate(), Shard(0)]: 4 holders, 2 boxes
     assert len(m["tensors"]["fsdp.0.weight"]["chunks"]) == 2  # HSDP
     assert len(m["tensors"]["rows"]["chunks"]) == 4
+
+
+# ------------------------------------------------------------------------------------- DCP
+
+
+@pytest.fixture
+def audited_convert(monkeypatch):
+    """convert_dcp run under the loading audit of conftest.py: no pickle.find_class, exec, os.system."""
+    import conftest
+    import torch.utils.serialization.config  # noqa: F401 - torch.load imports it lazily: not the file's code
+    from tensorkeep import dcp as dcp_module
+
+    return conftest._audited(dcp_module.convert_dcp)
+
+
+def test_convert_dcp_of_four_ranks(data, ran_a, audited_convert):
+    from dist_worker import PLAIN, full
+
+    out = os.path.join(data, "from-dcp.tk")
+    audited_convert(os.path.join(data, "dcp4"), out)
+    sd = tk.load(out)
+    for k, shape in PLAIN.items():
+        assert torch.equal(sd["model"][k.split(".")[1]], full(k, shape, 2))
+    assert torch.equal(sd["rows"], full("rows", (10, 6), 2))  # 4 Shard(0) chunks
+    assert torch.equal(sd["cols"], full("cols", (5, 12), 2, torch.float64))  # 4 Shard(1) chunks
+    assert torch.equal(sd["fsdp"]["1.weight"], full("fsdp.1.weight", (4, 12), 2))
+    # DCP flattens nested state to dotted names, int keys as strings; lists come back as lists
+    assert torch.equal(sd["optim"]["state"]["1"]["exp_avg"], full("exp_avg1", (5, 12), 2, torch.float64))
+    assert sd["optim"]["param_groups"] == [{"lr": 0.02, "betas": (0.9, 0.999), "params": [0, 1]}]
+    assert sd["step"] == 102 and sd["tag"] == "run-α-2"
+
+
+def test_convert_dcp_one_process_and_refusals(tmp, audited_convert):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    d = os.path.join(tmp, "dcp")
+    state = {"w": torch.arange(12.0).reshape(3, 4), "b": torch.ones(2, dtype=torch.bfloat16), "n": {"step": 5}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is disabled ... assuming a single process"
+        dcp.save(state, checkpoint_id=d)
+        dcp.save({"a": np.arange(3)}, checkpoint_id=os.path.join(tmp, "np"))
+    audited_convert(d, os.path.join(tmp, "out.tk"))
+    back = tk.load(os.path.join(tmp, "out.tk"))
+    assert torch.equal(back["w"], state["w"]) and torch.equal(back["b"], state["b"]) and back["n"] == {"step": 5}
+    with pytest.raises(tk.FormatError, match=r"'a' is not readable with torch.load\(weights_only=True\)"):
+        audited_convert(os.path.join(tmp, "np"), os.path.join(tmp, "np.tk"))
+    # a metadata file that asks for os.system('true'): refused, nothing runs (the audit would fail the test)
+    evil = os.path.join(tmp, "evil")
+    os.makedirs(evil)
+    with open(os.path.join(evil, ".metadata"), "wb") as f:
+        f.write(b"\x80\x04\x8c\x02os\x94\x8c\x06system\x94\x93\x94\x8c\x04true\x94\x85\x94R\x94.")
+    with pytest.raises(tk.FormatError, match="refers to os.system, which is not part of DCP's metadata"):
+        audited_convert(evil, os.path.join(tmp, "evil.tk"))
+    with open(os.path.join(evil, ".metadata"), "wb") as f:
+        f.write(b"\x80\x04c__builtin__\neval\n.")  # GLOBAL: an opcode DCP never writes
+    with pytest.raises(tk.FormatError, match="opcode b'c' at byte 2"):
+        audited_convert(evil, os.path.join(tmp, "evil.tk"))
+    assert not os.path.exists(os.path.join(tmp, "evil.tk"))
