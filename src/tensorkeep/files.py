@@ -6,7 +6,7 @@ import mmap
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -32,8 +32,11 @@ class UnsafePickleError(FormatError):
 _GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 
-def _torch_file(path: str, device: Any, lazy: bool) -> Any:
+def _torch_file(path: str, device: Any, lazy: bool, source: Any = None) -> Any:
+    """``torch.load(weights_only=True)`` of ``path`` (or of ``source``, a file object holding its bytes)."""
     try:
+        if source is not None:
+            return torch.load(source, map_location=device or "cpu", weights_only=True)
         return torch.load(path, map_location=device or "cpu", weights_only=True, mmap=lazy or None)
     except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, ...
         msg = str(e)
@@ -60,24 +63,32 @@ class _Reader:
         self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
             self.size = os.fstat(self.fd).st_size
-            first = os.pread(self.fd, 8 + len(TK_PREFIX), 0)
-            # a safetensors header length is followed by '{'; only files that do not look like that may be pickles
-            st_like = first[8:9] == b"{" or looks_like_tensorkeep(first)
-            self.torch_pickle = not st_like and (
-                first[:4] == b"PK\x03\x04" or (first[:1] == b"\x80" and first[1:2] in b"\x02\x03\x04\x05"))
-            if self.torch_pickle:
-                return
-            try:
-                n = header_length(first, self.size, path)
-                self.header = parse_header(first[:8] + os.pread(self.fd, n, 8), self.size, path)
-                self._parse_tk()
-            except FormatError as e:
-                if looks_like_tensorkeep(first) and not isinstance(e, ChecksumError):
-                    raise ChecksumError(f"{e} (the file is a damaged tensorkeep file)") from None
-                raise
+            self._open(lambda n, at: os.pread(self.fd, n, at))
         except BaseException:
             os.close(self.fd)
             raise
+
+    def _open(self, pread: Callable[[int, int], bytes]) -> None:
+        """Tell a torch pickle from a safetensors file and validate the header, reading with ``pread(n, at)``."""
+        first = pread(8 + len(TK_PREFIX), 0)
+        # a safetensors header length is followed by '{'; only files that do not look like that may be pickles
+        st_like = first[8:9] == b"{" or looks_like_tensorkeep(first)
+        self.torch_pickle = not st_like and (
+            first[:4] == b"PK\x03\x04" or (first[:1] == b"\x80" and first[1:2] in b"\x02\x03\x04\x05"))
+        if self.torch_pickle:
+            return
+        try:
+            n = header_length(first, self.size, self.path)
+            self.header = parse_header(first[:8] + pread(n, 8), self.size, self.path)
+            self._parse_tk()
+        except FormatError as e:
+            if looks_like_tensorkeep(first) and not isinstance(e, ChecksumError):
+                raise ChecksumError(f"{e} (the file is a damaged tensorkeep file)") from None
+            raise
+
+    def torch_source(self) -> Any:
+        """What ``torch.load`` reads for a torch pickle: None means ``self.path``."""
+        return None
 
     def _parse_tk(self) -> None:
         h = self.header
@@ -241,6 +252,10 @@ def load(path: "str | os.PathLike[str]", *, device: Any = None, lazy: bool = Fal
     tensor([0, 1, 2, 3])
     """
     path = os.fspath(path)
+    if "://" in path:  # s3://…, memory://…: see tensorkeep.remote (local paths never get there)
+        from .remote import load_url
+
+        return load_url(path, device=device, lazy=lazy, verify=verify)
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "distributed.json")):  # written by tk.save_distributed
             from .dist_load import load_distributed
@@ -314,10 +329,15 @@ class SafeOpen:
 
     def __init__(self, path: "str | os.PathLike[str]") -> None:
         self.path = os.fspath(path)
-        self._r = _Reader(self.path)
+        if "://" in self.path:  # s3://…: ranged reads, see tensorkeep.remote
+            from .remote import open_reader
+
+            self._r: _Reader = open_reader(self.path)
+        else:
+            self._r = _Reader(self.path)
         self._all: dict[str, Any] | None = None
         if self._r.torch_pickle:
-            obj = _torch_file(self.path, None, False)
+            obj = _torch_file(self.path, None, False, self._r.torch_source())
             self._all = obj if isinstance(obj, dict) else {"tensor": obj}
             self.metadata: dict[str, str] = {}
         else:

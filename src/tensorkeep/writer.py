@@ -127,7 +127,7 @@ def save(obj: Any, path: "str | os.PathLike[str]", *, metadata: Mapping[str, str
     >>> tk.load("/tmp/tk-doc.tk")
     {'w': tensor([1., 1.]), 'step': 3}
     """
-    path = os.fspath(path)
+    path = os.fspath(path)  # a URL (s3://bucket/key, memory://…) is written as one object, see tensorkeep.remote
     user = dict(metadata or {})
     for k, v in user.items():
         if type(k) is not str or type(v) is not str:
@@ -140,15 +140,15 @@ def save(obj: Any, path: "str | os.PathLike[str]", *, metadata: Mapping[str, str
 def write(obj: Any, path: str, user: dict[str, str], durable: bool, *, in_place: bool = False) -> None:
     """:func:`save` without the check on reserved metadata keys (for tensorkeep's own modules).
 
-    ``in_place=True``: write a new file directly at ``path`` (see ``_io.atomic_file``)."""
-    tree, leaves = flatten(obj)
-    entries = [(name, *_source(x, path, name)) for name, x in leaves]
-    entries.sort(key=lambda e: -DTYPE_SIZES[e[1]])  # larger items first keeps every tensor aligned
-    block = knobs.BLOCK_BYTES
-    info: dict[str, Any] = {"v": FORMAT_VERSION, "block": block, "tree": tree,
-                            "crc": {n: [CRC_PLACEHOLDER] * _nblocks(_nbytes(dt, sh), block) for n, dt, sh, _ in entries}}
-    meta = {CRC_KEY: CRC_PLACEHOLDER, TK_KEY: _dumps_tree(info), **user}
-    total = sum(_nbytes(dt, sh) for _, dt, sh, _ in entries)
+    ``in_place=True``: write a new file directly at ``path`` (see ``_io.atomic_file``).
+    A URL (``s3://…``) is written by :func:`tensorkeep.remote.write_url` instead."""
+    if "://" in path:
+        from .remote import write_url
+
+        write_url(obj, path, user, durable=durable)
+        return
+    entries, info, meta, total = plan(obj, path, user)
+    block = info["block"]
     direct = hasattr(os, "O_DIRECT") and total >= knobs.DIRECT_IO_MIN_BYTES
     layout = [(n, dt, sh) for n, dt, sh, _ in entries]
     head, _ = encode_header(layout, meta, knobs.ALIGN if direct else 8)
@@ -158,12 +158,7 @@ def write(obj: Any, path: str, user: dict[str, str], durable: bool, *, in_place:
             info["crc"] = _write_direct(fd, len(head), sources, block, total)
         else:
             info["crc"] = _write_buffered(fd, len(head), sources, block)
-        meta[TK_KEY] = _dumps_tree(info)
-        final, _ = encode_header(layout, meta, knobs.ALIGN if direct else 8)
-        assert len(final) == len(head), "header length changed between placeholder and final write"
-        final = bytearray(final)
-        at = 8 + len(TK_PREFIX)
-        final[at : at + 8] = f"{header_crc(final):08x}".encode()
+        final = final_header(layout, meta, info, knobs.ALIGN if direct else 8, len(head))
         if direct and _io.fd_is_direct(fd):
             buf = _io.STAGING.get(len(final))
             try:
@@ -173,6 +168,31 @@ def write(obj: Any, path: str, user: dict[str, str], durable: bool, *, in_place:
                 _io.STAGING.put(buf)
         else:
             _io.pwrite_all(fd, memoryview(final), 0)
+
+
+def plan(obj: Any, path: str, user: dict[str, str]) -> tuple[list, dict[str, Any], dict[str, str], int]:
+    """The tensors of ``obj`` in file order ``[(name, dtype, shape, get_bytes)]``, the tensorkeep
+    record (checksums still placeholders), the header metadata and the data size in bytes."""
+    tree, leaves = flatten(obj)
+    entries = [(name, *_source(x, path, name)) for name, x in leaves]
+    entries.sort(key=lambda e: -DTYPE_SIZES[e[1]])  # larger items first keeps every tensor aligned
+    block = knobs.BLOCK_BYTES
+    info: dict[str, Any] = {"v": FORMAT_VERSION, "block": block, "tree": tree,
+                            "crc": {n: [CRC_PLACEHOLDER] * _nblocks(_nbytes(dt, sh), block) for n, dt, sh, _ in entries}}
+    meta = {CRC_KEY: CRC_PLACEHOLDER, TK_KEY: _dumps_tree(info), **user}
+    total = sum(_nbytes(dt, sh) for _, dt, sh, _ in entries)
+    return entries, info, meta, total
+
+
+def final_header(layout: list, meta: dict[str, str], info: dict[str, Any], align: int, length: int) -> bytearray:
+    """The header with the real checksums in ``info`` and its own checksum; as long as the placeholder one."""
+    meta[TK_KEY] = _dumps_tree(info)
+    final, _ = encode_header(layout, meta, align)
+    assert len(final) == length, "header length changed between placeholder and final write"
+    final = bytearray(final)
+    at = 8 + len(TK_PREFIX)
+    final[at : at + 8] = f"{header_crc(final):08x}".encode()
+    return final
 
 
 def _dumps_tree(info: dict[str, Any]) -> str:

@@ -1,0 +1,249 @@
+"""Object storage behind one narrow interface: read a range, write a whole object, list, delete.
+
+Local paths never come here (they keep the direct-I/O, fsync and rename code of ``_io``).
+A URL that fsspec understands (``s3://bucket/run``, ``memory://run``, ``gs://…``) is a
+:class:`Store` rooted at that URL; keys are ``/``-separated paths below it. ``file://`` URLs
+are plain local paths (:func:`local_path`).
+
+Writes are whole objects: on S3 an object appears complete or not at all (the previous
+version stays readable until the new one is complete), so there are no temporary names. Large
+objects go to S3 as a multipart upload whose parts are sent in parallel (:data:`PART_BYTES`,
+:data:`THREADS`); other stores get the object in one ``pipe_file`` call.
+
+fsspec and s3fs are optional (``pip install 'tensorkeep[s3]'``) and imported on first use.
+Endpoints, credentials and retries come from fsspec's configuration
+(``fsspec.config.conf["s3"] = {"endpoint_url": ...}``) or the usual ``AWS_*`` variables.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any, Callable, Iterable
+
+from .errors import SaveError, TensorkeepError
+
+#: Size of each part of a multipart upload and of each ranged read (S3's minimum part is 5 MiB).
+PART_BYTES = 16 << 20
+#: Parts uploaded, or ranges read, at the same time.
+THREADS = 8
+#: S3 allows at most this many parts in one upload; larger objects get larger parts.
+MAX_PARTS = 10_000
+
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
+
+
+class StorageError(TensorkeepError, OSError):
+    """Object storage could not be reached or refused a request (network, credentials, server)."""
+
+
+def is_url(path: str) -> bool:
+    """True for ``scheme://…`` (object storage or ``file://``); False for a local path.
+
+    >>> is_url("s3://bucket/run"), is_url("runs/mlp"), is_url("file:///tmp/x")
+    (True, False, True)
+    """
+    return "://" in path and _URL_RE.match(path) is not None
+
+
+def local_path(url: str) -> str | None:
+    """The local path of a ``file://`` URL; None for any other URL.
+
+    >>> local_path("file:///tmp/run"), local_path("s3://b/run")
+    ('/tmp/run', None)
+    """
+    if url.lower().startswith("file://"):
+        return url[len("file://"):]
+    return None
+
+
+def _filesystem(url: str) -> tuple[Any, str]:
+    scheme = url.split("://", 1)[0].lower()
+    hint = (f"pip install 'tensorkeep[{_EXTRAS[scheme]}]'" if _EXTRAS.get(scheme) == "s3"
+            else "pip install fsspec and the fsspec backend for this scheme (e.g. gcsfs, adlfs)")
+    try:
+        from fsspec.core import url_to_fs
+    except ImportError:
+        raise ImportError(f"{url}: reading and writing URLs needs fsspec; {hint}") from None
+    try:
+        return url_to_fs(url)
+    except ImportError as e:
+        raise ImportError(f"{url}: the {scheme}:// backend is not installed ({e}); {hint}") from None
+    except ValueError as e:
+        if "not known" in str(e) or "not available" in str(e):
+            raise ImportError(f"{url}: fsspec does not know the scheme {scheme!r} ({e}); {hint}") from None
+        raise
+
+
+class Store:
+    """One prefix of an object store, read and written by key.
+
+    >>> s = Store("memory://tk-doc-store")
+    >>> s.write("a/b.bin", [b"hello ", b"world"], 11)
+    >>> s.read_range("a/b.bin", 6, 11), s.list("a/")
+    (b'world', {'a/b.bin': 11})
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.fs, root = _filesystem(self.url)
+        self.root = root.rstrip("/")
+        self.s3 = callable(getattr(self.fs, "call_s3", None))
+
+    def url_of(self, key: str) -> str:
+        return f"{self.url}/{key}" if key else self.url
+
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{key}" if key else self.root
+
+    def _call(self, what: str, key: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        """Run one backend call; its failures become FileNotFoundError or StorageError naming the URL."""
+        try:
+            return fn(*args, **kw)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.url_of(key)}: no such object") from None
+        except TensorkeepError:
+            raise
+        except Exception as e:  # noqa: BLE001 - botocore, aiohttp, timeouts, OSError: all mean "unreachable"
+            raise StorageError(f"{self.url_of(key)}: {what} failed: {type(e).__name__}: {e}. Check that the "
+                               "object store is reachable and the credentials and endpoint are right") from e
+
+    # ----------------------------------------------------------------- read
+
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of an object (fewer if it is shorter)."""
+        if end <= start:
+            return b""
+        return self._call("reading", key, self.fs.cat_file, self._path(key), start=start, end=end)
+
+    def read(self, key: str) -> bytes:
+        return self._call("reading", key, self.fs.cat_file, self._path(key))
+
+    def size(self, key: str) -> int:
+        self.fs.invalidate_cache()
+        return int(self._call("looking up", key, self.fs.size, self._path(key)))
+
+    def exists(self, key: str) -> bool:
+        self.fs.invalidate_cache()
+        return bool(self._call("looking up", key, self.fs.exists, self._path(key)))
+
+    def list(self, prefix: str = "") -> dict[str, int]:
+        """``{key: size}`` of every object whose key starts with ``prefix`` (a ``dir/`` or ``""``)."""
+        self.fs.invalidate_cache()
+        base = self.root + "/"
+        where = base + prefix
+        try:
+            found = self._call("listing", prefix, self.fs.find, where.rstrip("/") or base, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {p[len(base):]: int(i.get("size") or 0) for p, i in found.items()
+                if p.startswith(where) and i.get("type", "file") == "file"}
+
+    # ----------------------------------------------------------------- write
+
+    def delete(self, keys: Iterable[str]) -> None:
+        """Delete these objects (a missing one is not an error), in one batch where the store has one."""
+        keys = list(keys)
+        if keys:
+            try:
+                self._call("deleting", keys[0], self.fs.rm, [self._path(k) for k in keys])
+            except FileNotFoundError:
+                pass
+            self.fs.invalidate_cache()
+
+    def write(self, key: str, chunks: Iterable[Any], size: int) -> None:
+        """Write an object from buffers holding ``size`` bytes in all; it appears whole or not at all.
+
+        Raises :class:`SaveError` naming the URL; the previous object, if any, is untouched."""
+        try:
+            if self.s3 and size > max(PART_BYTES, 5 << 20):
+                self._multipart(key, chunks, size)
+            else:
+                data = b"".join(memoryview(c).cast("B") for c in chunks)
+                self._call("writing", key, self.fs.pipe_file, self._path(key), data)
+        except StorageError as e:
+            raise SaveError(None, f"could not save {self.url_of(key)}: {e}. The previous object, if any, "
+                                  "is untouched") from e
+        self.fs.invalidate_cache()
+
+    def _multipart(self, key: str, chunks: Iterable[Any], size: int) -> None:
+        """A multipart upload, parts filled from ``chunks`` by this thread and sent by THREADS others."""
+        bucket, _, obj = self._path(key).partition("/")
+        part = max(PART_BYTES, 5 << 20, -(-size // MAX_PARTS))
+        call = self.fs.call_s3
+        upload = self._call("starting an upload of", key, call, "create_multipart_upload", Bucket=bucket, Key=obj)
+        uid = upload["UploadId"]
+        done: dict[int, dict[str, Any]] = {}
+        free = [bytearray(part) for _ in range(THREADS + 1)]
+        lock = threading.Lock()
+
+        def send(n: int, buf: bytearray, length: int) -> None:
+            body = buf if length == len(buf) else bytes(memoryview(buf)[:length])
+            try:
+                out = self._call(f"uploading part {n} of", key, call, "upload_part", Bucket=bucket, Key=obj,
+                                 PartNumber=n, UploadId=uid, Body=body)
+            finally:
+                with lock:
+                    free.append(buf)
+            done[n] = {"PartNumber": n, "ETag": out["ETag"],
+                       **{k: v for k, v in out.items() if k.startswith("Checksum") and k != "ChecksumType"}}
+
+        try:
+            with ThreadPoolExecutor(THREADS, thread_name_prefix="tk-upload") as pool:
+                pending: set[Future] = set()
+                n, buf, fill = 1, free.pop(), 0
+                for chunk in chunks:
+                    mv = memoryview(chunk).cast("B")
+                    pos = 0
+                    while pos < len(mv):
+                        k = min(part - fill, len(mv) - pos)
+                        buf[fill : fill + k] = mv[pos : pos + k]
+                        fill, pos = fill + k, pos + k
+                        if fill == part:
+                            pending.add(pool.submit(send, n, buf, fill))
+                            n, fill = n + 1, 0
+                            while not free:  # at most THREADS parts in flight: memory stays bounded
+                                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                                for f in finished:
+                                    f.result()
+                            with lock:
+                                buf = free.pop()
+                if fill:
+                    pending.add(pool.submit(send, n, buf, fill))
+                for f in pending:
+                    f.result()
+            self._call("completing the upload of", key, call, "complete_multipart_upload", Bucket=bucket, Key=obj,
+                       UploadId=uid, MultipartUpload={"Parts": [done[i] for i in sorted(done)]})
+        except BaseException:
+            try:  # best effort: the store may be unreachable; abort_uploads() at the next start retries
+                call("abort_multipart_upload", Bucket=bucket, Key=obj, UploadId=uid)
+            except Exception:  # noqa: BLE001
+                pass
+            raise
+
+    def abort_uploads(self, prefix: str = "") -> int:
+        """Abort unfinished multipart uploads below ``prefix`` (left by a killed process); S3 only."""
+        if not self.s3:
+            return 0
+        bucket, _, obj = self._path(prefix).partition("/")
+        out = self._call("listing uploads of", prefix, self.fs.call_s3, "list_multipart_uploads",
+                         Bucket=bucket, Prefix=obj)
+        uploads = out.get("Uploads") or []
+        for u in uploads:
+            self._call("aborting an upload of", prefix, self.fs.call_s3, "abort_multipart_upload",
+                       Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
+        return len(uploads)
+
+
+def locate(url: str) -> tuple[Store, str]:
+    """The store holding the object at ``url`` (rooted at its parent) and its key.
+
+    >>> s, key = locate("memory://models/mlp.tk"); s.url, key
+    ('memory://models', 'mlp.tk')
+    """
+    parent, _, key = url.rstrip("/").rpartition("/")
+    if not key or parent.endswith(":/") or parent.endswith(":"):
+        raise ValueError(f"{url}: name an object (scheme://bucket/key), not a bucket or a bare scheme")
+    return Store(parent), key
