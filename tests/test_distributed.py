@@ -155,6 +155,36 @@ def test_a_box_reads_only_the_rows_it_needs(tmp, monkeypatch):
     assert torch.equal(out, w[64:80, 16:48]) and sum(read) == 16 * 256
 
 
+def test_bad_manifests_are_refused(tmp):
+    path = os.path.join(tmp, "ck")
+    tk.save_distributed(_state(), path)
+    mpath = os.path.join(path, MANIFEST)
+    good = json.load(open(mpath))
+
+    def refused(edit, match):
+        m = json.loads(json.dumps(good))
+        edit(m)
+        json.dump(m, open(mpath, "w"))
+        with pytest.raises(tk.FormatError, match=match):
+            tk.load(path)
+
+    refused(lambda m: m["tensors"]["w"]["chunks"][0].update(sizes=[5, 4]), "hold 20 of its 24 elements")
+    refused(lambda m: m["tensors"]["w"]["chunks"].append(m["tensors"]["w"]["chunks"][0]), "two chunks in one file")
+    refused(lambda m: m["tensors"]["w"]["chunks"][0].update(file="../x.tk"), "a file the manifest does not list")
+    refused(lambda m: m["tensors"]["w"].update(dtype="F99"), "known dtype")
+    refused(lambda m: m["tensors"].pop("s"), "does not refer to exactly the manifest's tensors")
+    refused(lambda m: m["files"]["rank-00000-of-00001.tk"].update(size=1), "not the file this checkpoint wrote")
+
+
+def test_doctests():
+    import doctest
+
+    from tensorkeep import dcp, dist_load, dist_plan, distributed
+
+    for m in (dist_plan, distributed, dist_load, dcp):
+        assert doctest.testmod(m).failed == 0, m.__name__
+
+
 # ------------------------------------------------------------------------------- real ranks
 
 

@@ -84,6 +84,8 @@ def read_manifest(path: str) -> tuple[dict[str, Any], dict[str, Stored]]:
                 raise FormatError(f"{mpath}: a chunk of {key!r} is in a file the manifest does not list")
             chunks.append(Chunk(_ints(c.get("offsets"), len(shape), f"{mpath}: offsets in {key!r}"),
                                 _ints(c.get("sizes"), len(shape), f"{mpath}: sizes in {key!r}"), ranks[c["file"]]))
+        if len({c.rank for c in chunks}) != len(chunks):
+            raise FormatError(f"{mpath}: tensor {key!r} has two chunks in one file (a file holds one box of a tensor)")
         why = check_cover(key, shape, [(c.offsets, c.sizes) for c in chunks], mpath)
         if why:
             raise FormatError(why)

@@ -204,10 +204,11 @@ def manifest(plan: SavePlan, tree: Any, files: list[dict]) -> dict[str, Any]:
 
 
 def write_distributed(state: Any, directory: str, *, group: Any = None, label: str | None = None,
-                      outcome: str = _NOTHING) -> list[str]:
+                      outcome: str = _NOTHING, durable: bool = True) -> list[str]:
     """Collective: write this rank's shard of ``state`` into ``directory`` (existing, the same path
     on every rank), fsynced; once every rank succeeded, rank 0 writes the manifest (fsynced). Does
-    not publish: the caller fsyncs ``directory`` and renames it. Returns the names written.
+    not publish: the caller fsyncs ``directory`` and renames it. Returns the names written
+    (``durable=False``: no fsyncs, for scratch runs).
     On a failure anywhere every rank raises :class:`SaveError` (its message starts with ``label``
     and ends with ``outcome``); the caller removes ``directory``.
     """
@@ -230,7 +231,7 @@ def write_distributed(state: Any, directory: str, *, group: Any = None, label: s
             raise SaveError(f"rank {comm.rank} does not see the directory {directory}: every rank must save to "
                             "the same path on a shared file system")
         p = os.path.join(directory, name)
-        write({k: arrays[k] for k in plan.keys_for(comm.rank)}, p, {"format": "pt"}, True, in_place=True)
+        write({k: arrays[k] for k in plan.keys_for(comm.rank)}, p, {"format": "pt"}, durable, in_place=True)
         info = {"size": os.path.getsize(p), "crc32": header_crc(p)}
     except Exception as e:  # noqa: BLE001
         error = e
@@ -238,7 +239,7 @@ def write_distributed(state: Any, directory: str, *, group: Any = None, label: s
     error = None
     if comm.rank == 0:
         try:
-            with _io.atomic_file(os.path.join(directory, MANIFEST), in_place=True) as fd:
+            with _io.atomic_file(os.path.join(directory, MANIFEST), durable=durable, in_place=True) as fd:
                 _io.pwrite_all(fd, memoryview(json_bytes(manifest(plan, tree, files))), 0)
         except Exception as e:  # noqa: BLE001
             error = e
@@ -277,9 +278,10 @@ def save_distributed(state: Any, path: "str | os.PathLike[str]", *, group: Any =
     Each rank writes its own file in parallel: the local shards of its DTensors, and its share
     of the replicated tensors (each written once). ``path`` is published atomically once every
     rank's file is on disk; a failure on any rank raises :class:`SaveError` on every rank and
-    leaves the previous checkpoint at ``path`` as it was. Without a process group, it saves
-    from this one process. Read it back with :func:`tensorkeep.load_distributed` (any world size)
-    or ``tk.load(path)`` (everything, as plain tensors).
+    leaves the previous checkpoint at ``path`` as it was. Plain tensors must be identical on
+    every rank (one rank writes each); values that are not tensors are rank 0's. Without a
+    process group, it saves from this one process. Read it back with
+    :func:`tensorkeep.load_distributed` (any world size) or ``tk.load(path)`` (plain tensors).
 
     >>> import torch, tensorkeep as tk                      # on every rank, after init_process_group
     >>> tk.save_distributed({"model": {"w": torch.ones(2)}, "step": 7}, "/tmp/tk-doc-dist")
