@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import _io, knobs
-from .dist_plan import Held, SavePlan, plan_save, shard_box
+from .dist_plan import Box, Held, SavePlan, plan_save, shard_box
 from .dtypes import name_of_numpy, name_of_torch
 from .errors import SaveError
 from .format import TK_PREFIX, strict_json
@@ -70,7 +70,7 @@ def dtensor_type() -> type | None:
     return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
 
 
-def dtensor_box(x: Any, where: str) -> tuple[tuple[tuple[int, ...], tuple[int, ...]], torch.Tensor]:
+def dtensor_box(x: Any, where: str) -> tuple[Box, torch.Tensor]:
     """(the box of the global tensor this rank holds, the local tensor) of a DTensor."""
     from torch.distributed.tensor import Replicate, Shard
 
@@ -187,7 +187,14 @@ def local_view(state: Any) -> tuple[Any, dict[str, Any], list[Held]]:
 
 
 def manifest(plan: SavePlan, tree: Any, files: list[dict]) -> dict[str, Any]:
-    """The manifest: every file (size, header checksum), every tensor's layout, the structure."""
+    """The manifest: every file (size, header checksum), every tensor's layout, the structure.
+
+    ``{"format": "tensorkeep-distributed", "version": 1, "world_size": 4,
+    "files": {"rank-00000-of-00004.tk": {"rank": 0, "size": 5532, "crc32": "14498639"}, ...},
+    "tensors": {"rows": {"dtype": "F32", "shape": [10, 6], "chunks": [{"file": "rank-00000-of-00004.tk",
+    "offsets": [0, 0], "sizes": [3, 6]}, ...]}, ...}, "tree": <tensorkeep tree, tensors as {"t": key}>,
+    "versions": {...}}``. A chunk is stored in its file under the tensor's key, with shape ``sizes``.
+    """
     from . import __version__
 
     w = plan.world_size
