@@ -227,7 +227,7 @@ class Store:
         """Abort unfinished multipart uploads below ``prefix`` (left by a killed process); S3 only."""
         if not self.s3:
             return 0
-        bucket, _, obj = self._path(prefix).partition("/")
+        bucket, _, obj = f"{self.root}/{prefix}".partition("/")
         out = self._call("listing uploads of", prefix, self.fs.call_s3, "list_multipart_uploads",
                          Bucket=bucket, Prefix=obj)
         uploads = out.get("Uploads") or []

@@ -97,6 +97,11 @@ def read_manifest(directory: str) -> Manifest:
             raw = f.read(10_000_001)
     except FileNotFoundError:
         raise FormatError(f"{directory}: no {MANIFEST} (the save did not finish)") from None
+    return parse_manifest(raw, path)
+
+
+def parse_manifest(raw: bytes, path: str) -> Manifest:
+    """Validate a manifest's bytes (``path`` names it in errors); :class:`FormatError` if bad."""
     if len(raw) > 10_000_000:
         raise FormatError(f"{path}: manifest larger than 10 MB")
     d = strict_json(raw, path)

@@ -56,6 +56,14 @@ def list_checkpoints(run: "str | os.PathLike[str]", *, verify: bool = False) -> 
     [(1, 'ok')]
     """
     run = os.fspath(run)
+    if "://" in run:  # object storage (file:// is a local path)
+        from ..storage import local_path
+
+        if local_path(run) is None:
+            from .objects import list_checkpoints as list_remote
+
+            return list_remote(run, verify)
+        run = local_path(run) or run
     out = []
     for p in layout.leftovers(run):
         m = _ANY_STEP.match(os.path.basename(p))

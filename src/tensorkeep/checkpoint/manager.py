@@ -20,7 +20,9 @@ from .. import _io
 from ..errors import CheckpointNotFoundError, FormatError, TensorkeepError
 from ..files import load, write
 from . import layout, packs, rng
+from ..storage import StorageError, is_url, local_path
 from .lock import RunLock
+from .objects import ObjectRun, OwnerRecord
 from .policies import BestN, EveryNSteps, LatestN, Policy, Record, to_keep
 from .snapshot import Staging
 
@@ -66,8 +68,13 @@ class CheckpointManager:
         async_save: bool = False,
         incremental: bool = False,
     ) -> None:
-        self.directory = os.path.abspath(os.fspath(directory))
-        _io.makedirs(self.directory)
+        directory = os.fspath(directory)
+        if is_url(directory):  # file:// is a local path; anything else is object storage (objects.py)
+            directory = local_path(directory) or directory
+        self._remote = ObjectRun(directory) if is_url(directory) else None
+        self.directory = self._remote.url if self._remote else os.path.abspath(directory)
+        if self._remote is None:
+            _io.makedirs(self.directory)
         self._policies: list[Policy] = list(policies)
         if keep_last is not None:
             self._policies.append(LatestN(keep_last))
@@ -82,7 +89,7 @@ class CheckpointManager:
         self.save_interval_seconds = save_interval_seconds
         self.durable = durable
         self.incremental = incremental
-        self._lock = RunLock(self.directory)
+        self._lock: RunLock | OwnerRecord = self._remote.owner if self._remote else RunLock(self.directory)
         self._lock.acquire()
         self._closed = False
         self._last_save_time = time.monotonic()
@@ -98,6 +105,11 @@ class CheckpointManager:
         self._staging = Staging()
         if async_save:
             atexit.register(_finish_at_exit, weakref.ref(self))
+        if self._remote is not None:
+            for url in self._remote.clean():  # unfinished saves of a crashed run, orphan objects and uploads
+                warnings.warn(f"removed the leftovers of an unfinished save: {url}", stacklevel=2)
+            self._records = {s: Record(s, m.metrics) for s, m in self._remote.manifests().items()}
+            return
         for p in layout.leftovers(self.directory):  # unfinished saves of a crashed run
             warnings.warn(f"removing the leftovers of an unfinished save: {p}", stacklevel=2)
             _io.rmtree(p)
@@ -130,8 +142,9 @@ class CheckpointManager:
         return dict(self._records[step].metrics)
 
     def path(self, step: int) -> str:
-        """The directory of a checkpoint (its ``model.tk`` etc. can be read with ``tk.load``)."""
-        return layout.step_dir(self.directory, step)
+        """The directory of a checkpoint (its ``model.tk`` etc. can be read with ``tk.load``); on
+        object storage the URL of its prefix (object names carry a token: see its manifest.json)."""
+        return self._remote.step_url(step) if self._remote else layout.step_dir(self.directory, step)
 
     def should_save(self, step: int) -> bool:
         """True when ``save_interval_steps`` / ``save_interval_seconds`` say a checkpoint is due
@@ -190,7 +203,7 @@ class CheckpointManager:
             payload = self._staging.snapshot(self._payload(state))  # the only part that blocks training
             fut = self._writer.submit(self._commit_and_retain, step, payload, metrics)  # type: ignore[union-attr]
             self._pending = (step, fut)
-            final = layout.step_dir(self.directory, step)
+            final = self.path(step)
         if self._preempted is not None:
             self.wait()
             self._exit_after_preemption()
@@ -202,14 +215,15 @@ class CheckpointManager:
         self._after_commit(step, metrics)
 
     def _commit(self, step: int, payload: dict[str, tuple[str, str, Any]], metrics: dict[str, Any]) -> str:
-        """Write everything into a temp directory, fsync, write the manifest last, publish by rename."""
+        """Write everything into a temp directory, fsync, write the manifest last, publish by rename.
+
+        On object storage: upload every object, then the manifest (see objects.py)."""
+        if self._remote is not None:
+            return self._remote.commit(step, payload, self._manifest(step, metrics), self.incremental)
         tmp = os.path.join(self.directory, f".step_{step:08d}{_io.TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}")
         _io.mkdir(tmp)
         try:
-            from .. import __version__
-
-            m = layout.Manifest(step, layout.now(), metrics, {},
-                                {"tensorkeep": __version__, "torch": torch.__version__.split("+")[0]})
+            m = self._manifest(step, metrics)
             if self.incremental:
                 known = packs.index(packs.committed(self.directory) or [])
                 m.parts, m.packs, m.bytes_written, m.bytes_held = packs.save_parts(
@@ -235,6 +249,13 @@ class CheckpointManager:
                 raise type(e)(e.errno, f"checkpoint step {step} was not saved: {e} Every committed checkpoint is intact.") from e
             raise
 
+    @staticmethod
+    def _manifest(step: int, metrics: dict[str, Any]) -> layout.Manifest:
+        from .. import __version__
+
+        return layout.Manifest(step, layout.now(), metrics, {},
+                               {"tensorkeep": __version__, "torch": torch.__version__.split("+")[0]})
+
     def _after_commit(self, step: int, metrics: dict[str, Any]) -> None:
         with self._records_lock:
             self._records[step] = Record(step, metrics)
@@ -257,11 +278,19 @@ class CheckpointManager:
             keep = to_keep(list(self._records.values()), pols)
             doomed = sorted(set(self._records) - keep)
         if not dry_run:
+            if self._remote is not None and doomed:
+                self._remote.owner.check(f"deleting steps {doomed}")
             for s in doomed:
-                layout.remove_checkpoint(self.directory, s)
+                if self._remote is not None:
+                    self._remote.remove(s)
+                else:
+                    layout.remove_checkpoint(self.directory, s)
                 with self._records_lock:
                     del self._records[s]
-            packs.collect(self.directory)  # after the manifests: data a kept checkpoint needs stays
+            if self._remote is not None:  # after the manifests: data a kept checkpoint needs stays
+                self._remote.collect()
+            else:
+                packs.collect(self.directory)
         return doomed
 
     # ------------------------------------------------------------------ restore
@@ -275,16 +304,23 @@ class CheckpointManager:
         """
         self._check_open()
         self.wait()
-        candidates = [step] if step is not None else sorted(layout.list_steps(self.directory), reverse=True)
+        steps = self._remote.steps() if self._remote else layout.list_steps(self.directory)
+        candidates = [step] if step is not None else sorted(steps, reverse=True)
         for s in candidates:
-            d = layout.step_dir(self.directory, s)
+            d = self.path(s)
             try:
-                if step is not None and not os.path.isdir(d):
-                    raise FormatError(f"{d}: no such checkpoint")
-                m = layout.read_manifest(d)
-                layout.check_files(d, m)
-                loaded = {name: load(os.path.join(d, name)) for name in m.files}  # verified before anything is applied
-                loaded.update(packs.load_parts(self.directory, m.parts, m.packs, d))
+                if self._remote is not None:
+                    m = self._remote.read_manifest(s)
+                    loaded = self._remote.load(s, m)  # verified before anything is applied
+                else:
+                    if step is not None and not os.path.isdir(d):
+                        raise FormatError(f"{d}: no such checkpoint")
+                    m = layout.read_manifest(d)
+                    layout.check_files(d, m)
+                    loaded = {name: load(os.path.join(d, name)) for name in m.files}  # verified before anything is applied
+                    loaded.update(packs.load_parts(self.directory, m.parts, m.packs, d))
+            except StorageError:
+                raise  # the store is unreachable: that says nothing about the checkpoint, do not skip it
             except (FormatError, OSError) as e:
                 if step is not None:
                     raise CheckpointNotFoundError(

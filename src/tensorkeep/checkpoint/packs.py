@@ -137,9 +137,13 @@ def check_packs(run: str, packs: dict[str, dict], where: str) -> None:
 
 
 def load_parts(run: str, parts: dict[str, dict], packs: dict[str, dict], where: str) -> dict[str, Any]:
-    """Rebuild every part of a checkpoint from its packs, every tensor verified."""
-    check_packs(run, packs, where)
-    opened = {pack: SafeOpen(os.path.join(packs_dir(run), pack)) for pack in packs}
+    """Rebuild every part of a checkpoint from its packs, every tensor verified.
+
+    ``run`` is a directory, or the URL of a run on object storage (whose packs the caller checked)."""
+    if "://" not in run:
+        check_packs(run, packs, where)
+    opened = {pack: SafeOpen(f"{run}/{PACKS}/{pack}" if "://" in run else os.path.join(packs_dir(run), pack))
+              for pack in packs}
     try:
         out = {}
         for name, part in parts.items():
