@@ -100,6 +100,20 @@ class _Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
+def test_convert_a_torch_dcp_directory(tmp, sd):
+    import torch.distributed.checkpoint as dcp
+
+    src = os.path.join(tmp, "dcp")
+    dcp.save({"model": sd, "epoch": 3}, checkpoint_id=src)  # one process, no process group
+    r = run("convert", src, os.path.join(tmp, "from-dcp.tk"))
+    assert r.returncode == 0, r.stderr
+    back = tk.load(os.path.join(tmp, "from-dcp.tk"))
+    assert back["epoch"] == 3 and all(torch.equal(back["model"][k], v) for k, v in sd.items())
+    r = run("convert", src, os.path.join(tmp, "bf16.tk"), "--dtype", "bf16")
+    assert r.returncode == 0, r.stderr
+    assert tk.load(os.path.join(tmp, "bf16.tk"))["model"]["hidden.weight"].dtype == torch.bfloat16
+
+
 def test_convert_refuses_malicious_pickle_without_running_it(tmp):
     marker = os.path.join(tmp, "PWNED")
     evil = os.path.join(tmp, "evil.pt")

@@ -15,6 +15,7 @@ from .model import LoadReport, load_into, load_model, save_model
 from .sharded import save_sharded
 from .distributed import save_distributed
 from .dist_load import load_distributed
+from .dcp import convert_dcp
 from .checkpoint import BestN, CheckpointInfo, CheckpointManager, EveryNSteps, LatestN, keep_rng, list_checkpoints
 
 __version__ = "0.1.0"
@@ -22,7 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "save", "load", "open", "SafeOpen",
     "load_into", "LoadReport", "save_model", "load_model", "save_sharded",
-    "save_distributed", "load_distributed",
+    "save_distributed", "load_distributed", "convert_dcp",
     "CheckpointManager", "list_checkpoints", "CheckpointInfo", "LatestN", "BestN", "EveryNSteps", "keep_rng",
     "TensorkeepError", "FormatError", "ChecksumError", "MismatchError", "UntrustedModelError",
     "CheckpointNotFoundError", "LockedError", "SaveError", "UnsafePickleError",

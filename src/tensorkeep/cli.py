@@ -6,6 +6,7 @@ import fnmatch
 import json
 import os
 import sys
+import tempfile
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -135,8 +136,18 @@ _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "f16": "float16", "fp32": "flo
               help="Convert floating-point tensors to this dtype.")
 @click.option("--max-shard-size", default=None, help='Write a sharded directory, e.g. "2GB".')
 def convert(src: str, dst: str, dtype: str | None, max_shard_size: str | None) -> None:
-    """Convert a .pt/.pth/.bin (weights-only), safetensors file or sharded directory to tensorkeep."""
-    obj = tk.load(src)
+    """Convert a .pt/.pth/.bin (weights-only), safetensors file, sharded directory or torch DCP
+    (torch.distributed.checkpoint) directory to tensorkeep."""
+    if os.path.isfile(os.path.join(src, ".metadata")):  # DCP: whole tensors from every rank's chunks
+        if not dtype and not max_shard_size:
+            tk.convert_dcp(src, dst)
+            click.echo(f"wrote {dst}")
+            return
+        with tempfile.TemporaryDirectory() as d:
+            tk.convert_dcp(src, os.path.join(d, "dcp.tk"))
+            obj = tk.load(os.path.join(d, "dcp.tk"))
+    else:
+        obj = tk.load(src)
     if dtype:
         target = getattr(__import__("torch"), _DTYPES[dtype])
         obj = _cast(obj, target)
