@@ -37,6 +37,15 @@ def sync_time(fn) -> float:
     return time.perf_counter() - t
 
 
+def d2h(nbytes: int, dev: torch.device, reps: int) -> tuple[float, float]:
+    big = torch.empty(nbytes // 4, device=dev)
+    pinned = torch.empty(nbytes // 4, pin_memory=True)
+    pageable = torch.zeros(nbytes // 4)
+    link = min(sync_time(lambda: pinned.copy_(big, non_blocking=True)) for _ in range(reps))
+    pag = min(sync_time(lambda: pageable.copy_(big)) for _ in range(reps))
+    return link, pag
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gb", type=float, default=2.0)
@@ -53,15 +62,9 @@ def main() -> None:
     gb = nbytes / 1e9
     rows = []
 
-    big = torch.empty(nbytes // 4, device=dev)
-    pinned = torch.empty(nbytes // 4, pin_memory=True)
-    pageable = torch.empty(nbytes // 4)
-    pageable.fill_(0)
-    link = min(sync_time(lambda: pinned.copy_(big, non_blocking=True)) for _ in range(a.reps))
-    pag = min(sync_time(lambda: pageable.copy_(big)) for _ in range(a.reps))
+    link, pag = d2h(nbytes, dev, a.reps)
     rows.append(("D2H one copy into pinned memory (link limit)", f"{link * 1e3:.1f}", f"{gb / link:.1f} GB/s"))
     rows.append(("D2H one copy into pageable memory", f"{pag * 1e3:.1f}", f"{gb / pag:.1f} GB/s"))
-    del big, pinned, pageable
 
     shutil.rmtree(a.dir, ignore_errors=True)
     sync_mgr = tk.CheckpointManager(os.path.join(a.dir, "sync"), keep_last=1)
