@@ -236,11 +236,12 @@ class ObjectRun:
 
     def collect(self) -> list[str]:
         """Delete the packs no committed manifest refers to (nothing while one is unreadable)."""
-        manifests = self.committed()
+        stored = self.store.list(f"{packs.PACKS}/")
+        manifests = self.committed() if stored else None
         if manifests is None:
             return []
         live = {p for mf in manifests for p in mf.packs}
-        doomed = [k for k in self.store.list(f"{packs.PACKS}/") if k[len(packs.PACKS) + 1:] not in live]
+        doomed = [k for k in stored if k[len(packs.PACKS) + 1:] not in live]
         self.store.delete(doomed)
         return doomed
 
