@@ -18,6 +18,7 @@ from .format import (
     CRC_KEY, DTYPE_SIZES, FORMAT_VERSION, TK_KEY, TK_PREFIX, TensorInfo, crc32, header_length,
     looks_like_tensorkeep, parse_checksums, parse_header, strict_json,
 )
+from .storage import is_url
 from .tree import leaf_kinds, unflatten
 
 from .writer import save, write  # noqa: F401 - re-exported: tensorkeep.files is the one-file API
@@ -252,7 +253,7 @@ def load(path: "str | os.PathLike[str]", *, device: Any = None, lazy: bool = Fal
     tensor([0, 1, 2, 3])
     """
     path = os.fspath(path)
-    if "://" in path:  # s3://…, memory://…: see tensorkeep.remote (local paths never get there)
+    if is_url(path):  # s3://…, memory://…: see tensorkeep.remote (local paths never get there)
         from .remote import load_url
 
         return load_url(path, device=device, lazy=lazy, verify=verify)
@@ -329,7 +330,7 @@ class SafeOpen:
 
     def __init__(self, path: "str | os.PathLike[str]") -> None:
         self.path = os.fspath(path)
-        if "://" in self.path:  # s3://…: ranged reads, see tensorkeep.remote
+        if is_url(self.path):  # s3://…: ranged reads, see tensorkeep.remote
             from .remote import open_reader
 
             self._r: _Reader = open_reader(self.path)

@@ -164,8 +164,7 @@ class Store:
                 data = b"".join(memoryview(c).cast("B") for c in chunks)
                 self._call("writing", key, self.fs.pipe_file, self._path(key), data)
         except StorageError as e:
-            raise SaveError(None, f"could not save {self.url_of(key)}: {e}. The previous object, if any, "
-                                  "is untouched") from e
+            raise SaveError(f"could not save {self.url_of(key)}: {e}. The previous object, if any, is untouched") from e
         self.fs.invalidate_cache()
 
     def _multipart(self, key: str, chunks: Iterable[Any], size: int) -> None:

@@ -21,6 +21,7 @@ from .format import (
     CRC_KEY, CRC_PLACEHOLDER, DTYPE_SIZES, FORMAT_VERSION, TK_KEY, TK_PREFIX, crc32, dumps, encode_header,
     header_crc,
 )
+from .storage import is_url
 from .tree import flatten
 
 def _source(x: Any, path: str, name: str) -> tuple[str, tuple[int, ...], Callable[[], np.ndarray]]:
@@ -142,7 +143,7 @@ def write(obj: Any, path: str, user: dict[str, str], durable: bool, *, in_place:
 
     ``in_place=True``: write a new file directly at ``path`` (see ``_io.atomic_file``).
     A URL (``s3://…``) is written by :func:`tensorkeep.remote.write_url` instead."""
-    if "://" in path:
+    if is_url(path):
         from .remote import write_url
 
         write_url(obj, path, user, durable=durable)

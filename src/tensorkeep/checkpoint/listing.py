@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import FormatError
+from ..storage import is_url, local_path
 from . import layout, packs
 
 _ANY_STEP = re.compile(r"^\.?step_(\d+)")
@@ -56,9 +57,7 @@ def list_checkpoints(run: "str | os.PathLike[str]", *, verify: bool = False) -> 
     [(1, 'ok')]
     """
     run = os.fspath(run)
-    if "://" in run:  # object storage (file:// is a local path)
-        from ..storage import local_path
-
+    if is_url(run):  # object storage (file:// is a local path)
         if local_path(run) is None:
             from .objects import list_checkpoints as list_remote
 

@@ -187,16 +187,16 @@ class ObjectRun:
         except BaseException as e:
             self._forget(written)
             if isinstance(e, TensorkeepError) and isinstance(e, OSError):
-                raise SaveError(e.errno, f"checkpoint step {step} was not saved to {self.url}: {e} Nothing of it was "
-                                         "committed (it has no manifest); every committed checkpoint is intact.") from e
+                raise SaveError(f"checkpoint step {step} was not saved to {self.url}: {e} Nothing of it was "
+                                "committed (it has no manifest); every committed checkpoint is intact.") from e
             raise
         data = m.to_json().encode()
         try:
             self.store.write(f"{prefix}/{MANIFEST}", [data], len(data))  # the commit: one PUT, all or nothing
         except SaveError as e:
-            raise SaveError(e.errno, f"checkpoint step {step}: writing its manifest failed: {e} The write is all or "
-                                     f"nothing, so step {step} either exists whole or not at all (steps() of a new "
-                                     "manager tells); every other checkpoint is intact.") from e
+            raise SaveError(f"checkpoint step {step}: writing its manifest failed: {e} The write is all or nothing, "
+                            f"so step {step} either exists whole or not at all (steps() of a new manager tells); "
+                            "every other checkpoint is intact.") from e
         names = self.store.list(prefix + "/")  # objects of an earlier save of this step, now unreferenced
         self._forget(k for k in names if k[len(prefix) + 1:] not in m.files and not k.endswith("/" + MANIFEST))
         return self.step_url(step)

@@ -26,6 +26,7 @@ import torch
 from .. import _io, knobs
 from ..errors import FormatError
 from ..files import SafeOpen
+from ..storage import is_url
 from ..tree import flatten, unflatten
 from ..writer import _source, write
 from .layout import Manifest, header_crc, list_steps, read_manifest, step_dir
@@ -140,10 +141,10 @@ def load_parts(run: str, parts: dict[str, dict], packs: dict[str, dict], where: 
     """Rebuild every part of a checkpoint from its packs, every tensor verified.
 
     ``run`` is a directory, or the URL of a run on object storage (whose packs the caller checked)."""
-    if "://" not in run:
+    remote = is_url(run)
+    if not remote:
         check_packs(run, packs, where)
-    opened = {pack: SafeOpen(f"{run}/{PACKS}/{pack}" if "://" in run else os.path.join(packs_dir(run), pack))
-              for pack in packs}
+    opened = {pack: SafeOpen(f"{run}/{PACKS}/{pack}" if remote else os.path.join(packs_dir(run), pack)) for pack in packs}
     try:
         out = {}
         for name, part in parts.items():
