@@ -203,10 +203,13 @@ class Store:
                         if fill == part:
                             pending.add(pool.submit(send, n, buf, fill))
                             n, fill = n + 1, 0
-                            while not free:  # at most THREADS parts in flight: memory stays bounded
-                                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                                for f in finished:
-                                    f.result()
+                            while True:  # at most THREADS parts in flight: memory stays bounded
+                                for f in [f for f in pending if f.done()]:
+                                    pending.discard(f)
+                                    f.result()  # a failed part stops the upload now, not after the last one
+                                if free:
+                                    break
+                                wait(pending, return_when=FIRST_COMPLETED)
                             with lock:
                                 buf = free.pop()
                 if fill:
