@@ -104,6 +104,49 @@ CORPUS = [
     ("int too long", st_file(b'{"a":{"dtype":"F32","shape":[' + b"9" * 5000 + b'],"data_offsets":[0,8]}}', bytes(8),
                              raw=True), "JSON"),
     ("tensorkeep metadata in a plain file", st_file({"__metadata__": {"tensorkeep": "{}"}}), "tensorkeep"),
+    # found by the mutation fuzzer (tests/fuzz_mutation.py): torch.empty raised RuntimeError
+    ("empty tensor with huge dims", st_file({"a": T("F32", (0, 2**62, 4), (0, 0))}), "too large"),
+    ("huge dims around a zero", st_file({"a": T("U8", (2**32, 2**32, 0), (0, 0))}), "too large"),
+]
+
+
+def _tk_file(obj) -> bytes:
+    with tempfile.TemporaryDirectory() as d:
+        tk.save(obj, os.path.join(d, "f.tk"))
+        return open(os.path.join(d, "f.tk"), "rb").read()
+
+
+def _reencode(data: bytes, edit) -> bytes:
+    """A tensorkeep file with its header edited by ``edit(header, record)`` and its header checksum
+    recomputed, as a deliberate forger would (the data area and its checksums are unchanged)."""
+    n = struct.unpack("<Q", data[:8])[0]
+    head = json.loads(data[8 : 8 + n])
+    record = json.loads(head["__metadata__"]["tensorkeep"])
+    edit(head, record)
+    head["__metadata__"]["tensorkeep"] = fmt.dumps(record)
+    text = fmt.dumps(head).encode()
+    out = bytearray(struct.pack("<Q", len(text)) + text + data[8 + n:])
+    at = 8 + len(fmt.TK_PREFIX)
+    out[at : at + 8] = b"%08x" % fmt.header_crc(out[: 8 + len(text)])
+    return bytes(out)
+
+
+def _lookalike() -> bytes:
+    """Two flipped bits (in "tensorkeep.crc32" and in the "tensorkeep" key) made a tensorkeep file
+    a plain one, loaded without any checksum check."""
+    b = bytearray(_tk_file({"w": torch.arange(4.0)}))
+    b[b.index(b"tensorkeep.crc32") + 15] ^= 1
+    b[b.index(b'"tensorkeep"') + 10] ^= 1
+    return bytes(b)
+
+
+# Refused by the reader, after the header parser accepted them (so parse_header alone is not checked).
+READER_LEVEL = {"tensorkeep metadata in a plain file", "tensorkeep lookalike", "tensor and array at once"}
+CORPUS += [
+    ("tensorkeep lookalike", _lookalike(), "starts like a tensorkeep header"),
+    # found by the mutation fuzzer: one tensor loaded as a NumPy array where the structure says torch
+    ("tensor and array at once", _reencode(_tk_file({"x": torch.ones(2), "y": torch.zeros(2)}),
+                                           lambda h, r: r["tree"]["d"].append(["z", {"n": "x"}])), "NumPy array"),
 ]
 
 
@@ -122,16 +165,21 @@ def test_good_file_is_accepted(tmp):
     assert set(out) == {"a", "b"} and out["a"].dtype == torch.float32 and out["b"].shape == (3,)
 
 
+def open_and_load(p: str):
+    with tk.open(p) as f:
+        return f.load()
+
+
 @pytest.mark.parametrize("i", range(len(CORPUS)), ids=[c[0] for c in CORPUS])
 def test_malformed_header_refused(corpus_dir, i):
     _, data, words = CORPUS[i]
     p = os.path.join(corpus_dir, f"{i}.safetensors")
-    for attempt in (lambda: tk.load(p), lambda: tk.load(p, lazy=True), lambda: tk.open(p)):
+    for attempt in (lambda: tk.load(p), lambda: tk.load(p, lazy=True), lambda: open_and_load(p)):
         with pytest.raises(tk.FormatError) as e:
             attempt()
         assert words.lower() in str(e.value).lower(), str(e.value)
         assert p in str(e.value)
-    if CORPUS[i][0] != "tensorkeep metadata in a plain file":  # checked by the reader, not the parser
+    if CORPUS[i][0] not in READER_LEVEL:
         with pytest.raises(tk.FormatError):
             fmt.parse_header(data, len(data), "x")
     assert isinstance(e.value, ValueError) and isinstance(e.value, tk.TensorkeepError)

@@ -16,7 +16,7 @@ from .dtypes import numpy_dtype, torch_dtype
 from .errors import ChecksumError, FormatError
 from .format import (
     CRC_KEY, DTYPE_SIZES, FORMAT_VERSION, TK_KEY, TK_PREFIX, TensorInfo, crc32, header_length,
-    looks_like_tensorkeep, parse_checksums, parse_header, strict_json,
+    looks_like_tensorkeep, parse_checksums, parse_header, strict_json, check_json_values,
 )
 from .storage import is_url
 from .tree import leaf_kinds, unflatten
@@ -82,6 +82,9 @@ class _Reader:
             n = header_length(first, self.size, self.path)
             self.header = parse_header(first[:8] + pread(n, 8), self.size, self.path)
             self._parse_tk()
+            if not self.header.is_tensorkeep and looks_like_tensorkeep(first):
+                # damage to the first bytes and to the "tensorkeep" key must not make it a plain, unchecked file
+                raise FormatError(f"{self.path}: header starts like a tensorkeep header but is not one")
         except FormatError as e:
             if looks_like_tensorkeep(first) and not isinstance(e, ChecksumError):
                 raise ChecksumError(f"{e} (the file is a damaged tensorkeep file)") from None
@@ -102,7 +105,9 @@ class _Reader:
             if TK_KEY in self.metadata or CRC_KEY in self.metadata:
                 raise FormatError(f"{self.path}: header has tensorkeep metadata in the wrong place")
             return
-        info = strict_json(self.metadata.pop(TK_KEY), f"{self.path}: tensorkeep metadata")
+        record = self.metadata.pop(TK_KEY)
+        check_json_values(record.encode("utf-8", "surrogatepass"), f"{self.path}: tensorkeep metadata")
+        info = strict_json(record, f"{self.path}: tensorkeep metadata")
         self.metadata.pop(CRC_KEY)
         if not isinstance(info, dict) or set(info) != {"v", "block", "tree", "crc"}:
             raise FormatError(f"{self.path}: tensorkeep metadata must have exactly v, block, tree, crc")
@@ -236,7 +241,13 @@ class _Reader:
             arrays = {n: (a.to(device) if isinstance(a, torch.Tensor) else a) for n, a in arrays.items()}
         if not self.header.is_tensorkeep:  # a plain safetensors file (a tensorkeep tree may be None itself)
             return arrays
-        return unflatten(self.tree, lambda name, kind: arrays[name], self.path)
+
+        def get(name: str, kind: str) -> Any:
+            if kind != self.kinds[name]:
+                raise FormatError(f"{self.path}: stored structure refers to {name!r} as a torch tensor and as a NumPy array")
+            return arrays[name]
+
+        return unflatten(self.tree, get, self.path)
 
 
 def load(path: "str | os.PathLike[str]", *, device: Any = None, lazy: bool = False, verify: bool = True) -> Any:

@@ -94,6 +94,45 @@ def strict_json(text: str | bytes, where: str) -> Any:
         raise FormatError(f"{where}: not valid JSON ({e})") from None
 
 
+_JSON_STRING = re.compile(rb'"[^"]*(?:"|\Z)')  # once escaped quotes are gone: linear, no backtracking
+
+
+def json_values(text: bytes) -> int:
+    """An upper bound on the values and keys ``json.loads(text)`` builds: each one but the first
+    follows a ``,`` ``:`` ``[`` or ``{`` outside a string.
+
+    >>> json_values(b'{"a": [1, 2], "b,": "x"}')
+    7
+    """
+    def count(t: bytes) -> int:
+        return t.count(b",") + t.count(b":") + t.count(b"[") + t.count(b"{") + 1
+
+    n = count(text)
+    if n > knobs.MAX_JSON_VALUES:  # that count included what is inside strings: count again without them
+        # drop escaped backslashes, then escaped quotes: every '"' left opens or closes a string
+        bare = text.replace(b"\\\\", b"").replace(b'\\"', b"")
+        n = count(_JSON_STRING.sub(b"", bare))
+    return n
+
+
+def check_json_values(text: bytes, what: str) -> None:
+    """Refuse JSON that would build more than ``knobs.MAX_JSON_VALUES`` Python objects."""
+    n = json_values(text)
+    if n > knobs.MAX_JSON_VALUES:
+        raise FormatError(
+            f"{what} holds {n} JSON values, more than the limit of {knobs.MAX_JSON_VALUES} "
+            "(tensorkeep.knobs.MAX_JSON_VALUES; raise it to read this file)"
+        )
+
+
+def check_tensor_count(n: int, path: str) -> None:
+    if n > knobs.MAX_TENSORS:
+        raise FormatError(
+            f"{path}: header lists {n} tensors, more than the limit of {knobs.MAX_TENSORS} "
+            "(tensorkeep.knobs.MAX_TENSORS; raise it to read this file)"
+        )
+
+
 def dumps(obj: Any) -> str:
     """Compact JSON as tensorkeep writes it (NaN refused, Unicode kept)."""
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
@@ -149,9 +188,26 @@ def encode_header(
         obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + n]}
         pos += n
     text = dumps(obj).encode("utf-8")
+    _refuse_unreadable(text, len(tensors), (metadata or {}).get(TK_KEY))
     total = 8 + len(text)
     text += b" " * ((-total) % align)
     return struct.pack("<Q", len(text)) + text, offsets
+
+
+def _refuse_unreadable(header: bytes, ntensors: int, record: str | None) -> None:
+    """tensorkeep never writes a file that its readers would refuse under the current limits."""
+    checks = [("tensors", ntensors, knobs.MAX_TENSORS, "MAX_TENSORS"),
+              ("header bytes", len(header), knobs.MAX_HEADER_BYTES, "MAX_HEADER_BYTES"),
+              ("JSON values in its header", json_values(header), knobs.MAX_JSON_VALUES, "MAX_JSON_VALUES")]
+    if record is not None:
+        checks.append(("JSON values in its structure record", json_values(record.encode("utf-8", "surrogatepass")),
+                       knobs.MAX_JSON_VALUES, "MAX_JSON_VALUES"))
+    for what, n, limit, knob in checks:
+        if n > limit:
+            raise ValueError(
+                f"cannot save: the file would have {n} {what}, more than the limit of {limit} that loading "
+                f"enforces (tensorkeep.knobs.{knob}; raise it both where the file is saved and where it is loaded)"
+            )
 
 
 def _check_int(v: Any, what: str, path: str, lo: int = 0, hi: int = _MAX_DIM) -> int:
@@ -179,14 +235,16 @@ def _tensor_info(name: str, v: Any, path: str) -> TensorInfo:
         dtype, shape, offs = v["dtype"], v["shape"], v["data_offsets"]
         if (type(dtype) is str and dtype in DTYPE_SIZES and type(shape) is list and len(shape) <= knobs.MAX_NDIM
                 and type(offs) is list and len(offs) == 2):
-            numel = DTYPE_SIZES[dtype]
+            numel = span = DTYPE_SIZES[dtype]
             for d in shape:
                 if type(d) is not int or not 0 <= d <= _MAX_DIM:
                     break
                 numel *= d
+                span *= d or 1
             else:
                 b, e = offs
-                if type(b) is int and type(e) is int and 0 <= b <= e <= _MAX_DIM and numel == e - b:
+                if (type(b) is int and type(e) is int and 0 <= b <= e <= _MAX_DIM and numel == e - b
+                        and span <= _MAX_DIM):
                     return TensorInfo(name, dtype, tuple(shape), b, e)
     return _tensor_info_slow(name, v, path)
 
@@ -220,6 +278,14 @@ def _tensor_info_slow(name: str, v: Any, path: str) -> TensorInfo:
             f"{where}: shape {list(shape)} of {dtype} needs {numel * DTYPE_SIZES[dtype]} bytes, "
             f"but data_offsets [{begin}, {end}] hold {end - begin}"
         )
+    span = DTYPE_SIZES[dtype]
+    for d in shape:
+        span *= d or 1
+    if span > _MAX_DIM:  # only an empty tensor gets here: torch and NumPy still compute its strides
+        raise FormatError(
+            f"{where}: shape {list(shape)} is too large even for an empty tensor: its non-zero dimensions "
+            f"times the item size make {span} bytes, more than 2**62"
+        )
     return TensorInfo(name, dtype, shape, begin, end)
 
 
@@ -231,6 +297,9 @@ def parse_header(head: bytes, file_size: int, path: str) -> Header:
     """
     n = header_length(head[:8], file_size, path)
     raw = head[8 : 8 + n]
+    # cheap counts before json builds anything: every tensor has a "data_offsets" key
+    check_tensor_count(raw.count(b'"data_offsets"'), path)
+    check_json_values(raw, f"{path}: header")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -259,6 +328,7 @@ def parse_header(head: bytes, file_size: int, path: str) -> Header:
             metadata = v
         else:
             infos.append(_tensor_info(key, v, path))
+    check_tensor_count(len(infos), path)  # exact: a key spelled with escapes escaped the count above
     infos.sort(key=lambda t: (t.begin, t.end))
     pos = 0
     for t in infos:

@@ -2,10 +2,27 @@
 
 Change them at run time (``tensorkeep.knobs.BLOCK_BYTES = 4096``); code reads them
 at call time, never at import.
+
+Limits (``MAX_*``, see "Limits" in RELIABILITY.md) bound what a file may ask of a reader. A file
+over one is refused with a ``FormatError`` naming the file, what it holds, the limit and the knob
+to raise; ``save`` refuses (``ValueError``) to write a file over one, so tensorkeep never writes
+what it will not read. Fixed, not knobs: a dimension is at most 2**62, and so is the product of a
+tensor's non-zero dimensions times its item size (what torch and NumPy can index, even for an
+empty tensor); a non-empty tensor's bytes must fit in the file, so no dimension exceeds the file
+size; header JSON nested deeper than Python's recursion limit is refused (a valid header is 3
+levels deep, a structure record at most ``MAX_DEPTH`` levels).
 """
 
 #: Header size cap, as in safetensors (100 MB). Larger headers are refused unread.
 MAX_HEADER_BYTES = 100_000_000
+#: Most tensors one file may hold. Reading costs about 1.5 KB and 50 us per tensor (250,000:
+#: ~0.4 GB, ~13 s on 2 cores); a file with more is refused before its header is parsed.
+MAX_TENSORS = 250_000
+#: Most JSON values and object keys one header, or one tensorkeep structure record, may hold
+#: (counted as the ',', ':', '[' and '{' outside strings). Python builds an object of up to ~100
+#: bytes for each however short it is in the file, so this, not the header size, bounds the memory
+#: a header can claim (~0.5 GB). 20 per tensor: enough for MAX_TENSORS tensors of up to 8 dimensions.
+MAX_JSON_VALUES = 5_000_000
 #: Deepest nesting of a saved structure (dicts/lists/tuples inside each other).
 MAX_DEPTH = 100
 #: Most dimensions a tensor may have.
