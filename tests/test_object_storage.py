@@ -273,7 +273,7 @@ def test_prefix_without_manifest_is_not_a_checkpoint_and_is_cleaned(base):
     with pytest.warns(UserWarning, match="step_00000002"):
         mgr = tk.CheckpointManager(run)
     assert mgr.steps() == [1]
-    assert not store.list("step_00000002/") and f"step_00000001/model.deadbeef.tk" not in store.list("")
+    assert not store.list("step_00000002/") and "step_00000001/model.deadbeef.tk" not in store.list("")
     mgr.close()
 
 
