@@ -8,7 +8,7 @@ tensor([0, 1, 2, 3])
 
 from .errors import (
     CheckpointNotFoundError, ChecksumError, FormatError, LockedError, MismatchError, SaveError,
-    TensorkeepError, UntrustedModelError,
+    StorageError, TensorkeepError, UntrustedModelError,
 )
 from .files import SafeOpen, UnsafePickleError, load, open, save
 from .model import LoadReport, load_into, load_model, save_model
@@ -26,5 +26,5 @@ __all__ = [
     "save_distributed", "load_distributed", "convert_dcp",
     "CheckpointManager", "list_checkpoints", "CheckpointInfo", "LatestN", "BestN", "EveryNSteps", "keep_rng",
     "TensorkeepError", "FormatError", "ChecksumError", "MismatchError", "UntrustedModelError",
-    "CheckpointNotFoundError", "LockedError", "SaveError", "UnsafePickleError",
+    "CheckpointNotFoundError", "LockedError", "SaveError", "StorageError", "UnsafePickleError",
 ]

@@ -41,3 +41,7 @@ class LockedError(TensorkeepError, RuntimeError):
 
 class SaveError(TensorkeepError, OSError):
     """Writing failed (disk full, permission, I/O error); the previous file is untouched."""
+
+
+class StorageError(TensorkeepError, OSError):
+    """Object storage could not be reached or refused a request (network, credentials, server)."""

@@ -22,7 +22,7 @@ import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterable
 
-from .errors import SaveError, TensorkeepError
+from .errors import SaveError, StorageError, TensorkeepError
 
 #: Size of each part of a multipart upload and of each ranged read (S3's minimum part is 5 MiB).
 PART_BYTES = 16 << 20
@@ -33,10 +33,6 @@ MAX_PARTS = 10_000
 
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
-
-
-class StorageError(TensorkeepError, OSError):
-    """Object storage could not be reached or refused a request (network, credentials, server)."""
 
 
 def is_url(path: str) -> bool:
