@@ -20,6 +20,7 @@ from .. import _io
 from ..errors import CheckpointNotFoundError, FormatError, TensorkeepError
 from ..files import load, write
 from . import layout, packs, rng
+from . import collective
 from ..storage import StorageError, is_url, local_path
 from .lock import RunLock
 from .objects import ObjectRun, OwnerRecord
@@ -90,7 +91,11 @@ class CheckpointManager:
         self.durable = durable
         self.incremental = incremental
         self._lock: RunLock | OwnerRecord = self._remote.owner if self._remote else RunLock(self.directory)
-        self._lock.acquire()
+        # torch.distributed with 2+ ranks: save/restore are collectives (collective.py); None otherwise
+        self._dist = collective.join(self.directory, async_save=async_save, incremental=incremental,
+                                     remote=self._remote is not None)
+        if self._dist is None:  # with several ranks, rank 0 takes it in collective.open_run
+            self._lock.acquire()
         self._closed = False
         self._last_save_time = time.monotonic()
         self._last_saved_step: int | None = None
@@ -109,6 +114,9 @@ class CheckpointManager:
             for url in self._remote.clean():  # unfinished saves of a crashed run, orphan objects and uploads
                 warnings.warn(f"removed the leftovers of an unfinished save: {url}", stacklevel=2)
             self._records = {s: Record(s, m.metrics) for s, m in self._remote.manifests().items()}
+            return
+        if self._dist is not None:  # rank 0 locks and cleans up, every rank reads the records
+            collective.open_run(self)
             return
         for p in layout.leftovers(self.directory):  # unfinished saves of a crashed run
             warnings.warn(f"removing the leftovers of an unfinished save: {p}", stacklevel=2)
@@ -150,13 +158,13 @@ class CheckpointManager:
         """True when ``save_interval_steps`` / ``save_interval_seconds`` say a checkpoint is due
         at ``step`` (or a preemption signal arrived, see :meth:`save_on_signal`)."""
         self._current_step = step
-        if self._preempted is not None:
-            return True
-        if self.save_interval_steps and step % self.save_interval_steps == 0 and step != self._last_saved_step:
-            return True
-        if self.save_interval_seconds is not None and time.monotonic() - self._last_save_time >= self.save_interval_seconds:
-            return True
-        return False
+        due = (self._preempted is not None
+               or bool(self.save_interval_steps and step % self.save_interval_steps == 0 and step != self._last_saved_step)
+               or (self.save_interval_seconds is not None
+                   and time.monotonic() - self._last_save_time >= self.save_interval_seconds))
+        if self._dist is not None and (self.save_interval_seconds is not None or self._old_handlers):
+            due = collective.should_save(self, due)  # clocks and signals differ between ranks: they agree here
+        return due
 
     # ------------------------------------------------------------------ save
 
@@ -195,7 +203,9 @@ class CheckpointManager:
         if type(step) is not int or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         metrics = layout.clean_metrics(metrics, step)  # NumPy/tensor scalars unwrapped; NaN allowed
-        if not self.async_save:
+        if self._dist is not None:  # several ranks: a collective, each rank writes its shard
+            final = collective.save(self, step, state, metrics)
+        elif not self.async_save:
             final = self._commit(step, self._payload(state), metrics)
             self._after_commit(step, metrics)
         else:
@@ -268,6 +278,8 @@ class CheckpointManager:
         (or that would be, with ``dry_run``). The newest checkpoint is always kept."""
         self._check_open()
         self.wait()
+        if self._dist is not None:  # rank 0 deletes, every rank forgets the same steps
+            return collective.prune(self, policies, dry_run)
         return self._prune(policies, dry_run)
 
     def _prune(self, policies: Sequence[Policy] | None, dry_run: bool) -> list[int]:
@@ -304,6 +316,8 @@ class CheckpointManager:
         """
         self._check_open()
         self.wait()
+        if self._dist is not None:  # several ranks: every rank restores the same step, resharded
+            return collective.restore(self, state, step)
         steps = self._remote.steps() if self._remote else layout.list_steps(self.directory)
         candidates = [step] if step is not None else sorted(steps, reverse=True)
         for s in candidates:
@@ -317,7 +331,10 @@ class CheckpointManager:
                         raise FormatError(f"{d}: no such checkpoint")
                     m = layout.read_manifest(d)
                     layout.check_files(d, m)
-                    loaded = {name: load(os.path.join(d, name)) for name in m.files}  # verified before anything is applied
+                    if collective.is_distributed(m):  # saved by several ranks: read whole into this process
+                        m, loaded = collective.read_whole(d, m)
+                    else:
+                        loaded = {name: load(os.path.join(d, name)) for name in m.files}  # verified before anything is applied
                     loaded.update(packs.load_parts(self.directory, m.parts, m.packs, d))
             except StorageError:
                 raise  # the store is unreachable: that says nothing about the checkpoint, do not skip it

@@ -1,0 +1,461 @@
+"""CheckpointManager with torch.distributed: save and restore as collectives over every rank.
+
+With a process group of two or more ranks, a checkpoint directory holds every rank's shard:
+
+    run/step_00000500/
+      rank-00000-of-00004.tk ...   each rank's share, written in parallel (tensorkeep.distributed):
+                                   replicated tensors once, DTensor shards as local shards
+      distributed.json             the layout of every tensor and the structure
+      rng-00000.tk ...             each rank's own RNG states
+      manifest.json                written last, by rank 0: every file above with its size
+
+The order of a save: rank 0 makes the temporary directory; every rank writes and fsyncs its
+files; rank 0 writes the manifest and publishes the directory by rename. Every step ends with an
+all-gather of each rank's outcome over a gloo group of the manager's own (``Comm.check``), so
+a failure on any rank raises :class:`SaveError` on every rank and nothing is published. Only
+rank 0 holds the run's lock, removes leftovers of crashed saves and applies retention; every
+rank keeps the same list of steps. A restore agrees on one step: the cheap checks (manifest,
+sizes, header checksums) first, then the load itself; a damaged checkpoint anywhere moves every
+rank to the previous one together. Loading reshards: any world size, or one process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+import warnings
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import torch
+
+from .. import _io, errors
+from ..dist_load import load_distributed, read_manifest as read_layout
+from ..distributed import MANIFEST as LAYOUT, Comm, dtensor_type, write_distributed
+from ..dtypes import torch_dtype
+from ..errors import CheckpointNotFoundError, FormatError, SaveError, TensorkeepError
+from ..files import load
+from ..writer import write
+from . import layout, packs, rng
+from .policies import Policy, Record
+
+if TYPE_CHECKING:
+    from .manager import CheckpointManager
+
+KINDS = ("state_dict", "values")
+
+
+def rng_file(rank: int) -> str:
+    """The file of one rank's RNG states: ``rng-00002.tk``."""
+    return f"rng-{rank:05d}.tk"
+
+
+def has_state(obj: Any) -> bool:
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+
+
+def _timeout() -> Any:
+    """The default process group's timeout, so the status group gives up as soon as training would."""
+    import torch.distributed as dist
+
+    pg = dist.distributed_c10d._get_default_group()
+    for dev in ("cpu", "cuda"):
+        try:
+            return pg._get_backend(torch.device(dev)).options._timeout
+        except Exception:  # noqa: BLE001 - private API; torch's default then
+            continue
+    return None
+
+
+def _gather(comm: Comm, value: Any, what: str) -> list[Any]:
+    """Every rank's ``value``; :class:`TensorkeepError` when another rank is gone."""
+    try:
+        return comm.all_gather(value)
+    except Exception as e:  # noqa: BLE001 - gloo raises RuntimeError subclasses
+        raise TensorkeepError(f"{what}: rank {comm.rank} of {comm.world} lost contact with the other ranks ({e}). "
+                              "Another rank probably died or timed out") from e
+
+
+def _status(error: BaseException | None) -> dict[str, Any]:
+    """One rank's outcome as JSON; ``damage``: the checkpoint is bad (skip it), not the state or the code."""
+    if error is None:
+        return {"error": None, "damage": False}
+    damage = isinstance(error, (FormatError, OSError))
+    return {"error": f"{type(error).__name__}: {error}", "type": type(error).__name__, "damage": damage}
+
+
+def _raise_first(comm: Comm, statuses: list[dict], error: BaseException | None, what: str) -> None:
+    """If any rank failed: this rank's own error, or the same kind of error naming the failing rank
+    (a damaged checkpoint counts only when nothing worse happened)."""
+    failed = [(r, s) for r, s in enumerate(statuses) if s["error"]]
+    if not failed:
+        return
+    worse = [(r, s) for r, s in failed if not s["damage"]]
+    if error is not None and (not worse or not _status(error)["damage"]):
+        raise error
+    r, s = (worse or failed)[0]
+    cls = getattr(errors, s["type"], None)
+    if not (isinstance(cls, type) and issubclass(cls, TensorkeepError)):
+        cls = TensorkeepError
+    raise cls(f"{what} failed on rank {r} of {comm.world}: {s['error']}")
+
+
+def _tag(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics as JSON (a NaN loss as {"$float": "nan"}), as the manifest stores them."""
+    return {k: {"$float": repr(v)} if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+
+
+def _untag(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: float(v["$float"]) if isinstance(v, dict) else v for k, v in metrics.items()}
+
+
+# ------------------------------------------------------------------------------------ opening
+
+
+def join(directory: str, *, async_save: bool, incremental: bool, remote: bool) -> Comm | None:
+    """The status group of a manager when torch.distributed runs two or more ranks, else None.
+
+    Collective when it returns a group: every rank must create its manager at the same point."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    comm = Comm(dist.new_group(backend="gloo", timeout=_timeout()))  # status traffic apart from training's
+    mine = {"directory": directory, "async_save": async_save, "incremental": incremental, "remote": remote}
+    every = _gather(comm, mine, f"opening {directory}")
+    first = every[0]
+    if first["async_save"]:
+        raise ValueError(
+            f"async_save=True is not supported with torch.distributed ({comm.world} ranks): the background writer "
+            "would run the ranks' status collectives concurrently with training's, and DTensor shards would have "
+            "to be snapshotted first. Use async_save=False: every rank writes only its own shard, in parallel")
+    if first["incremental"]:
+        raise ValueError(f"incremental=True is not supported with torch.distributed ({comm.world} ranks) yet; "
+                         "use incremental=False")
+    if first["remote"]:
+        raise ValueError(f"{directory}: object storage is not supported with torch.distributed ({comm.world} ranks) "
+                         "yet; save to a directory on a file system every rank sees")
+    for r, s in enumerate(every):
+        if s != first:
+            raise ValueError(f"rank {r} opened CheckpointManager with {s}, rank 0 with {first}: every rank must open "
+                             "the same run directory with the same settings")
+    return comm
+
+
+def open_run(mgr: "CheckpointManager") -> None:
+    """Rank 0 takes the run's lock and removes leftovers of crashed saves; every rank reads the records."""
+    comm = mgr._dist
+    assert comm is not None
+    error = None
+    if comm.rank == 0:
+        try:
+            mgr._lock.acquire()
+            for p in layout.leftovers(mgr.directory):  # unfinished saves of a crashed run
+                warnings.warn(f"removing the leftovers of an unfinished save: {p}", stacklevel=3)
+                _io.rmtree(p)
+        except Exception as e:  # noqa: BLE001 - reported to every rank
+            error = e
+    what = f"opening {mgr.directory}"
+    _raise_first(comm, _gather(comm, _status(error), what), error, what)
+    for s in layout.list_steps(mgr.directory):
+        try:
+            mgr._records[s] = Record(s, layout.read_manifest(layout.step_dir(mgr.directory, s)).metrics)
+        except FormatError:
+            pass  # damaged: restore() skips it with a warning
+    seen = _gather(comm, sorted(mgr._records), what)
+    for r, steps in enumerate(seen):
+        if steps != seen[0]:
+            raise TensorkeepError(f"{what}: rank {r} sees the checkpoints {steps}, rank 0 sees {seen[0]}. Every rank "
+                                  "must use the same directory, on a file system every rank sees")
+
+
+def should_save(mgr: "CheckpointManager", due: bool) -> bool:
+    """Whether any rank wants a checkpoint now (clocks and signals differ between ranks); a signal
+    that reached one rank counts for all, so every rank exits after that checkpoint."""
+    comm = mgr._dist
+    assert comm is not None
+    every = _gather(comm, {"due": due, "signal": mgr._preempted}, "should_save")
+    signals = [s["signal"] for s in every if s["signal"] is not None]
+    if signals and mgr._preempted is None:
+        mgr._preempted = signals[0]
+    return any(s["due"] for s in every)
+
+
+# --------------------------------------------------------------------------------------- save
+
+
+def _payload(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str], dict[str, Any]]:
+    """(key -> state_dict() or value, key -> kind, this rank's RNG states), without moving any RNG."""
+    if not isinstance(state, Mapping):
+        raise TypeError("state must be a dict such as {'model': net, 'optimizer': opt, 'epoch': 3}")
+    payload: dict[str, Any] = {}
+    kinds: dict[str, str] = {}
+    rng_state = rng.capture()  # first: some state_dict() calls draw random numbers
+    try:
+        for key, obj in state.items():
+            if type(key) is not str:
+                raise TypeError(f"state keys must be str, got {key!r}")
+            stateful = has_state(obj)
+            payload[key] = obj.state_dict() if stateful else obj
+            kinds[key] = KINDS[0] if stateful else KINDS[1]
+    finally:
+        rng.restore(rng_state)
+    return payload, kinds, rng_state
+
+
+def save(mgr: "CheckpointManager", step: int, state: Mapping[str, Any], metrics: dict[str, Any]) -> str:
+    """Collective: write a checkpoint of ``state`` from every rank; commit it only if every rank succeeded."""
+    comm = mgr._dist
+    assert comm is not None
+    what = f"checkpoint step {step}"
+    outcome = f"Nothing was committed: every committed checkpoint in {mgr.directory} is intact."
+    error, payload, kinds, rng_state, tmp = None, {}, {}, None, ""
+    try:
+        payload, kinds, rng_state = _payload(state)
+        if comm.rank == 0:
+            tmp = os.path.join(mgr.directory, f".step_{step:08d}{_io.TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}")
+            _io.mkdir(tmp)
+    except Exception as e:  # noqa: BLE001 - reported to every rank
+        error = e
+    try:
+        every = comm.check(error, f"{what}: preparing", outcome, {"step": step, "tmp": tmp, "metrics": _tag(metrics)})
+        steps = [s["step"] for s in every]
+        if len(set(steps)) > 1:
+            raise SaveError(f"{what}: the ranks called save() with different steps, {steps} by rank. Every rank "
+                            f"must save the same step. {outcome}")
+        tmp = every[0]["tmp"]
+        write_distributed(payload, tmp, group=comm.group, label=what, outcome=outcome, durable=mgr.durable)
+        error, info = None, {}
+        try:
+            p = os.path.join(tmp, rng_file(comm.rank))
+            write(rng_state, p, {}, mgr.durable, in_place=True)
+            info = {"size": os.path.getsize(p), "crc32": layout.header_crc(p)}
+        except Exception as e:  # noqa: BLE001
+            error = e
+        rngs = comm.check(error, f"{what}: writing the RNG states", outcome, info)
+        error, final = None, layout.step_dir(mgr.directory, step)
+        if comm.rank == 0:
+            try:
+                _publish(mgr, step, tmp, final, metrics, kinds, rngs)
+            except Exception as e:  # noqa: BLE001
+                error = e
+        comm.check(error, f"{what}: publishing", "Rank 0 could not publish it: the previous checkpoints are intact, "
+                   "and this one is either whole or absent (list_checkpoints tells).")
+    except BaseException:
+        if comm.rank == 0 and tmp and os.path.isdir(tmp):
+            try:
+                _io.rmtree(tmp)
+            except OSError:
+                pass
+        raise
+    _after_commit(mgr, step, _untag(every[0]["metrics"]))
+    return final
+
+
+def _publish(mgr: "CheckpointManager", step: int, tmp: str, final: str, metrics: dict[str, Any],
+             kinds: dict[str, str], rngs: list[dict]) -> None:
+    """Rank 0, once every rank's files are durable: the manifest, then the rename that commits."""
+    shards, _ = read_layout(tmp)  # the shard files' sizes and header checksums, as each rank reported them
+    m = mgr._manifest(step, metrics)
+    for name, info in shards["files"].items():
+        m.files[name] = {"size": info["size"], "crc32": info["crc32"], "key": "", "kind": "distributed"}
+    m.files[LAYOUT] = {"size": os.path.getsize(os.path.join(tmp, LAYOUT)), "key": "", "kind": "distributed",
+                       "world_size": len(rngs), "keys": kinds}
+    for r, info in enumerate(rngs):
+        m.files[rng_file(r)] = {"size": info["size"], "crc32": info["crc32"], "key": "", "kind": "rng-rank", "rank": r}
+    layout.write_manifest(tmp, m)
+    if mgr.durable:
+        _io.fsync_dir(tmp)
+    _io.replace_dir(tmp, final)
+
+
+def _after_commit(mgr: "CheckpointManager", step: int, metrics: dict[str, Any]) -> None:
+    """Every rank records the new step; rank 0 applies retention and tells the others what it deleted."""
+    with mgr._records_lock:
+        mgr._records[step] = Record(step, metrics)
+    mgr._last_saved_step = step
+    mgr._last_save_time = time.monotonic()
+    prune(mgr, None, False, f"checkpoint step {step} was committed, but deleting old checkpoints")
+
+
+def prune(mgr: "CheckpointManager", policies: Sequence[Policy] | None, dry_run: bool,
+          what: str = "prune") -> list[int]:
+    """Rank 0 applies retention; every rank drops the same steps from its records."""
+    comm = mgr._dist
+    assert comm is not None
+    error, doomed = None, []
+    if comm.rank == 0:
+        try:
+            doomed = mgr._prune(policies, dry_run)
+        except Exception as e:  # noqa: BLE001
+            error = e
+    every = comm.check(error, what, "", {"doomed": doomed})
+    if not dry_run and comm.rank != 0:
+        with mgr._records_lock:
+            for s in every[0]["doomed"]:
+                mgr._records.pop(s, None)
+    return list(every[0]["doomed"])
+
+
+# ------------------------------------------------------------------------------------ restore
+
+
+def is_distributed(m: layout.Manifest) -> bool:
+    """Whether a checkpoint was saved by a process group (its shards are read with load_distributed)."""
+    return any(info.get("kind") == "distributed" for info in m.files.values())
+
+
+def _layout_entry(d: str, m: layout.Manifest) -> tuple[dict[str, str], int]:
+    """(key -> kind, world size) from the manifest's distributed.json entry (untrusted JSON)."""
+    info = m.files.get(LAYOUT) or {}
+    keys, world = info.get("keys"), info.get("world_size")
+    if not isinstance(keys, dict) or any(v not in KINDS for v in keys.values()) or type(world) is not int or world < 1:
+        raise FormatError(f"{d}: {layout.MANIFEST} needs the keys and the world size in its {LAYOUT} entry")
+    return keys, world
+
+
+def read_whole(d: str, m: layout.Manifest) -> tuple[layout.Manifest, dict[str, Any]]:
+    """One process, no process group: a checkpoint of several ranks read whole (every tensor
+    checksummed), as (manifest, loaded) in the shape ``CheckpointManager._apply`` takes.
+    The RNG states restored are rank 0's: this process continues as rank 0 did."""
+    keys, _ = _layout_entry(d, m)
+    whole = load_distributed(None, d)
+    files: dict[str, dict[str, Any]] = {}
+    loaded: dict[str, Any] = {}
+    for key, kind in keys.items():
+        if kind == "state_dict" and key in whole:
+            files[f"state:{key}"] = {"key": key, "kind": "state_dict"}
+            loaded[f"state:{key}"] = whole[key]
+    files["values"] = {"key": "", "kind": "values"}
+    loaded["values"] = {k: whole[k] for k, kind in keys.items() if kind == "values" and k in whole}
+    if rng_file(0) in m.files:
+        files["rng"] = {"key": "", "kind": "rng"}
+        loaded["rng"] = load(os.path.join(d, rng_file(0)))
+    return dataclasses.replace(m, files=files, parts={}, packs={}), loaded
+
+
+def _fresh_optimizer(opt: Any, sd: dict, key: str, stored: dict[str, Any]) -> None:
+    """A fresh optimizer has no state to load into: the saved state tensors of its DTensor
+    parameters (FSDP2) get DTensor targets with the parameter's placements, so each rank reads
+    only its shard and the optimizer's state comes back sharded like its parameters."""
+    dt = dtensor_type()
+    if dt is None or not isinstance(sd.get("state"), dict):
+        return
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for pid, p in enumerate(params):
+        if not isinstance(p, dt) or pid in sd["state"]:
+            continue
+        prefix = f"{key}.state.{pid}."
+        entry = {name[len(prefix):]: torch.empty_like(p, dtype=torch_dtype(s.dtype))
+                 for name, s in stored.items()
+                 if name.startswith(prefix) and "." not in name[len(prefix):] and s.shape == tuple(p.shape)}
+        if entry:
+            sd["state"][pid] = entry
+
+
+def _load_shards(state: Mapping[str, Any], d: str, m: layout.Manifest, comm: Comm) -> dict[str, Any] | None:
+    """This rank's part of a distributed checkpoint, loaded into ``state`` (in place, resharded);
+    returns this rank's RNG states when the world size is the saved one."""
+    keys, world = _layout_entry(d, m)
+    _, stored = read_layout(d)
+    target: dict[str, Any] = {}
+    for key, obj in state.items():
+        if has_state(obj) and keys.get(key) == "state_dict":
+            target[key] = obj.state_dict()
+            if isinstance(obj, torch.optim.Optimizer):
+                _fresh_optimizer(obj, target[key], key, stored)
+        elif not has_state(obj) and keys.get(key) == "values":
+            target[key] = obj
+    missing = [k for k in state if k not in target]
+    if missing and comm.rank == 0:
+        warnings.warn(f"checkpoint step {m.step} has nothing for {missing}; they keep their current values",
+                      stacklevel=4)
+    mine = None
+    if world == comm.world and rng_file(comm.rank) in m.files:
+        mine = load(os.path.join(d, rng_file(comm.rank)))  # verified before anything is applied
+    load_distributed(target, d)
+    for key, obj in state.items():
+        if key in target and has_state(obj):
+            obj.load_state_dict(target[key])
+        elif key in target and isinstance(state, dict):
+            state[key] = target[key]
+    if world != comm.world and comm.rank == 0:
+        warnings.warn(f"checkpoint step {m.step} was saved by {world} ranks, this run has {comm.world}: the RNG "
+                      "states are not restored (each rank keeps its own)", stacklevel=4)
+    return mine
+
+
+def _load_plain(mgr: "CheckpointManager", state: Mapping[str, Any], d: str, m: layout.Manifest) -> None:
+    """A checkpoint saved by one process, restored on every rank (replicated state, e.g. DDP);
+    its RNG states are one process's, so they are not restored."""
+    loaded = {name: load(os.path.join(d, name)) for name in m.files}  # verified before anything is applied
+    loaded.update(packs.load_parts(mgr.directory, m.parts, m.packs, d))
+    files = {n: i for n, i in m.files.items() if i.get("kind") != "rng"}
+    mgr._apply(state, dataclasses.replace(m, files=files), loaded)
+    if mgr._dist is not None and mgr._dist.rank == 0:
+        warnings.warn(f"checkpoint step {m.step} was saved by one process: the RNG states are not restored (each "
+                      "rank keeps its own)", stacklevel=4)
+
+
+def restore(mgr: "CheckpointManager", state: Mapping[str, Any], step: int | None) -> int | None:
+    """Collective: every rank restores the same step (the newest one intact on every rank)."""
+    comm = mgr._dist
+    assert comm is not None
+    steps = _gather(comm, layout.list_steps(mgr.directory), f"restoring from {mgr.directory}")
+    if any(s != steps[0] for s in steps):
+        raise TensorkeepError(f"restoring from {mgr.directory}: the ranks see different checkpoints {steps}. Every "
+                              "rank must use the same directory, on a file system every rank sees")
+    touched = False
+    for s in [step] if step is not None else sorted(steps[0], reverse=True):
+        d = layout.step_dir(mgr.directory, s)
+        what = f"restoring checkpoint step {s} from {mgr.directory}"
+        error, m, mine = None, None, None
+        try:
+            if not os.path.isdir(d):
+                raise FormatError(f"{d}: no such checkpoint")
+            m = layout.read_manifest(d)
+            layout.check_files(d, m)
+        except Exception as e:  # noqa: BLE001 - reported to every rank
+            error = e
+        bad = _outcome(comm, error, what)
+        if not bad:
+            error = None
+            try:
+                if is_distributed(m):  # type: ignore[arg-type]
+                    mine = _load_shards(state, d, m, comm)  # type: ignore[arg-type]
+                else:
+                    _load_plain(mgr, state, d, m)  # type: ignore[arg-type]
+            except Exception as e:  # noqa: BLE001
+                error = e
+            bad = _outcome(comm, error, what)
+            touched = touched or bad is not None
+        if bad is None:
+            if mine is not None:
+                rng.restore(mine)  # last: nothing above may consume randomness afterwards
+            mgr._current_step = s
+            return s
+        if step is not None:
+            raise CheckpointNotFoundError(f"cannot restore step {step} from {mgr.directory}: {bad}. Steps that exist: "
+                                          f"{mgr.steps()}" + (". The state may be partly loaded" if touched else ""))
+        if comm.rank == 0:
+            warnings.warn(f"skipping damaged checkpoint {d}: {bad}; trying the previous one", stacklevel=3)
+        with mgr._records_lock:
+            mgr._records.pop(s, None)
+    if touched:
+        raise CheckpointNotFoundError(f"restoring from {mgr.directory}: no intact checkpoint is left, and the state "
+                                      "was partly loaded from a damaged one. Build the objects afresh to start over")
+    return None
+
+
+def _outcome(comm: Comm, error: BaseException | None, what: str) -> str | None:
+    """Every rank's outcome: None if all succeeded, a description if a checkpoint is damaged
+    somewhere; any other error (a state that does not fit) is raised on every rank."""
+    every = _gather(comm, _status(error), what)
+    failed = [(r, s) for r, s in enumerate(every) if s["error"]]
+    if not failed:
+        return None
+    if not all(s["damage"] for _, s in failed):
+        _raise_first(comm, every, error, what)
+    r, s = failed[0]
+    return f"rank {r}: {s['error']}"
