@@ -16,11 +16,11 @@ import torch
 
 from . import knobs
 from .dist_plan import Box, Chunk, check_cover, plan_read
-from .distributed import FORMAT, MANIFEST, VERSION, dtensor_box, dtensor_type, header_crc
+from .distributed import FORMAT, MANIFEST, VERSION, dtensor_box, dtensor_type
 from .dtypes import name_of_torch, torch_dtype
 from .errors import FormatError, MismatchError
 from .files import SafeOpen
-from .format import DTYPE_SIZES, strict_json
+from .format import DTYPE_SIZES, stored_crc, strict_json
 from .tree import leaf_kinds, unflatten
 
 
@@ -114,8 +114,8 @@ class Checkpoint:
         if rank not in self._open:
             p, info = os.path.join(self.path, name), self.manifest["files"][name]
             size = os.path.getsize(p) if os.path.isfile(p) else None
-            if size != info["size"] or header_crc(p) != info["crc32"]:
-                found = "missing" if size is None else f"{size} bytes, header checksum {header_crc(p)}"
+            if size != info["size"] or stored_crc(p) != info["crc32"]:
+                found = "missing" if size is None else f"{size} bytes, header checksum {stored_crc(p)}"
                 raise FormatError(f"{self.path}: {name} is {found}; the manifest says {info['size']} bytes, checksum "
                                   f"{info['crc32']}: it is not the file this checkpoint wrote (damaged or replaced)")
             self._open[rank] = SafeOpen(p)

@@ -27,14 +27,13 @@ import sys
 from collections import OrderedDict
 from typing import Any
 
-import numpy as np
 import torch
 
 from . import _io, knobs
 from .dist_plan import Box, Held, SavePlan, plan_save, shard_box
 from .dtypes import name_of_numpy, name_of_torch
 from .errors import SaveError
-from .format import TK_PREFIX, strict_json
+from .format import stored_crc, strict_json
 from .tree import flatten
 from .writer import write
 
@@ -57,12 +56,6 @@ def json_bytes(value: Any) -> bytes:
     except UnicodeEncodeError:
         return json.dumps(value, ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode()
 
-
-def header_crc(path: str) -> str:
-    """The header checksum a tensorkeep file records about itself (8 hex digits)."""
-    with open(path, "rb") as f:
-        head = f.read(8 + len(TK_PREFIX) + 8)
-    return head[8 + len(TK_PREFIX):].decode("ascii", "replace")
 
 
 def dtensor_type() -> type | None:
@@ -239,7 +232,7 @@ def write_distributed(state: Any, directory: str, *, group: Any = None, label: s
                             "the same path on a shared file system")
         p = os.path.join(directory, name)
         write({k: arrays[k] for k in plan.keys_for(comm.rank)}, p, {"format": "pt"}, durable, in_place=True)
-        info = {"size": os.path.getsize(p), "crc32": header_crc(p)}
+        info = {"size": os.path.getsize(p), "crc32": stored_crc(p)}
     except Exception as e:  # noqa: BLE001
         error = e
     files = comm.check(error, f"{where}: writing the shard files", outcome, info)

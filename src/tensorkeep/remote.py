@@ -21,7 +21,7 @@ import numpy as np
 from . import storage
 from .errors import ChecksumError
 from .files import _Reader, _torch_file, load
-from .format import TK_PREFIX, encode_header
+from .format import crc_field, encode_header, stored_crc
 from .writer import _block_crcs, final_header, plan, write
 
 #: The first ranged read of an object fetches this much, which holds most headers whole.
@@ -37,9 +37,7 @@ def write_url(obj: Any, url: str, user: dict[str, str], *, durable: bool = True)
     local = storage.local_path(url)
     if local is not None:
         write(obj, local, user, durable)
-        with open(local, "rb") as f:
-            head = f.read(8 + len(TK_PREFIX) + 8)
-        return os.path.getsize(local), head[8 + len(TK_PREFIX):].decode("ascii", "replace")
+        return os.path.getsize(local), stored_crc(local)
     store, key = storage.locate(url)
     entries, info, meta, total = plan(obj, url, user)
     layout = [(n, dt, sh) for n, dt, sh, _ in entries]
@@ -53,8 +51,7 @@ def write_url(obj: Any, url: str, user: dict[str, str], *, durable: bool = True)
             yield get()
 
     store.write(key, chunks(), len(final) + total)
-    at = 8 + len(TK_PREFIX)
-    return len(final) + total, final[at : at + 8].decode()
+    return len(final) + total, crc_field(final)
 
 
 class RemoteReader(_Reader):

@@ -36,6 +36,7 @@ from ..distributed import MANIFEST as LAYOUT, Comm, dtensor_type, write_distribu
 from ..dtypes import torch_dtype
 from ..errors import CheckpointNotFoundError, FormatError, SaveError, TensorkeepError
 from ..files import load
+from ..format import stored_crc
 from ..writer import write
 from . import layout, packs, rng
 from .policies import Policy, Record
@@ -230,7 +231,7 @@ def save(mgr: "CheckpointManager", step: int, state: Mapping[str, Any], metrics:
         try:
             p = os.path.join(tmp, rng_file(comm.rank))
             write(rng_state, p, {}, mgr.durable, in_place=True)
-            info = {"size": os.path.getsize(p), "crc32": layout.header_crc(p)}
+            info = {"size": os.path.getsize(p), "crc32": stored_crc(p)}
         except Exception as e:  # noqa: BLE001
             error = e
         rngs = comm.check(error, f"{what}: writing the RNG states", outcome, info)

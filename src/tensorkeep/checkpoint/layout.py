@@ -22,7 +22,7 @@ from typing import Any
 
 from .. import _io
 from ..errors import FormatError
-from ..format import TK_PREFIX, dumps, strict_json
+from ..format import dumps, stored_crc, strict_json
 
 MANIFEST = "manifest.json"
 FORMAT = "tensorkeep-checkpoint"
@@ -160,16 +160,10 @@ def check_files(directory: str, m: Manifest) -> None:
         if size != info["size"]:
             raise FormatError(f"{directory}: {name} is {size} bytes, the manifest says {info['size']} (truncated?)")
         want = info.get("crc32")
-        if isinstance(want, str) and header_crc(p) != want:
-            raise FormatError(f"{directory}: {name} has header checksum {header_crc(p)!r}, the manifest says "
+        if isinstance(want, str) and stored_crc(p) != want:
+            raise FormatError(f"{directory}: {name} has header checksum {stored_crc(p)!r}, the manifest says "
                               f"{want!r}: it is not the file this checkpoint wrote (replaced or damaged)")
 
-
-def header_crc(path: str) -> str:
-    """The header checksum a tensorkeep file records about itself (8 hex digits)."""
-    with open(path, "rb") as f:
-        head = f.read(8 + len(TK_PREFIX) + 8)
-    return head[8 + len(TK_PREFIX):].decode("ascii", "replace")
 
 
 def list_steps(run: str) -> list[int]:

@@ -19,6 +19,7 @@ import torch
 from .. import _io
 from ..errors import CheckpointNotFoundError, FormatError, TensorkeepError
 from ..files import load, write
+from ..format import stored_crc
 from . import layout, packs, rng
 from . import collective
 from ..storage import StorageError, is_url, local_path
@@ -242,7 +243,7 @@ class CheckpointManager:
                 for name, (key, kind, obj) in payload.items():
                     p = os.path.join(tmp, name)
                     write(obj, p, {}, self.durable, in_place=True)  # the directory is published by rename
-                    m.files[name] = {"size": os.path.getsize(p), "crc32": layout.header_crc(p), "key": key, "kind": kind}
+                    m.files[name] = {"size": os.path.getsize(p), "crc32": stored_crc(p), "key": key, "kind": kind}
             layout.write_manifest(tmp, m)
             if self.durable:
                 _io.fsync_dir(tmp)

@@ -28,7 +28,7 @@ from typing import Any, Iterable
 from .. import knobs
 from ..errors import FormatError, LockedError, SaveError, TensorkeepError
 from ..files import load
-from ..format import TK_PREFIX
+from ..format import CRC_FIELD_END, crc_field
 from ..remote import write_url
 from ..storage import Store
 from . import layout, packs
@@ -133,8 +133,7 @@ class ObjectRun:
             return None
 
     def _head_crc(self, key: str) -> str:
-        head = self.store.read_range(key, 0, 8 + len(TK_PREFIX) + 8)
-        return head[8 + len(TK_PREFIX):].decode("ascii", "replace")
+        return crc_field(self.store.read_range(key, 0, CRC_FIELD_END))
 
     def check(self, step: int, m: Manifest, names: dict[str, int] | None = None,
               pack_sizes: dict[str, int] | None = None) -> None:

@@ -26,10 +26,11 @@ import torch
 from .. import _io, knobs
 from ..errors import FormatError
 from ..files import SafeOpen
+from ..format import stored_crc
 from ..storage import is_url
 from ..tree import flatten, unflatten
 from ..writer import _source, write
-from .layout import Manifest, header_crc, list_steps, read_manifest, step_dir
+from .layout import Manifest, list_steps, read_manifest, step_dir
 
 PACKS = "packs"
 _PIECE = 16 << 20  # hashed in pieces on IO_THREADS threads (hashlib releases the GIL)
@@ -120,7 +121,7 @@ def save_parts(run: str, step: int, payload: dict[str, tuple[str, str, Any]], kn
     packs = {}
     for pack in sorted({p for part in parts.values() for _, p in part["tensors"].values()}):
         p = os.path.join(packs_dir(run), pack)
-        packs[pack] = {"size": os.path.getsize(p), "crc32": header_crc(p)}
+        packs[pack] = {"size": os.path.getsize(p), "crc32": stored_crc(p)}
     return parts, packs, written, sum(sizes.values())
 
 
@@ -132,7 +133,7 @@ def check_packs(run: str, packs: dict[str, dict], where: str) -> None:
             size = os.path.getsize(p)
         except OSError:
             raise FormatError(f"{where}: needs {PACKS}/{pack}, which is missing") from None
-        if size != info["size"] or header_crc(p) != info["crc32"]:
+        if size != info["size"] or stored_crc(p) != info["crc32"]:
             raise FormatError(f"{where}: {PACKS}/{pack} is not the pack this checkpoint refers to "
                               f"({size} bytes, the manifest says {info['size']}): damaged or replaced")
 
