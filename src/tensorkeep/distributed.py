@@ -25,7 +25,7 @@ import json
 import os
 import sys
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -137,6 +137,24 @@ class Comm:
             more = f" (and on ranks {[f[0] for f in failed[1:]]})" if len(failed) > 1 else ""
             raise SaveError(f"{what} failed on rank {r} of {self.world}{more}: {msg}. {outcome}") from error
         return statuses
+
+    def on_rank0(self, fn: Callable[[], Any], what: str, outcome: str) -> None:
+        """Run ``fn`` on rank 0 only (publishing, say); its error is raised on every rank."""
+        error = None
+        if self.rank == 0:
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - reported to every rank
+                error = e
+        self.check(error, what, outcome)
+
+    def drop_temp(self, tmp: str) -> None:
+        """After a failed save: rank 0 removes the temporary directory, if it made one."""
+        if self.rank == 0 and tmp and os.path.isdir(tmp):
+            try:
+                _io.rmtree(tmp)
+            except OSError:
+                pass
 
 
 def _swap_dtensors(x: Any, dt: type | None, found: dict[int, tuple[Any, torch.Tensor]], depth: int) -> Any:
@@ -300,19 +318,9 @@ def save_distributed(state: Any, path: "str | os.PathLike[str]", *, group: Any =
         tmp = comm.check(error, f"save_distributed to {path}: creating a temporary directory", _NOTHING,
                          {"tmp": tmp})[0]["tmp"]
         write_distributed(state, tmp, group=group, label=f"save_distributed to {path}")
-        error = None
-        if comm.rank == 0:
-            try:
-                _io.fsync_dir(tmp)
-                _io.replace_dir(tmp, path)
-            except Exception as e:  # noqa: BLE001
-                error = e
-        comm.check(error, f"save_distributed to {path}: publishing", "Rank 0 could not rename the finished "
-                   "directory into place: the checkpoint at that path is the previous one or the new one, whole.")
+        comm.on_rank0(lambda: (_io.fsync_dir(tmp), _io.replace_dir(tmp, path)), f"save_distributed to {path}: "
+                      "publishing", "Rank 0 could not rename the finished directory into place: the checkpoint at "
+                      "that path is the previous one or the new one, whole.")
     except BaseException:
-        if comm.rank == 0 and tmp and os.path.isdir(tmp):
-            try:
-                _io.rmtree(tmp)
-            except OSError:
-                pass
+        comm.drop_temp(tmp)
         raise

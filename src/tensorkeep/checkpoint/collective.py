@@ -235,20 +235,12 @@ def save(mgr: "CheckpointManager", step: int, state: Mapping[str, Any], metrics:
         except Exception as e:  # noqa: BLE001
             error = e
         rngs = comm.check(error, f"{what}: writing the RNG states", outcome, info)
-        error, final = None, layout.step_dir(mgr.directory, step)
-        if comm.rank == 0:
-            try:
-                _publish(mgr, step, tmp, final, metrics, kinds, rngs)
-            except Exception as e:  # noqa: BLE001
-                error = e
-        comm.check(error, f"{what}: publishing", "Rank 0 could not publish it: the previous checkpoints are intact, "
-                   "and this one is either whole or absent (list_checkpoints tells).")
+        final = layout.step_dir(mgr.directory, step)
+        comm.on_rank0(lambda: _publish(mgr, step, tmp, final, metrics, kinds, rngs), f"{what}: publishing",
+                      "Rank 0 could not publish it: the previous checkpoints are intact, and this one is either "
+                      "whole or absent (list_checkpoints tells).")
     except BaseException:
-        if comm.rank == 0 and tmp and os.path.isdir(tmp):
-            try:
-                _io.rmtree(tmp)
-            except OSError:
-                pass
+        comm.drop_temp(tmp)
         raise
     _after_commit(mgr, step, _untag(every[0]["metrics"]))
     return final
