@@ -20,6 +20,11 @@ class ChecksumError(FormatError):
     """A tensorkeep file is damaged: a checksum does not match, or it is truncated."""
 
 
+class LimitError(FormatError):
+    """A file holds more than a reader limit allows (``tensorkeep.knobs.MAX_TENSORS``,
+    ``MAX_JSON_VALUES``): not damaged, refused to bound memory; raise the knob to read it."""
+
+
 class MismatchError(TensorkeepError, RuntimeError):
     """A checkpoint does not fit the model it is loaded into (names or shapes differ).
 

@@ -13,7 +13,7 @@ import torch
 
 from . import knobs
 from .dtypes import numpy_dtype, torch_dtype
-from .errors import ChecksumError, FormatError
+from .errors import ChecksumError, FormatError, LimitError
 from .format import (
     CRC_KEY, DTYPE_SIZES, FORMAT_VERSION, TK_KEY, TK_PREFIX, TensorInfo, crc32, header_length,
     looks_like_tensorkeep, parse_checksums, parse_header, strict_json, check_json_values,
@@ -86,7 +86,7 @@ class _Reader:
                 # damage to the first bytes and to the "tensorkeep" key must not make it a plain, unchecked file
                 raise FormatError(f"{self.path}: header starts like a tensorkeep header but is not one")
         except FormatError as e:
-            if looks_like_tensorkeep(first) and not isinstance(e, ChecksumError):
+            if looks_like_tensorkeep(first) and not isinstance(e, (ChecksumError, LimitError)):
                 raise ChecksumError(f"{e} (the file is a damaged tensorkeep file)") from None
             raise
 

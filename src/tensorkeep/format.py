@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import knobs
-from .errors import ChecksumError, FormatError
+from .errors import ChecksumError, FormatError, LimitError
 
 #: safetensors dtype name -> bytes per element.
 DTYPE_SIZES = {
@@ -124,7 +124,7 @@ def check_json_values(text: bytes, what: str) -> None:
     """Refuse JSON that would build more than ``knobs.MAX_JSON_VALUES`` Python objects."""
     n = json_values(text)
     if n > knobs.MAX_JSON_VALUES:
-        raise FormatError(
+        raise LimitError(
             f"{what} holds {n} JSON values, more than the limit of {knobs.MAX_JSON_VALUES} "
             "(tensorkeep.knobs.MAX_JSON_VALUES; raise it to read this file)"
         )
@@ -132,7 +132,7 @@ def check_json_values(text: bytes, what: str) -> None:
 
 def check_tensor_count(n: int, path: str) -> None:
     if n > knobs.MAX_TENSORS:
-        raise FormatError(
+        raise LimitError(
             f"{path}: header lists {n} tensors, more than the limit of {knobs.MAX_TENSORS} "
             "(tensorkeep.knobs.MAX_TENSORS; raise it to read this file)"
         )

@@ -15,13 +15,14 @@ levels deep, a structure record at most ``MAX_DEPTH`` levels).
 
 #: Header size cap, as in safetensors (100 MB). Larger headers are refused unread.
 MAX_HEADER_BYTES = 100_000_000
-#: Most tensors one file may hold. Reading costs about 1.5 KB and 50 us per tensor (250,000:
-#: ~0.4 GB, ~13 s on 2 cores); a file with more is refused before its header is parsed.
+#: Most tensors one file may hold. Loading costs about 1.5 KB and 40 us per tensor (250,000 empty
+#: tensors: ~0.4 GB over the interpreter, ~10 s on 2 cores); more are refused before the header is parsed.
 MAX_TENSORS = 250_000
 #: Most JSON values and object keys one header, or one tensorkeep structure record, may hold
-#: (counted as the ',', ':', '[' and '{' outside strings). Python builds an object of up to ~100
-#: bytes for each however short it is in the file, so this, not the header size, bounds the memory
-#: a header can claim (~0.5 GB). 20 per tensor: enough for MAX_TENSORS tensors of up to 8 dimensions.
+#: (counted as the ',', ':', '[' and '{' outside strings, before json builds anything). Python
+#: builds an object of up to ~200 bytes for each however short it is in the file, so this, not the
+#: header size, bounds a header's memory (at most ~1 GB at the 100 MB cap, instead of ~4 GB).
+#: 20 per tensor: enough for MAX_TENSORS tensors of up to 8 dimensions.
 MAX_JSON_VALUES = 5_000_000
 #: Deepest nesting of a saved structure (dicts/lists/tuples inside each other).
 MAX_DEPTH = 100
