@@ -19,6 +19,7 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
+from . import knobs
 from .errors import SaveError
 
 TMP_MARK = ".tk-tmp-"
@@ -160,13 +161,21 @@ def open_new(path: str, direct: bool = False) -> int:
 
 
 def pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
-    """Write all of ``buf`` at ``offset``, continuing after short writes."""
+    """Write all of ``buf`` at ``offset``, continuing after short writes.
+
+    On an ``O_DIRECT`` descriptor a short write that ends mid-block leaves the rest at an unaligned
+    offset and address, which the kernel refuses (EINVAL): the descriptor then drops ``O_DIRECT``
+    and the file is finished through the page cache (the fsync that follows covers both)."""
     while len(buf):
         n = os.pwrite(fd, buf, offset)
         if n <= 0:
             raise OSError(errno.EIO, "write returned 0 bytes")
         buf = buf[n:]
         offset += n
+        if len(buf) and offset % knobs.ALIGN and fd_is_direct(fd):
+            import fcntl
+
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
 
 
 def ftruncate(fd: int, size: int) -> None:
