@@ -7,6 +7,7 @@ are saved, with how they were made, under the directory the failure message name
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -132,3 +133,15 @@ def test_seeds_load_exactly():
         shapes = [tuple(t.shape) for s in seeds if not s.is_tk for t in s.obj.values()]
         assert () in shapes and any(0 in sh for sh in shapes)
         assert torch.equal(tk.load(os.path.join(d, "tk-tensor")), torch.arange(4, dtype=torch.int32))
+
+
+def test_inputs_are_reproducible(tmp):
+    """STREAM:INDEX names one input: the seeds, hence every input, are the same bytes in every process."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import hashlib, sys, tempfile; sys.path.insert(0, {here!r}); import fuzz_inputs as fi\n"
+            "print(*[hashlib.sha256(s.data).hexdigest() for s in fi.make_seeds(tempfile.mkdtemp())])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    seeds = make_seeds(tmp)
+    assert r.stdout.split() == [hashlib.sha256(s.data).hexdigest() for s in seeds]
+    assert fm.generate(3, 99, seeds) == fm.generate(3, 99, seeds)
