@@ -142,7 +142,7 @@ def m_insert(r: Any, b: bytearray, seeds: list[Seed]) -> None:
     i = _pos(r, b)
     if r.randrange(2) and b:
         j = r.randrange(len(b))
-        b[i:i] = b[j : j + r.randrange(1, 17)]  # a copy of nearby bytes: a duplicated token or field
+        b[i:i] = b[j : j + r.randrange(1, 17)]  # a copy of other bytes of the file: a repeated token or field
     else:
         b[i:i] = r.randbytes(r.randrange(1, 9))
 
@@ -187,7 +187,7 @@ def _number(r: Any, v: Any) -> Any:
                      str(v), True, None, [v]])
 
 
-def _tensor_nodes(tree: Any) -> list[dict]:
+def _dict_nodes(tree: Any) -> list[dict]:
     """Every dict node of a structure record (iteratively: records may be deep)."""
     out, stack = [], [tree]
     while stack:
@@ -203,7 +203,7 @@ def _tensor_nodes(tree: Any) -> list[dict]:
 def _mutate_record(r: Any, info: dict) -> str:
     """Edit the tensorkeep structure record (tree, block size, checksums)."""
     kind = _pick(r, ["swap", "kind", "plain", "block", "crc", "version", "deep", "flag", "tag", "drop"])
-    nodes = _tensor_nodes(info.get("tree"))
+    nodes = _dict_nodes(info.get("tree"))
     refs = [n for n in nodes if "t" in n or "n" in n]
     if kind == "swap" and len(refs) >= 2:
         a, b = _pick(r, refs), _pick(r, refs)

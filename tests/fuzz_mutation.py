@@ -17,7 +17,7 @@ The oracle. A loader may refuse an input only with a tensorkeep error. If it acc
 * ``tk.load``, ``tk.load(lazy=True)`` and ``tk.open`` (get, get_slice, load) must all agree;
 * no audited event (pickle, exec, subprocess) fires while loading.
 
-Run by hand: ``python tests/fuzz_mutation.py --inputs 1000000``; ``--repro SEED:INDEX`` re-runs one
+Run by hand: ``python tests/fuzz_mutation.py --inputs 1000000``; ``--repro STREAM:INDEX`` re-runs one
 generated input, ``--check FILE`` one saved file.
 """
 
