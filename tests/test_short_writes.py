@@ -58,6 +58,8 @@ def temps(d: str) -> list[str]:
 
 @contextmanager
 def page_cache(fd: int) -> Iterator[None]:
+    """Clear O_DIRECT for one call: the kernel would refuse to write an unaligned piece direct,
+    though a real direct write interrupted by a quota or a signal can stop anywhere."""
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
     try:
