@@ -8,7 +8,9 @@ with coverage guidance choosing the mutations. See fuzz/README.md.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
@@ -23,6 +25,7 @@ import fuzz_mutation as fm  # noqa: E402
 from fuzz_inputs import Case, ProviderRandom, make_case, make_seeds  # noqa: E402
 
 SCRATCH = tempfile.mkdtemp(prefix="tk-atheris-", dir=fm._scratch_dir())
+atexit.register(shutil.rmtree, SCRATCH, True)
 SEEDS = make_seeds(SCRATCH)
 PATH = os.path.join(SCRATCH, "input.safetensors")
 LOADERS = list(fm.LOADERS)

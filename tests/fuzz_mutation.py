@@ -356,6 +356,17 @@ def _scratch_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
 
 
+def _start_worker(w: int, scratch: str, out: str, stream: int, per: int, inputs: int, timeout: float,
+                  mem_mb: int) -> tuple[int, str, subprocess.Popen]:
+    start, count = w * per, max(0, min(per, inputs - w * per))
+    inp = os.path.join(scratch, f"input-{w}.safetensors")
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", str(w), "--stream", str(stream), "--start",
+           str(start), "--inputs", str(count), "--input-path", inp, "--out", out, "--timeout", str(timeout),
+           "--mem-mb", str(mem_mb)]
+    with open(inp + ".out", "w") as log:  # a file, not a pipe: a chatty worker must not block on a full pipe
+        return w, inp, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
 def run(inputs: int, out: str, *, workers: int = 2, stream: int = 0, timeout: float = 2.0, mem_mb: int = 1024,
         stall_s: float = 60.0) -> dict:
     """Fuzz ``inputs`` inputs in ``workers`` processes; a summary with failures saved under ``out``.
@@ -363,34 +374,24 @@ def run(inputs: int, out: str, *, workers: int = 2, stream: int = 0, timeout: fl
     A worker that dies (a crash, or killed after ``stall_s`` seconds without finishing an input:
     a hang the alarm could not interrupt) is reported with the input it was on."""
     os.makedirs(out, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix="tk-mutation-", dir=_scratch_dir())
-    procs = []
-    per = -(-inputs // workers)
-    for w in range(workers):
-        start, count = w * per, max(0, min(per, inputs - w * per))
-        inp = os.path.join(scratch, f"input-{w}.safetensors")
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", str(w), "--stream", str(stream), "--start",
-               str(start), "--inputs", str(count), "--input-path", inp, "--out", out, "--timeout", str(timeout),
-               "--mem-mb", str(mem_mb)]
-        procs.append((w, inp, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
     t0 = time.perf_counter()
-    results, dead = [], []
-    for w, inp, p in procs:
-        while p.poll() is None:
-            time.sleep(0.5)
-            if os.path.exists(inp) and time.time() - os.path.getmtime(inp) > stall_s:
-                p.kill()
-        stdout, stderr = p.communicate()
-        if p.returncode == 0:
-            results.append(json.loads(stdout.strip().splitlines()[-1]))
-            continue
-        kept = os.path.join(out, f"died-worker{w}.safetensors")
-        if os.path.exists(inp):
-            shutil.move(inp, kept)
-        dead.append(f"worker {w} exited with {p.returncode} (input kept as {kept}): {stderr[-2000:]}")
-    for f in os.listdir(scratch):
-        os.unlink(os.path.join(scratch, f))
-    os.rmdir(scratch)
+    with tempfile.TemporaryDirectory(prefix="tk-mutation-", dir=_scratch_dir()) as scratch:
+        procs = [_start_worker(w, scratch, out, stream, -(-inputs // workers), inputs, timeout, mem_mb)
+                 for w in range(workers)]
+        results, dead = [], []
+        for w, inp, p in procs:
+            while p.poll() is None:
+                time.sleep(0.5)
+                if os.path.exists(inp) and time.time() - os.path.getmtime(inp) > stall_s:
+                    p.kill()
+            stdout = open(inp + ".out").read()
+            if p.returncode == 0:
+                results.append(json.loads(next(ln for ln in reversed(stdout.splitlines()) if ln.startswith('{"worker"'))))
+                continue
+            kept = os.path.join(out, f"died-worker{w}.safetensors")
+            if os.path.exists(inp):
+                shutil.move(inp, kept)
+            dead.append(f"worker {w} exited with {p.returncode} (input kept as {kept}): {stdout[-2000:]}")
     outcomes: Counter[str] = Counter()
     for r in results:
         outcomes.update(r["outcomes"])
@@ -424,16 +425,16 @@ def main() -> None:
         return
     if a.repro or a.check:
         setup_process()
-        d = tempfile.mkdtemp(dir=_scratch_dir())
-        seeds = make_seeds(d)
-        if a.repro:
-            stream, index = map(int, a.repro.split(":"))
-            cases = [(generate(stream, index, seeds), how_for(index))]
-        else:
-            cases = [(Case(open(a.check, "rb").read(), 0, ["file"], True), how) for how in LOADERS]
-        for case, how in cases:
-            print(how, seeds[case.seed].name, case.ops, "forged" if case.forged else "",
-                  *check_case(case, os.path.join(d, "input"), seeds, how, a.timeout))
+        with tempfile.TemporaryDirectory(dir=_scratch_dir()) as d:
+            seeds = make_seeds(d)
+            if a.repro:
+                stream, index = map(int, a.repro.split(":"))
+                cases = [(generate(stream, index, seeds), how_for(index))]
+            else:
+                cases = [(Case(open(a.check, "rb").read(), 0, ["file"], True), how) for how in LOADERS]
+            for case, how in cases:
+                print(how, seeds[case.seed].name, case.ops, "forged" if case.forged else "",
+                      *check_case(case, os.path.join(d, "input"), seeds, how, a.timeout))
         return
     summary = run(a.inputs, a.out, workers=a.workers, stream=a.stream, timeout=a.timeout, mem_mb=a.mem_mb)
     print(json.dumps(summary, indent=1))

@@ -117,6 +117,13 @@ def test_memory_limit_is_real():
     assert r.stdout.strip() == "MemoryError", r.stdout + r.stderr
 
 
+def test_a_stalled_worker_is_killed_and_its_input_kept(tmp_path):
+    """A hang the alarm cannot interrupt (in C code): with no stall allowed, the worker is killed at once."""
+    summary = fm.run(100_000, str(tmp_path), workers=1, stall_s=0.0)
+    assert summary["failures"] == 1 and summary["inputs"] == 0, summary
+    assert "exited with -9" in summary["dead"][0] and (tmp_path / "died-worker0.safetensors").exists()
+
+
 def test_seeds_load_exactly():
     """The seeds the mutations start from cover what the brief asks for, and load back exactly."""
     import tempfile
