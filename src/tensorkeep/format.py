@@ -209,9 +209,9 @@ def encode_header(
         obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + n]}
         pos += n
     text = dumps(obj).encode("utf-8")
-    _refuse_unreadable(text, len(tensors), (metadata or {}).get(TK_KEY))
     total = 8 + len(text)
     text += b" " * ((-total) % align)
+    _refuse_unreadable(text, len(tensors), (metadata or {}).get(TK_KEY))
     return struct.pack("<Q", len(text)) + text, offsets
 
 
