@@ -7,7 +7,7 @@ tensor([0, 1, 2, 3])
 """
 
 from .errors import (
-    CheckpointNotFoundError, ChecksumError, FormatError, LockedError, MismatchError, SaveError,
+    CheckpointNotFoundError, ChecksumError, FormatError, LimitError, LockedError, MismatchError, SaveError,
     StorageError, TensorkeepError, UntrustedModelError,
 )
 from .files import SafeOpen, UnsafePickleError, load, open, save
@@ -25,6 +25,6 @@ __all__ = [
     "load_into", "LoadReport", "save_model", "load_model", "save_sharded",
     "save_distributed", "load_distributed", "convert_dcp",
     "CheckpointManager", "list_checkpoints", "CheckpointInfo", "LatestN", "BestN", "EveryNSteps", "keep_rng",
-    "TensorkeepError", "FormatError", "ChecksumError", "MismatchError", "UntrustedModelError",
+    "TensorkeepError", "FormatError", "ChecksumError", "LimitError", "MismatchError", "UntrustedModelError",
     "CheckpointNotFoundError", "LockedError", "SaveError", "StorageError", "UnsafePickleError",
 ]
