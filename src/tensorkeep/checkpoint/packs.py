@@ -174,8 +174,10 @@ def collect(run: str) -> list[str]:
     Only the run's writer may call this, between saves: a pack being written is not referenced yet.
     """
     d = packs_dir(run)
+    if not os.path.isdir(d):
+        return []  # not an incremental run: no manifest needs reading
     manifests = committed(run)
-    if manifests is None or not os.path.isdir(d):
+    if manifests is None:
         return []
     live = {p for m in manifests for p in m.packs}
     doomed = sorted(n for n in os.listdir(d) if n not in live)
