@@ -9,15 +9,10 @@ DATA_DIR/expect-{step}.tk: the whole state of each checkpoint it saved, to compa
 
 from __future__ import annotations
 
-import datetime
-import errno
-import json
 import math
 import os
 import random
 import signal
-import sys
-import traceback
 import warnings
 
 import numpy as np
@@ -29,6 +24,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor, init_dev
 from torch.nn.parallel import DistributedDataParallel
 
 import tensorkeep as tk
+from ranks import failing_write, save, worker_main
 from tensorkeep import _io
 
 _REAL_PWRITE = _io.pwrite_all
@@ -106,22 +102,6 @@ def same_as(state: dict, data: str, step: int) -> None:
 
 def draws() -> list:
     return [random.random(), float(np.random.rand()), torch.rand(2).tolist()]
-
-
-def failing_write(after_bytes: int, action: str):
-    """A replacement for _io.pwrite_all that fails (ENOSPC, or SIGKILL) once past ``after_bytes``."""
-    written = [0]
-
-    def pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
-        if written[0] + len(buf) > after_bytes:
-            _REAL_PWRITE(fd, buf[: max(0, after_bytes - written[0])], offset)
-            if action == "sigkill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            raise OSError(errno.ENOSPC, "No space left on device")
-        written[0] += len(buf)
-        _REAL_PWRITE(fd, buf, offset)
-
-    return pwrite_all
 
 
 def failed_save(mgr, step: int, state: dict, rank: int, culprit: int, action: str) -> str:
@@ -245,22 +225,5 @@ def scenario_two(rank: int, world: int, data: str, out: dict) -> None:
     mgr.close()
 
 
-def save(out: dict, rank: int) -> None:
-    with open(os.path.join(OUT, f"rank{rank}.json"), "w") as f:
-        json.dump(out, f)
-
-
 if __name__ == "__main__":
-    scenario, rank, world, store, OUT, data = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:]
-    out: dict = {}
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=30))
-        {"four": scenario_four, "two": scenario_two}[scenario](rank, world, data, out)
-        save(out, rank)
-    except BaseException:
-        with open(os.path.join(OUT, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        sys.stdout.flush()
-        os._exit(1)
-    os._exit(0)  # no destroy_process_group: after a rank died the group cannot shut down cleanly
+    worker_main({"four": scenario_four, "two": scenario_two})

@@ -8,24 +8,18 @@ Each rank writes OUT_DIR/rank{R}.json (what it saw) or OUT_DIR/rank{R}.err (a tr
 
 from __future__ import annotations
 
-import datetime
-import errno
-import json
 import math
 import os
-import signal
-import sys
-import traceback
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh
 
 import tensorkeep as tk
+from ranks import failing_write, save, worker_main
 from tensorkeep import _io
 
 S0, S1, R = Shard(0), Shard(1), Replicate()
@@ -113,24 +107,6 @@ def round_trip(layout: str, version: int, path: str) -> None:
     check_state(target, net, version)
 
 
-def failing_write(after_bytes: int, action: str):
-    """A replacement for _io.pwrite_all that fails (ENOSPC, or the process dies) once past ``after_bytes``."""
-    real, written = _io.pwrite_all, [0]
-
-    def pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
-        if written[0] + len(buf) > after_bytes:
-            real(fd, buf[: max(0, after_bytes - written[0])], offset)
-            if action == "sigkill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            if action == "exit":
-                os._exit(17)
-            raise OSError(errno.ENOSPC, "No space left on device")
-        written[0] += len(buf)
-        real(fd, buf, offset)
-
-    return pwrite_all
-
-
 def failed_save(state: dict, path: str, rank: int, culprit: int, action: str) -> str:
     """Save with rank ``culprit`` failing mid-write; returns the error this rank saw."""
     if rank == culprit:
@@ -195,22 +171,7 @@ def scenario_c(rank: int, data: str, out: dict) -> None:
     out["ok"] = True
 
 
-def save(out: dict, rank: int) -> None:
-    with open(os.path.join(OUT, f"rank{rank}.json"), "w") as f:
-        json.dump(out, f)
-
-
 if __name__ == "__main__":
-    scenario, rank, world, store, OUT, data = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:]
-    out: dict = {}
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=30))
-        {"A": scenario_a, "B": scenario_b, "C": scenario_c}[scenario](rank, data, out)
-        save(out, rank)
-    except BaseException:
-        with open(os.path.join(OUT, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        sys.stdout.flush()
-        os._exit(1)
-    os._exit(0)  # no destroy_process_group: after a rank died the group cannot shut down cleanly
+    worker_main({"A": lambda rank, world, data, out: scenario_a(rank, data, out),
+                 "B": lambda rank, world, data, out: scenario_b(rank, data, out),
+                 "C": lambda rank, world, data, out: scenario_c(rank, data, out)})

@@ -10,14 +10,13 @@ import json
 import os
 import shutil
 import struct
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
+import ranks
 import tensorkeep as tk
 from tensorkeep.checkpoint import collective
 
@@ -27,35 +26,7 @@ SCENARIO_TIMEOUT_S = 90  # each collective also times out after 30 s (init_proce
 
 
 def run_ranks(scenario, world, data, exits=None):
-    """Run ``world`` worker processes; return each rank's results. ``exits``: rank -> expected exit code."""
-    exits = exits or {}
-    out = os.path.join(data, f"out-{scenario}")
-    os.makedirs(out)
-    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONPATH=HERE)
-    procs, logs = [], []
-    for r in range(world):
-        log = open(os.path.join(out, f"rank{r}.log"), "w")
-        logs.append(log)
-        args = [sys.executable, WORKER, scenario, str(r), str(world), os.path.join(out, "store"), out, data]
-        procs.append(subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + SCENARIO_TIMEOUT_S
-    try:
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"scenario {scenario} hung for {SCENARIO_TIMEOUT_S} s")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for log in logs:
-            log.close()
-    errors = [open(os.path.join(out, n)).read() for n in sorted(os.listdir(out)) if n.endswith(".err")]
-    assert not errors, "\n".join(errors)
-    codes = [p.returncode for p in procs]
-    assert codes == [exits.get(r, 0) for r in range(world)], (codes, [open(l.name).read()[-3000:] for l in logs])
-    return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(world)]
+    return ranks.run(WORKER, scenario, world, data, exits, SCENARIO_TIMEOUT_S)
 
 
 def damage_tensor(path, key):
