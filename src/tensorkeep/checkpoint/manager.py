@@ -151,8 +151,9 @@ class CheckpointManager:
         return dict(self._records[step].metrics)
 
     def path(self, step: int) -> str:
-        """The directory of a checkpoint (its ``model.tk`` etc. can be read with ``tk.load``); on
-        object storage the URL of its prefix (object names carry a token: see its manifest.json)."""
+        """The directory of a checkpoint (its ``model.tk`` etc. can be read with ``tk.load``, except
+        in an incremental run, whose tensors live in shared packs: use :meth:`restore`); on object
+        storage the URL of its prefix (object names carry a token: see its manifest.json)."""
         return self._remote.step_url(step) if self._remote else layout.step_dir(self.directory, step)
 
     def should_save(self, step: int) -> bool:
