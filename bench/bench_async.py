@@ -3,10 +3,11 @@
     .venv/bin/python bench/bench_async.py [--reps 5]
 
 (a) GPT-2-small-shaped state (497.8 MB) in a CheckpointManager: the time save() blocks with
-    async_save=True (after a first save has allocated the staging buffers) vs a synchronous
-    save of the same state, and the time until the async checkpoint is durable (save + wait).
+    async_save=True and with async_save="lazy" (after a first save has allocated the staging
+    buffers) vs a synchronous save of the same state, and the time until the async checkpoint
+    is durable (save + wait).
 (b) The demo's training loop (digits MLP): steps/s with no checkpoints vs a checkpoint every
-    10 steps, synchronous and asynchronous, interleaved.
+    10 steps, synchronous, asynchronous and lazy, interleaved.
 """
 
 from __future__ import annotations
@@ -37,14 +38,16 @@ class Holder(torch.nn.Module):
 def stall(a: argparse.Namespace) -> list[tuple]:
     model = Holder(gpt2_state_dict())
     mb = nbytes(model.state_dict()) / 1e6
-    runs = {"sync": os.path.join(a.dir, "sync"), "async": os.path.join(a.dir, "async")}
+    runs = {m: os.path.join(a.dir, m) for m in ("sync", "async", "lazy")}
     for d in runs.values():
         shutil.rmtree(d, ignore_errors=True)
     sync = tk.CheckpointManager(runs["sync"], keep_last=1)
     asyn = tk.CheckpointManager(runs["async"], keep_last=1, async_save=True)
-    asyn.save(0, {"model": model})  # allocates the staging buffers once
-    asyn.wait()
-    t_sync, t_block, t_durable = [], [], []
+    lazy = tk.CheckpointManager(runs["lazy"], keep_last=1, async_save="lazy")
+    for m in (asyn, lazy):
+        m.save(0, {"model": model})  # allocates the staging buffers once
+        m.wait()
+    t_sync, t_block, t_durable, t_lazy = [], [], [], []
     for step in range(1, a.reps + 1):
         t = time.perf_counter()
         sync.save(step, {"model": model})
@@ -54,13 +57,20 @@ def stall(a: argparse.Namespace) -> list[tuple]:
         t_block.append(time.perf_counter() - t)
         asyn.wait()
         t_durable.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        lazy.save(step, {"model": model})
+        t_lazy.append(time.perf_counter() - t)
+        lazy.wait()
     sync.close()
     asyn.close()
+    lazy.close()
     med = statistics.median
     return [
         (f"synchronous save ({mb:.0f} MB)", f"{med(t_sync) * 1e3:.0f}", f"{min(t_sync) * 1e3:.0f}", "100%"),
         ("async save(): time it blocks", f"{med(t_block) * 1e3:.0f}", f"{min(t_block) * 1e3:.0f}",
          f"{100 * med(t_block) / med(t_sync):.1f}%"),
+        ("async_save='lazy': time save() blocks", f"{med(t_lazy) * 1e3:.1f}", f"{min(t_lazy) * 1e3:.1f}",
+         f"{100 * med(t_lazy) / med(t_sync):.1f}%"),
         ("async save() + wait(): durable", f"{med(t_durable) * 1e3:.0f}", f"{min(t_durable) * 1e3:.0f}",
          f"{100 * med(t_durable) / med(t_sync):.0f}%"),
     ]
@@ -73,7 +83,8 @@ def train_loop(mode: str, steps: int, every: int, run: str) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     state = {"model": model, "optimizer": opt}
     shutil.rmtree(run, ignore_errors=True)
-    mgr = tk.CheckpointManager(run, keep_last=2, async_save=mode == "async") if mode != "none" else None
+    modes = {"sync": False, "async": True, "lazy": "lazy"}
+    mgr = tk.CheckpointManager(run, keep_last=2, async_save=modes[mode]) if mode != "none" else None
     g = torch.Generator().manual_seed(0)
     t = time.perf_counter()
     for step in range(1, steps + 1):
@@ -89,7 +100,7 @@ def train_loop(mode: str, steps: int, every: int, run: str) -> float:
 
 
 def overhead(a: argparse.Namespace) -> list[tuple]:
-    res: dict[str, list[float]] = {"none": [], "sync": [], "async": []}
+    res: dict[str, list[float]] = {"none": [], "sync": [], "async": [], "lazy": []}
     for _ in range(a.reps):
         for mode in res:
             res[mode].append(train_loop(mode, a.steps, a.every, os.path.join(a.dir, "loop")))

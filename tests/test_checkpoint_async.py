@@ -151,3 +151,67 @@ def test_cuda_snapshot_is_taken_before_the_next_optimizer_step(tmp_path):
     with tk.CheckpointManager(str(tmp_path / "run")) as mgr:
         assert mgr.restore({"model": back}) == 1
     assert all(torch.equal(want[k], v) for k, v in back.state_dict().items())
+
+
+def _lazy_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(64), torch.nn.Linear(64, 4))
+
+
+def test_lazy_snapshot_is_taken_before_the_next_optimizer_step(tmp_path, monkeypatch):
+    """async_save='lazy': parameters and optimizer state are copied in the background; the next
+    optimizer.step() waits for that copy, and buffers (BatchNorm statistics, changed by every
+    forward pass) are copied inside save()."""
+    from tensorkeep.checkpoint.snapshot import Staging
+
+    real = Staging.copy_deferred
+
+    def slow(self):
+        time.sleep(0.3)  # the training step below starts before the background copy
+        return real(self)
+
+    monkeypatch.setattr(Staging, "copy_deferred", slow)
+    net = _lazy_net()
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+
+    def step():
+        opt.zero_grad()
+        net(torch.randn(8, 64)).square().mean().backward()  # also updates BatchNorm's running stats
+        opt.step()
+
+    step()
+    run = str(tmp_path / "run")
+    with tk.CheckpointManager(run, async_save="lazy") as mgr:
+        mgr.save(1, {"model": net, "optimizer": opt})
+        want = {k: v.clone() for k, v in net.state_dict().items()}
+        want_opt = {k: {n: t.clone() for n, t in s.items()} for k, s in opt.state_dict()["state"].items()}
+        step()  # forward changes the buffers at once; opt.step() waits for the deferred copy
+        mgr.wait()
+    assert not torch.equal(want["0.weight"], net.state_dict()["0.weight"])  # the step did happen
+    back, back_opt = _lazy_net(), None
+    back_opt = torch.optim.Adam(back.parameters(), lr=0.1)
+    with tk.CheckpointManager(run) as mgr:
+        assert mgr.restore({"model": back, "optimizer": back_opt}) == 1
+    assert all(torch.equal(want[k], v) for k, v in back.state_dict().items())
+    got_opt = back_opt.state_dict()["state"]
+    assert all(torch.equal(want_opt[k][n], got_opt[k][n]) for k in want_opt for n in want_opt[k])
+
+
+def test_lazy_snapshot_refuses_a_parameter_changed_outside_the_optimizer(tmp_path, monkeypatch):
+    from tensorkeep.checkpoint.snapshot import Staging
+
+    real = Staging.copy_deferred
+    monkeypatch.setattr(Staging, "copy_deferred", lambda self: (time.sleep(0.3), real(self))[1])
+    net = _lazy_net()
+    run = str(tmp_path / "run")
+    with tk.CheckpointManager(run, async_save="lazy") as mgr:
+        mgr.save(1, {"model": net})
+        mgr.wait()
+        mgr.save(2, {"model": net})
+        with torch.no_grad():
+            net[0].weight.add_(1.0)  # a manual update while the copy has not run yet
+        with pytest.raises(tk.TensorkeepError, match="changed in place while async_save='lazy'"):
+            mgr.wait()
+        assert mgr.steps() == [1]  # the torn checkpoint was not published
+    with pytest.raises(ValueError, match="'lazy'"):
+        tk.CheckpointManager(str(tmp_path / "other"), async_save="yes")

@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .. import _io
 from ..errors import CheckpointNotFoundError, FormatError, TensorkeepError
@@ -67,7 +68,7 @@ class CheckpointManager:
         save_interval_steps: int | None = None,
         save_interval_seconds: float | None = None,
         durable: bool = True,
-        async_save: bool = False,
+        async_save: "bool | str" = False,
         incremental: bool = False,
     ) -> None:
         directory = os.fspath(directory)
@@ -105,7 +106,12 @@ class CheckpointManager:
         self._old_handlers: dict[int, Any] = {}
         self._records: dict[int, Record] = {}
         self._records_lock = threading.Lock()
+        if async_save not in (True, False, "lazy"):
+            raise ValueError(f"async_save must be True, False or 'lazy', got {async_save!r}")
         self.async_save = async_save
+        self._copied = threading.Event()  # async_save="lazy": the deferred copies are done
+        self._copied.set()
+        self._step_hook: Any = None
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="tk-checkpoint") if async_save else None
         self._pending: tuple[int, Future] | None = None
         self._staging = Staging()
@@ -212,7 +218,11 @@ class CheckpointManager:
             self._after_commit(step, metrics)
         else:
             self.wait()  # at most one save in flight: memory stays bounded, errors surface here
-            payload = self._staging.snapshot(self._payload(state))  # the only part that blocks training
+            defer = _changed_only_by_optimizers(state) if self.async_save == "lazy" else frozenset()
+            if defer:
+                self._copied.clear()
+                self._hook_optimizer_steps()
+            payload = self._staging.snapshot(self._payload(state), defer)  # the only part that blocks training
             fut = self._writer.submit(self._commit_and_retain, step, payload, metrics)  # type: ignore[union-attr]
             self._pending = (step, fut)
             final = self.path(step)
@@ -222,6 +232,17 @@ class CheckpointManager:
         return final
 
     def _commit_and_retain(self, step: int, payload: dict, metrics: dict[str, Any]) -> None:
+        try:
+            changed = self._staging.copy_deferred()  # async_save="lazy"
+        finally:
+            self._copied.set()
+        if changed:  # paths into the payload: (file, 2, key, ...)
+            names = ", ".join(f"{p[0]}: {'.'.join(map(str, p[2:]))}" for p in changed[:3])
+            raise TensorkeepError(
+                f"checkpoint step {step} was not saved: {names} changed in place while "
+                f"async_save='lazy' was still copying it (only optimizer.step() waits for the copy). "
+                f"Fix: change parameters only through an optimizer, call mgr.wait() before other in-place "
+                f"updates, or use async_save=True.")
         self._staging.ready()  # device-to-host copies of the snapshot have landed
         self._commit(step, payload, metrics)
         self._after_commit(step, metrics)
@@ -413,6 +434,16 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ lifetime
 
+    def _hook_optimizer_steps(self) -> None:
+        """Make every optimizer.step() wait until a lazy snapshot has copied what it would change."""
+        if self._step_hook is None:
+            copied = self._copied  # not self: the hook must not keep the manager alive
+
+            def wait_for_copy(opt: Any, args: Any, kwargs: Any) -> None:
+                copied.wait()
+
+            self._step_hook = register_optimizer_step_pre_hook(wait_for_copy)
+
     def wait(self) -> None:
         """Block until the save in flight (``async_save=True``) is committed.
 
@@ -437,6 +468,8 @@ class CheckpointManager:
             self._closed = True
             if self._writer is not None:
                 self._writer.shutdown(wait=True)
+            if self._step_hook is not None:
+                self._step_hook.remove()
             for s, h in self._old_handlers.items():
                 if self._preempted is None:
                     signal.signal(s, h)
@@ -458,6 +491,20 @@ class CheckpointManager:
                 self._lock.release()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+def _changed_only_by_optimizers(state: Mapping[str, Any]) -> frozenset[int]:
+    """``data_ptr()`` of the CPU tensors in ``state`` that only an optimizer step changes: the
+    parameters of its modules and its optimizers' state. Buffers (BatchNorm's running statistics
+    change in every forward pass), values and RNG states are copied inside ``save()``."""
+    ptrs = set()
+    for obj in state.values():
+        if isinstance(obj, torch.nn.Module):
+            ptrs.update(p.data_ptr() for p in obj.parameters() if p.device.type == "cpu")
+        elif isinstance(obj, torch.optim.Optimizer):
+            ptrs.update(t.data_ptr() for s in obj.state.values() for t in s.values()
+                        if isinstance(t, torch.Tensor) and t.device.type == "cpu")
+    return frozenset(ptrs)
 
 
 def _finish_at_exit(ref: "weakref.ref[CheckpointManager]") -> None:

@@ -22,6 +22,7 @@ class Staging:
     def __init__(self) -> None:
         self._bufs: dict[tuple, torch.Tensor] = {}
         self._pending: list[torch.cuda.Event] = []
+        self._later: list[tuple[torch.Tensor, torch.Tensor, int, tuple]] = []  # (buffer, source, version, path)
 
     def _buffer(self, key: tuple, x: torch.Tensor) -> torch.Tensor:
         buf = self._bufs.get(key)
@@ -30,8 +31,11 @@ class Staging:
             buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=pin)
         return buf
 
-    def snapshot(self, obj: Any) -> Any:
-        """A deep copy of ``obj`` whose tensors live in this object's buffers (valid until the next call)."""
+    def snapshot(self, obj: Any, defer: frozenset[int] = frozenset()) -> Any:
+        """A deep copy of ``obj`` whose tensors live in this object's buffers (valid until the next call).
+
+        CPU tensors whose ``data_ptr()`` is in ``defer`` get their buffer but are copied later, by
+        :meth:`copy_deferred` (the lazy snapshot of ``async_save="lazy"``)."""
         used: dict[tuple, torch.Tensor] = {}
         memo: dict[tuple, torch.Tensor] = {}  # the same view twice (tied weights) -> one copy
         streams: dict[torch.device, torch.cuda.Stream] = {}
@@ -51,6 +55,10 @@ class Staging:
                     return memo[view]
                 key = (path, x.dtype, tuple(x.shape))
                 buf = self._buffer(key, x)
+                if x.device.type == "cpu" and x.numel() and x.data_ptr() in defer:
+                    self._later.append((buf, x, x._version, path))
+                    used[key] = memo[view] = buf
+                    return torch.nn.Parameter(buf, requires_grad=x.requires_grad) if isinstance(x, torch.nn.Parameter) else buf
                 with torch.no_grad():
                     if x.is_cuda:
                         with torch.cuda.stream(side_stream(x.device)):
@@ -82,6 +90,18 @@ class Staging:
             torch.cuda.current_stream(dev).wait_stream(st)
         self._bufs = used
         return out
+
+    def copy_deferred(self) -> list[tuple]:
+        """Copy the tensors the last :meth:`snapshot` deferred. Returns the paths of those whose
+        version counter moved (changed in place: the copy may mix old and new values)."""
+        changed = []
+        with torch.no_grad():
+            for buf, x, version, path in self._later:
+                buf.copy_(x)
+                if x._version != version:
+                    changed.append(path)
+        self._later = []
+        return changed
 
     def ready(self) -> None:
         """Block until the device-to-host copies of the last snapshot have landed (the writer
