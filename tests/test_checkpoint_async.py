@@ -215,3 +215,19 @@ def test_lazy_snapshot_refuses_a_parameter_changed_outside_the_optimizer(tmp_pat
         assert mgr.steps() == [1]  # the torn checkpoint was not published
     with pytest.raises(ValueError, match="'lazy'"):
         tk.CheckpointManager(str(tmp_path / "other"), async_save="yes")
+
+
+def test_failed_lazy_saves_leave_optimizer_steps_free(tmp_path):
+    net = _lazy_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with tk.CheckpointManager(str(tmp_path / "run"), async_save="lazy") as mgr:
+        with pytest.raises(TypeError):
+            mgr.save(1, {1: net, "optimizer": opt})  # refused inside save(): nothing is deferred
+        opt.step()  # must not wait for a copy that will never happen
+        mgr.save(2, {"model": net, "optimizer": opt, "bad": {1, 2}})  # refused by the writer, after its copy
+        opt.step()
+        with pytest.raises(TypeError, match="set"):
+            mgr.wait()
+        mgr.save(3, {"model": net, "optimizer": opt})
+        mgr.wait()
+        assert mgr.steps() == [3]

@@ -219,10 +219,10 @@ class CheckpointManager:
         else:
             self.wait()  # at most one save in flight: memory stays bounded, errors surface here
             defer = _changed_only_by_optimizers(state) if self.async_save == "lazy" else frozenset()
-            if defer:
-                self._copied.clear()
-                self._hook_optimizer_steps()
             payload = self._staging.snapshot(self._payload(state), defer)  # the only part that blocks training
+            if defer:  # from here until the writer has copied them, optimizer steps wait
+                self._hook_optimizer_steps()
+                self._copied.clear()
             fut = self._writer.submit(self._commit_and_retain, step, payload, metrics)  # type: ignore[union-attr]
             self._pending = (step, fut)
             final = self.path(step)

@@ -36,6 +36,7 @@ class Staging:
 
         CPU tensors whose ``data_ptr()`` is in ``defer`` get their buffer but are copied later, by
         :meth:`copy_deferred` (the lazy snapshot of ``async_save="lazy"``)."""
+        self._later = []  # a snapshot that failed halfway must not leave copies to do
         used: dict[tuple, torch.Tensor] = {}
         memo: dict[tuple, torch.Tensor] = {}  # the same view twice (tied weights) -> one copy
         streams: dict[torch.device, torch.cuda.Stream] = {}
