@@ -24,10 +24,9 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor, init_dev
 from torch.nn.parallel import DistributedDataParallel
 
 import tensorkeep as tk
-from ranks import failing_write, save, worker_main
-from tensorkeep import _io
+import ranks
+from ranks import save, worker_main
 
-_REAL_PWRITE = _io.pwrite_all
 _DDP: dict[int, DistributedDataParallel] = {}  # id(model) -> its DDP wrapper (the state holds the model)
 TABLE = (16, 4)  # a DTensor, Shard(0) over every rank
 
@@ -106,15 +105,7 @@ def draws() -> list:
 
 def failed_save(mgr, step: int, state: dict, rank: int, culprit: int, action: str) -> str:
     """A save in which rank ``culprit`` fails mid-write; returns the error this rank saw."""
-    if rank == culprit:
-        _io.pwrite_all = failing_write(300, action)
-    try:
-        mgr.save(step, state)
-    except tk.SaveError as e:
-        return str(e)
-    finally:
-        _io.pwrite_all = _REAL_PWRITE
-    raise AssertionError("the save did not fail")
+    return ranks.failed_save(lambda: mgr.save(step, state), rank, culprit, 300, action)
 
 
 def hidden(d: str) -> list[str]:

@@ -19,8 +19,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh
 
 import tensorkeep as tk
-from ranks import failing_write, save, worker_main
-from tensorkeep import _io
+import ranks
+from ranks import save, worker_main
 
 S0, S1, R = Shard(0), Shard(1), Replicate()
 # placements of the DTensors "rows" (10 x 6, float32), "cols" (5 x 12, float64), "rep" (6,) per scenario
@@ -29,7 +29,6 @@ LAYOUTS = {
     "B": {"mesh": (2,), "rows": [S1], "cols": [S0], "rep": [S0]},
     "C": {"mesh": (2, 2), "rows": [S0, S1], "cols": [R, S0], "rep": [S0, R]},  # 2-D: [R, S0] is held twice
 }
-_REAL_PWRITE = _io.pwrite_all
 _MESHES: dict = {}
 PLAIN = {"model.embed": (64, 32), "model.head": (16, 32), "model.bias": (32,)}
 
@@ -109,15 +108,7 @@ def round_trip(layout: str, version: int, path: str) -> None:
 
 def failed_save(state: dict, path: str, rank: int, culprit: int, action: str) -> str:
     """Save with rank ``culprit`` failing mid-write; returns the error this rank saw."""
-    if rank == culprit:
-        _io.pwrite_all = failing_write(1000, action)
-    try:
-        tk.save_distributed(state, path)
-    except tk.SaveError as e:
-        return str(e)
-    finally:
-        _io.pwrite_all = _REAL_PWRITE
-    raise AssertionError("the save did not fail")
+    return ranks.failed_save(lambda: tk.save_distributed(state, path), rank, culprit, 1000, action)
 
 
 def scenario_a(rank: int, data: str, out: dict) -> None:

@@ -103,3 +103,20 @@ def failing_write(after_bytes: int, action: str) -> Callable[[int, memoryview, i
         real(fd, buf, offset)
 
     return pwrite_all
+
+
+def failed_save(save_fn: Callable[[], object], rank: int, culprit: int, after_bytes: int, action: str) -> str:
+    """Run ``save_fn`` with rank ``culprit`` failing mid-write (see :func:`failing_write`);
+    return the ``SaveError`` this rank saw (every rank must see one)."""
+    import tensorkeep as tk
+
+    real = _io.pwrite_all
+    if rank == culprit:
+        _io.pwrite_all = failing_write(after_bytes, action)
+    try:
+        save_fn()
+    except tk.SaveError as e:
+        return str(e)
+    finally:
+        _io.pwrite_all = real
+    raise AssertionError("the save did not fail")
