@@ -95,9 +95,12 @@ class ShortWrites:
         return n
 
 
-@pytest.fixture(params=["small", "large"])
+@pytest.fixture(params=["small", "medium", "large"])
 def size(request, monkeypatch):
-    """small: buffered writes; large: O_DIRECT through 64 KiB staging buffers (knobs shrunk)."""
+    """small: one buffered write of the whole file; medium: buffered writes per tensor;
+    large: O_DIRECT through 64 KiB staging buffers (knobs shrunk)."""
+    if request.param == "medium":
+        monkeypatch.setattr(knobs, "ONE_WRITE_BYTES", 0)
     if request.param == "large":
         monkeypatch.setattr(knobs, "DIRECT_IO_MIN_BYTES", 64 << 10)
         monkeypatch.setattr(knobs, "CHUNK_BYTES", 64 << 10)

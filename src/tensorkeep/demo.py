@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -73,15 +74,37 @@ def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(X).argmax(1) == y).float().mean())
 
 
-def train(run: str, out: str, slow: float) -> None:
-    """The training script: resumes from the newest checkpoint, checkpoints every epoch."""
+def setup() -> tuple[nn.Module, dict, torch.utils.data.DataLoader, tuple[torch.Tensor, torch.Tensor]]:
+    """The demo's model, its training state, the shuffling loader and the validation set."""
     torch.manual_seed(0)
     Xtr, ytr, Xva, yva = data()
     model = DigitsMLP()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=EPOCHS)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(Xtr, ytr), batch_size=32, shuffle=True)
-    state = {"model": model, "optimizer": opt, "scheduler": sched}
+    return model, {"model": model, "optimizer": opt, "scheduler": sched}, loader, (Xva, yva)
+
+
+def train_epoch(state: dict, loader: Any, val: tuple[torch.Tensor, torch.Tensor], slow: float = 0.0) -> dict:
+    """One epoch of the demo's training loop (44 steps); returns the metrics to checkpoint with."""
+    model, opt = state["model"], state["optimizer"]
+    model.train()
+    for xb, yb in loader:
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+        if slow:
+            time.sleep(slow)
+    state["scheduler"].step()
+    model.eval()
+    with torch.no_grad():
+        val_loss = float(F.cross_entropy(model(val[0]), val[1]))
+    return {"val_loss": round(val_loss, 5), "val_acc": round(accuracy(model, *val), 4)}
+
+
+def train(run: str, out: str, slow: float) -> None:
+    """The training script: resumes from the newest checkpoint, checkpoints every epoch."""
+    model, state, loader, val = setup()
     with tk.CheckpointManager(run, keep_last=3, keep_best=("val_loss", "min")) as mgr:
         start = mgr.restore(state) or 0
         print(f"RESUMED {start}" if start else "FRESH", flush=True)
@@ -90,22 +113,11 @@ def train(run: str, out: str, slow: float) -> None:
         except ImportError:  # pragma: no cover
             tqdm = None
         for epoch in range(start, EPOCHS):
-            model.train()
             batches = tqdm(loader, desc=f"  epoch {epoch + 1:2d}/{EPOCHS}", leave=False, file=sys.stderr,
-                           ncols=70, disable=tqdm is None or not sys.stderr.isatty()) if tqdm else loader
-            for xb, yb in batches:
-                opt.zero_grad()
-                F.cross_entropy(model(xb), yb).backward()
-                opt.step()
-                if slow:
-                    time.sleep(slow)
-            sched.step()
-            model.eval()
-            with torch.no_grad():
-                val_loss = float(F.cross_entropy(model(Xva), yva))
-            acc = accuracy(model, Xva, yva)
-            mgr.save(epoch + 1, state, metrics={"val_loss": round(val_loss, 5), "val_acc": round(acc, 4)})
-            print(f"COMMITTED {epoch + 1} {val_loss:.4f} {acc:.4f}", flush=True)
+                           ncols=70, disable=not sys.stderr.isatty()) if tqdm else loader
+            metrics = train_epoch(state, batches, val, slow)
+            mgr.save(epoch + 1, state, metrics=metrics)
+            print(f"COMMITTED {epoch + 1} {metrics['val_loss']:.4f} {metrics['val_acc']:.4f}", flush=True)
     tk.save(model.state_dict(), out)
 
 

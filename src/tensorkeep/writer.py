@@ -18,8 +18,8 @@ import torch
 from . import _io, knobs
 from .dtypes import byte_view, name_of_numpy, name_of_torch
 from .format import (
-    CRC_KEY, CRC_PLACEHOLDER, DTYPE_SIZES, FORMAT_VERSION, TK_KEY, TK_PREFIX, crc32, dumps, encode_header,
-    header_crc,
+    CRC_KEY, CRC_PLACEHOLDER, DTYPE_SIZES, FORMAT_VERSION, TK_KEY, TK_PREFIX, crc32, crc_field, dumps,
+    encode_header, header_crc,
 )
 from .storage import is_url
 from .tree import flatten
@@ -138,8 +138,9 @@ def save(obj: Any, path: "str | os.PathLike[str]", *, metadata: Mapping[str, str
     write(obj, path, user, durable)
 
 
-def write(obj: Any, path: str, user: dict[str, str], durable: bool, *, in_place: bool = False) -> None:
+def write(obj: Any, path: str, user: dict[str, str], durable: bool, *, in_place: bool = False) -> tuple[int, str]:
     """:func:`save` without the check on reserved metadata keys (for tensorkeep's own modules).
+    Returns the file's size and its header checksum (what a manifest records of it).
 
     ``in_place=True``: write a new file directly at ``path`` (see ``_io.atomic_file``).
     A URL (``s3://…``) is written by :func:`tensorkeep.remote.write_url` instead."""
@@ -147,19 +148,23 @@ def write(obj: Any, path: str, user: dict[str, str], durable: bool, *, in_place:
         from .remote import write_url
 
         write_url(obj, path, user, durable=durable)
-        return
-    entries, info, meta, total = plan(obj, path, user)
+        return -1, ""
+    entries, info, meta, total = plan(obj, path, user, placeholder=False)
+    if total <= knobs.ONE_WRITE_BYTES and total < knobs.DIRECT_IO_MIN_BYTES:
+        return _write_whole(entries, info, meta, total, path, durable, in_place)  # header and data in one write
+    meta[TK_KEY] = _dumps_tree(info)  # the placeholder record: its length fixes where the data starts
     block = info["block"]
     direct = hasattr(os, "O_DIRECT") and total >= knobs.DIRECT_IO_MIN_BYTES
+    align = knobs.ALIGN if direct else 8
     layout = [(n, dt, sh) for n, dt, sh, _ in entries]
-    head, _ = encode_header(layout, meta, knobs.ALIGN if direct else 8)
+    head, _ = encode_header(layout, meta, align)
     sources = [(n, get) for n, _, _, get in entries]
     with _io.atomic_file(path, durable=durable, direct=direct, in_place=in_place) as fd:
         if direct and _io.fd_is_direct(fd):
             info["crc"] = _write_direct(fd, len(head), sources, block, total)
         else:
             info["crc"] = _write_buffered(fd, len(head), sources, block)
-        final = final_header(layout, meta, info, knobs.ALIGN if direct else 8, len(head))
+        final = final_header(layout, meta, info, align, len(head))
         if direct and _io.fd_is_direct(fd):
             buf = _io.STAGING.get(len(final))
             try:
@@ -169,27 +174,48 @@ def write(obj: Any, path: str, user: dict[str, str], durable: bool, *, in_place:
                 _io.STAGING.put(buf)
         else:
             _io.pwrite_all(fd, memoryview(final), 0)
+    return len(head) + total, crc_field(final)
 
 
-def plan(obj: Any, path: str, user: dict[str, str]) -> tuple[list, dict[str, Any], dict[str, str], int]:
+def _write_whole(entries: list, info: dict[str, Any], meta: dict[str, str], total: int, path: str,
+                 durable: bool, in_place: bool) -> tuple[int, str]:
+    """A small file: checksums first, then the header (encoded once) and the data in one write."""
+    bufs = [(name, get()) for name, _, _, get in entries]
+    info["crc"] = {name: _block_crcs(buf, info["block"]) for name, buf in bufs}
+    final = final_header([(n, dt, sh) for n, dt, sh, _ in entries], meta, info, 8)
+    whole = bytearray(len(final) + total)
+    whole[: len(final)] = final
+    off = len(final)
+    for _, buf in bufs:
+        whole[off : off + buf.nbytes] = memoryview(buf)
+        off += buf.nbytes
+    with _io.atomic_file(path, durable=durable, in_place=in_place) as fd:
+        _io.pwrite_all(fd, memoryview(whole), 0)
+    return len(whole), crc_field(final)
+
+
+def plan(obj: Any, path: str, user: dict[str, str], *, placeholder: bool = True) -> tuple[list, dict[str, Any], dict[str, str], int]:
     """The tensors of ``obj`` in file order ``[(name, dtype, shape, get_bytes)]``, the tensorkeep
-    record (checksums still placeholders), the header metadata and the data size in bytes."""
+    record (checksums still placeholders), the header metadata and the data size in bytes.
+    ``placeholder=False`` leaves the record out of the metadata (:func:`final_header` puts it in)."""
     tree, leaves = flatten(obj)
     entries = [(name, *_source(x, path, name)) for name, x in leaves]
     entries.sort(key=lambda e: -DTYPE_SIZES[e[1]])  # larger items first keeps every tensor aligned
     block = knobs.BLOCK_BYTES
     info: dict[str, Any] = {"v": FORMAT_VERSION, "block": block, "tree": tree,
                             "crc": {n: [CRC_PLACEHOLDER] * _nblocks(_nbytes(dt, sh), block) for n, dt, sh, _ in entries}}
-    meta = {CRC_KEY: CRC_PLACEHOLDER, TK_KEY: _dumps_tree(info), **user}
+    meta = {CRC_KEY: CRC_PLACEHOLDER, TK_KEY: _dumps_tree(info) if placeholder else "", **user}
     total = sum(_nbytes(dt, sh) for _, dt, sh, _ in entries)
     return entries, info, meta, total
 
 
-def final_header(layout: list, meta: dict[str, str], info: dict[str, Any], align: int, length: int) -> bytearray:
-    """The header with the real checksums in ``info`` and its own checksum; as long as the placeholder one."""
+def final_header(layout: list, meta: dict[str, str], info: dict[str, Any], align: int,
+                 length: int | None = None) -> bytearray:
+    """The header with the real checksums in ``info`` and its own checksum; as long as the
+    placeholder one (``length``) when one was written."""
     meta[TK_KEY] = _dumps_tree(info)
     final, _ = encode_header(layout, meta, align)
-    assert len(final) == length, "header length changed between placeholder and final write"
+    assert length is None or len(final) == length, "header length changed between placeholder and final write"
     final = bytearray(final)
     at = 8 + len(TK_PREFIX)
     final[at : at + 8] = f"{header_crc(final):08x}".encode()

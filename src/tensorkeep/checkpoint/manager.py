@@ -20,7 +20,6 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from .. import _io
 from ..errors import CheckpointNotFoundError, FormatError, TensorkeepError
 from ..files import load, write
-from ..format import stored_crc
 from . import layout, packs, rng
 from . import collective
 from ..storage import StorageError, is_url, local_path
@@ -236,6 +235,7 @@ class CheckpointManager:
             changed = self._staging.copy_deferred()  # async_save="lazy"
         finally:
             self._copied.set()
+            time.sleep(0)  # hand the GIL back now: the training thread may be waiting in optimizer.step()
         if changed:  # paths into the payload: (file, 2, key, ...)
             names = ", ".join(f"{p[0]}: {'.'.join(map(str, p[2:]))}" for p in changed[:3])
             raise TensorkeepError(
@@ -264,8 +264,8 @@ class CheckpointManager:
             else:
                 for name, (key, kind, obj) in payload.items():
                     p = os.path.join(tmp, name)
-                    write(obj, p, {}, self.durable, in_place=True)  # the directory is published by rename
-                    m.files[name] = {"size": os.path.getsize(p), "crc32": stored_crc(p), "key": key, "kind": kind}
+                    size, crc = write(obj, p, {}, self.durable, in_place=True)  # the directory is published by rename
+                    m.files[name] = {"size": size, "crc32": crc, "key": key, "kind": kind}
             layout.write_manifest(tmp, m)
             if self.durable:
                 _io.fsync_dir(tmp)

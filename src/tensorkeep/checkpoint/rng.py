@@ -16,8 +16,10 @@ def capture() -> dict[str, Any]:
     >>> s = capture(); a = torch.rand(1); restore(s); torch.equal(a, torch.rand(1))
     True
     """
+    version, internal, gauss = random.getstate()
     state: dict[str, Any] = {
-        "python": random.getstate(),
+        # the 625 words of the Mersenne Twister as one array, not a 625-element JSON list
+        "python": (version, np.array(internal, dtype=np.uint32), gauss),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
     }
@@ -29,6 +31,8 @@ def capture() -> dict[str, Any]:
 def restore(state: dict[str, Any]) -> None:
     """Put back what :func:`capture` returned (as saved and loaded by tensorkeep)."""
     version, internal, gauss = state["python"]
+    if isinstance(internal, np.ndarray):
+        internal = internal.tolist()
     random.setstate((version, tuple(internal), gauss))
     np.random.set_state(tuple(state["numpy"]))
     torch.set_rng_state(state["torch"])
