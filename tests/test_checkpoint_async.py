@@ -12,10 +12,17 @@ import pytest
 import torch
 
 import tensorkeep as tk
-from tensorkeep import _io
+from tensorkeep import _io, knobs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRIALS = int(os.environ.get("TK_ASYNC_KILL_TRIALS", "8"))
+
+
+@pytest.fixture(autouse=True)
+def staged(monkeypatch):
+    """These tests drive the staging buffers and the background writer. Files of a few kB are
+    otherwise built whole inside save() (see test_small_files_are_built_inside_save)."""
+    monkeypatch.setattr(knobs, "ONE_WRITE_BYTES", 0)
 
 
 def test_save_returns_snapshot_and_later_mutation_is_not_saved(tmp):
@@ -231,3 +238,23 @@ def test_failed_lazy_saves_leave_optimizer_steps_free(tmp_path):
         mgr.save(3, {"model": net, "optimizer": opt})
         mgr.wait()
         assert mgr.steps() == [3]
+
+
+@pytest.mark.parametrize("mode", [True, "lazy"])
+def test_small_files_are_built_inside_save(tmp_path, monkeypatch, mode):
+    monkeypatch.setattr(knobs, "ONE_WRITE_BYTES", 1 << 20)
+    net = _lazy_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with tk.CheckpointManager(str(tmp_path / "run"), async_save=mode) as mgr:
+        with pytest.raises(TypeError, match="set"):  # refused by save() itself, not later by the writer
+            mgr.save(1, {"model": net, "bad": {1, 2}})
+        expect = {k: v.clone() for k, v in net.state_dict().items()}
+        mgr.save(2, {"model": net, "optimizer": opt})
+        assert mgr._staging._bufs == {}  # no staging: the file's bytes were complete when save() returned
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(1.0)  # outside any optimizer: fine, the bytes were already copied
+        mgr.wait()
+        assert mgr.steps() == [2]
+        back = tk.load(os.path.join(mgr.path(2), "model.tk"))
+    assert all(torch.equal(back[k], v) for k, v in expect.items())

@@ -30,7 +30,7 @@ MAX_DEPTH = 100
 MAX_NDIM = 64
 #: Checksums cover blocks of this many bytes of each tensor, so a slice read verifies only what it reads.
 BLOCK_BYTES = 4 << 20
-#: Files whose tensors total at most this many bytes are assembled in memory and written with
+#: Files whose tensors total less than this many bytes are assembled in memory and written with
 #: one ``pwrite``: a checkpoint of a small model makes a few syscalls instead of one per tensor
 #: (each one a trip through the GIL when the writer runs in the background).
 ONE_WRITE_BYTES = 1 << 20

@@ -18,8 +18,8 @@ import torch
 from . import _io, knobs
 from .dtypes import byte_view, name_of_numpy, name_of_torch
 from .format import (
-    CRC_KEY, CRC_PLACEHOLDER, DTYPE_SIZES, FORMAT_VERSION, TK_KEY, TK_PREFIX, crc32, crc_field, dumps,
-    encode_header, header_crc,
+    CRC_FIELD_END, CRC_KEY, CRC_PLACEHOLDER, DTYPE_SIZES, FORMAT_VERSION, TK_KEY, TK_PREFIX, crc32, crc_field,
+    dumps, encode_header, header_crc,
 )
 from .storage import is_url
 from .tree import flatten
@@ -150,8 +150,8 @@ def write(obj: Any, path: str, user: dict[str, str], durable: bool, *, in_place:
         write_url(obj, path, user, durable=durable)
         return -1, ""
     entries, info, meta, total = plan(obj, path, user, placeholder=False)
-    if total <= knobs.ONE_WRITE_BYTES and total < knobs.DIRECT_IO_MIN_BYTES:
-        return _write_whole(entries, info, meta, total, path, durable, in_place)  # header and data in one write
+    if _small(total):  # header and data assembled in memory, one write
+        return write_image(_image(entries, info, meta, total), path, durable, in_place=in_place)  # type: ignore[arg-type]
     meta[TK_KEY] = _dumps_tree(info)  # the placeholder record: its length fixes where the data starts
     block = info["block"]
     direct = hasattr(os, "O_DIRECT") and total >= knobs.DIRECT_IO_MIN_BYTES
@@ -177,21 +177,41 @@ def write(obj: Any, path: str, user: dict[str, str], durable: bool, *, in_place:
     return len(head) + total, crc_field(final)
 
 
-def _write_whole(entries: list, info: dict[str, Any], meta: dict[str, str], total: int, path: str,
-                 durable: bool, in_place: bool) -> tuple[int, str]:
-    """A small file: checksums first, then the header (encoded once) and the data in one write."""
+class FileImage(bytearray):
+    """The complete bytes of a small file (header and data), built by :func:`image`."""
+
+
+def image(obj: Any, path: str, user: dict[str, str]) -> FileImage | None:
+    """The bytes :func:`write` would put in the file, or None unless its tensors total less than
+    ``knobs.ONE_WRITE_BYTES`` (such files are written piece by piece). Copies every tensor now:
+    an asynchronous checkpoint builds these in ``save()`` and leaves only syscalls to its writer."""
+    return _image(*plan(obj, path, user, placeholder=False))
+
+
+def _small(total: int) -> bool:
+    return total < knobs.ONE_WRITE_BYTES and total < knobs.DIRECT_IO_MIN_BYTES
+
+
+def _image(entries: list, info: dict[str, Any], meta: dict[str, str], total: int) -> FileImage | None:
+    if not _small(total):
+        return None
     bufs = [(name, get()) for name, _, _, get in entries]
     info["crc"] = {name: _block_crcs(buf, info["block"]) for name, buf in bufs}
     final = final_header([(n, dt, sh) for n, dt, sh, _ in entries], meta, info, 8)
-    whole = bytearray(len(final) + total)
+    whole = FileImage(len(final) + total)
     whole[: len(final)] = final
     off = len(final)
     for _, buf in bufs:
         whole[off : off + buf.nbytes] = memoryview(buf)
         off += buf.nbytes
+    return whole
+
+
+def write_image(img: FileImage, path: str, durable: bool, *, in_place: bool = False) -> tuple[int, str]:
+    """Write what :func:`image` built, atomically like :func:`write`; returns size and header checksum."""
     with _io.atomic_file(path, durable=durable, in_place=in_place) as fd:
-        _io.pwrite_all(fd, memoryview(whole), 0)
-    return len(whole), crc_field(final)
+        _io.pwrite_all(fd, memoryview(img), 0)
+    return len(img), crc_field(img[:CRC_FIELD_END])
 
 
 def plan(obj: Any, path: str, user: dict[str, str], *, placeholder: bool = True) -> tuple[list, dict[str, Any], dict[str, str], int]:

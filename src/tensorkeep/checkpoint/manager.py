@@ -14,12 +14,14 @@ import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from .. import _io
+from .. import _io, knobs
 from ..errors import CheckpointNotFoundError, FormatError, TensorkeepError
 from ..files import load, write
+from ..writer import FileImage, image, write_image
 from . import layout, packs, rng
 from . import collective
 from ..storage import StorageError, is_url, local_path
@@ -218,7 +220,12 @@ class CheckpointManager:
         else:
             self.wait()  # at most one save in flight: memory stays bounded, errors surface here
             defer = _changed_only_by_optimizers(state) if self.async_save == "lazy" else frozenset()
-            payload = self._staging.snapshot(self._payload(state), defer)  # the only part that blocks training
+            payload = self._payload(state)
+            if not self.incremental and self._remote is None:
+                # small files are built whole here (a few kB of copies), so the writer thread only
+                # makes syscalls: Python work there would take the GIL from training
+                payload = {name: (key, kind, _small_image(obj, name)) for name, (key, kind, obj) in payload.items()}
+            payload = self._staging.snapshot(payload, defer)  # the only part that blocks training
             if defer:  # from here until the writer has copied them, optimizer steps wait
                 self._hook_optimizer_steps()
                 self._copied.clear()
@@ -264,7 +271,10 @@ class CheckpointManager:
             else:
                 for name, (key, kind, obj) in payload.items():
                     p = os.path.join(tmp, name)
-                    size, crc = write(obj, p, {}, self.durable, in_place=True)  # the directory is published by rename
+                    if isinstance(obj, FileImage):
+                        size, crc = write_image(obj, p, self.durable, in_place=True)
+                    else:
+                        size, crc = write(obj, p, {}, self.durable, in_place=True)  # the directory is published by rename
                     m.files[name] = {"size": size, "crc32": crc, "key": key, "kind": kind}
             layout.write_manifest(tmp, m)
             if self.durable:
@@ -505,6 +515,29 @@ def _changed_only_by_optimizers(state: Mapping[str, Any]) -> frozenset[int]:
             ptrs.update(t.data_ptr() for s in obj.state.values() for t in s.values()
                         if isinstance(t, torch.Tensor) and t.device.type == "cpu")
     return frozenset(ptrs)
+
+
+def _small_image(obj: Any, name: str) -> Any:
+    """``obj`` as the bytes of its file when its tensors are few bytes (``knobs.ONE_WRITE_BYTES``), else ``obj``."""
+    if _tensor_bytes(obj, knobs.ONE_WRITE_BYTES) >= knobs.ONE_WRITE_BYTES:
+        return obj  # checked first: a big state is not walked twice
+    img = image(obj, name, {})
+    return obj if img is None else img
+
+
+def _tensor_bytes(obj: Any, limit: int) -> int:
+    """Bytes of the tensors and arrays in ``obj``, counted until ``limit`` is passed."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    n = 0
+    if isinstance(obj, (dict, list, tuple)):
+        for v in (obj.values() if isinstance(obj, dict) else obj):
+            n += _tensor_bytes(v, limit - n)
+            if n > limit:
+                break
+    return n
 
 
 def _finish_at_exit(ref: "weakref.ref[CheckpointManager]") -> None:
