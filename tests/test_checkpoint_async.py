@@ -258,3 +258,15 @@ def test_small_files_are_built_inside_save(tmp_path, monkeypatch, mode):
         assert mgr.steps() == [2]
         back = tk.load(os.path.join(mgr.path(2), "model.tk"))
     assert all(torch.equal(back[k], v) for k, v in expect.items())
+
+
+@pytest.mark.parametrize("incremental", [False, True])
+def test_a_container_that_holds_itself_is_refused_clearly(tmp_path, incremental):
+    d = {}
+    d["self"] = d
+    with tk.CheckpointManager(str(tmp_path / "run"), async_save=True, incremental=incremental) as mgr:
+        with pytest.raises(ValueError, match="nested more than .* cycle"):
+            mgr.save(1, {"x": d, "w": torch.ones(3)})
+        mgr.save(2, {"w": torch.ones(3)})
+        mgr.wait()
+        assert mgr.steps() == [2]

@@ -14,21 +14,20 @@ import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Mapping, Sequence
 
-import numpy as np
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from .. import _io, knobs
+from .. import _io
 from ..errors import CheckpointNotFoundError, FormatError, TensorkeepError
 from ..files import load, write
-from ..writer import FileImage, image, write_image
+from ..writer import FileImage, write_image
 from . import layout, packs, rng
 from . import collective
 from ..storage import StorageError, is_url, local_path
 from .lock import RunLock
 from .objects import ObjectRun, OwnerRecord
 from .policies import BestN, EveryNSteps, LatestN, Policy, Record, to_keep
-from .snapshot import Staging
+from .snapshot import Staging, small_image
 
 RNG_FILE = "rng.tk"
 VALUES_FILE = "values.tk"
@@ -224,7 +223,7 @@ class CheckpointManager:
             if not self.incremental and self._remote is None:
                 # small files are built whole here (a few kB of copies), so the writer thread only
                 # makes syscalls: Python work there would take the GIL from training
-                payload = {name: (key, kind, _small_image(obj, name)) for name, (key, kind, obj) in payload.items()}
+                payload = {name: (key, kind, small_image(obj, name)) for name, (key, kind, obj) in payload.items()}
             payload = self._staging.snapshot(payload, defer)  # the only part that blocks training
             if defer:  # from here until the writer has copied them, optimizer steps wait
                 self._hook_optimizer_steps()
@@ -515,29 +514,6 @@ def _changed_only_by_optimizers(state: Mapping[str, Any]) -> frozenset[int]:
             ptrs.update(t.data_ptr() for s in obj.state.values() for t in s.values()
                         if isinstance(t, torch.Tensor) and t.device.type == "cpu")
     return frozenset(ptrs)
-
-
-def _small_image(obj: Any, name: str) -> Any:
-    """``obj`` as the bytes of its file when its tensors are few bytes (``knobs.ONE_WRITE_BYTES``), else ``obj``."""
-    if _tensor_bytes(obj, knobs.ONE_WRITE_BYTES) >= knobs.ONE_WRITE_BYTES:
-        return obj  # checked first: a big state is not walked twice
-    img = image(obj, name, {})
-    return obj if img is None else img
-
-
-def _tensor_bytes(obj: Any, limit: int) -> int:
-    """Bytes of the tensors and arrays in ``obj``, counted until ``limit`` is passed."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, np.ndarray):
-        return obj.nbytes
-    n = 0
-    if isinstance(obj, (dict, list, tuple)):
-        for v in (obj.values() if isinstance(obj, dict) else obj):
-            n += _tensor_bytes(v, limit - n)
-            if n > limit:
-                break
-    return n
 
 
 def _finish_at_exit(ref: "weakref.ref[CheckpointManager]") -> None:

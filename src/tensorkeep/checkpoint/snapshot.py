@@ -15,6 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import knobs
+from ..writer import FileImage, image
+
 
 class Staging:
     """Reusable host copies of the tensors of a state, one set per manager."""
@@ -72,6 +75,9 @@ class Staging:
                 return buf
             if isinstance(x, np.ndarray):
                 return x.copy()
+            if len(path) > knobs.MAX_DEPTH + 2:  # (file, key, ...): the same limit as the writer's
+                raise ValueError(f"cannot save {path[2]!r}: nested more than {knobs.MAX_DEPTH} levels deep "
+                                 "(is there a cycle, a container that holds itself?)")
             if type(x) in (dict, OrderedDict):
                 out = type(x)((k, copy(v, path + (k,))) for k, v in x.items())
                 if hasattr(x, "_metadata"):
@@ -110,3 +116,30 @@ class Staging:
         for ev in self._pending:
             ev.synchronize()
         self._pending = []
+
+
+def small_image(obj: Any, name: str) -> "FileImage | Any":
+    """``obj`` as the finished bytes of its file when its tensors total less than
+    ``knobs.ONE_WRITE_BYTES`` (copied now, like a snapshot), else ``obj`` itself."""
+    if _tensor_bytes(obj, knobs.ONE_WRITE_BYTES, 0) >= knobs.ONE_WRITE_BYTES:
+        return obj  # checked first: a big state is not walked twice
+    img = image(obj, name, {})
+    return obj if img is None else img
+
+
+def _tensor_bytes(obj: Any, limit: int, depth: int) -> int:
+    """Bytes of the tensors and arrays in ``obj``, counted until ``limit`` is passed (too deep
+    a nesting counts as ``limit``: the writer then reports it)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if depth > knobs.MAX_DEPTH:
+        return limit
+    n = 0
+    if isinstance(obj, (dict, list, tuple)):
+        for v in (obj.values() if isinstance(obj, dict) else obj):
+            n += _tensor_bytes(v, limit - n, depth + 1)
+            if n >= limit:
+                break
+    return n
