@@ -99,7 +99,8 @@ def overhead(a: argparse.Namespace) -> list[tuple]:
     machine's speed (other tenants, CPU steal) hit both alike; the order flips every pair."""
     rows = []
     for every in a.every:
-        for mode, async_save in (("sync", False), ("async", True), ("lazy", "lazy")):
+        for mode in a.modes:
+            async_save = {"sync": False, "async": True, "lazy": "lazy"}[mode]
             run = os.path.join(a.dir, "loop-" + mode)
             shutil.rmtree(run, ignore_errors=True)
             _, state, loader, val = setup()
@@ -129,6 +130,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=60, help="segments with / without checkpoints")
     ap.add_argument("--every", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2, 4, 8],
                     help="epochs (44 steps each) between checkpoints, a comma-separated list")
+    ap.add_argument("--modes", type=lambda v: v.split(","), default=["sync", "async", "lazy"])
     ap.add_argument("--dir", default="/tmp/tk-bench-async")
     ap.add_argument("--part", choices=("all", "stall", "loop"), default="all")
     a = ap.parse_args()
