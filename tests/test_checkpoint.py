@@ -95,6 +95,23 @@ def test_rng_restored_exactly(tmp):
     assert want[0] == got[0] and want[1] == got[1] and torch.equal(want[2], got[2])
 
 
+def test_rng_saved_compactly_and_old_checkpoints_still_restore(tmp):
+    """Python's Mersenne state is kept as one uint32 array; checkpoints written before that
+    (a 625-element list in rng.tk) restore the same stream."""
+    random.seed(7)
+    random.gauss(0, 1)  # leaves a cached gaussian in the state
+    with tk.CheckpointManager(tmp) as mgr:
+        mgr.save(1, {"x": 1})
+        rng_file = os.path.join(mgr.path(1), "rng.tk")
+        version, internal, gauss = tk.load(rng_file)["python"]
+        assert isinstance(internal, np.ndarray) and internal.dtype == np.uint32 and internal.shape == (625,)
+        want = [random.random(), random.gauss(0, 1)]
+        old = dict(tk.load(rng_file), python=(version, internal.tolist(), gauss))  # the earlier layout
+        from tensorkeep.checkpoint import rng
+        rng.restore(old)
+        assert [random.random(), random.gauss(0, 1)] == want
+
+
 def test_retention_and_queries(tmp):
     with tk.CheckpointManager(tmp, keep_last=2, keep_best=("loss", "min"), keep_every=300) as mgr:
         for s, l in [(100, 0.9), (200, 0.1), (300, 0.7), (400, 0.8), (500, 0.6)]:

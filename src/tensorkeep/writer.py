@@ -151,7 +151,7 @@ def write(obj: Any, path: str, user: dict[str, str], durable: bool, *, in_place:
         return -1, ""
     entries, info, meta, total = plan(obj, path, user, placeholder=False)
     if _small(total):  # header and data assembled in memory, one write
-        return write_image(_image(entries, info, meta, total), path, durable, in_place=in_place)  # type: ignore[arg-type]
+        return write_image(_image(entries, info, meta, total), path, durable, in_place=in_place)
     meta[TK_KEY] = _dumps_tree(info)  # the placeholder record: its length fixes where the data starts
     block = info["block"]
     direct = hasattr(os, "O_DIRECT") and total >= knobs.DIRECT_IO_MIN_BYTES
@@ -185,16 +185,15 @@ def image(obj: Any, path: str, user: dict[str, str]) -> FileImage | None:
     """The bytes :func:`write` would put in the file, or None unless its tensors total less than
     ``knobs.ONE_WRITE_BYTES`` (such files are written piece by piece). Copies every tensor now:
     an asynchronous checkpoint builds these in ``save()`` and leaves only syscalls to its writer."""
-    return _image(*plan(obj, path, user, placeholder=False))
+    entries, info, meta, total = plan(obj, path, user, placeholder=False)
+    return _image(entries, info, meta, total) if _small(total) else None
 
 
 def _small(total: int) -> bool:
     return total < knobs.ONE_WRITE_BYTES and total < knobs.DIRECT_IO_MIN_BYTES
 
 
-def _image(entries: list, info: dict[str, Any], meta: dict[str, str], total: int) -> FileImage | None:
-    if not _small(total):
-        return None
+def _image(entries: list, info: dict[str, Any], meta: dict[str, str], total: int) -> FileImage:
     bufs = [(name, get()) for name, _, _, get in entries]
     info["crc"] = {name: _block_crcs(buf, info["block"]) for name, buf in bufs}
     final = final_header([(n, dt, sh) for n, dt, sh, _ in entries], meta, info, 8)
