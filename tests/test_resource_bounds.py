@@ -145,18 +145,23 @@ def test_header_near_the_cap(big, kind):
         refused(out, big, *expected)
 
 
-def test_structure_record_near_the_cap_is_refused(big, tmp):
-    """A tensorkeep file with a valid header checksum whose structure record is 66 MB of '[]'."""
-    p = os.path.join(tmp, "small.tk")
+def saved_record(p: str) -> tuple[dict, dict, bytes]:
+    """Save a small file at ``p``; return its parsed header, its tensorkeep record and the data after the header."""
     tk.save({"w": torch.ones(2)}, p)
     data = open(p, "rb").read()
     n = struct.unpack("<Q", data[:8])[0]
     head = json.loads(data[8 : 8 + n])
-    record = json.loads(head["__metadata__"]["tensorkeep"])
+    return head, json.loads(head["__metadata__"]["tensorkeep"]), data[8 + n:]
+
+
+def test_structure_record_near_the_cap_is_refused(big, tmp):
+    """A tensorkeep file with a valid header checksum whose structure record is 66 MB of '[]'."""
+    p = os.path.join(tmp, "small.tk")
+    head, record, rest = saved_record(p)
     record["tree"] = {"l": "BOMB"}
     head["__metadata__"]["tensorkeep"] = fmt.dumps(record)
     text = fmt.dumps(head).encode().replace(b'\\"BOMB\\"', b"[" + b"[]," * 22_000_000 + b"[]]")
-    b = bytearray(struct.pack("<Q", len(text)) + text + data[8 + n:])
+    b = bytearray(struct.pack("<Q", len(text)) + text + rest)
     assert reseal(b)
     with open(big, "wb") as f:
         f.write(b)
@@ -227,17 +232,13 @@ def test_save_refuses_what_load_would_refuse(tmp, monkeypatch):
 
 def test_deep_structure_record_is_refused(tmp):
     p = os.path.join(tmp, "deep.tk")
-    tk.save({"w": torch.ones(2)}, p)
-    data = open(p, "rb").read()
-    n = struct.unpack("<Q", data[:8])[0]
-    head = json.loads(data[8 : 8 + n])
-    record = json.loads(head["__metadata__"]["tensorkeep"])
+    head, record, rest = saved_record(p)
     depth = knobs.MAX_DEPTH + 5
     record["tree"] = "DEEP"
     head["__metadata__"]["tensorkeep"] = fmt.dumps(record).replace(
         '"DEEP"', '{"l":[' * depth + '{"d":[["w",{"t":"w"}]]}' + "]}" * depth)
     text = fmt.dumps(head).encode()
-    b = bytearray(struct.pack("<Q", len(text)) + text + data[8 + n:])
+    b = bytearray(struct.pack("<Q", len(text)) + text + rest)
     assert reseal(b)
     open(p, "wb").write(b)
     with pytest.raises(tk.FormatError, match=f"nested more than {knobs.MAX_DEPTH} levels"):

@@ -176,11 +176,8 @@ def test_eio_from_write_after_a_short_write(tmp, monkeypatch, size):
     assert same(tk.load(p), small_obj())
 
 
-def test_eio_from_fsync_is_fatal_and_not_retried(tmp, monkeypatch, size):
-    p = os.path.join(tmp, "x.tk")
-    tk.save(small_obj(), p)
-    before = open(p, "rb").read()
-    targets: list[str] = []
+def first_fsync_fails(targets: list[str]):
+    """An ``os.fsync`` that records the path of each file it is called on and fails the first with EIO."""
     real = os.fsync
 
     def fsync(fd: int) -> None:
@@ -188,6 +185,16 @@ def test_eio_from_fsync_is_fatal_and_not_retried(tmp, monkeypatch, size):
         if len(targets) == 1:
             eio()
         real(fd)
+
+    return fsync
+
+
+def test_eio_from_fsync_is_fatal_and_not_retried(tmp, monkeypatch, size):
+    p = os.path.join(tmp, "x.tk")
+    tk.save(small_obj(), p)
+    before = open(p, "rb").read()
+    targets: list[str] = []
+    fsync = first_fsync_fails(targets)
 
     monkeypatch.setattr(os, "fsync", fsync)
     with pytest.raises(tk.SaveError) as e:
@@ -203,13 +210,7 @@ def test_eio_from_fsync_in_a_checkpoint_save(tmp, monkeypatch):
     before = {n: open(os.path.join(tmp, "step_00000001", n), "rb").read()
               for n in os.listdir(os.path.join(tmp, "step_00000001"))}
     targets: list[str] = []
-    real = os.fsync
-
-    def fsync(fd: int) -> None:
-        targets.append(os.readlink(f"/proc/self/fd/{fd}"))
-        if len(targets) == 1:
-            eio()
-        real(fd)
+    fsync, real = first_fsync_fails(targets), os.fsync
 
     with tk.CheckpointManager(tmp) as mgr:  # opened first: taking the run lock fsyncs too
         monkeypatch.setattr(os, "fsync", fsync)
