@@ -32,7 +32,7 @@ MAX_NDIM = 64
 BLOCK_BYTES = 4 << 20
 #: Files whose tensors total less than this many bytes are assembled in memory and written with
 #: one ``pwrite``: a checkpoint of a small model makes a few syscalls instead of one per tensor
-#: (each one a trip through the GIL when the writer runs in the background).
+#: (each one a trip through the GIL when the writer runs in the background). 0: never.
 ONE_WRITE_BYTES = 1 << 20
 #: Files smaller than this are written with plain buffered I/O.
 DIRECT_IO_MIN_BYTES = 32 << 20

@@ -25,6 +25,7 @@ import torch
 from . import knobs
 from .errors import FormatError
 
+_Parameter = torch.nn.Parameter
 _SUPPORTED = (
     "tensorkeep saves torch tensors, NumPy arrays, dict/OrderedDict (str or int keys), list, tuple, "
     "and str/int/float/bool/None"
@@ -37,9 +38,8 @@ def _path_str(path: tuple) -> str:
 
 def _view_key(x: Any) -> tuple:
     """Identity of a view: same memory, same layout -> same key."""
-    if isinstance(x, torch.Tensor):
-        return ("t", x.device.type, x.device.index, x.data_ptr(), x.dtype, tuple(x.shape), x.stride(),
-                x.untyped_storage().data_ptr() if x.device.type != "meta" else 0)
+    if isinstance(x, torch.Tensor):  # data_ptr() and storage_offset() together pin the storage
+        return ("t", x.device, x.data_ptr(), x.storage_offset(), x.dtype, x.shape, x.stride())
     return ("n", x.__array_interface__["data"][0], x.dtype.str, x.shape, x.strides)
 
 
@@ -55,7 +55,7 @@ class _Flattener:
         empty = (x.numel() if isinstance(x, torch.Tensor) else x.size) == 0
         if not empty and key in self._by_view:
             return self._by_view[key]
-        base = ".".join(str(p) for p in path) or "tensor"
+        base = ".".join(map(str, path)) or "tensor"
         try:
             base.encode("utf-8")
         except UnicodeEncodeError:
@@ -85,14 +85,14 @@ class _Flattener:
             return x
         if t is float:
             return {"f": repr(x)}
-        if isinstance(x, torch.Tensor):
-            if x.is_sparse or x.layout != torch.strided or x.is_quantized:
+        if t is torch.Tensor or t is _Parameter or isinstance(x, torch.Tensor):
+            if x.layout != torch.strided or x.is_quantized:
                 raise TypeError(f"cannot save {_path_str(path)}: {x.layout} / quantized tensors are not supported; "
                                 "convert with .to_dense() / .dequantize() first")
-            if x.device.type == "meta":
+            if x.is_meta:
                 raise TypeError(f"cannot save {_path_str(path)}: a tensor on the 'meta' device has no data")
             node: dict[str, Any] = {"t": self._leaf(x, path)}
-            if isinstance(x, torch.nn.Parameter):
+            if t is _Parameter or (t is not torch.Tensor and isinstance(x, _Parameter)):
                 node["p"] = True
             if x.requires_grad:
                 node["g"] = True
