@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import shutil
 import statistics
 import sys
@@ -23,6 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -137,6 +139,18 @@ def segment(state: dict, loader: Any, val: tuple, mgr: "tk.CheckpointManager | N
     return time.perf_counter() - t
 
 
+def bootstrap(on: list[float], off: list[float], n: int = 4000) -> tuple[float, float]:
+    """95% interval of the overhead sum(on)/sum(off) - 1, resampling the pairs."""
+    rnd = random.Random(0)
+    k = len(on)
+    est = []
+    for _ in range(n):
+        idx = [rnd.randrange(k) for _ in range(k)]
+        est.append(sum(on[i] for i in idx) / sum(off[i] for i in idx) - 1)
+    est.sort()
+    return est[int(0.025 * n)], est[int(0.975 * n)]
+
+
 def overhead(a: argparse.Namespace) -> list[tuple]:
     """Alternate segments with and without checkpoints in one run, so slow drifts of this
     machine's speed (other tenants, CPU steal) hit both alike; the order flips every pair."""
@@ -163,11 +177,71 @@ def overhead(a: argparse.Namespace) -> list[tuple]:
                     off.append(t[id(None)])
                     ratios.append(on[-1] / off[-1] - 1)
                     extra.append((on[-1] - off[-1]) / (epochs // every))
-            q = statistics.quantiles(ratios, n=4)
+            lo, hi = bootstrap(on, off)
             rows.append((f"{mode}, every {every} epoch{'s' if every > 1 else ''} ({44 * every} steps)",
                          f"{1e3 * sum(off) / len(off) / epochs:.1f}", f"{1e3 * sum(on) / len(on) / epochs:.1f}",
-                         f"{100 * (sum(on) / sum(off) - 1):+.1f}%", f"{100 * q[1]:+.1f}% [{100 * q[0]:+.0f}, {100 * q[2]:+.0f}]",
-                         f"{1e3 * statistics.median(extra):.1f}"))
+                         f"{100 * (sum(on) / sum(off) - 1):+.1f}%", f"{100 * lo:+.1f}% .. {100 * hi:+.1f}%",
+                         f"{100 * statistics.median(ratios):+.1f}%", f"{1e3 * statistics.median(extra):.1f}"))
+    return rows
+
+
+def _manager(mode: str, run: str) -> Any:
+    shutil.rmtree(run, ignore_errors=True)
+    if mode == "syscalls-only":
+        return SyscallsOnly(run)
+    async_save = {"sync": False, "async": True, "lazy": "lazy"}[mode]
+    return tk.CheckpointManager(run, keep_last=3, keep_best=("val_loss", "min"), async_save=async_save)
+
+
+def _fit(y: np.ndarray, c: np.ndarray, block: int) -> float:
+    """Least-squares cost of a checkpoint: its effect on the epoch it starts plus on the next
+    one, with a separate mean for every ``block`` consecutive epochs (this machine drifts)."""
+    n = len(y)
+    X = np.zeros((n - 1, 2 + (n - 1 + block - 1) // block))
+    X[:, 0], X[:, 1] = c[1:], c[:-1]
+    X[np.arange(n - 1), 2 + np.arange(n - 1) // block] = 1.0
+    beta = np.linalg.lstsq(X, y[1:], rcond=None)[0]
+    return float(beta[0] + beta[1])
+
+
+def cost(a: argparse.Namespace) -> list[tuple]:
+    """A randomized design: one long run of the demo's loop where each epoch starts with a
+    checkpoint or not by a coin flip, so neither drift nor any periodic pattern of this machine
+    can line up with the checkpoints. The cost per checkpoint is fitted from the epoch times
+    (within blocks of 10 epochs, counting the epoch after a checkpoint too), with a 95% interval
+    from resampling whole blocks; the overhead at a checkpoint every N epochs is that cost over
+    N epochs of training."""
+    rows = []
+    for mode in a.modes:
+        _, state, loader, val = setup()
+        rnd = random.Random(1)
+        with _manager(mode, os.path.join(a.dir, "cost-" + mode)) as mgr:
+            metrics: dict = {}
+            for i in range(3):  # warm-up: staging buffers, page cache, first files
+                mgr.save(i, state, metrics=metrics)
+                metrics = train_epoch(state, loader, val)
+            step, times, flips = 3, [], []
+            for _ in range(a.epochs):
+                flip = rnd.random() < 0.5
+                t = time.perf_counter()
+                if flip:
+                    mgr.save(step, state, metrics=metrics)
+                    step += 1
+                metrics = train_epoch(state, loader, val)
+                times.append(time.perf_counter() - t)
+                flips.append(flip)
+        y, c, block = np.array(times), np.array(flips, dtype=float), 10
+        ms = 1e3 * _fit(y, c, block)
+        starts = np.arange(0, len(y) - block + 1, block)
+        boot = []
+        for _ in range(1000):
+            idx = np.concatenate([np.arange(s, s + block) for s in rnd.choices(list(starts), k=len(starts))])
+            boot.append(1e3 * _fit(y[idx], c[idx], block))
+        lo, hi = np.percentile(boot, [2.5, 97.5])
+        epoch = 1e3 * float(np.mean(y[1:][(c[1:] == 0) & (c[:-1] == 0)]))
+        rows.append((mode, f"{epoch:.1f}", f"{ms:.1f} [{lo:.1f}, {hi:.1f}]",
+                     *(f"{100 * ms / (n * epoch):.1f}% [{100 * lo / (n * epoch):.1f}, {100 * hi / (n * epoch):.1f}]"
+                       for n in a.every)))
     return rows
 
 
@@ -180,16 +254,20 @@ def main() -> None:
     ap.add_argument("--modes", type=lambda v: v.split(","), default=["sync", "async", "lazy"],
                     help="of sync, async, lazy and syscalls-only (see SyscallsOnly)")
     ap.add_argument("--dir", default="/tmp/tk-bench-async")
-    ap.add_argument("--part", choices=("all", "stall", "loop"), default="all")
+    ap.add_argument("--part", choices=("all", "stall", "loop", "cost"), default="all")
+    ap.add_argument("--epochs", type=int, default=600, help="epochs of the randomized run (--part cost)")
     a = ap.parse_args()
     os.makedirs(a.dir, exist_ok=True)
     print(f"torch threads {torch.get_num_threads()}, {os.cpu_count()} cores, {a.reps} reps\n")
-    if a.part != "loop":
+    if a.part in ("all", "stall"):
         print(table(stall(a), ("GPT-2-small state in a CheckpointManager", "median ms", "min ms", "of sync save")))
         print()
-    if a.part != "stall":
+    if a.part == "cost":
+        print(table(cost(a), ("randomized run of the demo loop", "ms/epoch", "ms per checkpoint [95%]",
+                              *(f"every {n} epoch{'s' if n > 1 else ''} ({44 * n} steps)" for n in a.every))))
+    elif a.part != "stall":
         print(table(overhead(a), ("demo training loop (digits MLP)", "ms/epoch without", "ms/epoch with",
-                                  "overhead", "median pair [quartiles]", "ms per checkpoint")))
+                                  "overhead", "95% interval", "median pair", "ms per checkpoint")))
     shutil.rmtree(a.dir, ignore_errors=True)
 
 

@@ -121,7 +121,25 @@ class Staging:
 def small_image(obj: Any, name: str) -> "FileImage | Any":
     """``obj`` as the finished bytes of its file when its tensors total less than
     ``knobs.ONE_WRITE_BYTES`` (copied now, like a snapshot), else ``obj`` itself."""
-    if knobs.ONE_WRITE_BYTES <= 0:
-        return obj
+    if _tensor_bytes(obj, knobs.ONE_WRITE_BYTES, 0) >= knobs.ONE_WRITE_BYTES:
+        return obj  # checked first: a big state is not walked twice
     img = image(obj, name, {})
     return obj if img is None else img
+
+
+def _tensor_bytes(obj: Any, limit: int, depth: int) -> int:
+    """Bytes of the tensors and arrays in ``obj``, counted until ``limit`` is passed (too deep
+    a nesting counts as ``limit``: the writer then reports it)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if depth > knobs.MAX_DEPTH:
+        return limit
+    n = 0
+    if isinstance(obj, (dict, list, tuple)):
+        for v in (obj.values() if isinstance(obj, dict) else obj):
+            n += _tensor_bytes(v, limit - n, depth + 1)
+            if n >= limit:
+                break
+    return n
