@@ -1,6 +1,6 @@
 """Asynchronous checkpoints: how long save() blocks, and what checkpointing costs a training loop.
 
-    .venv/bin/python bench/bench_async.py [--reps 5]
+    .venv/bin/python bench/bench_async.py [--reps 5] [--part all|stall|loop|cost]
 
 (a) GPT-2-small-shaped state (497.8 MB) in a CheckpointManager: the time save() blocks with
     async_save=True and with async_save="lazy" (after a first save has allocated the staging
@@ -9,7 +9,10 @@
 (b) The demo's own training loop (tensorkeep.demo.train_epoch: digits MLP, AdamW, cosine
     schedule, validation, keep_last=3 + keep_best): time per epoch with a checkpoint every 1,
     2, 4 and 8 epochs (44 steps each) vs without, synchronous, asynchronous and lazy, in
-    alternating segments of one run.
+    alternating segments of one run (--part loop).
+(c) --part cost: the cost of one checkpoint to that loop, from one long randomized run (a coin
+    flip per epoch decides whether it starts with a checkpoint), and the overhead it implies at
+    a checkpoint every 1, 2, 4 and 8 epochs, with 95% intervals. More precise than (b) here.
 """
 
 from __future__ import annotations
