@@ -69,6 +69,19 @@ def test_tied_weights_stay_tied_in_snapshot(tmp):
     assert sd["emb.weight"].data_ptr() == sd["head.weight"].data_ptr()
 
 
+@pytest.mark.parametrize("mode", [True, "lazy"])
+def test_conjugate_views_are_not_their_base_in_snapshot(tmp, mode):
+    c = torch.tensor([1 + 2j, -3 + 0.5j], dtype=torch.complex64)
+    st = {"c": c, "conj": c.conj(), "imag": c.imag, "neg_imag": c.conj().imag}
+    with tk.CheckpointManager(tmp, async_save=mode) as mgr:
+        mgr.save(1, st)
+        mgr.wait()
+        back = {k: torch.zeros_like(v.resolve_conj().resolve_neg()) for k, v in st.items()}
+        assert mgr.restore(back) == 1
+    for k, v in st.items():
+        assert torch.equal(back[k], v.resolve_conj().resolve_neg()), k
+
+
 def _fail_writes(monkeypatch):
     real = _io.pwrite_all
 

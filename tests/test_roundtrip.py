@@ -296,6 +296,23 @@ def test_tied_weights_stored_once_and_shared(tmp):
         assert len(f.keys()) == 2
 
 
+def test_conjugate_and_negative_views_are_not_their_base(tmp):
+    # c.conj() and c.conj().imag share c's memory (a lazy bit, not a copy): same address, shape
+    # and strides as c and c.imag, different values; each must be stored as what it reads as
+    c = torch.tensor([1 + 2j, -3 + 0.5j, 4 - 1j], dtype=torch.complex64)
+    obj = {"c": c, "conj": c.conj(), "imag": c.imag, "neg_imag": c.conj().imag,
+           "conj_t": torch.stack([c, c]).t().conj()}
+    assert obj["conj"].is_conj() and obj["neg_imag"].is_neg()
+    p = os.path.join(tmp, "views.tk")
+    tk.save(obj, p)
+    for lazy in (False, True):
+        out = tk.load(p, lazy=lazy)
+        for k, v in obj.items():
+            assert torch.equal(out[k], v.resolve_conj().resolve_neg()), k
+            assert not out[k].is_conj() and not out[k].is_neg()
+    assert torch.equal(out["neg_imag"], torch.tensor([-2.0, -0.5, 1.0]))
+
+
 def test_tied_parameters_keep_vars(tmp):
     class Tied(nn.Module):
         def __init__(self):

@@ -38,8 +38,9 @@ def _path_str(path: tuple) -> str:
 
 def _view_key(x: Any) -> tuple:
     """Identity of a view: same memory, same layout -> same key."""
-    if isinstance(x, torch.Tensor):  # data_ptr() and storage_offset() together pin the storage
-        return ("t", x.device, x.data_ptr(), x.storage_offset(), x.dtype, x.shape, x.stride())
+    if isinstance(x, torch.Tensor):  # data_ptr() and storage_offset() together pin the storage;
+        # a conjugate or negative view (c.conj(), c.conj().imag) shares its base's memory, not its values
+        return ("t", x.device, x.data_ptr(), x.storage_offset(), x.dtype, x.shape, x.stride(), x.is_conj(), x.is_neg())
     return ("n", x.__array_interface__["data"][0], x.dtype.str, x.shape, x.strides)
 
 

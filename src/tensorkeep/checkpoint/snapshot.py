@@ -54,7 +54,7 @@ class Staging:
 
         def copy(x: Any, path: tuple) -> Any:
             if isinstance(x, torch.Tensor):
-                view = (x.device, x.data_ptr(), x.dtype, tuple(x.shape), x.stride())
+                view = (x.device, x.data_ptr(), x.dtype, tuple(x.shape), x.stride(), x.is_conj(), x.is_neg())
                 if x.numel() and view in memo:
                     return memo[view]
                 key = (path, x.dtype, tuple(x.shape))
