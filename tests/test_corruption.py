@@ -75,6 +75,8 @@ def check_damaged(p: str, h: fmt.Header, pos: int, good: dict, full: bool = True
     with tk.open(p) as f:
         with pytest.raises(tk.ChecksumError, match=repr(t.name)):
             f.get(t.name)
+        with pytest.raises(tk.ChecksumError, match=repr(t.name)):
+            f.get(t.name, lazy=True)  # checked through the mapping
         row = row_of(t, pos - h.data_start - t.begin)
         if row is not None:
             with pytest.raises(tk.ChecksumError):
@@ -87,6 +89,7 @@ def check_damaged(p: str, h: fmt.Header, pos: int, good: dict, full: bool = True
         for other in f.keys():  # the rest of the file still reads back right
             if other != t.name:
                 assert raw(f.get(other)) == good[other], other
+                assert raw(f.get(other, lazy=True)) == good[other], other
 
 
 def raw(x) -> bytes:

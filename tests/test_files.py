@@ -74,11 +74,27 @@ def test_open_get_and_slices_match_memory(tmp_path_factory, t):
     with tk.open(p) as f:
         assert f.keys() == ["t"]
         _same(t.contiguous(), f.get("t"))
+        _same(t.contiguous(), f.get("t", lazy=True))
         if t.dim() >= 1 and t.shape[0] > 0:
             n = t.shape[0]
             for sl in (slice(0, 1), slice(1, n), slice(0, n, 2), slice(-2, None), slice(n, n + 3)):
                 _same(t[sl].contiguous(), f.get_slice("t")[sl].contiguous())
             _same(t[n - 1].contiguous(), f.get_slice("t")[-1].contiguous())
+
+
+def test_lazy_get_maps_one_tensor_copy_on_write(tmp):
+    obj = {"w": torch.arange(12.0).reshape(3, 4), "a": np.arange(5, dtype=np.int16), "e": torch.zeros(0, 3)}
+    p = os.path.join(tmp, "lazy.tk")
+    tk.save(obj, p)
+    before = open(p, "rb").read()
+    with tk.open(p) as f:
+        w, a, e = f.get("w", lazy=True), f.get("a", lazy=True), f.get("e", lazy=True, verify=False)
+    # valid after the file is closed, and writes stay in this process
+    assert torch.equal(w, obj["w"]) and isinstance(a, np.ndarray) and np.array_equal(a, obj["a"]) and e.shape == (0, 3)
+    w += 1
+    a[0] = 7
+    assert open(p, "rb").read() == before
+    assert torch.equal(tk.load(p)["w"], obj["w"])
 
 
 def test_multi_block_slices_verify_only_what_they_read(tmp, monkeypatch):

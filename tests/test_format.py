@@ -141,7 +141,23 @@ def _lookalike() -> bytes:
 
 
 # Refused by the reader, after the header parser accepted them (so parse_header alone is not checked).
-READER_LEVEL = {"tensorkeep metadata in a plain file", "tensorkeep lookalike", "tensor and array at once"}
+def _crcs(edit) -> bytes:
+    """The file of {"x": 2 floats} with its checksum list of "x" edited."""
+    return _reencode(_tk_file({"x": torch.ones(2)}), lambda h, r: r["crc"].__setitem__("x", edit(r["crc"]["x"])))
+
+
+CRC_CASES = {
+    "checksum in capitals": (_crcs(lambda c: ["ABCDEF12"]), "8 lowercase hex digits"),
+    "checksum not a string": (_crcs(lambda c: [12345678]), "8 lowercase hex digits"),
+    "checksum of 7 digits": (_crcs(lambda c: [c[0][:7]]), "8 lowercase hex digits"),
+    "checksum of 9 digits": (_crcs(lambda c: [c[0] + "0"]), "8 lowercase hex digits"),
+    "checksum with a comma": (_crcs(lambda c: [c[0][:4] + "," + c[0][5:]]), "8 lowercase hex digits"),
+    "two checksums in one string": (_crcs(lambda c: [c[0] + "," + c[0]]), "8 lowercase hex digits"),
+    "checksum missing": (_crcs(lambda c: []), "expected 1 block checksums"),
+    "checksums not a list": (_crcs(lambda c: c[0]), "expected 1 block checksums"),
+}
+READER_LEVEL = {"tensorkeep metadata in a plain file", "tensorkeep lookalike", "tensor and array at once", *CRC_CASES}
+CORPUS += [(name, data, words) for name, (data, words) in CRC_CASES.items()]
 CORPUS += [
     ("tensorkeep lookalike", _lookalike(), "starts like a tensorkeep header"),
     # found by the mutation fuzzer: one tensor loaded as a NumPy array where the structure says torch

@@ -107,6 +107,7 @@ def test_save_load_open_roundtrip(base):
     with tk.open(url) as f:
         assert set(f.keys()) == {"w", "b", "i", "arr"} and f.metadata == {"who": "test"}
         assert torch.equal(f.get("b"), obj["b"])
+        assert torch.equal(f.get("w", lazy=True), obj["w"])  # an object cannot be mapped: read
         assert torch.equal(f.get_slice("w")[10:13], obj["w"][10:13])
         assert torch.equal(f.get_slice("w")[5], obj["w"][5])
     net, clone = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)

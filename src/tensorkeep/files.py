@@ -6,7 +6,7 @@ import mmap
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -61,6 +61,7 @@ class _Reader:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._map: mmap.mmap | None = None  # made by the first map_one; tensors over it keep it alive
         self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
             self.size = os.fstat(self.fd).st_size
@@ -96,7 +97,7 @@ class _Reader:
 
     def _parse_tk(self) -> None:
         h = self.header
-        self.crcs: dict[str, list[int]] | None = None
+        self.crcs: Mapping[str, list[int]] | None = None
         self.kinds = {n: "t" for n in h.tensors}
         self.tree: Any = None
         self.block = 0
@@ -125,6 +126,7 @@ class _Reader:
         self.kinds = kinds
 
     def close(self) -> None:
+        self._map = None  # not closed: tensors over it may outlive the reader
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -217,24 +219,27 @@ class _Reader:
             self.read_range(buf, self.header.data_start + self.header.tensors[name].begin + at)
 
     def map_all(self, verify: bool) -> dict[str, Any]:
-        mm = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY)
-        if len(mm) != self.size:
-            raise ChecksumError(f"{self.path}: file changed size while being opened")
-        out = {}
-        for name, t in self.header.tensors.items():
-            start = self.header.data_start + t.begin
-            if verify:
-                with memoryview(mm) as mv:
-                    self.check(name, mv[start : start + t.nbytes])
-            kind = self.kinds[name]
-            numel = t.nbytes // DTYPE_SIZES[t.dtype]
-            if kind == "n":
-                out[name] = np.frombuffer(mm, numpy_dtype(t.dtype), numel, start).reshape(t.shape)
-            elif numel == 0:
-                out[name] = torch.empty(t.shape, dtype=torch_dtype(t.dtype))
-            else:
-                out[name] = torch.frombuffer(mm, dtype=torch_dtype(t.dtype), count=numel, offset=start).reshape(t.shape)
-        return out
+        return {name: self.map_one(name, self.kinds[name], verify) for name in self.header.tensors}
+
+    def map_one(self, name: str, kind: str, verify: bool) -> Any:
+        """Tensor ``name`` over a copy-on-write mapping of the file (one mapping per reader):
+        nothing is copied, writes to it stay in this process; checked through the mapping."""
+        if self._map is None:
+            mm = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY)
+            if len(mm) != self.size:
+                raise ChecksumError(f"{self.path}: file changed size while being opened")
+            self._map = mm
+        mm, t = self._map, self.header.tensors[name]
+        start = self.header.data_start + t.begin
+        if verify:
+            with memoryview(mm) as mv:
+                self.check(name, mv[start : start + t.nbytes])
+        numel = t.nbytes // DTYPE_SIZES[t.dtype]
+        if kind == "n":
+            return np.frombuffer(mm, numpy_dtype(t.dtype), numel, start).reshape(t.shape)
+        if numel == 0:
+            return torch.empty(t.shape, dtype=torch_dtype(t.dtype))
+        return torch.frombuffer(mm, dtype=torch_dtype(t.dtype), count=numel, offset=start).reshape(t.shape)
 
     def build(self, arrays: dict[str, Any], device: Any) -> Any:
         if device is not None:
@@ -378,11 +383,24 @@ class SafeOpen:
             raise KeyError(f"{self.path}: no tensor named {name!r}; it has: {close}{' ...' if len(self) > 10 else ''}")
         return name
 
-    def get(self, name: str, *, verify: bool = True) -> Any:
-        """Read one tensor (verified)."""
+    def get(self, name: str, *, verify: bool = True, lazy: bool = False) -> Any:
+        """Read one tensor (verified), and nothing else of the file.
+
+        ``lazy=True`` maps it instead, like ``tk.load(lazy=True)``: no copy, and the checksums
+        are checked through the mapping (skip that too with ``verify=False``). The tensor stays
+        valid after the file is closed; writes to it never reach the file.
+
+        >>> import torch, tensorkeep as tk
+        >>> tk.save({"w": torch.ones(3), "b": torch.zeros(2)}, "/tmp/tk-doc-get.tk")
+        >>> with tk.open("/tmp/tk-doc-get.tk") as f:
+        ...     f.get("w"), f.get("b", lazy=True)
+        (tensor([1., 1., 1.]), tensor([0., 0.]))
+        """
         self._check(name)
         if self._all is not None:
             return self._all[name]
+        if lazy:
+            return self._r.map_one(name, self._r.kinds[name], verify)
         return self._r.read(name, self._r.kinds[name], verify)
 
     get_tensor = get  # safetensors' spelling

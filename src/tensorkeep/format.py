@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -394,20 +395,48 @@ def _hex(s: Any, path: str) -> int:
 _HEX = re.compile(r"[0-9a-f]*")
 
 
-def parse_checksums(v: Any, block: Any, header: Header, path: str) -> dict[str, list[int]]:
+def parse_checksums(v: Any, block: Any, header: Header, path: str) -> "Mapping[str, list[int]]":
     """Validate the per-tensor block checksums stored in a tensorkeep header."""
     block = _check_int(block, "checksum block size", path, lo=1)
     if type(v) is not dict or v.keys() != header.tensors.keys():
         raise FormatError(f"{path}: checksum table does not list exactly the file's tensors")
-    digits = []
+    total = 0
     for name, crcs in v.items():
         nblocks = max(1, -(-header.tensors[name].nbytes // block))
         if type(crcs) is not list or len(crcs) != nblocks:
             raise FormatError(f"{path}: tensor {name!r}: expected {nblocks} block checksums")
-        for c in crcs:
-            if type(c) is not str or len(c) != 8:
-                raise FormatError(f"{path}: tensor {name!r}: checksum must be 8 hex digits, found {c!r:.40}")
-        digits.append("".join(crcs))
-    if not _HEX.fullmatch("".join(digits)):
-        raise FormatError(f"{path}: checksums must be lowercase hex digits")
-    return {name: [int(c, 16) for c in crcs] for name, crcs in v.items()}
+        total += nblocks
+    try:  # the common case in one pass: every checksum 8 lowercase hex digits (and none holds a comma)
+        joined = ",".join(map(",".join, v.values()))
+        ok = not v or (_CRC_LIST.fullmatch(joined) is not None and joined.count(",") == total - 1)
+    except TypeError:  # a checksum that is not a string
+        ok = False
+    if not ok:
+        for name, crcs in v.items():
+            for c in crcs:
+                if type(c) is not str or len(c) != 8 or not _HEX.fullmatch(c):
+                    raise FormatError(f"{path}: tensor {name!r}: checksum must be 8 lowercase hex digits, found {c!r:.40}")
+    return _Checksums(v)
+
+
+_CRC_LIST = re.compile(r"(?:[0-9a-f]{8},)*[0-9a-f]{8}")
+
+
+class _Checksums(Mapping):
+    """name -> block checksums as ints, converted from the validated hex digits on first use
+    (a file opened to read one tensor does not convert them all)."""
+
+    def __init__(self, hexes: dict[str, list[str]]) -> None:
+        self._hex, self._int = hexes, {}
+
+    def __getitem__(self, name: str) -> list[int]:
+        got = self._int.get(name)
+        if got is None:
+            got = self._int[name] = [int(c, 16) for c in self._hex[name]]
+        return got
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._hex)
+
+    def __len__(self) -> int:
+        return len(self._hex)

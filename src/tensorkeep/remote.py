@@ -130,6 +130,9 @@ class RemoteReader(_Reader):
     def map_all(self, verify: bool) -> dict[str, Any]:
         return self.read_all(verify)  # an object cannot be mapped: read it
 
+    def map_one(self, name: str, kind: str, verify: bool) -> Any:
+        return self.read(name, kind, verify)
+
 
 def open_reader(url: str) -> _Reader:
     """A reader for ``url``: a local one for ``file://``, ranged reads otherwise."""
