@@ -72,11 +72,31 @@ def get_st(p):
         return f.get_tensor(ONE)
 
 
+def get_tk_lazy(p, verify=True, touch=False):
+    with tk.open(p) as f:
+        t = f.get(ONE, lazy=True, verify=verify)
+    if touch:
+        t.sum()
+    return t
+
+
+def get_st_touch(p):
+    t = get_st(p)
+    t.sum()  # its bytes are read only now, through the mapping
+    return t
+
+
 SAVES = {"tensorkeep save": save_tk, "torch.save + fsync": save_torch, "safetensors save_file + fsync": save_st}
 EXT = {"tensorkeep save": ".tk", "torch.save + fsync": ".pt", "safetensors save_file + fsync": ".safetensors"}
 LOADS = {"tensorkeep load (verified)": (load_tk, ".tk"), "torch.load(weights_only=True)": (load_torch, ".pt"),
          "safetensors load_file (+touch)": (load_st, ".safetensors"), "tensorkeep load lazy=True": (load_tk_lazy, ".tk")}
 GETS = {"tensorkeep open().get(1 tensor)": (get_tk, ".tk"), "safetensors safe_open().get_tensor": (get_st, ".safetensors")}
+MORE_GETS = {
+    "tensorkeep get(lazy=True) (verified: reads every page)": (get_tk_lazy, ".tk"),
+    "safetensors get_tensor + .sum() (reads every page)": (get_st_touch, ".safetensors"),
+    "tensorkeep get(lazy=True, verify=False) + .sum()": (lambda p: get_tk_lazy(p, False, True), ".tk"),
+    "tensorkeep get(lazy=True, verify=False) (reads nothing)": (lambda p: get_tk_lazy(p, False), ".tk"),
+}
 
 
 def rss_child(what: str, name: str, path: str) -> None:
@@ -104,15 +124,38 @@ def measure_rss(what: str, name: str, path: str) -> float:
     return json.loads(out.strip().splitlines()[-1])["extra_mb"]
 
 
+def gets(a: argparse.Namespace) -> None:
+    """One 9.4 MB tensor out of the 498 MB file (warm page cache), every way, interleaved."""
+    sd = gpt2_state_dict()
+    paths = {".tk": os.path.join(a.dir, "g.tk"), ".safetensors": os.path.join(a.dir, "g.safetensors")}
+    save_tk(sd, paths[".tk"])
+    save_st(sd, paths[".safetensors"])
+    del sd
+    every = {**GETS, **MORE_GETS}
+    times: dict[str, list[float]] = {k: [] for k in every}
+    for _ in range(a.gets):
+        for name, (fn, ext) in every.items():
+            times[name].append(timed(lambda: fn(paths[ext])))
+    st = summary(times["safetensors safe_open().get_tensor"])[0]
+    rows = [(name, f"{summary(xs)[0] * 1e3:.2f}", f"{summary(xs)[1] * 1e3:.2f}", f"{summary(xs)[0] / st:.1f}x")
+            for name, xs in times.items()]
+    print(table(rows, ("one tensor (9.4 MB) of the 498 MB file", "median ms", "min ms", "of safetensors get_tensor")))
+    for p in paths.values():
+        os.unlink(p)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dir", default="/tmp/tk-bench")
     ap.add_argument("--rss-child", nargs=3)
+    ap.add_argument("--gets", type=int, metavar="REPS", help="only the one-tensor reads, REPS interleaved rounds")
     a = ap.parse_args()
     if a.rss_child:
         return rss_child(*a.rss_child)
     os.makedirs(a.dir, exist_ok=True)
+    if a.gets:
+        return gets(a)
     sd = gpt2_state_dict()
     mb = nbytes(sd) / 1e6
     print(f"workload: GPT-2-small-shaped fp32 state dict, {len(sd)} tensors, {mb:.1f} MB; "
