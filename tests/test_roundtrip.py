@@ -132,6 +132,8 @@ def torch_tensors(draw):
         x = base[..., 1:] if shape else base[1]
     else:
         x = base
+    if x.is_complex() and draw(st.booleans()):  # lazy bits: the view reads differently from its memory
+        x = x.conj() if draw(st.booleans()) else x.conj().imag  # a conjugate / a negative view
     if (x.is_floating_point() or x.is_complex()) and dtype.itemsize >= 2 and draw(st.booleans()):
         if draw(st.booleans()):
             x = nn.Parameter(x, requires_grad=draw(st.booleans()))
