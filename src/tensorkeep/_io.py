@@ -121,8 +121,9 @@ def _exchange(a: str, b: str) -> bool:
     raise OSError(err, os.strerror(err), b)
 
 
-def replace_dir(src: str, dst: str) -> None:
-    """Publish directory ``src`` as ``dst`` atomically (swapping out an existing ``dst``), then fsync the parent."""
+def replace_dir(src: str, dst: str, durable: bool = True) -> None:
+    """Publish directory ``src`` as ``dst`` atomically (swapping out an existing ``dst``), then fsync
+    the parent (``durable=False``: not; an old ``dst`` is still deleted only after a durable swap)."""
     parent = os.path.dirname(os.path.abspath(dst))
     if not os.path.lexists(dst):
         rename(src, dst)
@@ -135,7 +136,8 @@ def replace_dir(src: str, dst: str) -> None:
         rename(src, dst)
         fsync_dir(parent)
         rmtree(old)
-    fsync_dir(parent)
+    if durable:
+        fsync_dir(parent)
 
 
 def unlink_if_exists(path: str) -> None:

@@ -257,10 +257,10 @@ def _publish(mgr: "CheckpointManager", step: int, tmp: str, final: str, metrics:
                        "world_size": len(rngs), "keys": kinds}
     for r, info in enumerate(rngs):
         m.files[rng_file(r)] = {"size": info["size"], "crc32": info["crc32"], "key": "", "kind": "rng-rank", "rank": r}
-    layout.write_manifest(tmp, m)
+    layout.write_manifest(tmp, m, mgr.durable)
     if mgr.durable:
         _io.fsync_dir(tmp)
-    _io.replace_dir(tmp, final)
+    _io.replace_dir(tmp, final, mgr.durable)
 
 
 def _after_commit(mgr: "CheckpointManager", step: int, metrics: dict[str, Any]) -> None:

@@ -143,8 +143,8 @@ def _validate_parts(parts: Any, packs: Any, where: str) -> None:
             raise FormatError(f"{where}: bad part entry {name!r} (each tensor must be [sha256, pack listed in 'packs'])")
 
 
-def write_manifest(directory: str, m: Manifest) -> None:
-    with _io.atomic_file(os.path.join(directory, MANIFEST), in_place=True) as fd:  # published with its directory
+def write_manifest(directory: str, m: Manifest, durable: bool = True) -> None:
+    with _io.atomic_file(os.path.join(directory, MANIFEST), durable=durable, in_place=True) as fd:  # published with its directory
         _io.pwrite_all(fd, memoryview(m.to_json().encode()), 0)
 
 

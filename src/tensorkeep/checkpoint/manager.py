@@ -275,11 +275,11 @@ class CheckpointManager:
                     else:
                         size, crc = write(obj, p, {}, self.durable, in_place=True)  # the directory is published by rename
                     m.files[name] = {"size": size, "crc32": crc, "key": key, "kind": kind}
-            layout.write_manifest(tmp, m)
+            layout.write_manifest(tmp, m, self.durable)
             if self.durable:
                 _io.fsync_dir(tmp)
             final = layout.step_dir(self.directory, step)
-            _io.replace_dir(tmp, final)
+            _io.replace_dir(tmp, final, self.durable)
             return final
         except BaseException as e:
             if os.path.isdir(tmp):
