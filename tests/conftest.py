@@ -45,6 +45,8 @@ def loading_audit(monkeypatch):
     monkeypatch.setattr(files, "_torch_file", _audited(files._torch_file))
     monkeypatch.setattr(files._Reader, "read_all", _audited(files._Reader.read_all))
     monkeypatch.setattr(files._Reader, "map_all", _audited(files._Reader.map_all))
+    monkeypatch.setattr(files._Reader, "map_one", _audited(files._Reader.map_one))  # open().get(lazy=True)
+    monkeypatch.setattr(files._Reader, "read", _audited(files._Reader.read))  # open().get()
     monkeypatch.setattr(files._Reader, "build", _audited(files._Reader.build))
     del _events[:]
     yield
@@ -55,3 +57,14 @@ def loading_audit(monkeypatch):
 def tmp(tmp_path):
     """A temporary directory as a str."""
     return str(tmp_path)
+
+
+@pytest.fixture
+def fsync_calls(monkeypatch):
+    """Every fsync from now on, as "file" or "dir", in order; none reaches the disk."""
+    from tensorkeep import _io
+
+    calls: list[str] = []
+    monkeypatch.setattr(_io, "fsync", lambda fd: calls.append("file"))
+    monkeypatch.setattr(_io, "fsync_dir", lambda path: calls.append("dir"))
+    return calls

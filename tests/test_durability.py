@@ -63,13 +63,10 @@ def test_both_io_paths_round_trip(tmp, io_path, monkeypatch):
     assert temps(tmp) == []
 
 
-def test_durable_false_skips_fsync(tmp, monkeypatch):
-    calls = []
-    monkeypatch.setattr(_io, "fsync", lambda fd: calls.append("file"))
-    monkeypatch.setattr(_io, "fsync_dir", lambda path: calls.append("dir"))
+def test_durable_false_skips_fsync(tmp, fsync_calls):
     p = os.path.join(tmp, "scratch.tk")
     tk.save(state(2), p, durable=False)
-    assert calls == [] and same(state(2), tk.load(p))
+    assert fsync_calls == [] and same(state(2), tk.load(p))
 
 
 def test_durable_save_fsyncs_file_then_renames_then_fsyncs_directory(tmp, io_path, monkeypatch):
