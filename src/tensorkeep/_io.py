@@ -13,8 +13,10 @@ import ctypes
 import errno
 import mmap
 import os
+import re
 import secrets
 import shutil
+import stat
 import threading
 from contextlib import contextmanager
 from typing import Iterator
@@ -23,6 +25,9 @@ from . import knobs
 from .errors import SaveError
 
 TMP_MARK = ".tk-tmp-"
+#: Every temporary name tensorkeep makes: ``.<name>.tk-tmp-<pid>-<8 hex>`` (see :func:`tmp_path`).
+#: Cleanup removes only names of this shape (and, elsewhere, names listed in its own manifests).
+_TMP_RE = re.compile(r"^\.(?P<base>.+)\.tk-tmp-(?P<pid>\d{1,10})-[0-9a-f]{8}$", re.S)
 
 
 def _save_error(e: OSError, path: str, what: str, replaced: bool = False) -> SaveError:
@@ -44,6 +49,22 @@ def tmp_path(path: str) -> str:
     return os.path.join(d, f".{base}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
 
 
+def temp_of(name: str) -> tuple[str, int] | None:
+    """``(base name, pid)`` when ``name`` is a temporary name made by :func:`tmp_path`, else None.
+
+    >>> temp_of(".model.tk.tk-tmp-4242-0a1b2c3d"), temp_of("model.tk"), temp_of(".x.tk-tmp-1-zz")
+    (('model.tk', 4242), None, None)
+    """
+    m = _TMP_RE.match(name)
+    return (m.group("base"), int(m.group("pid"))) if m else None
+
+
+def is_stale_temp(name: str) -> bool:
+    """A temporary name of a tensorkeep process that no longer runs on this host."""
+    t = temp_of(name)
+    return t is not None and t[1] != os.getpid() and not pid_alive(t[1])
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this pid exists on this host (one we may not signal counts as alive)."""
     try:
@@ -62,18 +83,32 @@ def remove_stale_temps(path: str) -> None:
     touched, so a concurrent save by a live process is never disturbed.
     """
     d, base = os.path.split(os.path.abspath(path))
-    prefix = f".{base}{TMP_MARK}"
     try:
-        names = [n for n in os.listdir(d) if n.startswith(prefix)]
+        names = [n for n in os.listdir(d) if (temp_of(n) or ("",))[0] == base and is_stale_temp(n)]
     except OSError:
         return
     for n in names:
-        pid = n[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+        if is_regular_file(os.path.join(d, n)):  # never a directory or a symlink somebody put there
             try:
                 unlink(os.path.join(d, n))
             except OSError:
                 pass
+
+
+def is_regular_file(path: str) -> bool:
+    """A regular file, not followed through a symlink."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def is_real_dir(path: str) -> bool:
+    """A directory, not followed through a symlink."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def fsync(fd: int) -> None:
@@ -121,23 +156,41 @@ def _exchange(a: str, b: str) -> bool:
     raise OSError(err, os.strerror(err), b)
 
 
-def replace_dir(src: str, dst: str, durable: bool = True) -> None:
-    """Publish directory ``src`` as ``dst`` atomically (swapping out an existing ``dst``), then fsync
-    the parent (``durable=False``: not; an old ``dst`` is still deleted only after a durable swap)."""
+def replace_dir(src: str, dst: str, durable: bool = True, names: "set[str] | frozenset[str]" = frozenset()) -> None:
+    """Publish directory ``src`` as ``dst`` atomically, then fsync the parent (``durable=False``: not).
+
+    An existing ``dst`` is swapped out, and of it only the entries in ``names`` (what the caller
+    proved is its own, from the old directory's manifest) are deleted, after a durable swap; the
+    caller checked that it holds nothing else. A symlink ``dst`` is refused, never followed."""
     parent = os.path.dirname(os.path.abspath(dst))
+    if os.path.islink(dst):
+        raise OSError(errno.EEXIST, f"{dst} is a symbolic link; tensorkeep does not replace it")
     if not os.path.lexists(dst):
         rename(src, dst)
     elif _exchange(src, dst):
         fsync_dir(parent)
-        rmtree(src)  # now holds the old directory
+        remove_own_dir(src, names)  # now holds the old directory
     else:  # no RENAME_EXCHANGE: a crash between these renames leaves dst missing but both copies on disk
         old = tmp_path(dst)
         rename(dst, old)
         rename(src, dst)
         fsync_dir(parent)
-        rmtree(old)
+        remove_own_dir(old, names)
     if durable:
         fsync_dir(parent)
+
+
+def remove_own_dir(path: str, names: "set[str] | frozenset[str]") -> list[str]:
+    """Delete the entries ``names`` of directory ``path`` that are regular files (never a symlink or a
+    directory), then the directory if that left it empty. Returns what is left in it."""
+    for n in names:
+        p = os.path.join(path, n)
+        if is_regular_file(p):
+            unlink(p)
+    left = sorted(os.listdir(path))
+    if not left:
+        os.rmdir(path)
+    return left
 
 
 def unlink_if_exists(path: str) -> None:
@@ -151,8 +204,23 @@ def mkdir(path: str) -> None:
     os.mkdir(path)
 
 
-def makedirs(path: str) -> None:
-    os.makedirs(path, exist_ok=True)
+def makedirs(path: str, durable: bool = True) -> None:
+    """``os.makedirs(path, exist_ok=True)`` that also fsyncs the parent of every directory it creates
+    (``durable=False``: not), so a commit acknowledged inside it cannot vanish with its directory."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent != path:
+        makedirs(parent, durable)
+    try:
+        mkdir(path)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+        return
+    if durable:
+        fsync_dir(parent)
 
 
 def open_new(path: str, direct: bool = False) -> int:

@@ -21,8 +21,10 @@ its next save does). Messages between ranks are JSON, never pickle.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import sys
 from collections import OrderedDict
 from typing import Any, Callable
@@ -266,25 +268,53 @@ def write_distributed(state: Any, directory: str, *, group: Any = None, label: s
 
 
 def remove_stale_temps(path: str) -> None:
-    """Remove temporary directories of saves of ``path`` whose process died (on this host)."""
+    """Remove temporary directories of saves of ``path`` whose process died (on this host): only
+    tensorkeep's temporary names, only the files it writes into them."""
     parent, base = os.path.split(path)
-    prefix = f".{base}{_io.TMP_MARK}"
     for n in os.listdir(parent):
-        pid = n[len(prefix):].split("-", 1)[0] if n.startswith(prefix) else ""
-        if pid.isdigit() and int(pid) != os.getpid() and not _io.pid_alive(int(pid)):
-            p = os.path.join(parent, n)
-            if os.path.isdir(p) and not os.path.islink(p):
-                _io.rmtree(p)
+        t = _io.temp_of(n)
+        p = os.path.join(parent, n)
+        if t is not None and t[0] == base and _io.is_stale_temp(n) and _io.is_real_dir(p):
+            _io.remove_own_dir(p, {f for f in os.listdir(p) if f == MANIFEST or _SHARD_RE.match(f)})
+
+
+_SHARD_RE = re.compile(r"^rank-\d{5,}-of-\d{5,}\.tk$")
+
+
+def own_files(path: str) -> set[str]:
+    """The entries of an existing checkpoint directory ``path`` that a new save may delete: the files
+    its ``distributed.json`` lists and itself; :class:`SaveError` if it holds anything else (or is not
+    one), so that nothing tensorkeep did not write is ever deleted."""
+    if not os.path.lexists(path):
+        return set()
+    if not _io.is_real_dir(path):
+        raise SaveError(errno.EEXIST, f"{path} exists and is not a directory (a symlink?), so it is not replaced. "
+                        "Fix: save to a new path, or remove it first")
+    names = set(os.listdir(path))
+    if not names:
+        return set()
+    if not _io.is_regular_file(os.path.join(path, MANIFEST)):
+        raise SaveError(errno.EEXIST, f"{path} exists and is not a checkpoint written by save_distributed, so it is "
+                        "not replaced. Fix: save to a new path, or remove it first")
+    try:
+        with open(os.path.join(path, MANIFEST), "rb") as f:
+            listed = strict_json(f.read(knobs.MAX_HEADER_BYTES + 1), os.path.join(path, MANIFEST)).get("files")
+        ours = {n for n in listed if type(n) is str} | {MANIFEST}
+    except Exception:  # noqa: BLE001 - damaged: only the names save_distributed gives its files are its own
+        ours = {n for n in names if _SHARD_RE.match(n)} | {MANIFEST}
+    foreign = sorted(n for n in names if n not in ours or not _io.is_regular_file(os.path.join(path, n)))
+    if foreign:
+        shown = ", ".join(repr(n) for n in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise SaveError(errno.EEXIST, f"{path} holds entries save_distributed did not write ({shown}), so it is not "
+                        "replaced. Fix: move them out of it, or save to a new path")
+    return names
 
 
 def make_temp_dir(path: str) -> str:
     """A new temporary directory next to ``path`` (after cleaning up those of crashed saves)."""
     _io.makedirs(os.path.dirname(path))
     remove_stale_temps(path)
-    if os.path.lexists(path) and not os.path.isfile(os.path.join(path, MANIFEST)):
-        if not os.path.isdir(path) or os.listdir(path):
-            raise SaveError(f"{path} exists and is not a checkpoint written by save_distributed, so it is not "
-                            "replaced. Fix: save to a new path, or remove it first")
+    own_files(path)  # refuse early what would not be replaced
     tmp = _io.tmp_path(path)
     _io.mkdir(tmp)
     return tmp
@@ -318,7 +348,8 @@ def save_distributed(state: Any, path: "str | os.PathLike[str]", *, group: Any =
         tmp = comm.check(error, f"save_distributed to {path}: creating a temporary directory", _NOTHING,
                          {"tmp": tmp})[0]["tmp"]
         write_distributed(state, tmp, group=group, label=f"save_distributed to {path}")
-        comm.on_rank0(lambda: (_io.fsync_dir(tmp), _io.replace_dir(tmp, path)), f"save_distributed to {path}: "
+        comm.on_rank0(lambda: (_io.fsync_dir(tmp), _io.replace_dir(tmp, path, names=own_files(path))),
+                      f"save_distributed to {path}: "
                       "publishing", "Rank 0 could not rename the finished directory into place: the checkpoint at "
                       "that path is the previous one or the new one, whole.")
     except BaseException:

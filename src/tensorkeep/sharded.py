@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from typing import Any, Iterator, Mapping
@@ -16,7 +17,7 @@ import torch
 from . import _io
 from .errors import FormatError
 from .files import SafeOpen, TensorSlice, load, write
-from .format import TensorInfo, dumps, strict_json
+from .format import TK_PREFIX, TensorInfo, dumps, strict_json
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -64,8 +65,11 @@ def save_sharded(state_dict: Mapping[str, torch.Tensor], directory: "str | os.Pa
                  index_metadata: Mapping[str, Any] | None = None) -> list[str]:
     """Write a flat state dict as a sharded directory that ``transformers`` and ``tk.load`` read.
 
-    The directory is built under a temporary name and swapped into place atomically,
-    so readers see the old directory or the new one, never a mix. Returns the shard file names.
+    Only the weight files are replaced (``model.safetensors``, ``model-0000i-of-0000n.safetensors``
+    and the index); a ``config.json``, a tokenizer or anything else in the directory stays as it
+    is. Every file is written under a temporary name and fsynced first, then one rename commits,
+    so a reader (ours or ``from_pretrained``) finds the old weights or the new ones, whole, at
+    every instant, even across a crash. Returns the shard file names.
 
     >>> import torch, tensorkeep as tk
     >>> tk.save_sharded({"a": torch.zeros(4), "b": torch.ones(4)}, "/tmp/tk-doc-sharded", max_shard_size=16)
@@ -78,26 +82,140 @@ def save_sharded(state_dict: Mapping[str, torch.Tensor], directory: "str | os.Pa
     shards = plan_shards(state_dict, max_shard_size)
     n = len(shards)
     files = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    parent = os.path.dirname(directory)
-    _io.makedirs(parent)
-    tmp = _io.tmp_path(directory)
-    _io.mkdir(tmp)
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        raise FileExistsError(f"save_sharded: {directory} exists and is not a directory")
+    _io.makedirs(directory)
+    old = _Weights.read(directory)
+    old.remove_stale(directory)
+    temps: dict[str, str] = {}
     try:
         for fname, names in zip(files, shards):
-            write({k: state_dict[k] for k in names}, os.path.join(tmp, fname),
-                  {"format": "pt", **dict(metadata or {})}, durable=True)
+            temps[fname] = _io.tmp_path(os.path.join(directory, fname))
+            write({k: state_dict[k] for k in names}, temps[fname], {"format": "pt", **dict(metadata or {})},
+                  durable=True, in_place=True)
         if n > 1:
             index = {"metadata": {"total_size": sum(_nbytes(t) for t in state_dict.values()), **dict(index_metadata or {})},
                      "weight_map": {k: f for f, names in zip(files, shards) for k in names}}
-            with _io.atomic_file(os.path.join(tmp, INDEX)) as fd:
-                _io.pwrite_all(fd, memoryview(dumps(index).encode()), 0)
-        _io.fsync_dir(tmp)
-        _io.replace_dir(tmp, directory)
+            temps[INDEX] = _write_temp(directory, INDEX, index)
+        _commit(directory, files, temps, old)
     except BaseException:
-        if os.path.isdir(tmp):
-            _io.rmtree(tmp)
+        for t in temps.values():
+            if _io.is_regular_file(t):
+                _io.unlink(t)
         raise
     return files
+
+
+class _Weights:
+    """The weight files a directory holds now: a single file, an index and the shards it names."""
+
+    def __init__(self, single: bool, index: bool, shards: "set[str] | None") -> None:
+        self.single, self.index, self.shards = single, index, shards  # shards None: the index is unreadable
+
+    @classmethod
+    def read(cls, directory: str) -> "_Weights":
+        index_path = os.path.join(directory, INDEX)
+        shards: set[str] | None = set()
+        if os.path.lexists(index_path):
+            try:
+                shards = set(_read_index(directory, prefer_single=False, check=False).values())
+                shards = {os.path.basename(p) for p in shards}
+            except (FormatError, OSError):
+                shards = None
+        return cls(os.path.lexists(os.path.join(directory, SINGLE)), os.path.lexists(index_path), shards)
+
+    def remove_stale(self, directory: str) -> None:
+        """Remove the leftovers of earlier saves that crashed: temporary files of dead processes, and
+        shards named like ours that hold a tensorkeep header but no index names (never user files)."""
+        if self.shards is None:
+            return  # an unreadable index: nobody can tell what it needs
+        for n in os.listdir(directory):
+            p = os.path.join(directory, n)
+            if n in self.shards or not _io.is_regular_file(p):
+                continue
+            t = _io.temp_of(n)
+            if t is not None and _WEIGHT_RE.match(t[0]) and _io.is_stale_temp(n):
+                _io.unlink(p)
+            elif t is None and _SHARD_RE.match(n) and _is_tensorkeep(p):
+                _io.unlink(p)
+
+
+_WEIGHT_RE = re.compile(r"^model(-\d{5,}-of-\d{5,})?\.safetensors(\.index\.json)?$")
+_SHARD_RE = re.compile(r"^model-\d{5,}-of-\d{5,}\.safetensors$")
+
+
+def _is_tensorkeep(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8 + len(TK_PREFIX))[8:] == TK_PREFIX
+
+
+def _write_temp(directory: str, name: str, obj: Any) -> str:
+    tmp = _io.tmp_path(os.path.join(directory, name))
+    with _io.atomic_file(tmp, in_place=True) as fd:
+        _io.pwrite_all(fd, memoryview(dumps(obj).encode()), 0)
+    return tmp
+
+
+def _unlink(directory: str, names: "set[str] | list[str]") -> None:
+    """Unlink these entries (files or symlinks, never a directory), then make that durable."""
+    gone = False
+    for n in names:
+        p = os.path.join(directory, n)
+        if _io.is_regular_file(p) or os.path.islink(p):
+            _io.unlink(p)
+            gone = True
+    if gone:
+        _io.fsync_dir(directory)
+
+
+def _commit(directory: str, files: list[str], temps: dict[str, str], old: _Weights) -> None:
+    """Rename the new weight files into place so that one rename is the commit (readers, like
+    transformers, prefer ``model.safetensors`` over an index), then retire the old ones."""
+    new, old_shards = set(files), old.shards or set()
+
+    def place(names: list[str]) -> None:
+        for f in names:
+            _io.rename(temps[f], os.path.join(directory, f))
+        _io.fsync_dir(directory)
+
+    if files == [SINGLE]:
+        place([SINGLE])  # the commit
+        _unlink(directory, [INDEX] if old.index else [])
+        _unlink(directory, old_shards - new)
+        return
+    if old.single:  # it is what readers see until it goes: the shards and index can land first
+        place(files + [INDEX])
+        _unlink(directory, [SINGLE])  # the commit
+        _unlink(directory, old_shards - new)
+        return
+    if old_shards & new:  # the old index names files about to be replaced: point it at copies first
+        aside = {f: _io.tmp_path(os.path.join(directory, f)) for f in sorted(old_shards)}
+        for f, a in aside.items():
+            _link_or_copy(os.path.join(directory, f), a)
+        idx = _read_index_json(os.path.join(directory, INDEX))
+        idx["weight_map"] = {k: os.path.basename(aside[v]) for k, v in idx["weight_map"].items()}
+        _io.rename(_write_temp(directory, INDEX, idx), os.path.join(directory, INDEX))
+        _io.fsync_dir(directory)
+        _unlink(directory, old_shards - new)
+        old_shards = {os.path.basename(a) for a in aside.values()}
+    place(files)
+    place([INDEX])  # the commit
+    _unlink(directory, old_shards - new)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """``dst`` names the same bytes as ``src`` (a hard link; a durable copy where links are refused)."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+        return
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+    with open(src, "rb") as f, _io.atomic_file(dst, in_place=True) as fd:
+        pos = 0
+        while chunk := f.read(16 << 20):
+            _io.pwrite_all(fd, memoryview(chunk), pos)
+            pos += len(chunk)
 
 
 def _shard_path(directory: str, fname: Any, index_path: str) -> str:
@@ -106,27 +224,32 @@ def _shard_path(directory: str, fname: Any, index_path: str) -> str:
     return os.path.join(directory, fname)
 
 
-def _read_index(directory: str) -> dict[str, str]:
-    """name -> shard path, from the index (validated) or a single model.safetensors."""
+def _read_index_json(index_path: str) -> dict[str, Any]:
+    with open(index_path, "rb") as f:
+        raw = f.read(100_000_001)
+    if len(raw) > 100_000_000:
+        raise FormatError(f"{index_path}: index is larger than 100 MB")
+    idx = strict_json(raw, index_path)
+    if not isinstance(idx, dict) or not isinstance(idx.get("weight_map"), dict):
+        raise FormatError(f"{index_path}: expected an object with a 'weight_map' of tensor name -> shard file")
+    return idx
+
+
+def _read_index(directory: str, *, prefer_single: bool = True, check: bool = True) -> dict[str, str]:
+    """name -> shard path, from a single model.safetensors or else the index (validated) — the order
+    transformers uses, so both read the same weights while a save replaces them."""
     index_path = os.path.join(directory, INDEX)
+    single = os.path.join(directory, SINGLE)
+    if prefer_single and os.path.isfile(single):
+        with SafeOpen(single) as f:
+            return {name: single for name in f.keys()}
     if os.path.exists(index_path):
-        with open(index_path, "rb") as f:
-            raw = f.read(100_000_001)
-        if len(raw) > 100_000_000:
-            raise FormatError(f"{index_path}: index is larger than 100 MB")
-        idx = strict_json(raw, index_path)
-        wm = idx.get("weight_map") if isinstance(idx, dict) else None
-        if not isinstance(wm, dict):
-            raise FormatError(f"{index_path}: expected an object with a 'weight_map' of tensor name -> shard file")
+        wm = _read_index_json(index_path)["weight_map"]
         out = {name: _shard_path(directory, f, index_path) for name, f in wm.items()}
-        for p in set(out.values()):
+        for p in set(out.values()) if check else ():
             if not os.path.isfile(p):
                 raise FormatError(f"{index_path}: shard {os.path.basename(p)} is listed but missing from {directory}")
         return out
-    single = os.path.join(directory, SINGLE)
-    if os.path.isfile(single):
-        with SafeOpen(single) as f:
-            return {name: single for name in f.keys()}
     found = sorted(os.listdir(directory))[:10]
     hint = (" It looks like a training checkpoint: use tk.CheckpointManager(...).restore(...)."
             if "manifest.json" in found or any(f.startswith("step_") for f in found) else "")

@@ -152,9 +152,7 @@ def open_run(mgr: "CheckpointManager") -> None:
     if comm.rank == 0:
         try:
             mgr._lock.acquire()
-            for p in layout.leftovers(mgr.directory):  # unfinished saves of a crashed run
-                warnings.warn(f"removing the leftovers of an unfinished save: {p}", stacklevel=3)
-                _io.rmtree(p)
+            layout.clean_run(mgr.directory)  # unfinished saves of a crashed run: only its own
         except Exception as e:  # noqa: BLE001 - reported to every rank
             error = e
     what = f"opening {mgr.directory}"
@@ -260,7 +258,7 @@ def _publish(mgr: "CheckpointManager", step: int, tmp: str, final: str, metrics:
     layout.write_manifest(tmp, m, mgr.durable)
     if mgr.durable:
         _io.fsync_dir(tmp)
-    _io.replace_dir(tmp, final, mgr.durable)
+    _io.replace_dir(tmp, final, mgr.durable, layout.replaceable(final))
 
 
 def _after_commit(mgr: "CheckpointManager", step: int, metrics: dict[str, Any]) -> None:

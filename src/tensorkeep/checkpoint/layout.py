@@ -12,16 +12,18 @@ directory without a valid manifest is not a checkpoint.
 
 from __future__ import annotations
 
+import errno
 import math
 import numbers
 import os
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import _io
-from ..errors import FormatError
+from ..errors import FormatError, SaveError
 from ..format import dumps, stored_crc, strict_json
 
 MANIFEST = "manifest.json"
@@ -29,7 +31,7 @@ FORMAT = "tensorkeep-checkpoint"
 VERSION = 1
 VERSION_INCREMENTAL = 2  # tensors live in run/packs (see packs.py); version-1 readers must refuse it
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
-_PACK_RE = re.compile(r"^\d{8,}-[0-9a-f]{8}\.tk$")
+PACK_RE = re.compile(r"^\d{8,}-[0-9a-f]{8}\.tk$")
 _HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -49,12 +51,15 @@ class Manifest:
     packs: dict[str, dict[str, Any]] = field(default_factory=dict)  # pack -> {"size", "crc32"}
     bytes_written: int | None = None  # tensor bytes this checkpoint wrote (None: it wrote all it holds)
     bytes_held: int | None = None  # tensor bytes it restores
+    environment: dict[str, Any] = field(default_factory=dict)  # what bit-exact resume depends on (determinism.py)
 
     def to_json(self) -> str:
         metrics = {k: ({"$float": repr(v)} if isinstance(v, float) and not math.isfinite(v) else v)
                    for k, v in self.metrics.items()}  # JSON has no NaN/Infinity: a diverged loss is tagged
         d = {"format": FORMAT, "version": VERSION, "step": self.step, "time": self.time,
              "metrics": metrics, "files": self.files, "versions": self.versions}
+        if self.environment:
+            d["environment"] = self.environment
         if self.parts:
             d.update(version=VERSION_INCREMENTAL, parts=self.parts, packs=self.packs,
                      bytes={"written": self.bytes_written, "held": self.bytes_held})
@@ -101,29 +106,57 @@ def read_manifest(directory: str) -> Manifest:
 
 
 def parse_manifest(raw: bytes, path: str) -> Manifest:
-    """Validate a manifest's bytes (``path`` names it in errors); :class:`FormatError` if bad."""
+    """Validate a manifest's bytes (``path`` names it in errors); :class:`FormatError` if bad.
+
+    The JSON is untrusted: any value of the wrong kind (a NUL in a file name, ``"time": "soon"``,
+    a number too large for a float) makes the checkpoint damaged, never another exception."""
     if len(raw) > 10_000_000:
         raise FormatError(f"{path}: manifest larger than 10 MB")
     d = strict_json(raw, path)
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise FormatError(f"{path}: not a tensorkeep checkpoint manifest")
-    if d.get("version") not in (VERSION, VERSION_INCREMENTAL):
+    if d.get("version") not in (VERSION, VERSION_INCREMENTAL) or type(d.get("version")) is not int:
         raise FormatError(f"{path}: manifest version {d.get('version')!r}; this tensorkeep reads versions "
                           f"{VERSION} and {VERSION_INCREMENTAL}: upgrade tensorkeep")
     step, files = d.get("step"), d.get("files")
     if type(step) is not int or step < 0 or not isinstance(files, dict) or not isinstance(d.get("metrics"), dict):
         raise FormatError(f"{path}: manifest needs an int step, a files object and a metrics object")
     for name, info in files.items():
-        if "/" in name or name in (".", "..") or not isinstance(info, dict) or type(info.get("size")) is not int:
-            raise FormatError(f"{path}: bad file entry {name!r}")
+        if not plain_name(name) or not isinstance(info, dict) or type(info.get("size")) is not int \
+                or info["size"] < 0 or not all(isinstance(info.get(k, ""), str) for k in ("crc32", "key", "kind")):
+            raise FormatError(f"{path}: bad file entry {name!r} (expected a plain file name and "
+                              "{\"size\": int, \"crc32\": str, \"key\": str, \"kind\": str})")
+    t = d.get("time", 0)
+    if type(t) not in (int, float) or not (0 <= t < 1e13):  # 1e13 s: year 318857; 10**400 cannot become a float
+        raise FormatError(f"{path}: 'time' must be seconds since 1970, found {str(t)[:40]!r}")
+    versions = d.get("versions") or {}
+    if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
+        raise FormatError(f"{path}: 'versions' must map names to version strings")
+    env = d.get("environment") or {}
+    if not isinstance(env, dict):
+        raise FormatError(f"{path}: 'environment' must be an object")
     metrics = {k: _untag(v) for k, v in d["metrics"].items()}
-    m = Manifest(step, float(d.get("time", 0)), metrics, files, d.get("versions") or {})
+    m = Manifest(step, float(t), metrics, files, versions, environment=env)
     if d["version"] == VERSION_INCREMENTAL:
         m.parts, m.packs = d.get("parts"), d.get("packs")
         _validate_parts(m.parts, m.packs, path)
         b = d.get("bytes") if isinstance(d.get("bytes"), dict) else {}
         m.bytes_written, m.bytes_held = b.get("written"), b.get("held")
+        if not all(v is None or (type(v) is int and v >= 0) for v in (m.bytes_written, m.bytes_held)):
+            raise FormatError(f"{path}: 'bytes' must hold non-negative ints")
     return m
+
+
+def plain_name(name: object) -> bool:
+    """A name that stays inside its directory: no separator, no NUL or other control character, not
+    ``.`` / ``..``, at most 255 bytes.
+
+    >>> plain_name("model.tk"), plain_name("../x"), plain_name("a\\x00b"), plain_name("..")
+    (True, False, False, False)
+    """
+    return (type(name) is str and 0 < len(name) <= 255 and name not in (".", "..") and "/" not in name
+            and "\\" not in name and not any(ord(c) < 32 or ord(c) == 127 for c in name)
+            and len(name.encode("utf-8", "surrogatepass")) <= 255)
 
 
 def _validate_parts(parts: Any, packs: Any, where: str) -> None:
@@ -131,12 +164,12 @@ def _validate_parts(parts: Any, packs: Any, where: str) -> None:
     if not isinstance(parts, dict) or not isinstance(packs, dict):
         raise FormatError(f"{where}: 'parts' and 'packs' must be objects")
     for pack, info in packs.items():
-        if not _PACK_RE.match(pack) or not isinstance(info, dict) or type(info.get("size")) is not int \
-                or not isinstance(info.get("crc32"), str):
+        if not PACK_RE.match(pack) or not isinstance(info, dict) or type(info.get("size")) is not int \
+                or info["size"] < 0 or not isinstance(info.get("crc32"), str):
             raise FormatError(f"{where}: bad pack entry {pack!r}")
     for name, part in parts.items():
         refs = part.get("tensors") if isinstance(part, dict) else None
-        good = isinstance(refs, dict) and isinstance(part.get("key"), str) and isinstance(part.get("kind"), str) and all(
+        good = plain_name(name) and isinstance(refs, dict) and isinstance(part.get("key"), str) and isinstance(part.get("kind"), str) and all(
             type(r) is list and len(r) == 2 and isinstance(r[0], str) and _HASH_RE.match(r[0]) and r[1] in packs
             for r in refs.values())
         if not good:
@@ -167,7 +200,8 @@ def check_files(directory: str, m: Manifest) -> None:
 
 
 def list_steps(run: str) -> list[int]:
-    """Steps of the directories that look committed (named step_N with a manifest), ascending."""
+    """Steps of the directories that look committed (named step_N with a manifest), ascending.
+    A symlink named like a step is not one of this run's checkpoints: never read, never deleted."""
     try:
         names = os.listdir(run)
     except FileNotFoundError:
@@ -175,33 +209,129 @@ def list_steps(run: str) -> list[int]:
     steps = []
     for n in names:
         m = _STEP_RE.match(n)
-        if m and os.path.isfile(os.path.join(run, n, MANIFEST)):
+        if m and _io.is_real_dir(os.path.join(run, n)) and _io.is_regular_file(os.path.join(run, n, MANIFEST)):
             steps.append(int(m.group(1)))
     return sorted(steps)
 
 
+#: The names tensorkeep gives the files of a step directory (checkpoint/manager.py, collective.py).
+_OWN_FILE_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,120}\.tk|manifest\.json|distributed\.json)$")
+
+
+def own_names(directory: str) -> tuple[set[str], list[str]]:
+    """``(ours, foreign)``: the entries of a step directory that tensorkeep wrote, and the rest.
+
+    Ours are the files its manifest lists, the manifest itself and tensorkeep's temporary names; with
+    a damaged manifest, the names tensorkeep gives its files (``*.tk``); with no manifest, nothing
+    is provably ours. Subdirectories and symlinks are never ours."""
+    names = os.listdir(directory)
+    try:
+        listed: set[str] | None = set(read_manifest(directory).files) | {MANIFEST}
+    except FormatError:
+        listed = None
+    has_manifest = _io.is_regular_file(os.path.join(directory, MANIFEST))
+    ours, foreign = set(), []
+    for n in names:
+        p = os.path.join(directory, n)
+        mine = (n in listed) if listed is not None else (has_manifest and bool(_OWN_FILE_RE.match(n)))
+        if (mine or _io.temp_of(n) is not None) and _io.is_regular_file(p):
+            ours.add(n)
+        else:
+            foreign.append(n)
+    return ours, sorted(foreign)
+
+
+def foreign_error(directory: str, foreign: list[str], what: str) -> SaveError:
+    shown = ", ".join(repr(n) for n in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+    return SaveError(errno.EEXIST, f"{directory} holds entries tensorkeep did not write ({shown}), so it is not "
+                   f"{what}. Fix: move them out of it (or delete it yourself if you do not need them)")
+
+
+def replaceable(directory: str) -> set[str]:
+    """The names to delete from an existing step directory that a save of the same step replaces;
+    :class:`OSError` if it holds anything tensorkeep did not write (then it is not replaced)."""
+    if not os.path.lexists(directory):
+        return set()
+    if not _io.is_real_dir(directory):
+        raise SaveError(errno.EEXIST, f"{directory} exists and is not a directory (a symlink?): not replaced")
+    ours, foreign = own_names(directory)
+    if foreign:
+        raise foreign_error(directory, foreign, "replaced")
+    return ours
+
+
 def leftovers(run: str) -> list[str]:
-    """Temporary directories of unfinished saves, and step directories without a manifest."""
-    out = []
+    """Temporary directories of unfinished saves (and of interrupted deletions) in ``run``: only
+    tensorkeep's own temporary names, real directories, never symlinks."""
     try:
         names = os.listdir(run)
     except FileNotFoundError:
         return []
+    return sorted(os.path.join(run, n) for n in names
+                  if (_io.temp_of(n) or ("",))[0].startswith("step_") and _io.is_real_dir(os.path.join(run, n)))
+
+
+def strangers(run: str) -> list[str]:
+    """Entries named like checkpoints that are not (a ``step_N`` symlink, or a directory with no
+    manifest): tensorkeep neither reads nor deletes them, it only says so."""
+    try:
+        names = os.listdir(run)
+    except FileNotFoundError:
+        return []
+    out = []
     for n in names:
         p = os.path.join(run, n)
-        if _io.TMP_MARK in n:
-            out.append(p)
-        elif _STEP_RE.match(n) and not os.path.exists(os.path.join(p, MANIFEST)):
+        if _STEP_RE.match(n) and not (_io.is_real_dir(p) and _io.is_regular_file(os.path.join(p, MANIFEST))):
             out.append(p)
     return sorted(out)
 
 
-def remove_checkpoint(run: str, step: int) -> None:
-    """Delete a checkpoint: its manifest first (so a crash midway leaves a non-checkpoint), then the rest."""
+def clean_run(run: str) -> list[str]:
+    """What a writer of ``run`` does when it opens it: remove tensorkeep's own leftovers (temporary
+    directories of crashed saves or interrupted deletions, stale temporary files, unreferenced packs)
+    and warn about — never delete — anything else named like a checkpoint. Returns what it removed."""
+    removed = []
+    for p in leftovers(run):
+        warnings.warn(f"removing the leftovers of an unfinished save: {p}", stacklevel=3)
+        names = {n for n in os.listdir(p) if _OWN_FILE_RE.match(n) or _io.temp_of(n)}
+        left = _io.remove_own_dir(p, names)
+        if left:
+            warnings.warn(f"{p}: kept {left}, which tensorkeep did not write", stacklevel=3)
+        removed.append(p)
+    for n in os.listdir(run):  # a killed tk.save(..., run/extra.tk) leaves a temporary file
+        if _io.is_stale_temp(n) and _io.is_regular_file(os.path.join(run, n)):
+            _io.unlink(os.path.join(run, n))
+            removed.append(os.path.join(run, n))
+    for p in strangers(run):
+        why = "a symbolic link" if os.path.islink(p) else "not a directory" if not os.path.isdir(p) else "without a manifest"
+        warnings.warn(f"{p} is named like a checkpoint but is {why}: tensorkeep ignores it and never deletes it",
+                      stacklevel=3)
+    return removed
+
+
+def remove_checkpoint(run: str, step: int, durable: bool = True) -> bool:
+    """Delete a checkpoint; False (with a warning, nothing deleted) if it holds what tensorkeep did not write.
+
+    It is first renamed to a temporary name (a crash from then on leaves a recognizable leftover,
+    removed when the run is next opened, never a checkpoint with missing files), then its own
+    files are deleted by name."""
     d = step_dir(run, step)
-    _io.unlink_if_exists(os.path.join(d, MANIFEST))
-    _io.fsync_dir(d)
-    _io.rmtree(d)
+    if not _io.is_real_dir(d):
+        warnings.warn(f"{d} is not a directory of this run (a symlink?): not deleted", stacklevel=3)
+        return False
+    ours, foreign = own_names(d)
+    if foreign:
+        warnings.warn(f"checkpoint step {step} was not deleted by retention: {foreign_error(d, foreign, 'deleted')}",
+                      stacklevel=3)
+        return False
+    doomed = _io.tmp_path(d)
+    _io.rename(d, doomed)
+    if durable:
+        _io.fsync_dir(run)
+    left = _io.remove_own_dir(doomed, ours)
+    if left:  # something appeared meanwhile: left for its owner, under the temporary name
+        warnings.warn(f"{doomed}: kept {left}, which tensorkeep did not write", stacklevel=3)
+    return True
 
 
 def now() -> float:

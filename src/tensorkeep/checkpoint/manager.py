@@ -77,7 +77,10 @@ class CheckpointManager:
         self._remote = ObjectRun(directory) if is_url(directory) else None
         self.directory = self._remote.url if self._remote else os.path.abspath(directory)
         if self._remote is None:
-            _io.makedirs(self.directory)
+            if os.path.lexists(self.directory) and not os.path.isdir(self.directory):
+                raise NotADirectoryError(f"CheckpointManager({self.directory!r}): that path is a file, not a run "
+                                         "directory. Fix: pass a directory (it is created if missing)")
+            _io.makedirs(self.directory, durable)
         self._policies: list[Policy] = list(policies)
         if keep_last is not None:
             self._policies.append(LatestN(keep_last))
@@ -125,9 +128,7 @@ class CheckpointManager:
         if self._dist is not None:  # rank 0 locks and cleans up, every rank reads the records
             collective.open_run(self)
             return
-        for p in layout.leftovers(self.directory):  # unfinished saves of a crashed run
-            warnings.warn(f"removing the leftovers of an unfinished save: {p}", stacklevel=2)
-            _io.rmtree(p)
+        layout.clean_run(self.directory)  # unfinished saves and deletions of a crashed run: only its own
         packs.collect(self.directory)  # packs of crashed saves or of an interrupted cleanup
         for s in layout.list_steps(self.directory):
             try:
@@ -279,7 +280,7 @@ class CheckpointManager:
             if self.durable:
                 _io.fsync_dir(tmp)
             final = layout.step_dir(self.directory, step)
-            _io.replace_dir(tmp, final, self.durable)
+            _io.replace_dir(tmp, final, self.durable, layout.replaceable(final))
             return final
         except BaseException as e:
             if os.path.isdir(tmp):
@@ -324,11 +325,12 @@ class CheckpointManager:
         if not dry_run:
             if self._remote is not None and doomed:
                 self._remote.owner.check(f"deleting steps {doomed}")
-            for s in doomed:
+            for s in list(doomed):
                 if self._remote is not None:
                     self._remote.remove(s)
-                else:
-                    layout.remove_checkpoint(self.directory, s)
+                elif not layout.remove_checkpoint(self.directory, s, self.durable):
+                    doomed.remove(s)  # holds what tensorkeep did not write: kept, with a warning
+                    continue
                 with self._records_lock:
                     del self._records[s]
             if self._remote is not None:  # after the manifests: data a kept checkpoint needs stays

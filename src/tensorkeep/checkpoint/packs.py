@@ -15,6 +15,7 @@ unreferenced and removed.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -24,13 +25,13 @@ import numpy as np
 import torch
 
 from .. import _io, knobs
-from ..errors import FormatError
+from ..errors import FormatError, SaveError
 from ..files import SafeOpen
-from ..format import stored_crc
+from ..format import TK_PREFIX, stored_crc
 from ..storage import is_url
 from ..tree import flatten, unflatten
 from ..writer import _source, write
-from .layout import Manifest, list_steps, read_manifest, step_dir
+from .layout import PACK_RE, Manifest, list_steps, read_manifest, step_dir
 
 PACKS = "packs"
 _PIECE = 16 << 20  # hashed in pieces on IO_THREADS threads (hashlib releases the GIL)
@@ -110,7 +111,10 @@ def save_parts(run: str, step: int, payload: dict[str, tuple[str, str, Any]], kn
     where = dict(known)
     written = 0
     if new:
-        _io.makedirs(packs_dir(run))
+        if os.path.lexists(packs_dir(run)) and not _io.is_real_dir(packs_dir(run)):
+            raise SaveError(errno.ENOTDIR, f"{packs_dir(run)} is not a directory (a symlink?): tensorkeep writes a "
+                            "run's packs only inside the run directory. Fix: move it away")
+        _io.makedirs(packs_dir(run), durable)
         pack = f"{step:08d}-{os.urandom(4).hex()}.tk"
         path = os.path.join(packs_dir(run), pack)
         write(new, path, {}, durable)  # temp file + fsync + rename + directory fsync
@@ -168,19 +172,35 @@ def load_parts(run: str, parts: dict[str, dict], packs: dict[str, dict], where: 
             f.close()
 
 
+def _own_pack(d: str, name: str) -> bool:
+    """A file of ``packs/`` that tensorkeep wrote: a pack's name and a tensorkeep header, or the
+    temporary file of a pack write whose process died. Anything else there is the user's."""
+    p = os.path.join(d, name)
+    if not _io.is_regular_file(p):
+        return False
+    t = _io.temp_of(name)
+    if t is not None:
+        return bool(PACK_RE.match(t[0])) and _io.is_stale_temp(name)
+    if not PACK_RE.match(name):
+        return False
+    with open(p, "rb") as f:
+        return f.read(8 + len(TK_PREFIX))[8:] == TK_PREFIX
+
+
 def collect(run: str) -> list[str]:
     """Delete the packs no committed checkpoint refers to (nothing while a manifest is unreadable).
 
     Only the run's writer may call this, between saves: a pack being written is not referenced yet.
+    Files in ``packs/`` that tensorkeep did not write are left alone (see :func:`_own_pack`).
     """
     d = packs_dir(run)
-    if not os.path.isdir(d):
-        return []  # not an incremental run: no manifest needs reading
+    if not _io.is_real_dir(d):
+        return []  # not an incremental run (or a symlink: never followed)
     manifests = committed(run)
     if manifests is None:
         return []
     live = {p for m in manifests for p in m.packs}
-    doomed = sorted(n for n in os.listdir(d) if n not in live)
+    doomed = sorted(n for n in os.listdir(d) if n not in live and _own_pack(d, n))
     for n in doomed:
         _io.unlink_if_exists(os.path.join(d, n))
     if doomed:
