@@ -5,6 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+#: Every torch dtype by name: its own ("float32", "bfloat16") and torch's aliases ("float", "long").
+#: Read once from torch's namespace with vars(), which never runs torch's module ``__getattr__``:
+#: ``getattr(torch, name)`` with a name from a file can import torch._inductor, torch.onnx, ...
+TORCH_BY_NAME: dict[str, torch.dtype] = {n: v for n, v in vars(torch).items() if isinstance(v, torch.dtype)}
+
 _TORCH = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
     "U16": torch.uint16, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32,
@@ -15,8 +20,8 @@ for _name, _attr in [
     ("F8_E4M3", "float8_e4m3fn"), ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
     ("F8_E5M2", "float8_e5m2"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("F8_E8M0", "float8_e8m0fnu"),
 ]:
-    if hasattr(torch, _attr):
-        _TORCH[_name] = getattr(torch, _attr)
+    if _attr in TORCH_BY_NAME:  # newer torch versions only
+        _TORCH[_name] = TORCH_BY_NAME[_attr]
 
 _FROM_TORCH = {v: k for k, v in _TORCH.items()}
 
@@ -32,6 +37,16 @@ _FROM_NUMPY = {v: k for k, v in _NUMPY.items()}
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype for a safetensors dtype name (``"F32"`` -> ``torch.float32``)."""
     return _TORCH[name]
+
+
+def torch_dtype_named(name: object) -> torch.dtype | None:
+    """The torch dtype called ``name`` (as ``str(dtype)`` writes it, without ``torch.``), or None.
+    Safe on names read from a file: a fixed table, nothing is imported.
+
+    >>> torch_dtype_named("bfloat16"), torch_dtype_named("long"), torch_dtype_named("_inductor")
+    (torch.bfloat16, torch.int64, None)
+    """
+    return TORCH_BY_NAME.get(name) if type(name) is str else None
 
 
 def numpy_dtype(name: str) -> np.dtype | None:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import knobs
+from .dtypes import torch_dtype_named
 from .errors import FormatError
 
 _Parameter = torch.nn.Parameter
@@ -224,8 +225,8 @@ def unflatten(tree: Any, get: Callable[[str, str], Any], where: str) -> Any:
                 raise _fail(where, "torch.Size must be a list of non-negative ints")
             return torch.Size(v)
         if tag == "dt":
-            dt = getattr(torch, v, None) if type(v) is str else None
-            if not isinstance(dt, torch.dtype):
+            dt = torch_dtype_named(v)  # never getattr(torch, v): that can import torch submodules
+            if dt is None:
                 raise _fail(where, f"unknown torch dtype {v!r:.40}")
             return dt
         if tag == "dev":
