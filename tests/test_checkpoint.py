@@ -187,15 +187,19 @@ def test_damaged_newest_falls_back(tmp, damage):
 def test_leftovers_of_crashed_save_are_cleaned(tmp):
     with tk.CheckpointManager(tmp) as mgr:
         mgr.save(1, {"a": 1})
-    junk = os.path.join(tmp, ".step_00000002.tk-tmp-999-abcd")
+    junk = os.path.join(tmp, ".step_00000002.tk-tmp-999-abcd0123")  # tensorkeep's own temporary name
     os.makedirs(junk)
     open(os.path.join(junk, "model.tk"), "wb").write(b"partial")
     half = layout.step_dir(tmp, 3)
-    os.makedirs(half)  # a step directory whose manifest was deleted first during cleanup
-    with pytest.warns(UserWarning, match="leftovers"):
+    os.makedirs(half)  # named like a step, but no manifest: not provably ours, so only warned about
+    open(os.path.join(half, "notes.txt"), "w").write("mine")
+    with pytest.warns(UserWarning) as caught:
         with tk.CheckpointManager(tmp) as mgr:
             assert mgr.steps() == [1]
-    assert sorted(os.listdir(tmp)) == ["step_00000001"]
+    said = " ".join(str(w.message) for w in caught)
+    assert "leftovers" in said and "never deletes it" in said
+    assert sorted(os.listdir(tmp)) == ["step_00000001", "step_00000003"]
+    assert open(os.path.join(half, "notes.txt")).read() == "mine"
 
 
 def test_failed_save_leaves_committed_intact(tmp, monkeypatch):
@@ -229,15 +233,22 @@ def test_crash_during_retention_cleanup_loses_nothing(tmp, monkeypatch):
 
     with tk.CheckpointManager(tmp, keep_last=1) as mgr:
         mgr.save(1, {"v": 1})
-        monkeypatch.setattr(_io, "rmtree", lambda p: (_ for _ in ()).throw(OSError("power cut")))
+
+        def dies_midway(path, names):  # one file deleted, then the power goes
+            _io.unlink(os.path.join(path, sorted(names)[0]))
+            raise OSError("power cut")
+
+        monkeypatch.setattr(_io, "remove_own_dir", dies_midway)
         with pytest.raises(OSError, match="power cut"):
-            mgr.save(2, {"v": 2})  # committed; deleting step 1 died after its manifest went
+            mgr.save(2, {"v": 2})  # committed; deleting step 1 died after it was renamed away
         monkeypatch.undo()
+    assert [n for n in os.listdir(tmp) if n.startswith(".step_00000001.tk-tmp-")]  # recognizably ours
     with pytest.warns(UserWarning, match="leftovers"):
         with tk.CheckpointManager(tmp, keep_last=1) as mgr:
             st = {"v": 0}
             assert mgr.restore(st) == 2 and st["v"] == 2
             assert mgr.steps() == [2]
+    assert sorted(n for n in os.listdir(tmp) if not n.startswith(".tensorkeep")) == ["step_00000002"]
 
 
 def test_resave_same_step_replaces_it(tmp):

@@ -123,7 +123,7 @@ def test_pruning_away_everything_but_the_newest_still_restores(tmp):
     assert torch.equal(state["frozen"], torch.arange(5000.0)) and state["w"][0] == 3
 
 
-@pytest.mark.parametrize("fail_at", range(0, 9))
+@pytest.mark.parametrize("fail_at", range(0, 12))
 def test_cleanup_interrupted_at_any_deletion_never_loses_a_kept_checkpoint(tmp, monkeypatch, fail_at):
     """Each deletion of retention (manifest, checkpoint directory, pack) in turn raises, as if the
     process died there; a new manager then restores every kept step exactly and removes the garbage."""
@@ -140,8 +140,8 @@ def test_cleanup_interrupted_at_any_deletion_never_loses_a_kept_checkpoint(tmp, 
             return real(*a, **k)
         return f
 
-    monkeypatch.setattr(_io, "unlink_if_exists", dying(_io.unlink_if_exists))
-    monkeypatch.setattr(_io, "rmtree", dying(_io.rmtree))
+    for name in ("unlink_if_exists", "unlink", "rename", "rmdir", "rmtree"):
+        monkeypatch.setattr(_io, name, dying(getattr(_io, name)))
     mgr = tk.CheckpointManager(tmp, incremental=True)
     try:
         mgr.prune([tk.LatestN(1)])
@@ -152,7 +152,7 @@ def test_cleanup_interrupted_at_any_deletion_never_loses_a_kept_checkpoint(tmp, 
         monkeypatch.undo()
         mgr._lock.release()
         mgr._closed = True
-    assert finished == (fail_at == 8)  # 3 manifests, 3 directories, 2 packs: 8 deletions
+    assert finished == (fail_at == 11)  # 3 steps (renamed away, manifest, directory), 2 packs: 11 deletions
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # leftovers of the interrupted cleanup are reported
         mgr = tk.CheckpointManager(tmp)

@@ -189,8 +189,12 @@ def remove_own_dir(path: str, names: "set[str] | frozenset[str]") -> list[str]:
             unlink(p)
     left = sorted(os.listdir(path))
     if not left:
-        os.rmdir(path)
+        rmdir(path)
     return left
+
+
+def rmdir(path: str) -> None:
+    os.rmdir(path)
 
 
 def unlink_if_exists(path: str) -> None:
@@ -253,8 +257,9 @@ def ftruncate(fd: int, size: int) -> None:
 
 
 def open_lock_file(path: str) -> int:
-    """Open (creating if needed) a lock file for reading and writing; not inherited by exec'd children."""
-    return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    """Open (creating if needed) a lock file for reading and writing; not inherited by exec'd children,
+    never through a symlink (ELOOP): the lock is written, and must not write a file elsewhere."""
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
 
 
 @contextmanager

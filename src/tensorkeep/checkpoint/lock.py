@@ -41,7 +41,13 @@ class RunLock:
     def acquire(self) -> None:
         me = {"pid": os.getpid(), "host": socket.gethostname()}
         for _ in range(5):
-            fd = _io.open_lock_file(self.path)
+            try:
+                fd = _io.open_lock_file(self.path)
+            except OSError as e:
+                if e.errno != errno.ELOOP:
+                    raise
+                raise LockedError(f"{self.path} is a symbolic link, not tensorkeep's lock file: it is not written "
+                                  "through. Fix: remove that link (it is not the lock of a running job)") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -55,6 +55,10 @@ class CheckpointManager:
     >>> with tk.CheckpointManager("/tmp/tk-doc-run", keep_last=2) as mgr:
     ...     step = mgr.restore({"model": net, "optimizer": opt}) or 0
     ...     _ = mgr.save(step + 1, {"model": net, "optimizer": opt}, metrics={"loss": 0.5})
+
+    Opening a run takes its lock and removes tensorkeep's own leftovers of crashed saves (its
+    temporary names only): anything else in the directory is never deleted. ``read_only=True``
+    takes no lock and changes nothing: restore, list, or plan ``prune(..., dry_run=True)``.
     """
 
     def __init__(
@@ -70,17 +74,20 @@ class CheckpointManager:
         durable: bool = True,
         async_save: "bool | str" = False,
         incremental: bool = False,
+        read_only: bool = False,
     ) -> None:
         directory = os.fspath(directory)
         if is_url(directory):  # file:// is a local path; anything else is object storage (objects.py)
             directory = local_path(directory) or directory
         self._remote = ObjectRun(directory) if is_url(directory) else None
         self.directory = self._remote.url if self._remote else os.path.abspath(directory)
+        self.read_only = read_only
         if self._remote is None:
             if os.path.lexists(self.directory) and not os.path.isdir(self.directory):
                 raise NotADirectoryError(f"CheckpointManager({self.directory!r}): that path is a file, not a run "
                                          "directory. Fix: pass a directory (it is created if missing)")
-            _io.makedirs(self.directory, durable)
+            if not read_only:
+                _io.makedirs(self.directory, durable)
         self._policies: list[Policy] = list(policies)
         if keep_last is not None:
             self._policies.append(LatestN(keep_last))
@@ -97,9 +104,9 @@ class CheckpointManager:
         self.incremental = incremental
         self._lock: RunLock | OwnerRecord = self._remote.owner if self._remote else RunLock(self.directory)
         # torch.distributed with 2+ ranks: save/restore are collectives (collective.py); None otherwise
-        self._dist = collective.join(self.directory, async_save=async_save, incremental=incremental,
-                                     remote=self._remote is not None)
-        if self._dist is None:  # with several ranks, rank 0 takes it in collective.open_run
+        self._dist = None if read_only else collective.join(
+            self.directory, async_save=async_save, incremental=incremental, remote=self._remote is not None)
+        if self._dist is None and not read_only:  # with several ranks, rank 0 takes it in collective.open_run
             self._lock.acquire()
         self._closed = False
         self._last_save_time = time.monotonic()
@@ -120,6 +127,11 @@ class CheckpointManager:
         self._staging = Staging()
         if async_save:
             atexit.register(_finish_at_exit, weakref.ref(self))
+        if read_only:  # no lock, no cleanup: look, restore, plan a prune with dry_run=True
+            steps = self._remote.manifests() if self._remote else {
+                s: self._read_manifest_or_none(s) for s in layout.list_steps(self.directory)}
+            self._records = {s: Record(s, m.metrics) for s, m in steps.items() if m is not None}
+            return
         if self._remote is not None:
             for url in self._remote.clean():  # unfinished saves of a crashed run, orphan objects and uploads
                 warnings.warn(f"removed the leftovers of an unfinished save: {url}", stacklevel=2)
@@ -135,6 +147,12 @@ class CheckpointManager:
                 self._records[s] = Record(s, layout.read_manifest(layout.step_dir(self.directory, s)).metrics)
             except FormatError:
                 pass  # damaged: restore() skips it with a warning
+
+    def _read_manifest_or_none(self, step: int) -> layout.Manifest | None:
+        try:
+            return layout.read_manifest(layout.step_dir(self.directory, step))
+        except FormatError:
+            return None  # damaged: restore() skips it with a warning
 
     # ------------------------------------------------------------------ queries
 
@@ -208,7 +226,7 @@ class CheckpointManager:
         The checkpoint is written under a temporary name, fsynced, and published by an
         atomic rename: a crash at any moment leaves either the new checkpoint or none.
         """
-        self._check_open()
+        self._check_open(writing=True)
         if type(step) is not int or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         metrics = layout.clean_metrics(metrics, step)  # NumPy/tensor scalars unwrapped; NaN allowed
@@ -308,8 +326,9 @@ class CheckpointManager:
 
     def prune(self, policies: Sequence[Policy] | None = None, *, dry_run: bool = False) -> list[int]:
         """Apply a retention policy now (the manager's own by default); returns the steps deleted
-        (or that would be, with ``dry_run``). The newest checkpoint is always kept."""
-        self._check_open()
+        (or that would be, with ``dry_run``). The newest checkpoint is always kept; one that holds
+        files tensorkeep did not write is kept too, with a warning."""
+        self._check_open(writing=not dry_run)
         self.wait()
         if self._dist is not None:  # rank 0 deletes, every rank forgets the same steps
             return collective.prune(self, policies, dry_run)
@@ -486,9 +505,12 @@ class CheckpointManager:
                     signal.signal(s, h)
             self._lock.release()
 
-    def _check_open(self) -> None:
+    def _check_open(self, writing: bool = False) -> None:
         if self._closed:
             raise TensorkeepError(f"this CheckpointManager for {self.directory} is closed")
+        if writing and self.read_only:
+            raise TensorkeepError(f"this CheckpointManager for {self.directory} is read_only: it neither saves nor "
+                                  "deletes. Open another one without read_only=True to write")
 
     def __enter__(self) -> "CheckpointManager":
         return self
