@@ -350,3 +350,27 @@ def test_pack_cleanup_removes_only_unreferenced_tensorkeep_packs(tmp):
     os.symlink(os.path.join(d, "00000008-0123abcd.tk"), os.path.join(d, "00000007-0123abcd.tk"))
     assert packs.collect(tmp) == ["00000009-0123abcd.tk"]
     assert {"00000008-0123abcd.tk", "00000007-0123abcd.tk"} <= set(os.listdir(d))
+
+
+def test_object_storage_cleanup_deletes_only_tensorkeeps_objects():
+    fsspec = pytest.importorskip("fsspec")
+    import uuid
+
+    url = f"memory://tk-own-{uuid.uuid4().hex}"
+    fs = fsspec.filesystem("memory")
+    root = url[len("memory://"):]
+    foreign = {f"{root}/step_00000009/notes.txt": b"mine", f"{root}/step_00000001/eval.json": b"{}",
+               f"{root}/packs/readme.txt": b"mine", f"{root}/packs/00000001-deadbeef.tk": b"not a pack",
+               f"{root}/config.json": b"{}"}
+    for k, v in foreign.items():
+        fs.pipe_file(k, v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with tk.CheckpointManager(url, keep_last=1, incremental=True) as mgr:
+            for step in (1, 2, 3):
+                mgr.save(step, _state(step))
+        with tk.CheckpointManager(url, keep_last=1) as mgr:
+            mgr.save(4, _state(4))
+            assert mgr.steps()[-1] == 4
+    for k, v in foreign.items():
+        assert fs.cat_file(k) == v, f"{k} was deleted or changed"

@@ -221,14 +221,17 @@ class Store:
                 pass
             raise
 
-    def abort_uploads(self, prefix: str = "") -> int:
-        """Abort unfinished multipart uploads below ``prefix`` (left by a killed process); S3 only."""
+    def abort_uploads(self, prefix: str = "", only: "Callable[[str], bool] | None" = None) -> int:
+        """Abort unfinished multipart uploads below ``prefix`` (left by a killed process) whose key
+        (relative to this store) ``only`` accepts: another tool's upload in flight is not ours to end. S3 only."""
         if not self.s3:
             return 0
         bucket, _, obj = f"{self.root}/{prefix}".partition("/")
+        base = self.root.partition("/")[2]
         out = self._call("listing uploads of", prefix, self.fs.call_s3, "list_multipart_uploads",
                          Bucket=bucket, Prefix=obj)
-        uploads = out.get("Uploads") or []
+        uploads = [u for u in out.get("Uploads") or []
+                   if only is None or (u["Key"].startswith(base + "/") and only(u["Key"][len(base) + 1:]))]
         for u in uploads:
             self._call("aborting an upload of", prefix, self.fs.call_s3, "abort_multipart_upload",
                        Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])

@@ -28,7 +28,7 @@ from typing import Any, Iterable
 from .. import knobs
 from ..errors import FormatError, LockedError, SaveError, TensorkeepError
 from ..files import load
-from ..format import CRC_FIELD_END, crc_field
+from ..format import CRC_FIELD_END, TK_PREFIX, crc_field
 from ..remote import write_url
 from ..storage import Store
 from . import layout, packs
@@ -37,10 +37,27 @@ from .listing import CheckpointInfo
 
 OWNER = ".tensorkeep.owner"
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
+#: The names of the data objects a save writes (``model.3f9a1c2e.tk``): cleanup deletes only these.
+_OBJECT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,120}\.[0-9a-f]{8}\.tk$")
+
+
+def ours(name: str) -> bool:
+    """A step's object that tensorkeep wrote (a data object's name, or the manifest).
+
+    >>> ours("model.3f9a1c2e.tk"), ours("manifest.json"), ours("notes.txt")
+    (True, True, False)
+    """
+    return name == MANIFEST or bool(_OBJECT_RE.match(name))
 
 
 def step_key(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def _own_key(key: str) -> bool:
+    """A key of the run that tensorkeep writes: a step's object or a pack."""
+    top, _, rest = key.partition("/")
+    return bool((_STEP_RE.match(top) and ours(rest)) or (top == packs.PACKS and layout.PACK_RE.match(rest)))
 
 
 class OwnerRecord:
@@ -197,7 +214,8 @@ class ObjectRun:
                             f"so step {step} either exists whole or not at all (steps() of a new manager tells); "
                             "every other checkpoint is intact.") from e
         names = self.store.list(prefix + "/")  # objects of an earlier save of this step, now unreferenced
-        self._forget(k for k in names if k[len(prefix) + 1:] not in m.files and not k.endswith("/" + MANIFEST))
+        self._forget(k for k in names if k[len(prefix) + 1:] not in m.files and ours(k[len(prefix) + 1:])
+                     and not k.endswith("/" + MANIFEST))
         return self.step_url(step)
 
     def _save_parts(self, step: int, token: str, payload: dict, written: list[str]) -> tuple[dict, dict, int, int]:
@@ -228,10 +246,11 @@ class ObjectRun:
             pass
 
     def remove(self, step: int) -> None:
-        """Delete a checkpoint: its manifest first (a crash midway leaves a non-checkpoint), then the rest."""
+        """Delete a checkpoint: its manifest first (a crash midway leaves a non-checkpoint whose objects
+        the next :meth:`clean` recognizes by name), then its own objects; anything else stays."""
         prefix = step_key(step)
         self.store.delete([f"{prefix}/{MANIFEST}"])
-        self.store.delete(self.store.list(prefix + "/"))
+        self.store.delete(k for k in self.store.list(prefix + "/") if ours(k[len(prefix) + 1:]))
 
     def collect(self) -> list[str]:
         """Delete the packs no committed manifest refers to (nothing while one is unreadable)."""
@@ -240,28 +259,32 @@ class ObjectRun:
         if manifests is None:
             return []
         live = {p for mf in manifests for p in mf.packs}
-        doomed = [k for k in stored if k[len(packs.PACKS) + 1:] not in live]
+        doomed = [k for k in stored if k[len(packs.PACKS) + 1:] not in live and layout.PACK_RE.match(k[len(packs.PACKS) + 1:])
+                  and self.store.read_range(k, 0, 8 + len(TK_PREFIX))[8:] == TK_PREFIX]
         self.store.delete(doomed)
         return doomed
 
     def clean(self) -> list[str]:
         """Delete what no manifest refers to; returns the URLs of the unfinished checkpoints removed.
 
-        Step prefixes without a manifest, objects a step's manifest does not list, unfinished
-        multipart uploads, unreferenced packs. A step whose manifest is unreadable is left alone."""
+        Of step prefixes without a manifest, and of objects a step's manifest does not list, only the
+        names tensorkeep gives its objects (:func:`ours`); unfinished multipart uploads; unreferenced
+        packs. A step whose manifest is unreadable is left alone, and so is every other object."""
         removed = []
         for step, names in self.groups().items():
             prefix = step_key(step)
             if MANIFEST not in names:
-                removed.append(self.step_url(step))
-                self.store.delete(f"{prefix}/{n}" for n in names)
+                mine = [n for n in names if ours(n)]
+                if mine:
+                    removed.append(self.step_url(step))
+                    self.store.delete(f"{prefix}/{n}" for n in mine)
                 continue
             try:
                 m = self.read_manifest(step)
             except FormatError:
                 continue
-            self.store.delete(f"{prefix}/{n}" for n in names if n != MANIFEST and n not in m.files)
-        self.store.abort_uploads("")
+            self.store.delete(f"{prefix}/{n}" for n in names if n != MANIFEST and n not in m.files and ours(n))
+        self.store.abort_uploads("", only=_own_key)
         self.collect()
         return removed
 
