@@ -11,9 +11,9 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import torch
 
-from . import knobs
+from . import knobs, ptzip
 from .dtypes import numpy_dtype, torch_dtype
-from .errors import ChecksumError, FormatError, LimitError
+from .errors import ChecksumError, FormatError, LimitError, TensorkeepError
 from .format import (
     CRC_KEY, DTYPE_SIZES, FORMAT_VERSION, TK_KEY, TK_PREFIX, TensorInfo, crc32, header_length,
     looks_like_tensorkeep, parse_checksums, parse_header, strict_json, check_json_values,
@@ -33,13 +33,37 @@ class UnsafePickleError(FormatError):
 _GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 
-def _torch_file(path: str, device: Any, lazy: bool, source: Any = None) -> Any:
-    """``torch.load(weights_only=True)`` of ``path`` (or of ``source``, a file object holding its bytes)."""
+def _torch_file(path: str, device: Any, lazy: bool, source: Any = None, *, verify: bool = True) -> Any:
+    """``torch.load(weights_only=True)`` of ``path`` (or of ``source``, a BytesIO holding its bytes).
+
+    ``verify`` checks the CRC-32 the zip archive stores for each entry (torch does not):
+    eagerly, each entry as torch reads it; for ``lazy`` (``mmap=True``), all of them up front
+    through a read-only mapping whose pages torch's mapping then shares. A legacy (non-zip)
+    torch file has no checksums, and cannot be mapped: it is read eagerly, unchecked.
+    """
+    loc = device or "cpu"
+    f: ptzip.CheckedFile | None = None
     try:
         if source is not None:
-            return torch.load(source, map_location=device or "cpu", weights_only=True)
-        return torch.load(path, map_location=device or "cpu", weights_only=True, mmap=lazy or None)
+            if verify:
+                ptzip.check_buffer(path, source.getbuffer())
+            return torch.load(source, map_location=loc, weights_only=True)
+        if not verify:
+            return torch.load(path, map_location=loc, weights_only=True, mmap=lazy or None)
+        f = ptzip.CheckedFile(path)
+        if f.legacy:
+            return torch.load(path, map_location=loc, weights_only=True)
+        if lazy:
+            f.check_all_mapped()
+            return torch.load(path, map_location=loc, weights_only=True, mmap=True)
+        obj = torch.load(f, map_location=loc, weights_only=True)
+        f.check_rest()
+        return obj
+    except TensorkeepError:
+        raise
     except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, ...
+        if f is not None and not f.legacy:
+            f.check_rest()  # damage explains a failure better than torch's message does
         msg = str(e)
         m = _GLOBAL_RE.search(msg)
         if m or "Weights only load failed" in msg:
@@ -54,6 +78,9 @@ def _torch_file(path: str, device: Any, lazy: bool, source: Any = None) -> Any:
                 "tk.save(net.state_dict(), 'model.safetensors')."
             ) from None
         raise FormatError(f"{path}: not a readable torch file ({type(e).__name__}: {msg[:300]})") from None
+    finally:
+        if f is not None:
+            f.close()
 
 
 class _Reader:
@@ -284,7 +311,7 @@ def load(path: "str | os.PathLike[str]", *, device: Any = None, lazy: bool = Fal
     r = _Reader(path)
     try:
         if r.torch_pickle:
-            return _torch_file(path, device, lazy)
+            return _torch_file(path, device, lazy, verify=verify)
         arrays = r.map_all(verify) if lazy else r.read_all(verify)
         return r.build(arrays, device)
     finally:
