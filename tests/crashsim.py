@@ -45,14 +45,14 @@ import torch
 from tensorkeep import _io
 
 PAGE = 4096
-NS_KINDS = {"create", "mkdir", "rename", "exchange", "unlink", "rmdir"}
+NS_KINDS = {"create", "mkdir", "link", "rename", "exchange", "unlink", "rmdir"}
 DATA_KINDS = {"write", "truncate"}
 ROOT = 0
 
 
 @dataclass
 class Op:
-    kind: str  # create mkdir rename exchange unlink rmdir | write truncate | fsync fsync_dir
+    kind: str  # create mkdir link rename exchange unlink rmdir | write truncate | fsync fsync_dir
     ino: int = -1  # the file written/truncated/fsynced/created, or the directory fsynced/made
     path: str = ""  # relative to the recorded root
     dst: str = ""
@@ -98,9 +98,33 @@ def _lookup(dirs: dict[int, dict[str, int]], rel: str) -> int:
     return cur
 
 
+def _apply_by_parent(dirs: dict[int, dict[str, int]], op: Op) -> None:
+    """Apply one namespace operation to the directory it changes, found by identity, not by path:
+    under strict POSIX a directory's entries can reach the disk while its own name did not (an
+    orphan, unreachable after the crash)."""
+    if op.kind in ("create", "mkdir", "link"):
+        dirs.setdefault(op.parents[0], {})[_split(op.path)[1]] = op.ino
+        dirs.setdefault(op.ino, {}) if op.kind == "mkdir" else None
+    elif op.kind in ("unlink", "rmdir"):
+        dirs.setdefault(op.parents[0], {}).pop(_split(op.path)[1], None)
+    elif op.kind == "rename":
+        ino = dirs.setdefault(op.parents[0], {}).pop(_split(op.path)[1], None)
+        if ino is not None:
+            dirs.setdefault(op.parents[1], {})[_split(op.dst)[1]] = ino
+    elif op.kind == "exchange":
+        a, b = dirs.setdefault(op.parents[0], {}), dirs.setdefault(op.parents[1], {})
+        sn, dn = _split(op.path)[1], _split(op.dst)[1]
+        a[sn], b[dn] = b.get(dn), a.get(sn)
+        for d, n in ((a, sn), (b, dn)):
+            if d[n] is None:
+                del d[n]
+    else:
+        raise AssertionError(op)
+
+
 def _apply_ns(dirs: dict[int, dict[str, int]], op: Op) -> None:
     """Apply one namespace operation to a (copied-on-write) directory model."""
-    if op.kind in ("create", "mkdir"):
+    if op.kind in ("create", "mkdir", "link"):
         d, n = _split(op.path)
         dirs[_lookup(dirs, d)][n] = op.ino
         if op.kind == "mkdir":
@@ -213,6 +237,11 @@ class Recorder:
         with self.lock:
             self._add(Op(kind, path=s, dst=d, parents=(self._parent(s), self._parent(d))))
 
+    def linked(self, src: Any, dst: Any) -> None:
+        s, d = self.rel(src), self.rel(dst)
+        with self.lock:
+            self._add(Op("link", ino=_lookup(self.dirs, s), path=d, parents=(self._parent(d),)))
+
     def unlink(self, path: Any, kind: str = "unlink") -> None:
         r = self.rel(path)
         with self.lock:
@@ -237,11 +266,11 @@ class Recorder:
     # patching ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def patched(self, *, builtin_open: bool = False, no_file_fsync: bool = False,
-                no_dir_fsync: bool = False) -> Iterator["Recorder"]:
+                no_dir_fsync: bool = False, no_parent_fsync: bool = False) -> Iterator["Recorder"]:
         """Record tensorkeep's ``_io`` calls (and, with ``builtin_open``, Python's open/os.replace)."""
         real = {n: getattr(_io, n) for n in ("open_new", "open_lock_file", "pwrite_all", "ftruncate", "fsync",
                                              "fsync_dir", "replace", "rename", "unlink", "rmtree", "mkdir",
-                                             "makedirs", "_exchange")}
+                                             "rmdir", "link", "_exchange")}
         rec = self
 
         def open_new(path, direct=False):
@@ -308,14 +337,15 @@ class Recorder:
             real["mkdir"](path)
             rec.created(path, kind="mkdir")
 
-        def makedirs(path):
-            missing, p = [], os.path.abspath(os.fspath(path))
-            while not os.path.lexists(p):
-                missing.append(p)
-                p = os.path.dirname(p)
-            real["makedirs"](path)
-            for p in reversed(missing):
-                rec.created(p, kind="mkdir")
+        def rmdir(path):
+            with rec.lock:
+                real["rmdir"](path)
+                rec.unlink(path, "rmdir")
+
+        def link(src, dst):
+            with rec.lock:
+                real["link"](src, dst)
+                rec.linked(src, dst)
 
         def _exchange(a, b):
             with rec.lock:
@@ -326,7 +356,10 @@ class Recorder:
 
         patches = dict(open_new=open_new, open_lock_file=open_lock_file, pwrite_all=pwrite_all,
                        ftruncate=ftruncate, fsync=fsync, fsync_dir=fsync_dir, replace=replace, rename=rename,
-                       unlink=unlink, rmtree=rmtree, mkdir=mkdir, makedirs=makedirs, _exchange=_exchange)
+                       unlink=unlink, rmtree=rmtree, mkdir=mkdir, rmdir=rmdir, link=link, _exchange=_exchange)
+        if no_parent_fsync:  # the bug variant: a new directory's parent is never fsynced
+            real_makedirs = _io.makedirs
+            patches["makedirs"] = lambda path, durable=True: real_makedirs(path, False)
         real_open, real_os_replace = builtins.open, os.replace
 
         class RecFile(io.FileIO):
@@ -425,11 +458,12 @@ def _ns_range(log: Log, k: int) -> tuple[list[Op], int]:
 
 
 def build_state(log: Log, ns: list[Op], prefix: int, durable: list[Item], loose: list[Item],
-                keep: list[bool], extend: bool) -> tuple[tuple, ...]:
-    """The directory tree after the crash: sorted (path, None for a directory | bytes)."""
+                keep: list[bool], extend: bool, strict: bool = False) -> tuple[tuple, ...]:
+    """The directory tree after the crash: sorted (path, None for a directory | bytes).
+    ``strict``: ``ns[:prefix]`` is any chosen subset (in log order), applied by directory identity."""
     dirs = _copy_dirs(log.dirs)
     for op in ns[:prefix]:
-        _apply_ns(dirs, op)
+        (_apply_by_parent if strict else _apply_ns)(dirs, op)
     chosen = sorted(durable + [it for it, kp in zip(loose, keep) if kp], key=lambda it: it.pos)
     lost_ends: dict[int, list[tuple[int, int]]] = {}
     if extend:
@@ -487,6 +521,41 @@ def materialize(state: tuple, into: str) -> None:
                 f.write(data)
 
 
+def _ns_by_dir(log: Log, k: int) -> tuple[dict[int, list[Op]], dict[int, int]]:
+    """Strict POSIX: the namespace ops before cut k grouped by the directory they change (a rename
+    by its destination), and how many of each directory's are certainly durable: those a later
+    ``fsync_dir`` of that very directory covers. Nothing orders one directory's against another's."""
+    seqs: dict[int, list[tuple[int, Op]]] = {}
+    for i, op in enumerate(log.ops[:k]):
+        if op.kind in NS_KINDS:
+            seqs.setdefault(op.parents[-1], []).append((i, op))
+    last_dir_fsync: dict[int, int] = {}
+    for i, op in enumerate(log.ops[:k]):
+        if op.kind == "fsync_dir":
+            last_dir_fsync[op.ino] = i
+    must = {d: max((j + 1 for j, (i, _) in enumerate(ops) if last_dir_fsync.get(d, -1) > i), default=0)
+            for d, ops in seqs.items()}
+    return {d: [op for _, op in ops] for d, ops in seqs.items()}, must
+
+
+def strict_crash_states(log: Log, samples: int, rng: random.Random) -> Iterator[tuple[int, tuple]]:
+    """Like :func:`crash_states`, under strict POSIX directories: each directory's operations reach the
+    disk as a prefix of its own (at least up to its last ``fsync_dir``), independently of every other
+    directory's, so a new directory whose parent was never fsynced may vanish with all it holds."""
+    order = {id(op): i for i, op in enumerate(log.ops)}
+    for k in range(len(log.ops) + 1):
+        durable, loose = _items(log, k)
+        seqs, must = _ns_by_dir(log, k)
+        dirs = sorted(seqs)
+        for s in range(samples):
+            cut = {d: (len(seqs[d]) if s == 0 else must[d] if s == 1 else rng.randint(must[d], len(seqs[d])))
+                   for d in dirs}
+            chosen = sorted((op for d in dirs for op in seqs[d][:cut[d]]), key=lambda op: order[id(op)])
+            p = 1.0 if s == 0 else 0.0 if s == 1 else rng.random()
+            keep = [rng.random() < p for _ in loose]
+            yield k, build_state(log, chosen, len(chosen), durable, loose, keep, rng.random() < 0.5, strict=True)
+
+
 def crash_states(log: Log, samples: int, rng: random.Random, enum_limit: int = 1024
                  ) -> Iterator[tuple[int, tuple]]:
     """Yield (cut point, state) for every cut k in 0..len(ops): every combination when there are at
@@ -537,7 +606,7 @@ class Report:
 
 
 def check(name: str, log: Log, verdict: Callable[[str], str], *, had_old: bool = True,
-          samples: int | None = None, seed: int = 0, enum_limit: int = 1024) -> Report:
+          samples: int | None = None, seed: int = 0, enum_limit: int = 1024, strict: int = 0) -> Report:
     """Run ``verdict`` (a fresh load of a built state -> "old" | "new" | "none" | "corrupt: ...")
     on every crash state of ``log``. Before the save returned, "old" or "new" is right ("none" only
     when there was no old version); after it returned, only "new"."""
@@ -548,7 +617,9 @@ def check(name: str, log: Log, verdict: Callable[[str], str], *, had_old: bool =
     cache: dict[bytes, str] = {}
     work = tempfile.mkdtemp(prefix="tk-crash-")
     try:
-        for k, state in crash_states(log, samples, random.Random(seed), enum_limit):
+        states = (strict_crash_states(log, strict, random.Random(seed)) if strict
+                  else crash_states(log, samples, random.Random(seed), enum_limit))
+        for k, state in states:
             h = hashlib.blake2b(repr(state).encode(), digest_size=16).digest()
             if h not in cache:
                 into = os.path.join(work, "state")
@@ -642,25 +713,71 @@ def scenario_tk_save_direct(root: str) -> tuple[Log, Callable[[str], str]]:
         knobs.DIRECT_IO_MIN_BYTES, knobs.CHUNK_BYTES = saved
 
 
-def scenario_sharded(root: str, no_exchange: bool = False) -> tuple[Log, Callable[[str], str]]:
-    """``tk.save_sharded`` (2 shards + index) over an existing sharded directory: swapped in whole
-    by renameat2(RENAME_EXCHANGE), or (``no_exchange``) by ``_io.replace_dir``'s two-rename fallback."""
+def _tensors(seed: int) -> dict:
+    """6400, 600 and 264 bytes: 2 shards of at most 4000 bytes, 3 of at most 500, one of 100000."""
+    p = _torch_payload(seed)
+    return {k: v for k, v in p.items() if isinstance(v, torch.Tensor)}
+
+
+def _sharded_verdict(path: str, old: Any, new: Any) -> Callable[[str], str]:
+    """A fresh ``tk.load`` of the model directory (which, like transformers, prefers model.safetensors
+    to an index); "none" while it holds no weights. Its config.json must be intact in every state."""
+    import tensorkeep as tk
+
+    name = os.path.basename(path)
+
+    def verdict(root: str) -> str:
+        p = os.path.join(root, name)
+        if os.path.exists(os.path.join(p, "config.json")) or old is not None:
+            with builtins.open(os.path.join(p, "config.json"), "rb") as f:
+                if f.read() != b'{"hidden": 40}':
+                    return "corrupt: config.json changed"
+        if not any(os.path.exists(os.path.join(p, n)) for n in ("model.safetensors", "model.safetensors.index.json")):
+            return "none"
+        got = tk.load(p)
+        return "new" if same(got, new) else "old" if same(got, old) else "corrupt: weights that were never saved"
+
+    return verdict
+
+
+def scenario_sharded(root: str, before: int | None = 4000, after: int = 4000, *,
+                     no_link: bool = False, **variant: bool) -> tuple[Log, Callable[[str], str]]:
+    """``tk.save_sharded`` into a model directory holding a config.json (and, with ``before``, the
+    old weights saved with that shard size: 4000 bytes makes 2 shards, 100000 one file). The same
+    names again make the old index point at linked copies first (``no_link``: copied instead)."""
     import tensorkeep as tk
 
     path = os.path.join(root, "model")
-    old = {k: v for k, v in payload(1).items() if isinstance(v, torch.Tensor)}
-    new = {k: v for k, v in payload(2).items() if isinstance(v, torch.Tensor)}
-    tk.save_sharded(old, path, max_shard_size=4000)
+    old, new = (_tensors(1) if before else None), _tensors(2)
+    if before:
+        os.makedirs(path)
+        with builtins.open(os.path.join(path, "config.json"), "wb") as f:
+            f.write(b'{"hidden": 40}')
+        tk.save_sharded(old, path, max_shard_size=before)
     rec = Recorder(root)
-    real_exchange = _io._exchange
-    if no_exchange:
-        _io._exchange = lambda a, b: False
+    real_link = _io.link
+    if no_link:
+        _io.link = lambda a, b: (_ for _ in ()).throw(PermissionError(1, "no hard links here"))
     try:
-        with rec.patched():
-            tk.save_sharded(new, path, max_shard_size=4000)
+        with rec.patched(**variant):
+            tk.save_sharded(new, path, max_shard_size=after)
     finally:
-        _io._exchange = real_exchange
-    return rec.log, _file_verdict(path, old, new, tk.load)
+        _io.link = real_link
+    return rec.log, _sharded_verdict(path, old, new)
+
+
+def scenario_new_run(root: str, **variant: bool) -> tuple[Log, Callable[[str], str]]:
+    """``CheckpointManager(run)`` creating ``run`` (and its parent), then ``save(1)``: once it returned,
+    the checkpoint must survive, which needs the new directories' parents fsynced."""
+    import tensorkeep as tk
+
+    states = {1: _train_state(1)}
+    rec = Recorder(root)
+    with rec.patched(**variant):
+        with tk.CheckpointManager(os.path.join(root, "runs", "mlp")) as mgr:
+            mgr.save(1, states[1])
+    verdict = _ckpt_verdict(states, sub=os.path.join("runs", "mlp"))
+    return rec.log, verdict
 
 
 def _torch_payload(seed: int) -> dict:
@@ -709,10 +826,14 @@ def _train_state(seed: int) -> dict:
     return {"model": net, "w": torch.full((5,), float(seed)), "epoch": seed}
 
 
-def _ckpt_verdict(states: dict[int, dict]) -> Callable[[str], str]:
+def _ckpt_verdict(states: dict[int, dict], sub: str = "") -> Callable[[str], str]:
     import tensorkeep as tk
 
     def verdict(root: str) -> str:
+        if sub:
+            root = os.path.join(root, sub)
+            if not os.path.isdir(root):
+                return "none"
         target = {"model": _Net(), "w": torch.full((5,), -7.0), "epoch": -1}
         with torch.no_grad():
             for p in target["model"].parameters():
@@ -765,9 +886,12 @@ def scenario_checkpoint(root: str, *, async_save: bool = False, keep_last: int |
 SCENARIOS: dict[str, Callable[[str], tuple[Log, Callable[[str], str]]]] = {
     "tk.save over the old file": scenario_tk_save,
     "tk.save over the old file, O_DIRECT path": scenario_tk_save_direct,
-    "tk.save_sharded over the old directory": scenario_sharded,
-    "tk.save_sharded over the old directory, no renameat2 (two-rename fallback)":
-        lambda r: scenario_sharded(r, no_exchange=True),
+    "tk.save_sharded over old shards of the same names (old index points at links first)": scenario_sharded,
+    "tk.save_sharded over old shards of the same names, no hard links (copies)":
+        lambda r: scenario_sharded(r, no_link=True),
+    "tk.save_sharded: 2 shards over one file": lambda r: scenario_sharded(r, before=100_000),
+    "tk.save_sharded: one file over 2 shards": lambda r: scenario_sharded(r, after=100_000),
+    "tk.save_sharded: 3 shards over 2": lambda r: scenario_sharded(r, after=500),
     "CheckpointManager.save (sync)": scenario_checkpoint,
     "CheckpointManager.save (async_save=True, then wait())": lambda r: scenario_checkpoint(r, async_save=True),
     "retention cleanup (keep_last=1)": lambda r: scenario_checkpoint(r, keep_last=1),
@@ -783,11 +907,21 @@ SCENARIOS: dict[str, Callable[[str], tuple[Log, Callable[[str], str]]]] = {
     "bug variant: checkpoint without the directory fsyncs": lambda r: scenario_checkpoint(r, no_dir_fsync=True),
 }
 
+#: Run under strict POSIX directories (:func:`strict_crash_states`): nothing orders two directories' entries.
+STRICT: dict[str, Callable[[str], tuple[Log, Callable[[str], str]]]] = {
+    "strict POSIX: CheckpointManager creates runs/mlp, then save(1)": scenario_new_run,
+    "strict POSIX: tk.save_sharded into a new directory": lambda r: scenario_sharded(r, before=None),
+    "strict POSIX bug variant: new directories' parents not fsynced":
+        lambda r: scenario_new_run(r, no_parent_fsync=True),
+}
+
 
 def run(name: str, samples: int | None = None, seed: int = 0, enum_limit: int = 1024) -> tuple[Report, Log]:
     root = tempfile.mkdtemp(prefix="tk-rec-")
     try:
-        log, verdict = SCENARIOS[name](root)
+        log, verdict = (STRICT.get(name) or SCENARIOS[name])(root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    if name in STRICT:  # the run directory did not exist before: "none" is fine until save() returned
+        return check(name, log, verdict, had_old=False, seed=seed, strict=min(samples or 50, 50)), log
     return check(name, log, verdict, samples=samples, seed=seed, enum_limit=enum_limit), log

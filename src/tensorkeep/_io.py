@@ -136,6 +136,11 @@ def unlink(path: str) -> None:
     os.unlink(path)
 
 
+def link(src: str, dst: str) -> None:
+    """A hard link ``dst`` to ``src`` itself (a symlink ``src`` is linked, not followed)."""
+    os.link(src, dst, follow_symlinks=False)
+
+
 def rmtree(path: str) -> None:
     shutil.rmtree(path)
 

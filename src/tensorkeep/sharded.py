@@ -206,7 +206,7 @@ def _commit(directory: str, files: list[str], temps: dict[str, str], old: _Weigh
 def _link_or_copy(src: str, dst: str) -> None:
     """``dst`` names the same bytes as ``src`` (a hard link; a durable copy where links are refused)."""
     try:
-        os.link(src, dst, follow_symlinks=False)
+        _io.link(src, dst)
         return
     except OSError as e:
         if e.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
