@@ -4,8 +4,19 @@ DCP's ``.metadata`` is a pickle (protocol 4) of a few dataclasses. torch's weigh
 unpickler cannot read it (no FRAME, SHORT_BINUNICODE, MEMOIZE, STACK_GLOBAL in torch 2.13),
 and ``pickle`` itself would run whatever the file names. So :func:`read_metadata` is a small
 opcode reader of its own: it knows the opcodes DCP emits and the exact classes and functions
-DCP's metadata uses (table ``_ALLOWED``), builds plain :class:`Obj` records for them, and
-imports and calls nothing. Anything else is a :class:`FormatError`.
+DCP's metadata uses (tables ``_CLASSES``, ``_CALLS``; dtypes from a fixed table), builds plain
+:class:`Obj` records for them, and imports and calls nothing. Anything else is a :class:`FormatError`.
+
+What a file can make the reader build is bounded: the opcodes, and the size of every value built
+counting shared references each time they are used (``knobs.MAX_JSON_VALUES``), nesting
+(``knobs.MAX_DEPTH``), the file (``knobs.MAX_HEADER_BYTES``) and each string. Dict keys are only
+names and records (never tuples or ints, which a file could make collide), and nothing is changed
+once it is inside something else (so no cycles): hashing, comparing or printing what it built is cheap.
+
+:func:`convert_dcp` checks everything before it allocates a tensor: each tensor's chunks tile it
+exactly (in bounds, no overlap, nothing missing), each chunk has one storage entry, and every byte
+range lies inside a real data file without sharing bytes with another, so what it allocates is
+backed by data on disk.
 
 The ``.distcp`` data files hold, at the offsets the metadata gives, either a ``torch.save``
 blob per tensor chunk and per non-tensor value (read with ``torch.load(weights_only=True)``,
@@ -16,29 +27,25 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
-from .dtypes import name_of_torch
-from .errors import FormatError
+from . import knobs
+from .dist_plan import check_cover
+from .dtypes import name_of_torch, torch_dtype_named
+from .errors import FormatError, LimitError
 from .writer import save
 
 _MD = "torch.distributed.checkpoint.metadata"
 _CLASSES = {(_MD, n) for n in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
                                "TensorProperties", "MetadataIndex", "StorageMeta")}
 _CLASSES.add(("torch.distributed.checkpoint.filesystem", "_StorageInfo"))
-_CALLS: dict[tuple[str, str], Callable[..., Any]] = {
-    ("torch", "Size"): lambda dims=(): tuple(dims),
-    ("torch.serialization", "_get_layout"): lambda name: str(name),
-    (_MD, "_MEM_FORMAT_ENCODING"): lambda value: int(value),
-    ("pathlib", "PosixPath"): lambda *parts: "/".join(map(str, parts)),
-    ("pathlib", "PurePosixPath"): lambda *parts: "/".join(map(str, parts)),
-    ("collections", "OrderedDict"): lambda items=(): dict(items),
-}
-_MAX_METADATA_BYTES = 1 << 30
+_MAX_TEXT = 1 << 20  # longest string (DCP's are names and paths)
+_MAX_DIM = 1 << 62
 
 
 @dataclass(eq=False)
@@ -58,22 +65,121 @@ class _Global:
     name: str
 
 
+def _size(dims: Any = ()) -> tuple:
+    if type(dims) not in (tuple, list) or any(type(d) is not int for d in dims):
+        raise ValueError("torch.Size needs a tuple of ints")
+    return tuple(dims)
+
+
+def _text(value: Any) -> str:
+    if type(value) is not str:
+        raise ValueError("needs a string")
+    return value
+
+
+def _int(value: Any) -> int:
+    if type(value) is not int:
+        raise ValueError("needs an int")
+    return value
+
+
+def _path(*parts: Any) -> str:
+    return "/".join(map(_text, parts))
+
+
+def _ordered_dict(items: Any = ()) -> dict:
+    if type(items) not in (tuple, list) or any(type(kv) is not tuple or len(kv) != 2 or type(kv[0]) not in _KEYS
+                                               for kv in items):
+        raise ValueError("OrderedDict needs (name, value) pairs")
+    return dict(items)
+
+
+_CALLS: dict[tuple[str, str], Callable[..., Any]] = {
+    ("torch", "Size"): _size,
+    ("torch.serialization", "_get_layout"): _text,
+    (_MD, "_MEM_FORMAT_ENCODING"): _int,
+    ("pathlib", "PosixPath"): _path,
+    ("pathlib", "PurePosixPath"): _path,
+    ("collections", "OrderedDict"): _ordered_dict,
+}
+_KEYS = (str, Obj)  # dict keys DCP's metadata uses: names and MetadataIndex records (hashed by identity)
+_CONTAINERS = (tuple, list, dict, Obj)
+_MUTABLE = (list, dict, Obj)
+
+
+def _what(x: Any) -> str:
+    """A short, bounded description of a value from the file (never its repr: it may be large)."""
+    return f"{x.module}.{x.name}" if isinstance(x, _Global) else type(x).__name__
+
+
 def _global(module: Any, name: Any, where: str) -> Any:
-    key = (module, name)
-    if key in _CLASSES or key in _CALLS:
+    """A class or function DCP's metadata uses, or a dtype; looked up in fixed tables only."""
+    if type(module) is not str or type(name) is not str:
+        raise FormatError(f"{where}: STACK_GLOBAL of a {_what(module)} and a {_what(name)}, not two names")
+    if (module, name) in _CLASSES or (module, name) in _CALLS:
         return _Global(module, name)
-    if module == "torch" and isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
-        return getattr(torch, name)  # a dtype: an attribute of the torch module, nothing imported
-    raise FormatError(f"{where}: refers to {module}.{name}, which is not part of DCP's metadata; "
+    dtype = torch_dtype_named(name) if module == "torch" else None
+    if dtype is not None:
+        return dtype
+    raise FormatError(f"{where}: refers to {module[:100]}.{name[:100]}, which is not part of DCP's metadata; "
                       "refusing to read it (loading it would run code from the file)")
 
 
+class _Built:
+    """Nesting depth and size (shared references counted each time) of every container read builds."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.sizes: dict[int, tuple[int, int]] = {}  # id -> (depth, size)
+        self.inside: set[int] = set()  # ids of mutable containers already held by another value
+        self.keep: list[Any] = []  # every container stays alive, so no id is reused
+
+    def measure(self, x: Any) -> tuple[int, int]:
+        return self.sizes.get(id(x), (1, 1)) if type(x) in _CONTAINERS else (0, 1)
+
+    def made(self, x: Any, items: Any) -> Any:
+        """Register ``x``, a new container built from ``items``; return it."""
+        depth, size = self._add((1, 1), items)
+        if id(x) not in self.sizes:
+            self.sizes[id(x)] = (depth, size)
+            self.keep.append(x)
+        return x
+
+    def grow(self, x: Any, items: Any) -> None:
+        """``items`` are about to be put into ``x`` (a list, dict or record being built)."""
+        if id(x) in self.inside or any(i is x for i in items):
+            raise FormatError(f"{self.where}: malformed pickle (a {type(x).__name__} is changed after it was "
+                              "put inside another value, or put inside itself)")
+        self.sizes[id(x)] = self._add(self.measure(x), items)
+
+    def _add(self, start: tuple[int, int], items: Any) -> tuple[int, int]:
+        depth, size = start
+        for i in items:
+            d, s = self.measure(i)
+            depth, size = max(depth, d + 1), size + s
+            if type(i) in _MUTABLE:
+                self.inside.add(id(i))
+        if depth > knobs.MAX_DEPTH:
+            raise FormatError(f"{self.where}: values nested more than {knobs.MAX_DEPTH} deep (tensorkeep.knobs."
+                              "MAX_DEPTH); DCP's metadata is about 10 deep: not a DCP metadata file")
+        if size > knobs.MAX_JSON_VALUES:
+            raise LimitError(f"{self.where}: a value of more than {knobs.MAX_JSON_VALUES} parts (shared ones "
+                             "counted each time they are used); raise tensorkeep.knobs.MAX_JSON_VALUES to read it")
+        return depth, size
+
+
 def read_metadata(raw: bytes, where: str) -> Obj:
-    """The ``Metadata`` record of a DCP ``.metadata`` file; builds only allowlisted records."""
+    """The ``Metadata`` record of a DCP ``.metadata`` file; builds only allowlisted records.
+
+    >>> read_metadata(b"\\x80\\x04\\x8c\\x02os\\x8c\\x06system\\x93.", "f")
+    Traceback (most recent call last):
+    tensorkeep.errors.FormatError: f: refers to os.system, which is not part of DCP's metadata; refusing to read it (loading it would run code from the file)
+    """
     stack: list[Any] = []
     marks: list[int] = []
     memo: dict[int, Any] = {}
-    pos = 0
+    built = _Built(where)
+    pos = ops = 0
 
     def take(n: int) -> bytes:
         nonlocal pos
@@ -81,6 +187,14 @@ def read_metadata(raw: bytes, where: str) -> Obj:
             raise FormatError(f"{where}: truncated pickle")
         pos += n
         return raw[pos - n : pos]
+
+    def text(n: int) -> str:
+        if n > _MAX_TEXT:
+            raise FormatError(f"{where}: a string of {n} bytes at byte {pos}; DCP's are names (at most {_MAX_TEXT})")
+        try:
+            return take(n).decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            raise FormatError(f"{where}: a string at byte {pos - n} is not UTF-8") from None
 
     def pop_mark() -> list[Any]:
         if not marks:
@@ -102,6 +216,10 @@ def read_metadata(raw: bytes, where: str) -> Obj:
 
     while True:
         op = take(1)
+        ops += 1
+        if ops > knobs.MAX_JSON_VALUES:
+            raise LimitError(f"{where}: more than {knobs.MAX_JSON_VALUES} pickle opcodes (about 70 per chunk); "
+                             "raise tensorkeep.knobs.MAX_JSON_VALUES to read it")
         if op == b"\x80":  # PROTO
             take(1)
         elif op == b"\x95":  # FRAME: a length hint, no content of its own
@@ -111,15 +229,14 @@ def read_metadata(raw: bytes, where: str) -> Obj:
         elif op == b"(":  # MARK
             marks.append(len(stack))
         elif op in (b")", b"}", b"]"):  # EMPTY_TUPLE / DICT / LIST
-            stack.append(() if op == b")" else {} if op == b"}" else [])
-        elif op in (b"\x85", b"\x86", b"\x87"):  # TUPLE1..3
-            stack.append(tuple(pop(op[0] - 0x84)))
-        elif op == b"t":  # TUPLE
-            stack.append(tuple(pop_mark()))
+            stack.append(built.made(() if op == b")" else {} if op == b"}" else [], ()))
+        elif op in (b"\x85", b"\x86", b"\x87", b"t"):  # TUPLE1..3, TUPLE
+            items = pop_mark() if op == b"t" else pop(op[0] - 0x84)
+            stack.append(built.made(tuple(items), items))
         elif op == b"\x8c":  # SHORT_BINUNICODE
-            stack.append(take(unpack("<B")).decode("utf-8", "surrogatepass"))
+            stack.append(text(unpack("<B")))
         elif op == b"X":  # BINUNICODE
-            stack.append(take(unpack("<I")).decode("utf-8", "surrogatepass"))
+            stack.append(text(unpack("<I")))
         elif op == b"K":  # BININT1
             stack.append(unpack("<B"))
         elif op == b"M":  # BININT2
@@ -143,39 +260,42 @@ def read_metadata(raw: bytes, where: str) -> Obj:
         elif op == b"\x93":  # STACK_GLOBAL
             module, name = pop(2)
             stack.append(_global(module, name, where))
-        elif op == b"a":  # APPEND
-            (v,) = pop(1)
-            _list(_top(stack, where), where).append(v)
-        elif op == b"e":  # APPENDS
-            items = pop_mark()
-            _list(_top(stack, where), where).extend(items)
-        elif op == b"s":  # SETITEM
-            k, v = pop(2)
-            _dict(_top(stack, where), where)[_key(k, where)] = v
-        elif op == b"u":  # SETITEMS
-            items = pop_mark()
-            d = _dict(_top(stack, where), where)
-            for k, v in zip(items[::2], items[1::2]):
-                d[_key(k, where)] = v
+        elif op in (b"a", b"e"):  # APPEND, APPENDS
+            items = pop(1) if op == b"a" else pop_mark()
+            target = _list(_top(stack, where), where)
+            built.grow(target, items)
+            target.extend(items)
+        elif op in (b"s", b"u"):  # SETITEM, SETITEMS
+            items = pop(2) if op == b"s" else pop_mark()
+            target = _dict(_top(stack, where), where)
+            keys = items[::2]
+            if len(items) % 2 or any(type(k) not in _KEYS for k in keys):
+                bad = next((k for k in keys if type(k) not in _KEYS), None)
+                raise FormatError(f"{where}: malformed pickle (a dict key that is a {_what(bad)}; "
+                                  "DCP's metadata keys are names and MetadataIndex records)")
+            built.grow(target, items)
+            target.update(zip(keys, items[1::2]))
         elif op == b"\x81":  # NEWOBJ: cls(*args) for an allowlisted class
             cls, args = pop(2)
             if not isinstance(cls, _Global) or (cls.module, cls.name) not in _CLASSES or args != ():
-                raise FormatError(f"{where}: NEWOBJ of {cls!r:.80} is not a DCP metadata record")
-            stack.append(Obj(cls.name))
+                raise FormatError(f"{where}: NEWOBJ of {_what(cls)} is not a DCP metadata record")
+            stack.append(built.made(Obj(cls.name), ()))
         elif op == b"b":  # BUILD: set the state of a record
             (state,) = pop(1)
             obj = _top(stack, where)
             if not isinstance(obj, Obj):
-                raise FormatError(f"{where}: BUILD on {type(obj).__name__}")
+                raise FormatError(f"{where}: BUILD on {_what(obj)}")
+            built.grow(obj, [state])
             obj.state = state
         elif op == b"R":  # REDUCE: one of the allowlisted pure functions of _CALLS
             fn, args = pop(2)
             if not isinstance(fn, _Global) or (fn.module, fn.name) not in _CALLS or type(args) is not tuple:
-                raise FormatError(f"{where}: call of {fn!r:.80} is not allowed in DCP metadata")
+                raise FormatError(f"{where}: call of {_what(fn)} is not allowed in DCP metadata")
             try:
-                stack.append(_CALLS[(fn.module, fn.name)](*args))
+                value = _CALLS[(fn.module, fn.name)](*args)
             except (TypeError, ValueError) as e:
-                raise FormatError(f"{where}: bad arguments for {fn.module}.{fn.name}: {e}") from None
+                raise FormatError(f"{where}: bad arguments for {fn.module}.{fn.name}: {str(e)[:200]}") from None
+            stack.append(built.made(value, args) if type(value) in _CONTAINERS else value)
         else:
             raise FormatError(f"{where}: pickle opcode {op!r} at byte {pos - 1} is not one DCP metadata uses")
     result = _top(stack, where)
@@ -192,41 +312,131 @@ def _top(stack: list[Any], where: str) -> Any:
 
 def _list(x: Any, where: str) -> list:
     if type(x) is not list:
-        raise FormatError(f"{where}: malformed pickle (APPEND to a {type(x).__name__})")
+        raise FormatError(f"{where}: malformed pickle (APPEND to a {_what(x)})")
     return x
 
 
 def _dict(x: Any, where: str) -> dict:
     if type(x) is not dict:
-        raise FormatError(f"{where}: malformed pickle (SETITEM on a {type(x).__name__})")
+        raise FormatError(f"{where}: malformed pickle (SETITEM on a {_what(x)})")
     return x
-
-
-def _key(k: Any, where: str) -> Any:
-    try:
-        hash(k)
-    except TypeError:
-        raise FormatError(f"{where}: malformed pickle (unhashable dict key)") from None
-    return k
 
 
 # ----------------------------------------------------------------------------------- convert
 
 
-def _blob(dcp_dir: str, info: Obj, fqn: str) -> bytes:
+@dataclass
+class _Range:
+    """Bytes ``offset .. offset + length`` of data file ``name``: one chunk of ``fqn`` (or its value)."""
+
+    name: str
+    offset: int
+    length: int
+    fqn: str
+    box: tuple | None = None  # (offsets, sizes) of a tensor chunk; None for a non-tensor value
+
+
+def _range(dcp_dir: str, info: Any, fqn: str, what: str) -> _Range:
+    if not isinstance(info, Obj):
+        raise FormatError(f"{dcp_dir}: {what} of {fqn!r} has a storage entry of type {_what(info)}")
     name, offset, length = info.get("relative_path"), info.get("offset"), info.get("length")
-    if type(name) is not str or not name or "/" in name or "\\" in name or name in (".", ".."):
-        raise FormatError(f"{dcp_dir}: {fqn!r} is stored in {name!r}, which is not a file of the directory")
+    if type(name) is not str or not name or any(c in name for c in "/\\\0") or name in (".", ".."):
+        raise FormatError(f"{dcp_dir}: {what} of {fqn!r} is stored in {name!r:.200}, which is not a file of the directory")
     if type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
-        raise FormatError(f"{dcp_dir}: {fqn!r} has a bad byte range {offset!r} + {length!r}")
+        raise FormatError(f"{dcp_dir}: {what} of {fqn!r} has a bad byte range {offset!r:.40} + {length!r:.40}")
     if info.get("transform_descriptors"):
-        raise FormatError(f"{dcp_dir}: {fqn!r} is stored with transforms {info.get('transform_descriptors')} "
-                          "(compression, ...), which convert_dcp does not support")
-    with open(os.path.join(dcp_dir, name), "rb") as f:
-        f.seek(offset)
-        data = f.read(length)
-    if len(data) != length:
-        raise FormatError(f"{dcp_dir}: {name} is truncated: {fqn!r} needs bytes {offset}..{offset + length}")
+        raise FormatError(f"{dcp_dir}: {fqn!r} is stored with transforms (compression, ...), "
+                          "which convert_dcp does not support")
+    return _Range(name, offset, length, fqn)
+
+
+def _dims(v: Any, n: int | None, what: str) -> tuple[int, ...]:
+    if type(v) is not tuple or len(v) > knobs.MAX_NDIM or (n is not None and len(v) != n) or any(
+            type(x) is not int for x in v):
+        raise FormatError(f"{what} must be a tuple of {n if n is not None else 'at most ' + str(knobs.MAX_NDIM)} "
+                          f"ints, found a {_what(v)}{f' of {len(v)}' if type(v) is tuple else ''}")
+    return v
+
+
+def _tensor_plan(dcp_dir: str, fqn: str, md: Obj, stored: list[tuple[tuple, Any]]) -> tuple[torch.dtype, tuple, list[_Range]]:
+    """Dtype, size and the byte ranges of a tensor's chunks, all checked; raises FormatError."""
+    props, size = md.get("properties"), md.get("size")
+    dtype = props.state[0] if isinstance(props, Obj) and type(props.state) is tuple and props.state else None
+    if not isinstance(dtype, torch.dtype):
+        raise FormatError(f"{dcp_dir}: tensor {fqn!r} has no dtype in the metadata")
+    size = _dims(size, None, f"{dcp_dir}: the size of tensor {fqn!r}")
+    span = dtype.itemsize
+    for d in size:
+        span *= d or 1
+    if any(d < 0 or d > _MAX_DIM for d in size) or span > _MAX_DIM:
+        raise FormatError(f"{dcp_dir}: tensor {fqn!r} has size {list(size)}: dimensions must be 0 .. 2**62, "
+                          "their non-zero product times the item size at most 2**62 bytes")
+    chunks = md.get("chunks")
+    if type(chunks) is not list or any(not isinstance(c, Obj) for c in chunks):
+        raise FormatError(f"{dcp_dir}: tensor {fqn!r} needs a list of chunk records, found a {_what(chunks)}")
+    boxes = [(_dims(c.get("offsets"), len(size), f"{dcp_dir}: chunk offsets of {fqn!r}"),
+              _dims(c.get("sizes"), len(size), f"{dcp_dir}: chunk sizes of {fqn!r}")) for c in chunks]
+    why = check_cover(fqn, size, boxes, dcp_dir)
+    if why:
+        raise FormatError(why)
+    # match chunks to storage entries by sorting on their offsets (a dict of tuples from a file could be flooded)
+    full = sorted(b for b in boxes if _volume(b[1]))
+    stored = sorted((e for e in stored if type(e[0]) is tuple and all(type(x) is int for x in e[0])),
+                    key=lambda e: e[0])
+    ranges, i = [], 0
+    for off, sz in full:
+        while i < len(stored) and stored[i][0] < off:
+            i += 1
+        if i == len(stored) or stored[i][0] != off or (i + 1 < len(stored) and stored[i + 1][0] == off):
+            found = "none" if i == len(stored) or stored[i][0] != off else "two"
+            raise FormatError(f"{dcp_dir}: the chunk of tensor {fqn!r} at offsets {list(off)} needs one storage "
+                              f"entry in the metadata, found {found}")
+        r = _range(dcp_dir, stored[i][1], fqn, f"chunk {list(off)}")
+        r.box = (off, sz)
+        need = _volume(sz) * dtype.itemsize
+        if r.length < need:
+            raise FormatError(f"{dcp_dir}: chunk {list(off)} of tensor {fqn!r} ({list(sz)} of {dtype}) needs "
+                              f"{need} bytes, its storage entry holds {r.length}")
+        ranges.append(r)
+    return dtype, size, ranges
+
+
+def _volume(sizes: tuple[int, ...]) -> int:
+    n = 1
+    for s in sizes:
+        n *= s
+    return n
+
+
+def _check_files(dcp_dir: str, ranges: list[_Range]) -> None:
+    """Every range lies inside a regular data file and shares no byte with another."""
+    by_file: dict[str, list[_Range]] = {}
+    for r in ranges:
+        by_file.setdefault(r.name, []).append(r)
+    for name, rs in by_file.items():
+        try:
+            st = os.stat(os.path.join(dcp_dir, name))
+        except FileNotFoundError:
+            raise FormatError(f"{dcp_dir}: {name} is missing; the metadata stores {rs[0].fqn!r} in it") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError(f"{dcp_dir}: {name} is not a regular file; the metadata stores {rs[0].fqn!r} in it")
+        rs = sorted((r for r in rs if r.length), key=lambda r: r.offset)
+        for a, b in zip(rs, rs[1:]):
+            if a.offset + a.length > b.offset:
+                raise FormatError(f"{dcp_dir}: {a.fqn!r} and {b.fqn!r} are stored in overlapping bytes of {name} "
+                                  f"({a.offset}+{a.length} and {b.offset}+{b.length}); each chunk has its own")
+        if rs and rs[-1].offset + rs[-1].length > st.st_size:
+            r = max(rs, key=lambda r: r.offset + r.length)
+            raise FormatError(f"{dcp_dir}: {name} is truncated: {r.fqn!r} needs bytes {r.offset}..{r.offset + r.length}, "
+                              f"the file has {st.st_size}")
+
+
+def _blob(dcp_dir: str, r: _Range) -> bytes:
+    with open(os.path.join(dcp_dir, r.name), "rb") as f:
+        f.seek(r.offset)
+        data = f.read(r.length)
+    if len(data) != r.length:
+        raise FormatError(f"{dcp_dir}: {r.name} is truncated: {r.fqn!r} needs bytes {r.offset}..{r.offset + r.length}")
     return data
 
 
@@ -238,43 +448,61 @@ def _torch_value(data: bytes, dcp_dir: str, fqn: str) -> Any:
                           f"({type(e).__name__}: {str(e)[:200]}); tensorkeep never runs code from a file") from None
 
 
-def _tensor(dcp_dir: str, fqn: str, md: Obj, where: dict[tuple, Obj]) -> torch.Tensor:
-    props, size = md.get("properties"), md.get("size")
-    dtype = props.state[0] if isinstance(props, Obj) and type(props.state) is tuple and props.state else None
-    if not isinstance(dtype, torch.dtype) or type(size) is not tuple:
-        raise FormatError(f"{dcp_dir}: tensor {fqn!r} has no dtype or size in the metadata")
-    out = torch.zeros(size, dtype=dtype)
-    for chunk in md.get("chunks") or []:
-        offsets, sizes = chunk.get("offsets"), chunk.get("sizes")
-        info = where.get((fqn, offsets))
-        if info is None or type(sizes) is not tuple or len(sizes) != len(size) or len(offsets) != len(size):
-            raise FormatError(f"{dcp_dir}: chunk {offsets} of {fqn!r} has no storage entry or bad sizes")
-        data = _blob(dcp_dir, info, fqn)
+def _tensor(dcp_dir: str, fqn: str, dtype: torch.dtype, size: tuple, ranges: list[_Range]) -> torch.Tensor:
+    out = torch.zeros(size, dtype=dtype)  # every element is then written: the chunks tile it (checked)
+    for r in ranges:
+        offsets, sizes = r.box
+        data = _blob(dcp_dir, r)
         if data[:4] == b"PK\x03\x04":  # torch.save of the chunk (DCP's default)
             piece = _torch_value(data, dcp_dir, fqn)
         else:  # DCP's safetensors format: the raw bytes
             piece = torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
-            piece = piece.reshape(sizes) if piece.numel() == torch.Size(sizes).numel() else None
-        if not isinstance(piece, torch.Tensor) or tuple(piece.shape) != sizes or piece.dtype != dtype:
-            raise FormatError(f"{dcp_dir}: chunk {offsets} of {fqn!r} is not a {name_of_torch(dtype)} tensor of {list(sizes)}")
+            piece = piece.reshape(sizes) if piece.numel() == _volume(sizes) else None
+        if (type(piece) is not torch.Tensor or piece.layout != torch.strided or tuple(piece.shape) != sizes
+                or piece.dtype != dtype):
+            raise FormatError(f"{dcp_dir}: chunk {list(offsets)} of {fqn!r} is not a {name_of_torch(dtype) or dtype} "
+                              f"tensor of {list(sizes)}")
         out[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))] = piece
     return out
 
 
-def _set(root: dict, path: tuple, value: Any) -> None:
-    """Put ``value`` at ``path`` (str keys make dicts, int keys lists), as DCP's own unflatten does."""
+_GAP, _TAKEN = object(), object()  # a list slot no entry fills; a slot an entry's value will fill
+
+
+def _slot(root: dict, path: Any, made: dict[int, Any], room: list[int], where: str) -> tuple[Any, Any]:
+    """Make room for a value at ``path`` (str keys index dicts, int keys lists, as in DCP's own unflatten)
+    and return (container, key). ``made``: the containers made so far, by id. Refuses a path that
+    passes through or lands on another entry's value."""
+    if type(path) is not tuple or not path or len(path) >= knobs.MAX_DEPTH:
+        raise FormatError(f"{where}: a path in planner_data must be a tuple of 1 .. {knobs.MAX_DEPTH - 1} "
+                          f"names and indexes, found a {_what(path)}")
     cur: Any = root
-    for key, nxt in zip(path, path[1:]):
-        empty: Any = {} if type(nxt) is str else []
-        if isinstance(cur, dict):
-            cur = cur.setdefault(key, empty)
+    for i, key in enumerate(path):
+        if type(key) is str and type(cur) is dict:
+            free = key not in cur
+        elif type(key) is int and key >= 0 and type(cur) is list:
+            if key >= len(cur):
+                room[0] -= key + 1 - len(cur)
+                if room[0] < 0:
+                    raise FormatError(f"{where}: list index {key} in planner_data leaves more empty slots than "
+                                      "the checkpoint has entries")
+                cur.extend([_GAP] * (key + 1 - len(cur)))
+            free = cur[key] is _GAP
         else:
-            cur.extend([None] * (key + 1 - len(cur)))
-            cur[key] = empty if cur[key] is None else cur[key]
-            cur = cur[key]
-    if isinstance(cur, list):
-        cur.extend([None] * (path[-1] + 1 - len(cur)))
-    cur[path[-1]] = value
+            raise FormatError(f"{where}: item {i} of a path in planner_data is a {_what(key)} where "
+                              f"{'a dict needs a name' if type(cur) is dict else 'a list needs an index >= 0'}")
+        if i == len(path) - 1:
+            if not free:
+                raise FormatError(f"{where}: its path in planner_data leads where another entry's value is")
+            cur[key] = _TAKEN
+            return cur, key
+        if free:
+            cur[key] = {} if type(path[i + 1]) is str else []
+            made[id(cur[key])] = cur[key]
+        elif id(cur[key]) not in made:
+            raise FormatError(f"{where}: its path in planner_data runs through another entry's value")
+        cur = cur[key]
+    raise AssertionError("unreachable")
 
 
 def convert_dcp(dcp_dir: "str | os.PathLike[str]", out_path: "str | os.PathLike[str]") -> None:
@@ -282,7 +510,8 @@ def convert_dcp(dcp_dir: "str | os.PathLike[str]", out_path: "str | os.PathLike[
 
     Nested state (DCP flattens it to dotted names) comes back nested. Nothing in the DCP
     files is executed: the metadata is read by an allowlisting reader, the data with
-    ``torch.load(weights_only=True)``.
+    ``torch.load(weights_only=True)``. Everything is checked before a tensor is allocated;
+    a damaged or hostile directory raises :class:`FormatError`.
 
     >>> import torch, torch.distributed.checkpoint as dcp, tensorkeep as tk   # doctest: +SKIP
     >>> dcp.save({"w": torch.ones(2), "step": 3}, checkpoint_id="/tmp/dcp-ckpt")  # doctest: +SKIP
@@ -293,27 +522,47 @@ def convert_dcp(dcp_dir: "str | os.PathLike[str]", out_path: "str | os.PathLike[
     mpath = os.path.join(dcp_dir, ".metadata")
     try:
         with open(mpath, "rb") as f:
-            raw = f.read(_MAX_METADATA_BYTES + 1)
+            raw = f.read(knobs.MAX_HEADER_BYTES + 1)
     except FileNotFoundError:
         raise FormatError(f"{dcp_dir}: no .metadata, so not a torch.distributed.checkpoint directory") from None
-    if len(raw) > _MAX_METADATA_BYTES:
-        raise FormatError(f"{mpath}: larger than {_MAX_METADATA_BYTES} bytes")
+    if len(raw) > knobs.MAX_HEADER_BYTES:
+        raise LimitError(f"{mpath}: larger than {knobs.MAX_HEADER_BYTES} bytes; raise tensorkeep.knobs.MAX_HEADER_BYTES "
+                         "to read it")
     meta = read_metadata(raw, mpath)
     items, storage = meta.get("state_dict_metadata"), meta.get("storage_data")
-    if not isinstance(items, dict) or not isinstance(storage, dict):
+    if type(items) is not dict or type(storage) is not dict:
         raise FormatError(f"{mpath}: Metadata needs state_dict_metadata and storage_data")
-    where = {(k.get("fqn"), k.get("offset")): v for k, v in storage.items() if isinstance(k, Obj) and isinstance(v, Obj)}
-    paths = meta.get("planner_data") if isinstance(meta.get("planner_data"), dict) else {}
+    stored: dict[str, list[tuple[Any, Any]]] = {}  # fqn -> [(chunk offsets or None, storage entry)]
+    for k, v in storage.items():
+        if isinstance(k, Obj) and type(k.get("fqn")) is str:
+            stored.setdefault(k.get("fqn"), []).append((k.get("offset"), v))
+    paths = meta.get("planner_data") if type(meta.get("planner_data")) is dict else {}
     out: dict[Any, Any] = {}
+    made: dict[int, Any] = {}
+    room = [len(items) + 1024]
+    todo: list[tuple[Any, Any, Callable[[], Any]]] = []
+    ranges: list[_Range] = []
     for fqn, md in items.items():
-        if not isinstance(md, Obj):
-            raise FormatError(f"{mpath}: entry {fqn!r} is not a metadata record")
+        if type(fqn) is not str or not isinstance(md, Obj):
+            raise FormatError(f"{mpath}: entry {fqn!r:.200} is not a named metadata record")
         if md.cls == "TensorStorageMetadata":
-            value = _tensor(dcp_dir, fqn, md, where)
-        elif md.cls == "BytesStorageMetadata" and (fqn, None) in where:
-            value = _torch_value(_blob(dcp_dir, where[(fqn, None)], fqn), dcp_dir, fqn)
+            dtype, size, rs = _tensor_plan(dcp_dir, fqn, md, stored.get(fqn, []))
+            load: Callable[[], Any] = lambda fqn=fqn, dtype=dtype, size=size, rs=rs: _tensor(dcp_dir, fqn, dtype, size, rs)
+        elif md.cls == "BytesStorageMetadata":
+            entries = [v for off, v in stored.get(fqn, []) if off is None]
+            if len(entries) != 1:
+                raise FormatError(f"{mpath}: entry {fqn!r} needs one storage entry, found {len(entries)}")
+            rs = [_range(dcp_dir, entries[0], fqn, "the value")]
+            load = lambda fqn=fqn, r=rs[0]: _torch_value(_blob(dcp_dir, r), dcp_dir, fqn)
         else:
             raise FormatError(f"{mpath}: entry {fqn!r} ({md.cls}) has no data")
-        path = paths.get(fqn)
-        _set(out, tuple(path) if isinstance(path, tuple) and path else (fqn,), value)
+        ranges += rs
+        path = paths.get(fqn, (fqn,))
+        todo.append((*_slot(out, path, made, room, f"{mpath}: entry {fqn!r}"), load))
+    _check_files(dcp_dir, ranges)
+    for container, key, load in todo:  # only now: allocate and read
+        container[key] = load()
+    for c in made.values():
+        if type(c) is list:
+            c[:] = [None if x is _GAP else x for x in c]
     save(out, out_path)

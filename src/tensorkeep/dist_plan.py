@@ -16,6 +16,8 @@ needs into copies. Resharding is only these copies, so both are tested on many
 
 from __future__ import annotations
 
+import itertools
+from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -125,19 +127,54 @@ def intersect(a: Box, b: Box) -> Box | None:
     return lo, tuple(h - l for l, h in zip(lo, hi))
 
 
+def _distinct(values: list[int]) -> list[int]:
+    """``values`` sorted, without repeats."""
+    values.sort()
+    return [v for i, v in enumerate(values) if i == 0 or v != values[i - 1]]
+
+
+#: Grid cells (beyond 16 per chunk) that :func:`check_cover` may visit before it refuses a layout.
+CELL_BUDGET = 1 << 20
+
+
 def check_cover(key: str, shape: tuple[int, ...], boxes: Sequence[Box], where: str) -> str | None:
-    """Why ``boxes`` do not tile ``shape`` exactly (in bounds, no overlap, nothing missing), or None."""
+    """Why ``boxes`` do not tile ``shape`` exactly (in bounds, no overlap, nothing missing), or None.
+
+    The chunk edges cut the tensor into a grid; every chunk is a block of its cells, and two
+    chunks overlap exactly when they share a cell. Sharding makes one chunk per cell, so this is
+    O(n log n); a layout whose chunks span more than 16 cells each plus ``CELL_BUDGET`` is
+    refused rather than checked in quadratic time.
+
+    >>> check_cover("w", (4, 4), [((0, 0), (2, 4)), ((2, 0), (2, 4))], "f") is None
+    True
+    >>> check_cover("w", (4,), [((0,), (3,)), ((2,), (2,))], "f")
+    "f: tensor 'w' has overlapping chunks at offsets [0] and [2]"
+    """
     for off, sz in boxes:
         if len(off) != len(shape) or len(sz) != len(shape):
             return f"{where}: tensor {key!r} has a chunk with {len(sz)} dimensions, the tensor has {len(shape)}"
         if any(o < 0 or s < 0 or o + s > d for o, s, d in zip(off, sz, shape)):
             return f"{where}: tensor {key!r} has chunk offsets {list(off)} sizes {list(sz)} outside its shape {list(shape)}"
     full = [b for b in boxes if _volume(b[1])]
-    for i, a in enumerate(full):
-        for b in full[i + 1:]:
-            if intersect(a, b) is not None:
-                return f"{where}: tensor {key!r} has overlapping chunks at offsets {list(a[0])} and {list(b[0])}"
     got, want = sum(_volume(b[1]) for b in full), _volume(shape)
+    # the cuts along each dimension (sorted, not hashed: a file's ints could be made to collide);
+    # a chunk covers cells [index of o, index of o + s) there
+    cuts = [_distinct([off[k] for off, _ in full] + [off[k] + sz[k] for off, sz in full]) for k in range(len(shape))]
+    spans = [[(bisect_left(c, o), bisect_left(c, o + s)) for c, o, s in zip(cuts, off, sz)] for off, sz in full]
+    cells = sum(_volume([hi - lo for lo, hi in span]) for span in spans)
+    if cells > 16 * len(full) + CELL_BUDGET:
+        if got != want:
+            return f"{where}: the chunks of tensor {key!r} hold {got} of its {want} elements (shape {list(shape)})"
+        return (f"{where}: tensor {key!r} has {len(full)} chunks that do not form a grid (they span {cells} cells "
+                f"of the grid their edges cut, more than {16 * len(full) + CELL_BUDGET} are checked); "
+                "tensorkeep reads the chunk layouts that Shard(dim) and Replicate() placements make")
+    owner: dict[tuple[int, ...], int] = {}
+    for i, span in enumerate(spans):
+        for cell in itertools.product(*(range(lo, hi) for lo, hi in span)):
+            j = owner.setdefault(cell, i)
+            if j != i:
+                a, b = full[j], full[i]
+                return f"{where}: tensor {key!r} has overlapping chunks at offsets {list(a[0])} and {list(b[0])}"
     if got != want:
         return f"{where}: the chunks of tensor {key!r} hold {got} of its {want} elements (shape {list(shape)})"
     return None

@@ -1,0 +1,277 @@
+"""Hostile DCP directories for convert_dcp / read_metadata, and dist_plan.check_cover at scale.
+
+The hostile ``.metadata`` files are written opcode by opcode, or pickled from torch's own DCP
+dataclasses with values no DCP save would write. Cases that crashed or hung the old reader run in
+a child process under a timeout, so a regression fails instead of killing or stalling the suite.
+"""
+
+import io
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import tensorkeep as tk
+from tensorkeep import dist_plan, knobs
+from tensorkeep.dcp import read_metadata
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex,
+                                                   TensorProperties, TensorStorageMetadata)
+
+EXE = os.path.join(os.path.dirname(sys.executable), "tensorkeep")
+MD = "torch.distributed.checkpoint.metadata"
+HEAD = b"\x80\x04"
+
+
+def text(s: str) -> bytes:
+    b = s.encode()
+    return b"\x8c" + bytes([len(b)]) + b
+
+
+def glob(module: str, name: str) -> bytes:
+    return text(module) + text(name) + b"\x93"
+
+
+def get(i: int) -> bytes:
+    return b"j" + struct.pack("<I", i)  # LONG_BINGET
+
+
+def write_dir(path: str, metadata: bytes, files: dict | None = None) -> str:
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, ".metadata"), "wb") as f:
+        f.write(metadata)
+    for name, data in (files or {}).items():
+        with open(os.path.join(path, name), "wb") as f:
+            f.write(data)
+    return path
+
+
+def in_child(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# ------------------------------------------------------------------------- the metadata reader
+
+DEEP_KEY = HEAD + b"}" + b")" + b"\x85" * 200_000 + b"Ns."  # {((((),),),...): None}, 200,000 deep
+
+
+def hash_bomb(doublings: int = 100) -> bytes:
+    """{t: None} where t = (t', t'), t' = (t'', t''), ...: 300 bytes, hashing it takes 2**100 steps."""
+    out = HEAD + b"})\x94"
+    for i in range(doublings):
+        out += get(i) + get(i) + b"\x86\x94"
+    return out + b"Ns."
+
+
+def hash_flood(bits: int = 17) -> bytes:
+    """A dict of 2**bits different tuple keys that all hash alike (hash(-1) == hash(-2))."""
+    keys = [b"(" + b"".join(b"J" + struct.pack("<i", -1 - (k >> j & 1)) for j in range(bits)) + b"tNs"
+            for k in range(1 << bits)]
+    return HEAD + b"}" + b"".join(keys) + b"."
+
+
+def test_deep_tuple_key_ends_in_one_error_line_not_a_segfault(tmp):
+    d = write_dir(os.path.join(tmp, "deep"), DEEP_KEY)
+    r = subprocess.run([EXE, "convert", d, os.path.join(tmp, "out.tk")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, (r.returncode, r.stderr[-500:])
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "nested more than" in r.stderr
+    assert not os.path.exists(os.path.join(tmp, "out.tk"))
+
+
+def test_hash_bomb_hash_flood_and_a_fifo_end_in_format_errors(tmp):
+    """Each of these killed or stalled the old reader (exponential hash, quadratic dict, blocking open)."""
+    dirs = [write_dir(os.path.join(tmp, "bomb"), hash_bomb()), write_dir(os.path.join(tmp, "flood"), hash_flood())]
+    fifo = write_dir(os.path.join(tmp, "fifo"), meta(w_with(*W)))
+    os.mkfifo(os.path.join(fifo, "data"))
+    dirs.append(fifo)
+    r = in_child(f"""
+        import json, tensorkeep as tk
+        out = []
+        for d in {dirs!r}:
+            try:
+                tk.convert_dcp(d, d + ".tk")
+                out.append("converted")
+            except tk.FormatError as e:
+                out.append(str(e))
+        print(json.dumps(out))
+    """, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    bomb, flood, fifo_err = json.loads(r.stdout)
+    assert "more than" in bomb and "MAX_JSON_VALUES" in bomb
+    assert "a dict key that is a tuple" in flood
+    assert "data is not a regular file" in fifo_err and "'w'" in fifo_err
+
+
+def test_reader_never_imports_what_a_file_names(tmp):
+    """getattr(torch, name) imported torch._inductor / onnx / _dynamo on a name from the file."""
+    names = ["_inductor", "onnx", "_dynamo", "export", "compiler", "_export", "testing", "float32_"]
+    dirs = [write_dir(os.path.join(tmp, n), HEAD + glob("torch", n) + b".") for n in names]
+    r = in_child(f"""
+        import json, sys, warnings
+        import tensorkeep as tk
+        before = set(sys.modules)
+        errors = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for d in {dirs!r}:
+                try:
+                    tk.convert_dcp(d, d + ".tk")
+                    errors.append("converted")
+                except Exception as e:
+                    errors.append(type(e).__name__ + ": " + str(e))
+        print(json.dumps({{"new": sorted(set(sys.modules) - before), "errors": errors,
+                           "warnings": [str(w.message) for w in caught]}}))
+    """, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    assert [m for m in res["new"] if m.startswith("torch")] == []
+    assert res["warnings"] == []
+    for n, e in zip(names, res["errors"]):
+        assert e.startswith("FormatError: ") and f"refers to torch.{n}, which is not part of DCP's metadata" in e
+
+
+def test_reader_still_resolves_dtypes():
+    raw = HEAD + glob(MD, "Metadata") + b")\x81}" + text("d") + glob("torch", "bfloat16") + b"sb."
+    assert read_metadata(raw, "f").state == {"d": torch.bfloat16}
+
+
+@pytest.mark.parametrize("raw, match", [
+    (HEAD + b"]" * 500 + b"a" * 499 + b".", "nested more than 100 deep"),  # [[[[...]]]]
+    (HEAD + b"]\x94" + get(0) + b"a.", "put inside itself"),  # L.append(L)
+    (HEAD + b"]\x94" + get(0) + b"\x85a.", "changed after it was put inside another"),  # L.append((L,))
+    (HEAD + glob(MD, "Metadata") + b")\x81\x94" + get(0) + b"b.", "put inside itself"),  # m.state = m
+    (HEAD + b"\x8c\x01\xff.", "is not UTF-8"),
+    (HEAD + b"X" + struct.pack("<I", 2 << 20) + b"a" * (2 << 20) + b".", "a string of 2097152 bytes"),
+    (HEAD + glob(MD, "_MEM_FORMAT_ENCODING") + b"G" + struct.pack(">d", float("inf")) + b"\x85R.",
+     "bad arguments for .*_MEM_FORMAT_ENCODING"),
+    (HEAD + glob("pathlib", "PosixPath") + b"]" * 50 + b"a" * 49 + b"\x85R.", "bad arguments for pathlib.PosixPath"),
+    (HEAD + glob("torch", "Size") + text("abc") + b"\x85R.", "bad arguments for torch.Size"),
+    (HEAD + b"}K\x07Ns.", "a dict key that is a int"),
+    (HEAD + b"}" + b"(" * 3 + b")" + b"t" * 3 + b"Ns.", "a dict key that is a tuple"),
+    (HEAD + b")" + glob("torch", "Size") + b"\x93.", "STACK_GLOBAL of a tuple and a torch.Size, not two names"),
+    (HEAD + glob(MD, "Metadata") + b"(" + b"K\x01" * 50 + b"t\x81.", "NEWOBJ of torch.distributed"),
+])
+def test_hostile_metadata_is_a_format_error(raw, match):
+    with pytest.raises(tk.FormatError, match=match):
+        read_metadata(raw, "f")
+
+
+def test_opcodes_and_sizes_are_bounded(tmp, monkeypatch):
+    monkeypatch.setattr(knobs, "MAX_JSON_VALUES", 1000)
+    with pytest.raises(tk.LimitError, match="more than 1000 pickle opcodes"):
+        read_metadata(HEAD + b"N" + b"\x94" * 2000 + b".", "f")  # a memo of 2000 entries
+    with pytest.raises(tk.LimitError, match="more than 1000 parts"):
+        read_metadata(hash_bomb(12), "f")  # 60 opcodes, 2**12 parts
+    monkeypatch.setattr(knobs, "MAX_HEADER_BYTES", 100)
+    with pytest.raises(tk.LimitError, match="larger than 100 bytes"):
+        tk.convert_dcp(write_dir(os.path.join(tmp, "big"), b"N" * 200), os.path.join(tmp, "big.tk"))
+
+
+# ------------------------------------------------------------------------------ convert_dcp
+
+DATA = torch.arange(4.0).numpy().tobytes()  # the raw bytes of DCP's safetensors format
+W = [((0,), (2,), ("data", 0, 8)), ((2,), (2,), ("data", 8, 8))]
+
+
+def meta(tensors=(), values=(), planner=None) -> bytes:
+    """A DCP .metadata pickled from torch's own classes. tensors: (fqn, size, [(offsets, sizes,
+    (file, start, length) or None for no storage entry)]); values: (fqn, (file, start, length))."""
+    sdm, storage = {}, {}
+    for fqn, size, chunks in tensors:
+        sdm[fqn] = TensorStorageMetadata(TensorProperties(dtype=torch.float32), torch.Size(size) if all(
+            type(d) is int for d in size) else size, [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s, _ in chunks])
+        for o, _, where in chunks:
+            if where:
+                storage[MetadataIndex(fqn, o)] = _StorageInfo(*where)
+    for fqn, where in values:
+        sdm[fqn] = BytesStorageMetadata()
+        if where:
+            storage[MetadataIndex(fqn)] = _StorageInfo(*where)
+    return pickle.dumps(Metadata(sdm, planner_data=planner, storage_data=storage), protocol=4)
+
+
+@pytest.fixture
+def no_alloc(monkeypatch):
+    """Allocating a tensor fails the test: hostile directories must be refused before that."""
+    def boom(*a, **kw):
+        raise AssertionError("allocated a tensor before the directory was checked")
+
+    for name in ("zeros", "empty", "full", "frombuffer"):
+        monkeypatch.setattr(torch, name, boom)
+
+
+def test_a_checked_directory_still_converts(tmp):
+    blob = io.BytesIO()
+    torch.save(5, blob)
+    g = torch.arange(24.0).reshape(4, 6)
+    grid = [((r, c), (2, 3), ("g", (r + c // 3) * 24, 24)) for r in (0, 2) for c in (0, 3)]
+    gdata = b"".join(g[r:r + 2, c:c + 3].contiguous().numpy().tobytes() for r in (0, 2) for c in (0, 3))
+    d = write_dir(os.path.join(tmp, "ok"), meta(
+        [("w", (4,), W + [((4,), (0,), None)]), ("g", (4, 6), grid), ("e", (0, 3), [])], [("s", ("data", 16, len(blob.getvalue())))],
+        planner={"w": ("model", "w"), "g": ("model", "g"), "s": ("hist", 2)}), {"data": DATA + blob.getvalue(), "g": gdata})
+    tk.convert_dcp(d, os.path.join(tmp, "ok.tk"))
+    back = tk.load(os.path.join(tmp, "ok.tk"))
+    assert torch.equal(back["model"]["w"], torch.arange(4.0)) and torch.equal(back["model"]["g"], g)
+    assert back["hist"] == [None, None, 5] and back["e"].shape == (0, 3)
+
+
+def w_with(*chunks):
+    return [("w", (4,), list(chunks))]
+
+
+HOSTILE = [  # (tensors, planner, what the error says)
+    ([("w", (3_000_000_000,), [])], None, r"tensor 'w' hold 0 of its 3000000000 elements \(shape \[3000000000\]\)"),
+    (w_with(((-2,), (2,), ("data", 0, 8)), *W), None, r"tensor 'w' has chunk offsets \[-2\] sizes \[2\] outside its shape \[4\]"),
+    (w_with(W[0]), None, r"the chunks of tensor 'w' hold 2 of its 4 elements"),
+    (w_with(((0,), (3,), ("data", 0, 12)), W[1]), None, r"tensor 'w' has overlapping chunks at offsets \[0\] and \[2\]"),
+    (w_with(W[0], ((2,), (2,), None)), None, r"chunk of tensor 'w' at offsets \[2\] needs one storage entry .* found none"),
+    ([("w", (1 << 28,), [((0,), (1 << 28,), ("data", 0, 1 << 30))])], None,
+     r"data is truncated: 'w' needs bytes 0..1073741824, the file has 16"),
+    (w_with(W[0], ((2,), (2,), ("data", 8, 4))), None, r"chunk \[2\] of tensor 'w' .* needs 8 bytes, its storage entry holds 4"),
+    (w_with(W[0], ((2,), (2,), ("data", 4, 8))), None, r"'w' and 'w' are stored in overlapping bytes of data"),
+    (w_with(W[0], ((2,), (2,), ("nodata", 0, 8))), None, r"nodata is missing; the metadata stores 'w' in it"),
+    (w_with(W[0], ((2,), (2,), ("da\0ta", 0, 8))), None, r"chunk \[2\] of 'w' is stored in 'da\\x00ta', which is not a file"),
+    (w_with(W[0], ((2,), (2,), ("..", 0, 8))), None, r"is stored in '..', which is not a file"),
+    (w_with(W[0], ((2,), (2,), ("data", -8, 8))), None, r"chunk \[2\] of 'w' has a bad byte range -8 \+ 8"),
+    ([("w", (1 << 63,), [])], None, r"tensor 'w' has size \[9223372036854775808\]: dimensions must be 0 .. 2\*\*62"),
+    ([("w", (1 << 40, 1 << 40), [])], None, r"their non-zero product times the item size at most 2\*\*62"),
+    ([("w", ("a",), [])], None, r"the size of tensor 'w' must be a tuple of at most 64 ints, found a tuple"),
+    (w_with(((0, 0), (2, 2), ("data", 0, 16))), None, r"chunk offsets of 'w' must be a tuple of 1 ints, found a tuple of 2"),
+    (w_with(*W), {"w": ("w", 1 << 40)}, r"entry 'w': list index 1099511627776 in planner_data leaves more empty slots"),
+    (w_with(*W) + [("v", (0,), [])], {"w": ("x",), "v": ("x",)}, r"entry 'v': its path in planner_data leads where another"),
+    (w_with(*W) + [("v", (0,), [])], {"w": ("x",), "v": ("x", "y")}, r"entry 'v': its path in planner_data runs through another"),
+    ([("v", (0,), [])] + w_with(*W), {"v": ("x", "y"), "w": ("x",)}, r"entry 'w': its path in planner_data leads where another"),
+    (w_with(*W) + [("v", (0,), [])], {"w": ("x", 0), "v": ("x", "k")}, r"entry 'v': item 1 of a path .* a str where a list needs an index"),
+    (w_with(*W), {"w": ("x", -1)}, r"entry 'w': item 1 of a path in planner_data is a int where a list needs an index >= 0"),
+    (w_with(*W), {"w": (0,)}, r"entry 'w': item 0 of a path in planner_data is a int where a dict needs a name"),
+    (w_with(*W), {"w": "w"}, r"entry 'w': a path in planner_data must be a tuple"),
+]
+
+
+@pytest.mark.parametrize("tensors, planner, match", HOSTILE)
+def test_hostile_directory_is_refused_before_anything_is_allocated(tmp, no_alloc, tensors, planner, match):
+    d = write_dir(os.path.join(tmp, "d"), meta(tensors, planner=planner), {"data": DATA})
+    out = os.path.join(tmp, "out.tk")
+    with pytest.raises(tk.FormatError, match=match) as e:
+        tk.convert_dcp(d, out)
+    assert str(e.value).startswith(d)
+    assert not os.path.exists(out)
+
+
+def test_a_data_file_that_is_a_directory_or_absent_value(tmp, no_alloc):
+    d = write_dir(os.path.join(tmp, "d"), meta(w_with(W[0], ((2,), (2,), ("sub", 0, 8)))), {"data": DATA})
+    os.mkdir(os.path.join(d, "sub"))
+    with pytest.raises(tk.FormatError, match="sub is not a regular file; the metadata stores 'w' in it"):
+        tk.convert_dcp(d, os.path.join(tmp, "out.tk"))
+    d = write_dir(os.path.join(tmp, "v"), meta(values=[("t", None)]), {"data": DATA})
+    with pytest.raises(tk.FormatError, match="entry 't' needs one storage entry, found 0"):
+        tk.convert_dcp(d, os.path.join(tmp, "out.tk"))
