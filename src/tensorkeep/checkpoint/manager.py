@@ -21,7 +21,7 @@ from .. import _io
 from ..errors import CheckpointNotFoundError, FormatError, TensorkeepError
 from ..files import load, write
 from ..writer import FileImage, write_image
-from . import layout, packs, rng
+from . import determinism, layout, packs, rng
 from . import collective
 from ..storage import StorageError, is_url, local_path
 from .lock import RunLock
@@ -230,13 +230,14 @@ class CheckpointManager:
         if type(step) is not int or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         metrics = layout.clean_metrics(metrics, step)  # NumPy/tensor scalars unwrapped; NaN allowed
+        self.wait()  # at most one save in flight: memory stays bounded, errors surface here
+        self._env = determinism.capture(determinism.devices(state))  # what bit-exact resume depends on
         if self._dist is not None:  # several ranks: a collective, each rank writes its shard
             final = collective.save(self, step, state, metrics)
         elif not self.async_save:
             final = self._commit(step, self._payload(state), metrics)
             self._after_commit(step, metrics)
         else:
-            self.wait()  # at most one save in flight: memory stays bounded, errors surface here
             defer = _changed_only_by_optimizers(state) if self.async_save == "lazy" else frozenset()
             payload = self._payload(state)
             if not self.incremental and self._remote is None:
@@ -310,12 +311,12 @@ class CheckpointManager:
                 raise type(e)(e.errno, f"checkpoint step {step} was not saved: {e} Every committed checkpoint is intact.") from e
             raise
 
-    @staticmethod
-    def _manifest(step: int, metrics: dict[str, Any]) -> layout.Manifest:
+    def _manifest(self, step: int, metrics: dict[str, Any]) -> layout.Manifest:
         from .. import __version__
 
         return layout.Manifest(step, layout.now(), metrics, {},
-                               {"tensorkeep": __version__, "torch": torch.__version__.split("+")[0]})
+                               {"tensorkeep": __version__, "torch": torch.__version__.split("+")[0]},
+                               environment=getattr(self, "_env", None) or determinism.capture())
 
     def _after_commit(self, step: int, metrics: dict[str, Any]) -> None:
         with self._records_lock:
@@ -429,6 +430,12 @@ class CheckpointManager:
                         cur.copy_(v)
                 elif key in state:
                     state[key] = v
+        diffs = determinism.differences(m.environment, determinism.capture(determinism.devices(state)))
+        if diffs:
+            warnings.warn(f"checkpoint step {m.step} was saved by a process that computes differently from this one: "
+                          f"{'; '.join(diffs)}. The state is restored exactly, but the resumed run may not stay "
+                          "bit-identical to an uninterrupted one: run it with the same settings (see "
+                          "tensorkeep.checkpoint.determinism.pin)", stacklevel=3)
         rng_state = next((loaded[n] for n, i in entries.items() if i.get("kind") == "rng"), None)
         if rng_state is not None:
             rng.restore(rng_state)  # last: nothing above may consume randomness afterwards
