@@ -6,6 +6,7 @@ a child process under a timeout, so a regression fails instead of killing or sta
 """
 
 import io
+import itertools
 import json
 import os
 import pickle
@@ -87,56 +88,71 @@ def test_deep_tuple_key_ends_in_one_error_line_not_a_segfault(tmp):
     assert not os.path.exists(os.path.join(tmp, "out.tk"))
 
 
-def test_hash_bomb_hash_flood_and_a_fifo_end_in_format_errors(tmp):
-    """Each of these killed or stalled the old reader (exponential hash, quadratic dict, blocking open)."""
-    dirs = [write_dir(os.path.join(tmp, "bomb"), hash_bomb()), write_dir(os.path.join(tmp, "flood"), hash_flood())]
-    fifo = write_dir(os.path.join(tmp, "fifo"), meta(w_with(*W)))
-    os.mkfifo(os.path.join(fifo, "data"))
-    dirs.append(fifo)
-    r = in_child(f"""
-        import json, tensorkeep as tk
-        out = []
-        for d in {dirs!r}:
-            try:
-                tk.convert_dcp(d, d + ".tk")
-                out.append("converted")
-            except tk.FormatError as e:
-                out.append(str(e))
-        print(json.dumps(out))
-    """, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    bomb, flood, fifo_err = json.loads(r.stdout)
-    assert "more than" in bomb and "MAX_JSON_VALUES" in bomb
-    assert "a dict key that is a tuple" in flood
-    assert "data is not a regular file" in fifo_err and "'w'" in fifo_err
+PROBES = ["_inductor", "onnx", "_dynamo", "export", "compiler", "_export", "testing", "float32_"]
 
 
-def test_reader_never_imports_what_a_file_names(tmp):
-    """getattr(torch, name) imported torch._inductor / onnx / _dynamo on a name from the file."""
-    names = ["_inductor", "onnx", "_dynamo", "export", "compiler", "_export", "testing", "float32_"]
-    dirs = [write_dir(os.path.join(tmp, n), HEAD + glob("torch", n) + b".") for n in names]
+@pytest.fixture(scope="module")
+def child(tmp_path_factory):
+    """One child process (one torch import) runs what crashed, hung or imported in the old code:
+    the reader on names torch imports lazily, a hash bomb, a hash flood, a FIFO as data file,
+    check_cover on 100,000 chunks. Under a timeout of minutes, so a regression fails, never stalls."""
+    tmp = str(tmp_path_factory.mktemp("child"))
+    probes = [write_dir(os.path.join(tmp, n), HEAD + glob("torch", n) + b".") for n in PROBES]
+    hostile = [write_dir(os.path.join(tmp, "bomb"), hash_bomb()), write_dir(os.path.join(tmp, "flood"), hash_flood()),
+               write_dir(os.path.join(tmp, "fifo"), meta(w_with(*W)))]
+    os.mkfifo(os.path.join(tmp, "fifo", "data"))
     r = in_child(f"""
         import json, sys, warnings
         import tensorkeep as tk
+        from tensorkeep.dist_plan import check_cover
+
+        def convert(d):
+            try:
+                tk.convert_dcp(d, d + ".tk")
+                return "converted"
+            except Exception as e:
+                return type(e).__name__ + ": " + str(e)
+
         before = set(sys.modules)
-        errors = []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            for d in {dirs!r}:
-                try:
-                    tk.convert_dcp(d, d + ".tk")
-                    errors.append("converted")
-                except Exception as e:
-                    errors.append(type(e).__name__ + ": " + str(e))
-        print(json.dumps({{"new": sorted(set(sys.modules) - before), "errors": errors,
-                           "warnings": [str(w.message) for w in caught]}}))
-    """, timeout=120)
+            probes = [convert(d) for d in {probes!r}]
+        res = {{"new_modules": sorted(set(sys.modules) - before), "warnings": [str(w.message) for w in caught],
+                "probes": probes, "hostile": [convert(d) for d in {hostile!r}]}}
+        n = 317  # 100,489 chunks on a grid
+        grid = [((i * 3, j * 5), (3, 5)) for i in range(n) for j in range(n)]
+        P = 2**61 - 1  # ints that all hash alike: a set or dict of them would be quadratic
+        line = [((k * P,), (P,)) for k in range(100_000)]
+        res["cover"] = [check_cover("w", (3 * n, 5 * n), grid, "f"),
+                        check_cover("w", (3 * n, 5 * n), grid + [((1, 1), (1, 1))], "f"),
+                        check_cover("w", (100_000 * P,), line, "f")]
+        print(json.dumps(res))
+    """, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads(r.stdout)
-    assert [m for m in res["new"] if m.startswith("torch")] == []
-    assert res["warnings"] == []
-    for n, e in zip(names, res["errors"]):
+    return json.loads(r.stdout)
+
+
+def test_hash_bomb_hash_flood_and_a_fifo_end_in_format_errors(child):
+    """Each of these killed or stalled the old reader (exponential hash, quadratic dict, blocking open)."""
+    bomb, flood, fifo = child["hostile"]
+    assert bomb.startswith("LimitError: ") and "more than" in bomb and "MAX_JSON_VALUES" in bomb
+    assert flood.startswith("FormatError: ") and "a dict key that is a tuple" in flood
+    assert fifo.startswith("FormatError: ") and "data is not a regular file; the metadata stores 'w' in it" in fifo
+
+
+def test_reader_never_imports_what_a_file_names(child):
+    """getattr(torch, name) imported torch._inductor / onnx / _dynamo on a name from the file."""
+    assert [m for m in child["new_modules"] if m.startswith("torch")] == []
+    assert child["warnings"] == []
+    for n, e in zip(PROBES, child["probes"]):
         assert e.startswith("FormatError: ") and f"refers to torch.{n}, which is not part of DCP's metadata" in e
+
+
+def test_check_cover_of_100k_chunks_is_not_quadratic(child):
+    """Comparing every pair of 100,000 chunks takes hours; the child has minutes for it all."""
+    grid, overlap, line = child["cover"]
+    assert grid is None and line is None
+    assert overlap.endswith("overlapping chunks at offsets [0, 0] and [1, 1]")
 
 
 def test_reader_still_resolves_dtypes():
@@ -275,3 +291,87 @@ def test_a_data_file_that_is_a_directory_or_absent_value(tmp, no_alloc):
     d = write_dir(os.path.join(tmp, "v"), meta(values=[("t", None)]), {"data": DATA})
     with pytest.raises(tk.FormatError, match="entry 't' needs one storage entry, found 0"):
         tk.convert_dcp(d, os.path.join(tmp, "out.tk"))
+
+
+# ------------------------------------------------------------------------------ check_cover
+
+
+def pairwise(key, shape, boxes, where):
+    """The former check_cover, comparing every pair of chunks: the reference the fast one must agree with."""
+    for off, sz in boxes:
+        if len(off) != len(shape) or len(sz) != len(shape):
+            return f"{where}: tensor {key!r} has a chunk with {len(sz)} dimensions, the tensor has {len(shape)}"
+        if any(o < 0 or s < 0 or o + s > d for o, s, d in zip(off, sz, shape)):
+            return f"{where}: tensor {key!r} has chunk offsets {list(off)} sizes {list(sz)} outside its shape {list(shape)}"
+    full = [b for b in boxes if dist_plan._volume(b[1])]
+    for i, a in enumerate(full):
+        for b in full[i + 1:]:
+            if dist_plan.intersect(a, b) is not None:
+                return f"{where}: tensor {key!r} has overlapping chunks at offsets {list(a[0])} and {list(b[0])}"
+    got, want = sum(dist_plan._volume(b[1]) for b in full), dist_plan._volume(shape)
+    if got != want:
+        return f"{where}: the chunks of tensor {key!r} hold {got} of its {want} elements (shape {list(shape)})"
+    return None
+
+
+def kind(why):
+    return None if why is None else next(k for k in ("dimensions", "outside", "overlapping", "hold") if k in why)
+
+
+@st.composite
+def layouts(draw):
+    """A grid tiling of a small shape, some neighbours merged (not a grid any more), then damaged a little."""
+    shape = tuple(draw(st.lists(st.integers(0, 5), max_size=3)))
+    cuts = [sorted(draw(st.sets(st.integers(1, d - 1)))) if d > 1 else [] for d in shape]
+    spans = [list(zip([0, *c], [*c, d])) for c, d in zip(cuts, shape)]
+    boxes = [(tuple(a for a, _ in cell), tuple(b - a for a, b in cell)) for cell in itertools.product(*spans)]
+    for _ in range(draw(st.integers(0, 4))):  # merge a box with its neighbour along one dimension
+        if not boxes or not shape:
+            break
+        i, k = draw(st.integers(0, len(boxes) - 1)), draw(st.integers(0, len(shape) - 1))
+        (off, sz) = boxes[i]
+        for j, (o2, s2) in enumerate(boxes):
+            if o2[k] == off[k] + sz[k] and all(o2[m] == off[m] and s2[m] == sz[m] for m in range(len(shape)) if m != k):
+                boxes[i] = (off, sz[:k] + (sz[k] + s2[k],) + sz[k + 1:])
+                del boxes[j]
+                break
+    box = st.tuples(st.tuples(*(st.integers(-1, d + 1) for d in shape)), st.tuples(*(st.integers(0, d + 1) for d in shape)))
+    for op in draw(st.lists(st.sampled_from(["drop", "copy", "add", "grow", "move", "flat"]), max_size=2)):
+        if op == "add" or not boxes:
+            boxes.append(draw(box))
+        elif op == "flat":
+            boxes.append(((0,) * (len(shape) + 1), (1,) * (len(shape) + 1)))
+        else:
+            i = draw(st.integers(0, len(boxes) - 1))
+            off, sz = boxes[i]
+            if op == "drop":
+                del boxes[i]
+            elif op == "copy":
+                boxes.append(boxes[i])
+            elif shape:
+                k, by = draw(st.integers(0, len(shape) - 1)), draw(st.sampled_from([-1, 1]))
+                if op == "grow":
+                    boxes[i] = (off, sz[:k] + (max(sz[k] + by, 0),) + sz[k + 1:])
+                else:
+                    boxes[i] = (off[:k] + (off[k] + by,) + off[k + 1:], sz)
+    return shape, draw(st.permutations(boxes))
+
+
+@given(layouts())
+def test_check_cover_agrees_with_comparing_every_pair(layout):
+    shape, boxes = layout
+    fast, slow = dist_plan.check_cover("w", shape, boxes, "f"), pairwise("w", shape, boxes, "f")
+    assert kind(fast) == kind(slow), (fast, slow)
+    if kind(fast) != "overlapping":  # which pair is reported first may differ
+        assert fast == slow
+
+
+def test_irregular_layouts_are_checked_within_a_budget(monkeypatch):
+    n = 40  # n full-width rows over n full-height columns: a tiling, but not a grid (n * n + n cells)
+    strips = [((i, 0), (1, n)) for i in range(n)] + [((n, j), (n, 1)) for j in range(n)]
+    assert dist_plan.check_cover("w", (2 * n, n), strips, "f") is None
+    assert "overlapping" in dist_plan.check_cover("w", (2 * n, n), strips + [((5, 5), (n, 1))], "f")
+    monkeypatch.setattr(dist_plan, "CELL_BUDGET", 0)
+    assert "tensor 'w' has 80 chunks that do not form a grid (they span 1640 cells" in \
+        dist_plan.check_cover("w", (2 * n, n), strips, "f")
+    assert "hold 3120 of its 3200 elements" in dist_plan.check_cover("w", (2 * n, n), strips[2:], "f")
