@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import tempfile
+import unicodedata
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -24,7 +25,36 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _hidden(c: str) -> bool:
+    """A character a terminal may act on instead of showing: C0/C1 controls, DEL, format characters
+    (bidi overrides such as U+202E, zero-width ones), line/paragraph separators, surrogates, unassigned."""
+    return not c.isprintable() and unicodedata.category(c) not in ("Zs", "Co")
+
+
+def _safe(text: object) -> str:
+    r"""Untrusted text (names, metadata, paths, messages from a file) made harmless for a terminal:
+    every hidden character escaped as ``repr`` writes it.
+
+    >>> print(_safe("w\x1b[2J\u202e.bias"))
+    w\x1b[2J\u202e.bias
+    """
+    s = str(text)
+    return s if s.isprintable() else "".join(repr(c)[1:-1] if _hidden(c) else c for c in s)
+
+
+def _json(obj: Any) -> str:
+    r"""Indented JSON, non-ASCII text kept, every hidden character as a JSON escape (``\u202e``)."""
+    lines = json.dumps(obj, indent=2, ensure_ascii=False).split("\n")  # raw newlines are the indentation's
+    return "\n".join(ln if ln.isprintable() else "".join(json.dumps(c)[1:-1] if _hidden(c) else c for c in ln)
+                     for ln in lines)
+
+
+def _echo(text: object) -> None:
+    click.echo(_safe(text))
+
+
 def _table(rows: list[tuple], header: tuple) -> str:
+    rows = [tuple(_safe(c) for c in r) for r in rows]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([fmt(header), fmt(tuple("-" * w for w in widths)), *map(fmt, rows)])
@@ -41,8 +71,8 @@ class _Group(click.Group):
         except Exception as e:  # noqa: BLE001 - the whole point: no traceback for users
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            click.echo(f"error: {msg}", err=True)
+            msg = str(e).strip().split("\n")[0] if str(e).strip() else type(e).__name__
+            click.echo(f"error: {_safe(msg)}", err=True)
             ctx.exit(2)
 
 
@@ -85,21 +115,23 @@ def inspect(path: str, pattern: str | None, as_json: bool) -> None:
         if pattern:
             d["tensors"] = [t for t in d["tensors"] if fnmatch.fnmatchcase(t["name"], pattern)]
     if as_json:
-        click.echo(json.dumps(descs if os.path.isdir(path) else descs[0], indent=2, ensure_ascii=False))
+        click.echo(_json(descs if os.path.isdir(path) else descs[0]))
         return
     for d in descs:
-        click.echo(f"{d['path']}  ({d['kind']}, {_human(d['size'])}, {len(d['tensors'])} tensors)")
+        _echo(f"{d['path']}  ({d['kind']}, {_human(d['size'])}, {len(d['tensors'])} tensors)")
         rows = [(t["name"], t["dtype"], "[" + ", ".join(map(str, t["shape"])) + "]", _human(t["bytes"]), t["checksum"])
                 for t in d["tensors"]]
         click.echo(_table(rows, ("name", "dtype", "shape", "size", "checksum")))
         totals = inspection.dtype_totals(d["tensors"])
-        click.echo("totals: " + ", ".join(f"{k} {c} tensors {_human(b)}" for k, (c, b) in totals.items()))
+        _echo("totals: " + ", ".join(f"{k} {c} tensors {_human(b)}" for k, (c, b) in totals.items()))
         if d["metadata"]:
             click.echo("metadata:")
             for k, v in d["metadata"].items():
-                click.echo(f"  {k}: {v if len(v) < 200 else v[:200] + '...'}")
+                _echo(f"  {k}: {v if len(v) < 200 else v[:200] + '...'}")
         if d["structure"]:
-            click.echo("structure:\n" + "\n".join("  " + ln for ln in d["structure"].splitlines()))
+            click.echo("structure:")
+            for ln in d["structure"].split("\n"):
+                _echo("  " + ln)
         click.echo()
 
 
@@ -184,13 +216,13 @@ def verify(ctx: click.Context, paths: tuple[str, ...], threads: int | None) -> N
     with _progress(ctx, inspection.total_bytes(list(paths)), "verify") as update:
         res = inspection.verify(list(paths), threads=threads, progress=update)
     for note in res.notes:
-        click.echo(f"note: {note}")
+        _echo(f"note: {note}")
     bad = {p.path for p in res.problems}
     for f in res.files:
         if f not in bad:
-            click.echo(f"ok       {f}")
+            _echo(f"ok       {f}")
     for p in res.problems:
-        click.echo(f"DAMAGED  {p}")
+        _echo(f"DAMAGED  {p}")
     if res.ok:
         click.echo(f"OK: {res.checked_files} file(s), {_human(res.checked_bytes)} verified")
     else:
@@ -246,12 +278,12 @@ def ls_cmd(run_dir: str, best_spec: str | None, deep: bool, plot: str | None, as
         metrics = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in c.metrics.items())
         rows.append((c.step, when, _human(c.bytes_held), _human(c.bytes_written), metrics, " ".join(tags), status))
     if not rows:
-        click.echo(f"{run_dir}: no checkpoints")
+        _echo(f"{run_dir}: no checkpoints")
         return
     click.echo(_table(rows, ("step", "time", "holds", "wrote", "metrics", "", "status")))
     for c in infos:
         if not c.ok and c.status != "uncommitted":
-            click.echo(f"{c.path}: {c.status}")
+            _echo(f"{c.path}: {c.status}")
     if plot:
         _plot(good, plot, latest, best)
         click.echo(f"wrote {plot}")
