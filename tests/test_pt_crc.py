@@ -173,10 +173,10 @@ def test_flipped_bit_raises_or_loads_exactly(tmp_path_factory, files, pos, bit, 
 
 
 def test_flipped_bit_in_every_storage_byte_sampled(tmp, files):
-    """Deterministic companion of the property: a flip every 97 bytes of every entry."""
+    """Deterministic companion of the property: a flip every 151 bytes of every entry."""
     data = files["torch"]
     for a, b in _spans(data):
-        for i in range(a, b, 97):
+        for i in range(a, b, 151):
             damaged = bytearray(data)
             damaged[i] ^= 0x10
             _expect(tmp, data, damaged, {"eager": tk.load})
@@ -189,7 +189,8 @@ def test_load_into_a_damaged_pt_raises_and_leaves_the_model_alone(tmp):
     torch.save(src.state_dict(), p)
     tk.load_into(net, p)
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), src.state_dict().values()))
-    data = open(p, "rb").read()
+    with open(p, "rb") as f:
+        data = f.read()
     start, end = _biggest(data)
     damaged = bytearray(data)
     damaged[start + 8] ^= 1
@@ -272,8 +273,8 @@ def _hostile(files) -> dict[str, tuple[bytes, type]]:
     for c in (i for i in range(len(bomb)) if bomb.startswith(b"PK\x01\x02", i)):
         struct.pack_into("<I", bomb, c + 24, 1)  # inflates to more than the 1 byte it claims
     return {
-        "entry count 2**60": (_set(plain, at64 + 24, "<QQ", 1 << 60, 1 << 60), tk.LimitError),
-        "directory of 2**40 bytes": (_set(plain, at64 + 40, "<Q", 1 << 40), tk.LimitError),
+        "entry count 2**60": (_set(plain, at64 + 24, "<QQ", 1 << 60, 1 << 60), tk.ChecksumError),
+        "directory of 2**40 bytes": (_set(plain, at64 + 40, "<Q", 1 << 40), tk.ChecksumError),
         "directory past the end": (_set(plain, at64 + 48, "<Q", 1 << 62), tk.ChecksumError),
         "entry of 2**62 bytes": (_zip_sizes(items, 1 << 62), tk.ChecksumError),
         "overlapping entries": (bytes(overlap), tk.ChecksumError),
@@ -314,3 +315,25 @@ def test_entry_count_limit_follows_the_knob(tmp, monkeypatch):
     monkeypatch.setattr(knobs, "MAX_TENSORS", 10)
     with pytest.raises(tk.LimitError, match="MAX_TENSORS"):
         tk.load(p)
+
+
+def test_directory_size_limit_follows_the_knob(tmp, files, monkeypatch):
+    p = _write(tmp, files["torch"])
+    monkeypatch.setattr(knobs, "MAX_HEADER_BYTES", 100)
+    with pytest.raises(tk.LimitError, match="MAX_HEADER_BYTES"):
+        tk.load(p)
+
+
+def test_checked_load_ignores_a_global_mmap_default(tmp, files, monkeypatch):
+    from torch.utils.serialization import config
+
+    monkeypatch.setattr(config.load, "mmap", True)  # torch.load(file object) would refuse it
+    assert _same(tk.load(_write(tmp, files["torch"])), STATE)
+
+
+def test_doctests():
+    import doctest
+
+    from tensorkeep import ptzip
+
+    assert doctest.testmod(ptzip).failed == 0

@@ -56,7 +56,7 @@ def _torch_file(path: str, device: Any, lazy: bool, source: Any = None, *, verif
         if lazy:
             f.check_all_mapped()
             return torch.load(path, map_location=loc, weights_only=True, mmap=True)
-        obj = torch.load(f, map_location=loc, weights_only=True)
+        obj = torch.load(f, map_location=loc, weights_only=True, mmap=False)  # a file object cannot be mapped
         f.check_rest()
         return obj
     except TensorkeepError:
@@ -287,7 +287,8 @@ def load(path: "str | os.PathLike[str]", *, device: Any = None, lazy: bool = Fal
 
     Also reads plain safetensors files (a flat dict of tensors comes back) and
     ``.pt``/``.pth``/``.bin`` files through ``torch.load(weights_only=True)`` only.
-    ``lazy=True`` maps the file instead of reading it; ``verify`` checks every checksum.
+    ``lazy=True`` maps the file instead of reading it; ``verify`` checks every checksum (for a
+    ``.pt``, the CRC-32 its zip archive stores for each entry, which torch itself ignores).
 
     >>> import torch, tensorkeep as tk
     >>> tk.save([torch.arange(4), torch.zeros(4)], "/tmp/tk-doc-x-files")

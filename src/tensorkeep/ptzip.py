@@ -91,14 +91,14 @@ def read_directory(path: str, pread: Pread, size: int) -> list[Entry]:
         raise FormatError(f"{path}: a zip archive split over several disks; torch.save never writes one")
     if n_disk != count:
         raise _damaged(path, f"the directory counts {count} entries and {n_disk} on this disk")
+    if cd_at + cd_size > end or count * _CEN.size > cd_size:
+        raise _damaged(path, f"a directory of {count} entries in bytes {cd_at}..{cd_at + cd_size} does not fit")
     if count > knobs.MAX_TENSORS + _EXTRA_ENTRIES:
         raise LimitError(f"{path}: holds {count} zip entries (one per tensor storage), more than "
                          f"tensorkeep.knobs.MAX_TENSORS ({knobs.MAX_TENSORS}) allows; raise that knob to read it")
     if cd_size > knobs.MAX_HEADER_BYTES:
         raise LimitError(f"{path}: zip directory of {cd_size} bytes, more than tensorkeep.knobs.MAX_HEADER_BYTES "
                          f"({knobs.MAX_HEADER_BYTES}) allows; raise that knob to read it")
-    if cd_at + cd_size > end or count * _CEN.size > cd_size:
-        raise _damaged(path, f"a directory of {count} entries in bytes {cd_at}..{cd_at + cd_size} does not fit")
     cd = bytes(pread(cd_size, cd_at))
     if len(cd) != cd_size:
         raise _damaged(path, "the file is shorter than its directory says")
@@ -111,7 +111,8 @@ def read_directory(path: str, pread: Pread, size: int) -> list[Entry]:
         if p > cd_size:
             raise _damaged(path, f"directory entry at {cd_at + name_at - _CEN.size} runs past the directory")
         raw = cd[name_at : name_at + nlen]
-        usize, csize, off = _zip64_values(path, raw, cd[name_at + nlen : name_at + nlen + xlen], usize, csize, off)
+        extra = cd[name_at + nlen : name_at + nlen + xlen]
+        usize, csize, off = _zip64_values(path, raw.decode("utf-8", "replace"), extra, usize, csize, off)
         entries.append(_entry(path, pread, raw, flags, method, crc, csize, usize, off, cd_at))
     if p != cd_size:
         raise _damaged(path, f"the directory holds {cd_size - p} bytes more than its {count} entries")
@@ -119,7 +120,7 @@ def read_directory(path: str, pread: Pread, size: int) -> list[Entry]:
     return entries
 
 
-def _zip64_values(path: str, name: bytes, extra: bytes, *vals: int) -> tuple[int, int, int]:
+def _zip64_values(path: str, name: str, extra: bytes, *vals: int) -> tuple[int, int, int]:
     """Sizes and offset, taking the ones saturated at 0xFFFFFFFF from the zip64 extra field."""
     out, i = list(vals), 0
     while i + 4 <= len(extra):
@@ -211,6 +212,12 @@ def check_entries(path: str, entries: list[Entry], pread: Pread) -> None:
         found = entry_crc(e, pread, path)
         if found != e.crc:
             raise _mismatch(path, e, found)
+
+
+def is_zip(path: str) -> bool:
+    """True for a ``torch.save`` zip archive (it has CRC-32s), False for a legacy torch pickle."""
+    with open(path, "rb") as f:
+        return f.read(4) == ZIP_MAGIC
 
 
 def check_buffer(path: str, buf: Any) -> None:
