@@ -161,6 +161,12 @@ def test_another_programs_manifest_json_is_not_a_checkpoint(tmp):
     assert res.ok and res.checked_files == 1, _damaged(res)
 
 
+def test_a_directory_without_tensor_files_says_so(tmp):
+    open(os.path.join(tmp, "README.md"), "w").write("# nothing here\n")
+    res = inspection.verify(tmp)
+    assert res.ok and res.checked_files == 0 and any("no tensor files" in n for n in res.notes)
+
+
 def test_cli_exit_code_for_a_missing_file(tmp):
     d = _model_dir(tmp)
     r = subprocess.run([EXE, "verify", d], capture_output=True, text=True, timeout=120)

@@ -206,7 +206,10 @@ def verify(paths: list[str] | str, *, threads: int | None = None,
     for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
         p = os.fspath(p)
         if os.path.isdir(p):
+            seen = len(v.res.files) + len(v.res.problems)
             v.tree(p)
+            if len(v.res.files) + len(v.res.problems) == seen:
+                v.res.notes.append(f"{p}: no tensor files found (nothing verified)")
         elif not os.path.exists(p):
             v.bad(p, "no such file or directory")
         else:
@@ -385,7 +388,8 @@ class _Verifier:
         try:
             where = sharded._read_index(d)
         except _DAMAGED_TOC as e:
-            self.bad(os.path.join(d, INDEX), str(e))
+            if INDEX in names:  # (a damaged model.safetensors is reported by plain)
+                self.bad(os.path.join(d, INDEX), str(e))
             self.plain(d, names)
             return names
         want: dict[str, list[str]] = {}
