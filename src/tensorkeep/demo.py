@@ -7,24 +7,37 @@ download) with a CheckpointManager, kills the training process with SIGKILL part
 starts it again, and shows that the resumed run ends bit-identical to one that was never
 interrupted; then it lists the kept checkpoints, rolls back to the best one, and reuses
 the first layer in a smaller model.
+
+A resumed run can only match when the arithmetic itself is reproducible: torch's thread count
+follows the CPUs a process may use, and a different count changes how sums are split and so
+their rounding. Every training process is therefore pinned (``determinism.PINNED_ENV`` before
+torch starts, ``determinism.pin()``: one thread, deterministic algorithms). Each process
+reports a digest of its exact state after every epoch; when the final weights differ, the
+demo tells a resume problem (exit 1) from a machine whose arithmetic was not reproducible
+(exit 3: the two runs differed before any kill, ran with different settings, or the
+uninterrupted run itself does not repeat).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 import tensorkeep as tk
+from tensorkeep.checkpoint import determinism
 
 EPOCHS = 12
 KILL_AFTER = 5
@@ -102,47 +115,125 @@ def train_epoch(state: dict, loader: Any, val: tuple[torch.Tensor, torch.Tensor]
     return {"val_loss": round(val_loss, 5), "val_acc": round(accuracy(model, *val), 4)}
 
 
-def train(run: str, out: str, slow: float) -> None:
+def digest(state: dict) -> str:
+    """A short hash of the exact bytes of a training state: weights, optimizer, learning rates, torch's RNG.
+
+    >>> _, state, _, _ = setup(); digest(state) == digest(state)
+    True
+    """
+    h = hashlib.sha256()
+    opt = state["optimizer"]
+    tensors = [*state["model"].state_dict().values(), torch.get_rng_state()]
+    for group in opt.param_groups:
+        h.update(repr(group["lr"]).encode())
+        for p in group["params"]:
+            s = opt.state.get(p, {})
+            tensors += [s[k] for k in sorted(s) if isinstance(s[k], torch.Tensor)]
+    for t in tensors:
+        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
+def train(run: str, out: str, slow: float, epochs: int = EPOCHS) -> None:
     """The training script: resumes from the newest checkpoint, checkpoints every epoch."""
+    determinism.pin()  # one thread, deterministic algorithms: the bits must not depend on the CPUs it gets
     model, state, loader, val = setup()
+    print("SETTINGS", json.dumps(determinism.capture(["cpu"])), flush=True)
     with tk.CheckpointManager(run, keep_last=3, keep_best=("val_loss", "min")) as mgr:
         start = mgr.restore(state) or 0
-        print(f"RESUMED {start}" if start else "FRESH", flush=True)
+        print(f"RESUMED {start} {digest(state)}" if start else "FRESH", flush=True)
         try:
             from tqdm import tqdm
         except ImportError:  # pragma: no cover
             tqdm = None
-        for epoch in range(start, EPOCHS):
+        for epoch in range(start, epochs):
             batches = tqdm(loader, desc=f"  epoch {epoch + 1:2d}/{EPOCHS}", leave=False, file=sys.stderr,
                            ncols=70, disable=not sys.stderr.isatty()) if tqdm else loader
             metrics = train_epoch(state, batches, val, slow)
             mgr.save(epoch + 1, state, metrics=metrics)
-            print(f"COMMITTED {epoch + 1} {metrics['val_loss']:.4f} {metrics['val_acc']:.4f}", flush=True)
+            print(f"COMMITTED {epoch + 1} {metrics['val_loss']:.5f} {metrics['val_acc']:.4f} {digest(state)}", flush=True)
     tk.save(model.state_dict(), out)
 
 
 def _job(run: str, out: str, slow: float = 0.0) -> subprocess.Popen:
+    # OpenMP and MKL read their thread settings as torch starts: set them in the child's environment
     return subprocess.Popen([sys.executable, "-m", "tensorkeep.demo", "--train", run, out, "--slow", str(slow)],
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, **determinism.PINNED_ENV})
 
 
-def _follow(p: subprocess.Popen, stop_after: int | None = None) -> None:
+@dataclass
+class Job:
+    """What one training process reported: its settings, its state after a restore and after each epoch."""
+
+    settings: dict[str, Any] = field(default_factory=dict)
+    resumed: tuple[int, str] | None = None  # (epoch, digest of the restored state)
+    epochs: dict[int, tuple[str, str]] = field(default_factory=dict)  # epoch -> (val_loss, digest)
+    returncode: int | None = None
+
+
+def _follow(p: subprocess.Popen, stop_after: int | None = None, quiet: bool = False) -> Job:
     assert p.stdout is not None
+    job = Job()
+    say = (lambda _: None) if quiet else print
     for line in p.stdout:
-        kind, *rest = line.split()
-        if kind == "RESUMED":
-            print(f"  found checkpoint of epoch {rest[0]}: resuming from there (model, optimizer, scheduler, RNGs)")
+        kind, *rest = line.split(maxsplit=1 if line.startswith("SETTINGS") else -1)
+        if kind == "SETTINGS":
+            job.settings = json.loads(rest[0])
+        elif kind == "RESUMED":
+            job.resumed = (int(rest[0]), rest[1])
+            say(f"  found checkpoint of epoch {rest[0]}: resuming from there (model, optimizer, scheduler, RNGs)")
         elif kind == "FRESH":
-            print("  no checkpoint yet: starting from scratch")
+            say("  no checkpoint yet: starting from scratch")
         elif kind == "COMMITTED":
-            print(f"  epoch {int(rest[0]):2d} done  val_loss {rest[1]}  val_acc {float(rest[2]):.1%}  -> checkpoint committed")
+            job.epochs[int(rest[0])] = (rest[1], rest[3])
+            say(f"  epoch {int(rest[0]):2d} done  val_loss {float(rest[1]):.4f}  val_acc {float(rest[2]):.1%}"
+                f"  -> checkpoint committed")
             if stop_after is not None and int(rest[0]) >= stop_after:
                 time.sleep(0.05)
                 os.kill(p.pid, signal.SIGKILL)
-                p.wait()
-                print(f"  *** SIGKILL: the training process died mid-epoch {stop_after + 1} (like a power cut) ***")
-                return
-    p.wait()
+                job.returncode = p.wait()
+                say(f"  *** SIGKILL: the training process died mid-epoch {stop_after + 1} (like a power cut) ***")
+                return job
+    job.returncode = p.wait()
+    return job
+
+
+def _first_difference(a: Job, b: Job, epochs: Any) -> int | None:
+    return next((e for e in epochs if e in a.epochs and e in b.epochs and a.epochs[e][1] != b.epochs[e][1]), None)
+
+
+def diagnose(first: Job, second: Job, reference: Job, rerun: Callable[[], Job]) -> tuple[int, str]:
+    """Why the resumed run's final weights differ from the reference's: (exit code, message).
+
+    Exit 3 when the arithmetic was not reproducible (not a resume problem), 1 when the resume
+    was not exact. ``rerun`` runs the uninterrupted training again, only when nothing else decides.
+    """
+    not_resume = "; not a resume problem: resuming can only be exact where the same script computes the same way twice"
+    e = _first_difference(first, reference, sorted(first.epochs))
+    if e is not None:
+        lines = determinism.differences(first.settings, reference.settings, ("first run", "reference"))
+        return 3, (f"the arithmetic of this machine was not reproducible (two runs of the same script from the same "
+                   f"seed differed at epoch {e}, before any kill: val_loss {first.epochs[e][0]} vs "
+                   f"{reference.epochs[e][0]}{'; settings differed: ' + '; '.join(lines) if lines else ''})" + not_resume)
+    lines = determinism.differences(second.settings, reference.settings, ("resumed run", "reference"))
+    if lines:
+        return 3, f"the resumed process computed differently from the uninterrupted one ({'; '.join(lines)})" + not_resume
+    if second.resumed is None:
+        return 1, "resume was not exact: the restarted run found no checkpoint to resume from"
+    at, restored = second.resumed
+    if at in reference.epochs and reference.epochs[at][1] != restored:
+        return 1, (f"resume was not exact: the state restored from epoch {at}'s checkpoint differs from the "
+                   f"uninterrupted run's state after epoch {at}")
+    again = rerun()
+    e = _first_difference(reference, again, range(1, EPOCHS + 1))
+    if e is not None:
+        return 3, (f"the arithmetic of this machine was not reproducible (the uninterrupted run, run twice, differed "
+                   f"at epoch {e}: val_loss {reference.epochs[e][0]} vs {again.epochs[e][0]})" + not_resume)
+    e = _first_difference(second, reference, range(at + 1, EPOCHS + 1))
+    if e is None:
+        return 1, "the training states matched after every epoch, but the final weights saved differ"
+    return 1, (f"resume was not exact: the state restored from epoch {at} was identical, but epoch {e} then differed "
+               f"(something the checkpoint does not capture, e.g. a data loader's or another RNG's state)")
 
 
 def main() -> None:
@@ -150,9 +241,10 @@ def main() -> None:
     ap.add_argument("--dir", default="demo-run")
     ap.add_argument("--train", nargs=2, metavar=("RUN", "OUT"))
     ap.add_argument("--slow", type=float, default=0.0)
+    ap.add_argument("--epochs", type=int, default=EPOCHS, help=argparse.SUPPRESS)  # with --train
     a = ap.parse_args()
     if a.train:
-        return train(*a.train, slow=a.slow)
+        return train(*a.train, slow=a.slow, epochs=a.epochs)
     t0 = time.time()
     shutil.rmtree(a.dir, ignore_errors=True)
     os.makedirs(a.dir)
@@ -160,18 +252,25 @@ def main() -> None:
     resumed, reference = os.path.join(a.dir, "resumed.tk"), os.path.join(a.dir, "reference.tk")
 
     print(f"1. Training an MLP on handwritten digits for {EPOCHS} epochs, a checkpoint after each epoch ...")
-    _follow(_job(run, resumed, slow=0.004), stop_after=KILL_AFTER)
+    first = _follow(_job(run, resumed, slow=0.004), stop_after=KILL_AFTER)
     print("\n2. Starting the very same script again:")
-    _follow(_job(run, resumed))
+    second = _follow(_job(run, resumed))
     print("\n3. For comparison, a run that was never interrupted:")
-    _follow(_job(ref_run, reference))
+    ref = _follow(_job(ref_run, reference))
+    if second.returncode or ref.returncode:
+        sys.exit(f"demo failed: a training process exited with {second.returncode or ref.returncode}")
     a_sd, b_sd = tk.load(resumed), tk.load(reference)
-    same = all(torch.equal(a_sd[k].view(torch.uint8) if a_sd[k].is_floating_point() else a_sd[k],
-                           b_sd[k].view(torch.uint8) if b_sd[k].is_floating_point() else b_sd[k]) for k in a_sd)
+    same = a_sd.keys() == b_sd.keys() and all(
+        torch.equal(a_sd[k].view(torch.uint8) if a_sd[k].is_floating_point() else a_sd[k],
+                    b_sd[k].view(torch.uint8) if b_sd[k].is_floating_point() else b_sd[k]) for k in a_sd)
     print(f"   final weights of the resumed run {'ARE' if same else 'are NOT'} bit-identical to the uninterrupted run's"
           f" ({len(a_sd)} tensors compared byte for byte)")
     if not same:
-        sys.exit("demo failed: resume was not exact")
+        print("   finding out why (this may run the uninterrupted training once more) ...")
+        again = os.path.join(a.dir, "reference-again")
+        code, why = diagnose(first, second, ref, lambda: _follow(_job(again, again + ".tk"), quiet=True))
+        print(f"   {why}")
+        sys.exit(code)
 
     print("\n4. The checkpoints that retention kept (keep_last=3, plus the best val_loss):")
     with tk.CheckpointManager(run, keep_last=3, keep_best=("val_loss", "min")) as mgr:

@@ -98,12 +98,13 @@ def devices(state: Mapping[str, Any]) -> list[str]:
     return sorted(found)
 
 
-def differences(saved: Any, current: Mapping[str, Any] | None = None) -> list[str]:
+def differences(saved: Any, current: Mapping[str, Any] | None = None,
+                words: tuple[str, str] = ("saved with", "now")) -> list[str]:
     """What the current process does differently from ``saved`` (a :func:`capture`), one line each.
 
     ``saved`` comes from a manifest, untrusted JSON: anything missing is not compared, anything
     malformed is shown as it is, and nothing raises. ``current`` defaults to :func:`capture`;
-    device types are compared only when both sides name some.
+    device types are compared only when both sides name some. ``words`` name the two sides.
 
     >>> differences({**capture(), "threads": 64})[0].startswith("torch threads: saved with 64, now ")
     True
@@ -120,14 +121,15 @@ def differences(saved: Any, current: Mapping[str, Any] | None = None) -> list[st
             continue
         a, b = _plain(saved[key]), _plain(now[key])
         if a != b:
-            out.append(f"{label}: saved with {_show(a)}, now {_show(b)}")
+            out.append(f"{label}: {words[0]} {_show(a)}, {words[1]} {_show(b)}")
     env_saved, env_now = saved.get("env"), now.get("env")
     if isinstance(env_saved, Mapping) and isinstance(env_now, Mapping):
         for k in ENV_VARS:
             if k in env_saved and k in env_now:
                 a, b = _plain(env_saved[k]), _plain(env_now[k])
                 if a != b:
-                    out.append(f"environment variable {k}: saved with {_show(a, 'unset')}, now {_show(b, 'unset')}")
+                    out.append(f"environment variable {k}: {words[0]} {_show(a, 'unset')}, "
+                               f"{words[1]} {_show(b, 'unset')}")
     return out
 
 
