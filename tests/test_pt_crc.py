@@ -324,11 +324,14 @@ def test_directory_size_limit_follows_the_knob(tmp, files, monkeypatch):
         tk.load(p)
 
 
-def test_checked_load_ignores_a_global_mmap_default(tmp, files, monkeypatch):
+def test_checked_load_ignores_a_global_mmap_default(tmp, files):
     from torch.utils.serialization import config
 
-    monkeypatch.setattr(config.load, "mmap", True)  # torch.load(file object) would refuse it
-    assert _same(tk.load(_write(tmp, files["torch"])), STATE)
+    config.load.mmap = True  # torch.load(file object) would refuse it (monkeypatch cannot restore this proxy)
+    try:
+        assert _same(tk.load(_write(tmp, files["torch"])), STATE)
+    finally:
+        config.load.mmap = False
 
 
 def test_doctests():
