@@ -23,7 +23,6 @@ import io
 import mmap
 import os
 import struct
-import zlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -46,10 +45,8 @@ _EXTRA_ENTRIES = 64
 @dataclass(frozen=True)
 class Entry:
     name: str
-    method: int  # 0 stored, 8 deflated
     crc: int
-    csize: int  # bytes in the file
-    usize: int  # bytes once inflated (== csize when stored)
+    size: int  # bytes, stored as they are (torch.save never compresses)
     data: int  # offset of the entry's bytes in the file
 
 
@@ -66,7 +63,7 @@ def read_directory(path: str, pread: Pread, size: int) -> list[Entry]:
 
     Raises :class:`ChecksumError` when the directory is inconsistent (a damaged file),
     :class:`LimitError` when it claims more than the knobs allow, :class:`FormatError` for
-    zip features torch never writes (several disks, encryption, other compressions).
+    zip features torch never writes (several disks, encryption, compression).
     """
     tail_at = max(0, size - _EOCD.size - _MAX_COMMENT)
     tail = bytes(pread(size - tail_at, tail_at))
@@ -146,9 +143,12 @@ def _entry(path: str, pread: Pread, raw: bytes, flags: int, method: int, crc: in
     name = raw.decode("utf-8", "replace")
     if flags & 0x41:
         raise FormatError(f"{path}: zip entry {name!r} is encrypted; torch.save never encrypts")
-    if method not in (0, 8):
-        raise FormatError(f"{path}: zip entry {name!r} uses compression method {method}; torch reads only "
-                          "stored and deflated entries. Fix: re-save it with torch.save")
+    if method != 0:  # compressed: a few bytes could ask torch to allocate a thousand times more
+        raise FormatError(f"{path}: zip entry {name!r} is compressed (method {method}); torch.save never "
+                          "compresses, and tensorkeep reads only stored entries, so that a small file cannot "
+                          "make it allocate far more than its size. Fix: if you trust the file, re-save it: "
+                          "torch.save(torch.load(path, weights_only=True), path) (a stored entry's method is 0: if it was, the "
+                          "file is damaged)")
     if off + _LOCAL.size + len(raw) > cd_at:
         raise _damaged(path, f"entry {name!r} starts at {off}, past the data area")
     head = bytes(pread(_LOCAL.size + len(raw), off))
@@ -158,9 +158,11 @@ def _entry(path: str, pread: Pread, raw: bytes, flags: int, method: int, crc: in
     if nlen != len(raw):
         raise _damaged(path, f"entry {name!r}: its local header names {nlen} bytes, the directory {len(raw)}")
     data = off + _LOCAL.size + nlen + xlen  # where torch reads the bytes from
-    if data + csize > cd_at or (method == 0 and csize != usize):
+    if csize != usize:
+        raise _damaged(path, f"entry {name!r} is stored as {csize} bytes but holds {usize}")
+    if data + csize > cd_at:
         raise _damaged(path, f"entry {name!r}: {csize} bytes at {data} do not fit before the directory")
-    return Entry(name, method, crc, csize, usize, data)
+    return Entry(name, crc, csize, data)
 
 
 def _check_disjoint(path: str, entries: list[Entry]) -> None:
@@ -170,38 +172,25 @@ def _check_disjoint(path: str, entries: list[Entry]) -> None:
         raise _damaged(path, "two entries have the same name")
     prev: Entry | None = None
     for e in sorted(entries, key=lambda e: e.data):
-        if prev is not None and e.data < prev.data + prev.csize:
+        if prev is not None and e.data < prev.data + prev.size:
             raise _damaged(path, f"entries {prev.name!r} and {e.name!r} overlap")
         prev = e
 
 
 def entry_crc(e: Entry, pread: Pread, path: str) -> int:
-    """CRC-32 of the (inflated) bytes of ``e``, reading pieces of ``knobs.READ_PIECE_BYTES``."""
-    piece, crc, out = max(1, knobs.READ_PIECE_BYTES), 0, 0
-    inflate = zlib.decompressobj(-15) if e.method == 8 else None
-    for at in range(e.data, e.data + e.csize, piece):
-        data = pread(min(piece, e.data + e.csize - at), at)
-        if len(data) != min(piece, e.data + e.csize - at):
+    """CRC-32 of the bytes of ``e``, read in pieces of ``knobs.READ_PIECE_BYTES``."""
+    piece, crc = max(1, knobs.READ_PIECE_BYTES), 0
+    for at in range(e.data, e.data + e.size, piece):
+        data = pread(min(piece, e.data + e.size - at), at)
+        if len(data) != min(piece, e.data + e.size - at):
             raise _damaged(path, f"entry {e.name!r}: the file ends inside it")
-        while inflate is not None and data:  # inflate a piece at a time: a bomb cannot allocate
-            try:
-                chunk = inflate.decompress(data, piece)
-            except zlib.error as ex:
-                raise _damaged(path, f"entry {e.name!r}: {ex}") from None
-            data, out = inflate.unconsumed_tail, out + len(chunk)
-            crc = crc32(chunk, crc)
-            if out > e.usize:
-                raise _damaged(path, f"entry {e.name!r} inflates to more than its {e.usize} bytes")
-        if inflate is None:
-            crc = crc32(data, crc)
-    if inflate is not None and (not inflate.eof or out != e.usize):
-        raise _damaged(path, f"entry {e.name!r} inflates to {out} bytes, not {e.usize}")
+        crc = crc32(data, crc)
     return crc
 
 
 def _mismatch(path: str, e: Entry, found: int) -> ChecksumError:
     return ChecksumError(
-        f"{path}: zip entry {e.name!r} ({e.csize} bytes at offset {e.data}) has CRC-32 {found:08x}, but the "
+        f"{path}: zip entry {e.name!r} ({e.size} bytes at offset {e.data}) has CRC-32 {found:08x}, but the "
         f"archive stores {e.crc:08x}: the file is damaged (torch's own reader does not check this). "
         "Fix: restore the file from a good copy.")
 
@@ -239,7 +228,7 @@ class CheckedFile(io.RawIOBase):
 
     def __init__(self, path: str) -> None:
         super().__init__()
-        self.path, self.pos = path, 0
+        self.path, self.pos, self.fd = path, 0, -1
         self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
             self.size = os.fstat(self.fd).st_size
@@ -248,7 +237,7 @@ class CheckedFile(io.RawIOBase):
         except BaseException:
             self.close()
             raise
-        self._by_data = {e.data: e for e in self.entries if e.method == 0}
+        self._by_data = {e.data: e for e in self.entries}
         self._done: set[int] = set()  # data offsets of the entries already checked
         self.bad: ChecksumError | None = None  # the first mismatch readinto saw
 
@@ -273,7 +262,7 @@ class CheckedFile(io.RawIOBase):
         with memoryview(b) as mv, mv.cast("B") as out:
             n = os.preadv(self.fd, [out], self.pos) if self.pos < self.size else 0
             e = self._by_data.get(self.pos)
-            if e is not None and n == e.csize and e.data not in self._done:
+            if e is not None and n == e.size and e.data not in self._done:
                 found = crc32(out[:n])  # still in the CPU cache, or at least in memory: no second read
                 if found != e.crc and self.bad is None:
                     self.bad = _mismatch(self.path, e, found)  # raised by check_rest: torch mangles errors
