@@ -203,8 +203,9 @@ def meta(tensors=(), values=(), planner=None) -> bytes:
     (file, start, length) or None for no storage entry)]); values: (fqn, (file, start, length))."""
     sdm, storage = {}, {}
     for fqn, size, chunks in tensors:
-        sdm[fqn] = TensorStorageMetadata(TensorProperties(dtype=torch.float32), torch.Size(size) if all(
-            type(d) is int for d in size) else size, [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s, _ in chunks])
+        size = torch.Size(size) if all(type(d) is int for d in size) else size
+        sdm[fqn] = TensorStorageMetadata(TensorProperties(dtype=torch.float32), size,
+                                         [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s, _ in chunks])
         for o, _, where in chunks:
             if where:
                 storage[MetadataIndex(fqn, o)] = _StorageInfo(*where)
@@ -231,9 +232,10 @@ def test_a_checked_directory_still_converts(tmp):
     g = torch.arange(24.0).reshape(4, 6)
     grid = [((r, c), (2, 3), ("g", (r + c // 3) * 24, 24)) for r in (0, 2) for c in (0, 3)]
     gdata = b"".join(g[r:r + 2, c:c + 3].contiguous().numpy().tobytes() for r in (0, 2) for c in (0, 3))
-    d = write_dir(os.path.join(tmp, "ok"), meta(
-        [("w", (4,), W + [((4,), (0,), None)]), ("g", (4, 6), grid), ("e", (0, 3), [])], [("s", ("data", 16, len(blob.getvalue())))],
-        planner={"w": ("model", "w"), "g": ("model", "g"), "s": ("hist", 2)}), {"data": DATA + blob.getvalue(), "g": gdata})
+    tensors = [("w", (4,), W + [((4,), (0,), None)]), ("g", (4, 6), grid), ("e", (0, 3), [])]
+    planner = {"w": ("model", "w"), "g": ("model", "g"), "s": ("hist", 2)}
+    d = write_dir(os.path.join(tmp, "ok"), meta(tensors, [("s", ("data", 16, len(blob.getvalue())))], planner),
+                  {"data": DATA + blob.getvalue(), "g": gdata})
     tk.convert_dcp(d, os.path.join(tmp, "ok.tk"))
     back = tk.load(os.path.join(tmp, "ok.tk"))
     assert torch.equal(back["model"]["w"], torch.arange(4.0)) and torch.equal(back["model"]["g"], g)
@@ -244,29 +246,30 @@ def w_with(*chunks):
     return [("w", (4,), list(chunks))]
 
 
+WV = w_with(*W) + [("v", (0,), [])]
 HOSTILE = [  # (tensors, planner, what the error says)
     ([("w", (3_000_000_000,), [])], None, r"tensor 'w' hold 0 of its 3000000000 elements \(shape \[3000000000\]\)"),
-    (w_with(((-2,), (2,), ("data", 0, 8)), *W), None, r"tensor 'w' has chunk offsets \[-2\] sizes \[2\] outside its shape \[4\]"),
+    (w_with(((-2,), (2,), ("data", 0, 8)), *W), None, r"'w' has chunk offsets \[-2\] sizes \[2\] outside its shape \[4\]"),
     (w_with(W[0]), None, r"the chunks of tensor 'w' hold 2 of its 4 elements"),
-    (w_with(((0,), (3,), ("data", 0, 12)), W[1]), None, r"tensor 'w' has overlapping chunks at offsets \[0\] and \[2\]"),
-    (w_with(W[0], ((2,), (2,), None)), None, r"chunk of tensor 'w' at offsets \[2\] needs one storage entry .* found none"),
+    (w_with(((0,), (3,), ("data", 0, 12)), W[1]), None, r"'w' has overlapping chunks at offsets \[0\] and \[2\]"),
+    (w_with(W[0], ((2,), (2,), None)), None, r"'w' at offsets \[2\] needs one storage entry .* found none"),
     ([("w", (1 << 28,), [((0,), (1 << 28,), ("data", 0, 1 << 30))])], None,
      r"data is truncated: 'w' needs bytes 0..1073741824, the file has 16"),
-    (w_with(W[0], ((2,), (2,), ("data", 8, 4))), None, r"chunk \[2\] of tensor 'w' .* needs 8 bytes, its storage entry holds 4"),
+    (w_with(W[0], ((2,), (2,), ("data", 8, 4))), None, r"\[2\] of tensor 'w' .* needs 8 bytes, its storage entry holds 4"),
     (w_with(W[0], ((2,), (2,), ("data", 4, 8))), None, r"'w' and 'w' are stored in overlapping bytes of data"),
     (w_with(W[0], ((2,), (2,), ("nodata", 0, 8))), None, r"nodata is missing; the metadata stores 'w' in it"),
-    (w_with(W[0], ((2,), (2,), ("da\0ta", 0, 8))), None, r"chunk \[2\] of 'w' is stored in 'da\\x00ta', which is not a file"),
+    (w_with(W[0], ((2,), (2,), ("da\0ta", 0, 8))), None, r"\[2\] of 'w' is stored in 'da\\x00ta', which is not a file"),
     (w_with(W[0], ((2,), (2,), ("..", 0, 8))), None, r"is stored in '..', which is not a file"),
     (w_with(W[0], ((2,), (2,), ("data", -8, 8))), None, r"chunk \[2\] of 'w' has a bad byte range -8 \+ 8"),
     ([("w", (1 << 63,), [])], None, r"tensor 'w' has size \[9223372036854775808\]: dimensions must be 0 .. 2\*\*62"),
     ([("w", (1 << 40, 1 << 40), [])], None, r"their non-zero product times the item size at most 2\*\*62"),
     ([("w", ("a",), [])], None, r"the size of tensor 'w' must be a tuple of at most 64 ints, found a tuple"),
-    (w_with(((0, 0), (2, 2), ("data", 0, 16))), None, r"chunk offsets of 'w' must be a tuple of 1 ints, found a tuple of 2"),
+    (w_with(((0, 0), (2, 2), ("data", 0, 16))), None, r"offsets of 'w' must be a tuple of 1 ints, found a tuple of 2"),
     (w_with(*W), {"w": ("w", 1 << 40)}, r"entry 'w': list index 1099511627776 in planner_data leaves more empty slots"),
-    (w_with(*W) + [("v", (0,), [])], {"w": ("x",), "v": ("x",)}, r"entry 'v': its path in planner_data leads where another"),
-    (w_with(*W) + [("v", (0,), [])], {"w": ("x",), "v": ("x", "y")}, r"entry 'v': its path in planner_data runs through another"),
-    ([("v", (0,), [])] + w_with(*W), {"v": ("x", "y"), "w": ("x",)}, r"entry 'w': its path in planner_data leads where another"),
-    (w_with(*W) + [("v", (0,), [])], {"w": ("x", 0), "v": ("x", "k")}, r"entry 'v': item 1 of a path .* a str where a list needs an index"),
+    (WV, {"w": ("x",), "v": ("x",)}, r"entry 'v': its path in planner_data leads where another"),
+    (WV, {"w": ("x",), "v": ("x", "y")}, r"entry 'v': its path in planner_data runs through another"),
+    (WV[::-1], {"v": ("x", "y"), "w": ("x",)}, r"entry 'w': its path in planner_data leads where another"),
+    (WV, {"w": ("x", 0), "v": ("x", "k")}, r"entry 'v': item 1 of a path .* a str where a list needs an index"),
     (w_with(*W), {"w": ("x", -1)}, r"entry 'w': item 1 of a path in planner_data is a int where a list needs an index >= 0"),
     (w_with(*W), {"w": (0,)}, r"entry 'w': item 0 of a path in planner_data is a int where a dict needs a name"),
     (w_with(*W), {"w": "w"}, r"entry 'w': a path in planner_data must be a tuple"),
@@ -302,7 +305,8 @@ def pairwise(key, shape, boxes, where):
         if len(off) != len(shape) or len(sz) != len(shape):
             return f"{where}: tensor {key!r} has a chunk with {len(sz)} dimensions, the tensor has {len(shape)}"
         if any(o < 0 or s < 0 or o + s > d for o, s, d in zip(off, sz, shape)):
-            return f"{where}: tensor {key!r} has chunk offsets {list(off)} sizes {list(sz)} outside its shape {list(shape)}"
+            return (f"{where}: tensor {key!r} has chunk offsets {list(off)} sizes {list(sz)} "
+                    f"outside its shape {list(shape)}")
     full = [b for b in boxes if dist_plan._volume(b[1])]
     for i, a in enumerate(full):
         for b in full[i + 1:]:
@@ -335,7 +339,8 @@ def layouts(draw):
                 boxes[i] = (off, sz[:k] + (sz[k] + s2[k],) + sz[k + 1:])
                 del boxes[j]
                 break
-    box = st.tuples(st.tuples(*(st.integers(-1, d + 1) for d in shape)), st.tuples(*(st.integers(0, d + 1) for d in shape)))
+    box = st.tuples(st.tuples(*(st.integers(-1, d + 1) for d in shape)),
+                    st.tuples(*(st.integers(0, d + 1) for d in shape)))
     for op in draw(st.lists(st.sampled_from(["drop", "copy", "add", "grow", "move", "flat"]), max_size=2)):
         if op == "add" or not boxes:
             boxes.append(draw(box))

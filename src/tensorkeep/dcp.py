@@ -1,26 +1,19 @@
 """Convert a torch DCP (``torch.distributed.checkpoint``) directory into one tensorkeep file.
 
-DCP's ``.metadata`` is a pickle (protocol 4) of a few dataclasses. torch's weights-only
-unpickler cannot read it (no FRAME, SHORT_BINUNICODE, MEMOIZE, STACK_GLOBAL in torch 2.13),
-and ``pickle`` itself would run whatever the file names. So :func:`read_metadata` is a small
-opcode reader of its own: it knows the opcodes DCP emits and the exact classes and functions
-DCP's metadata uses (tables ``_CLASSES``, ``_CALLS``; dtypes from a fixed table), builds plain
-:class:`Obj` records for them, and imports and calls nothing. Anything else is a :class:`FormatError`.
+DCP's ``.metadata`` is a pickle (protocol 4) of a few dataclasses; torch's weights-only unpickler
+cannot read it and ``pickle`` would run whatever the file names. :func:`read_metadata` is a small
+opcode reader: it knows the opcodes DCP emits and the classes and functions its metadata uses
+(``_CLASSES``, ``_CALLS``, dtypes from a fixed table), builds plain :class:`Obj` records, imports and
+calls nothing. What a file can make it build is bounded (opcodes, and every value's size counting
+shared parts each time, by ``knobs.MAX_JSON_VALUES``; nesting by ``knobs.MAX_DEPTH``; strings; the
+file by ``knobs.MAX_HEADER_BYTES``); dict keys are names and records only (no tuples or ints a file
+could make collide), and nothing changes once inside another value (no cycles).
 
-What a file can make the reader build is bounded: the opcodes, and the size of every value built
-counting shared references each time they are used (``knobs.MAX_JSON_VALUES``), nesting
-(``knobs.MAX_DEPTH``), the file (``knobs.MAX_HEADER_BYTES``) and each string. Dict keys are only
-names and records (never tuples or ints, which a file could make collide), and nothing is changed
-once it is inside something else (so no cycles): hashing, comparing or printing what it built is cheap.
-
-:func:`convert_dcp` checks everything before it allocates a tensor: each tensor's chunks tile it
-exactly (in bounds, no overlap, nothing missing), each chunk has one storage entry, and every byte
-range lies inside a real data file without sharing bytes with another, so what it allocates is
-backed by data on disk.
-
-The ``.distcp`` data files hold, at the offsets the metadata gives, either a ``torch.save``
-blob per tensor chunk and per non-tensor value (read with ``torch.load(weights_only=True)``,
-the vetted weights-only loader) or, for DCP's safetensors format, the raw bytes.
+:func:`convert_dcp` checks everything before it allocates a tensor: chunks tile each tensor exactly,
+each has one storage entry, every byte range lies in a real data file and shares no byte with
+another, so what it allocates is backed by data on disk. The ``.distcp`` files hold a
+``torch.save`` blob per chunk and per non-tensor value (read with ``torch.load(weights_only=True)``)
+or, in DCP's safetensors format, the raw bytes.
 """
 
 from __future__ import annotations
@@ -35,7 +28,7 @@ from typing import Any, Callable
 import torch
 
 from . import knobs
-from .dist_plan import check_cover
+from .dist_plan import _volume, check_cover
 from .dtypes import name_of_torch, torch_dtype_named
 from .errors import FormatError, LimitError
 from .writer import save
@@ -65,41 +58,32 @@ class _Global:
     name: str
 
 
+def _only(*types: type) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if type(value) not in types:
+            raise ValueError(f"needs a {' or '.join(t.__name__ for t in types)}, got a {_what(value)}")
+        return value
+    return check
+
+
 def _size(dims: Any = ()) -> tuple:
-    if type(dims) not in (tuple, list) or any(type(d) is not int for d in dims):
-        raise ValueError("torch.Size needs a tuple of ints")
+    if any(type(d) is not int for d in _only(tuple, list)(dims)):
+        raise ValueError("torch.Size needs ints")
     return tuple(dims)
 
 
-def _text(value: Any) -> str:
-    if type(value) is not str:
-        raise ValueError("needs a string")
-    return value
-
-
-def _int(value: Any) -> int:
-    if type(value) is not int:
-        raise ValueError("needs an int")
-    return value
-
-
-def _path(*parts: Any) -> str:
-    return "/".join(map(_text, parts))
-
-
 def _ordered_dict(items: Any = ()) -> dict:
-    if type(items) not in (tuple, list) or any(type(kv) is not tuple or len(kv) != 2 or type(kv[0]) not in _KEYS
-                                               for kv in items):
+    if any(type(kv) is not tuple or len(kv) != 2 or type(kv[0]) not in _KEYS for kv in _only(tuple, list)(items)):
         raise ValueError("OrderedDict needs (name, value) pairs")
     return dict(items)
 
 
 _CALLS: dict[tuple[str, str], Callable[..., Any]] = {
     ("torch", "Size"): _size,
-    ("torch.serialization", "_get_layout"): _text,
-    (_MD, "_MEM_FORMAT_ENCODING"): _int,
-    ("pathlib", "PosixPath"): _path,
-    ("pathlib", "PurePosixPath"): _path,
+    ("torch.serialization", "_get_layout"): _only(str),
+    (_MD, "_MEM_FORMAT_ENCODING"): _only(int),
+    ("pathlib", "PosixPath"): lambda *parts: "/".join(map(_only(str), parts)),
+    ("pathlib", "PurePosixPath"): lambda *parts: "/".join(map(_only(str), parts)),
     ("collections", "OrderedDict"): _ordered_dict,
 }
 _KEYS = (str, Obj)  # dict keys DCP's metadata uses: names and MetadataIndex records (hashed by identity)
@@ -171,9 +155,9 @@ class _Built:
 def read_metadata(raw: bytes, where: str) -> Obj:
     """The ``Metadata`` record of a DCP ``.metadata`` file; builds only allowlisted records.
 
-    >>> read_metadata(b"\\x80\\x04\\x8c\\x02os\\x8c\\x06system\\x93.", "f")
+    >>> read_metadata(b"\\x80\\x04\\x8c\\x02os\\x8c\\x06system\\x93.", "f")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    tensorkeep.errors.FormatError: f: refers to os.system, which is not part of DCP's metadata; refusing to read it (loading it would run code from the file)
+    tensorkeep.errors.FormatError: f: refers to os.system, which is not part of DCP's metadata; refusing to read it ...
     """
     stack: list[Any] = []
     marks: list[int] = []
@@ -262,12 +246,12 @@ def read_metadata(raw: bytes, where: str) -> Obj:
             stack.append(_global(module, name, where))
         elif op in (b"a", b"e"):  # APPEND, APPENDS
             items = pop(1) if op == b"a" else pop_mark()
-            target = _list(_top(stack, where), where)
+            target = _being_built(_top(stack, where), list, where)
             built.grow(target, items)
             target.extend(items)
         elif op in (b"s", b"u"):  # SETITEM, SETITEMS
             items = pop(2) if op == b"s" else pop_mark()
-            target = _dict(_top(stack, where), where)
+            target = _being_built(_top(stack, where), dict, where)
             keys = items[::2]
             if len(items) % 2 or any(type(k) not in _KEYS for k in keys):
                 bad = next((k for k in keys if type(k) not in _KEYS), None)
@@ -310,15 +294,9 @@ def _top(stack: list[Any], where: str) -> Any:
     return stack[-1]
 
 
-def _list(x: Any, where: str) -> list:
-    if type(x) is not list:
-        raise FormatError(f"{where}: malformed pickle (APPEND to a {_what(x)})")
-    return x
-
-
-def _dict(x: Any, where: str) -> dict:
-    if type(x) is not dict:
-        raise FormatError(f"{where}: malformed pickle (SETITEM on a {_what(x)})")
+def _being_built(x: Any, t: type, where: str) -> Any:
+    if type(x) is not t:
+        raise FormatError(f"{where}: malformed pickle ({'APPEND to' if t is list else 'SETITEM on'} a {_what(x)})")
     return x
 
 
@@ -341,7 +319,8 @@ def _range(dcp_dir: str, info: Any, fqn: str, what: str) -> _Range:
         raise FormatError(f"{dcp_dir}: {what} of {fqn!r} has a storage entry of type {_what(info)}")
     name, offset, length = info.get("relative_path"), info.get("offset"), info.get("length")
     if type(name) is not str or not name or any(c in name for c in "/\\\0") or name in (".", ".."):
-        raise FormatError(f"{dcp_dir}: {what} of {fqn!r} is stored in {name!r:.200}, which is not a file of the directory")
+        raise FormatError(f"{dcp_dir}: {what} of {fqn!r} is stored in {name!r:.200}, "
+                          "which is not a file of the directory")
     if type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
         raise FormatError(f"{dcp_dir}: {what} of {fqn!r} has a bad byte range {offset!r:.40} + {length!r:.40}")
     if info.get("transform_descriptors"):
@@ -358,7 +337,8 @@ def _dims(v: Any, n: int | None, what: str) -> tuple[int, ...]:
     return v
 
 
-def _tensor_plan(dcp_dir: str, fqn: str, md: Obj, stored: list[tuple[tuple, Any]]) -> tuple[torch.dtype, tuple, list[_Range]]:
+def _tensor_plan(dcp_dir: str, fqn: str, md: Obj, stored: list[tuple[Any, Any]]
+                 ) -> tuple[torch.dtype, tuple, list[_Range]]:
     """Dtype, size and the byte ranges of a tensor's chunks, all checked; raises FormatError."""
     props, size = md.get("properties"), md.get("size")
     dtype = props.state[0] if isinstance(props, Obj) and type(props.state) is tuple and props.state else None
@@ -401,13 +381,6 @@ def _tensor_plan(dcp_dir: str, fqn: str, md: Obj, stored: list[tuple[tuple, Any]
     return dtype, size, ranges
 
 
-def _volume(sizes: tuple[int, ...]) -> int:
-    n = 1
-    for s in sizes:
-        n *= s
-    return n
-
-
 def _check_files(dcp_dir: str, ranges: list[_Range]) -> None:
     """Every range lies inside a regular data file and shares no byte with another."""
     by_file: dict[str, list[_Range]] = {}
@@ -427,8 +400,8 @@ def _check_files(dcp_dir: str, ranges: list[_Range]) -> None:
                                   f"({a.offset}+{a.length} and {b.offset}+{b.length}); each chunk has its own")
         if rs and rs[-1].offset + rs[-1].length > st.st_size:
             r = max(rs, key=lambda r: r.offset + r.length)
-            raise FormatError(f"{dcp_dir}: {name} is truncated: {r.fqn!r} needs bytes {r.offset}..{r.offset + r.length}, "
-                              f"the file has {st.st_size}")
+            raise FormatError(f"{dcp_dir}: {name} is truncated: {r.fqn!r} needs bytes "
+                              f"{r.offset}..{r.offset + r.length}, the file has {st.st_size}")
 
 
 def _blob(dcp_dir: str, r: _Range) -> bytes:
@@ -526,8 +499,8 @@ def convert_dcp(dcp_dir: "str | os.PathLike[str]", out_path: "str | os.PathLike[
     except FileNotFoundError:
         raise FormatError(f"{dcp_dir}: no .metadata, so not a torch.distributed.checkpoint directory") from None
     if len(raw) > knobs.MAX_HEADER_BYTES:
-        raise LimitError(f"{mpath}: larger than {knobs.MAX_HEADER_BYTES} bytes; raise tensorkeep.knobs.MAX_HEADER_BYTES "
-                         "to read it")
+        raise LimitError(f"{mpath}: larger than {knobs.MAX_HEADER_BYTES} bytes; "
+                         "raise tensorkeep.knobs.MAX_HEADER_BYTES to read it")
     meta = read_metadata(raw, mpath)
     items, storage = meta.get("state_dict_metadata"), meta.get("storage_data")
     if type(items) is not dict or type(storage) is not dict:
@@ -547,7 +520,7 @@ def convert_dcp(dcp_dir: "str | os.PathLike[str]", out_path: "str | os.PathLike[
             raise FormatError(f"{mpath}: entry {fqn!r:.200} is not a named metadata record")
         if md.cls == "TensorStorageMetadata":
             dtype, size, rs = _tensor_plan(dcp_dir, fqn, md, stored.get(fqn, []))
-            load: Callable[[], Any] = lambda fqn=fqn, dtype=dtype, size=size, rs=rs: _tensor(dcp_dir, fqn, dtype, size, rs)
+            load: Callable[[], Any] = lambda fqn=fqn, t=(dtype, size, rs): _tensor(dcp_dir, fqn, *t)
         elif md.cls == "BytesStorageMetadata":
             entries = [v for off, v in stored.get(fqn, []) if off is None]
             if len(entries) != 1:
