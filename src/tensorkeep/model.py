@@ -3,18 +3,22 @@ architecture safely (import path + JSON config, never code)."""
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 import importlib
 import inspect
 import os
 import platform
+import threading
+import types
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .dtypes import torch_dtype
 from .errors import FormatError, MismatchError, UntrustedModelError
@@ -271,6 +275,63 @@ def _mismatch_message(rep: LoadReport, hint: str | None) -> str:
     return "\n".join(lines)
 
 
+def _where(t: torch.Tensor) -> Any:
+    """Where a tensor's memory starts, to tell tied tensors (a meta tensor has none: its storage and offset)."""
+    if t.is_meta:
+        return ("meta", t.untyped_storage()._cdata, t.storage_offset() * t.element_size())
+    return t.data_ptr()
+
+
+def _plan(model: nn.Module, src: Any, rename: Any, include: Any, strict: bool) -> tuple[LoadReport, dict[str, str]]:
+    """Match the checkpoint's names, shapes and dtypes to ``model``'s tensors (reading no data,
+    touching nothing): the report so far and ``{model name: checkpoint name}`` to load.
+    With ``strict``, any mismatch raises :class:`MismatchError`. ``model`` may be on the meta device."""
+    rep = LoadReport(source=src.path, model=type(model).__name__)
+    targets = model.state_dict(keep_vars=True)
+    ren, inc = _renamer(rename), _includer(include)
+    plan: dict[str, str] = {}  # model name -> checkpoint name
+    seen: dict[str, str] = {}  # model name -> the checkpoint name renamed to it
+    ckpt_names = src.keys()
+    for cname in ckpt_names:
+        mname = ren(cname)
+        if mname is None:
+            continue
+        if not inc(mname):
+            rep.skipped.append(cname)
+            continue
+        if mname in seen:
+            raise ValueError(
+                f"load_into({src.path}): rename maps both {seen[mname]!r} and {cname!r} to {mname!r}. "
+                f"Drop the one you do not want, e.g. rename={{..., {cname!r}: None}} (a None value drops "
+                "names with that prefix), or narrow the prefixes so each name has one source.")
+        seen[mname] = cname
+        if mname != cname:
+            rep.renamed[cname] = mname
+        if mname in targets:
+            (cdtype, cshape), target = src.meta(cname), targets[mname]
+            if cshape != tuple(target.shape):
+                rep.mismatched.append((mname, cshape, tuple(target.shape)))
+            elif _lossy(cdtype, target.dtype):
+                rep.wrong_dtype.append((mname, _dt(cdtype), _dt(target.dtype)))
+            else:
+                plan[mname] = cname
+        else:
+            rep.unexpected.append(mname)
+    loaded_at = {_where(targets[m]) for m in plan if targets[m].numel()}
+    refused = {m for m, _, _ in rep.mismatched} | {m for m, _, _ in rep.wrong_dtype}
+    for mname, t in targets.items():
+        if mname in plan or mname in refused:
+            continue
+        if not inc(mname):
+            rep.kept.append(mname)
+            continue
+        (rep.tied if t.numel() and _where(t) in loaded_at else rep.missing).append(mname)
+    if strict and not rep.ok:
+        hint = _prefix_hint([c for c in ckpt_names if inc(ren(c) or "")] or ckpt_names, list(targets))
+        raise MismatchError(_mismatch_message(rep, hint))
+    return rep, plan
+
+
 def load_into(model: nn.Module, source: Any, *, strict: bool = True, rename: Any = None,
               dtype: torch.dtype | None = None, include: Any = None, verify: bool = True) -> LoadReport:
     """Copy a checkpoint's tensors straight into ``model``'s parameters and buffers.
@@ -300,49 +361,8 @@ def load_into(model: nn.Module, source: Any, *, strict: bool = True, rename: Any
     if isinstance(src, _FileSource):
         src.verify = verify
     try:
-        rep = LoadReport(source=src.path, model=type(model).__name__)
+        rep, plan = _plan(model, src, rename, include, strict)
         targets = model.state_dict(keep_vars=True)
-        ren, inc = _renamer(rename), _includer(include)
-        plan: dict[str, str] = {}  # model name -> checkpoint name
-        seen: dict[str, str] = {}  # model name -> the checkpoint name renamed to it
-        ckpt_names = src.keys()
-        for cname in ckpt_names:
-            mname = ren(cname)
-            if mname is None:
-                continue
-            if not inc(mname):
-                rep.skipped.append(cname)
-                continue
-            if mname in seen:
-                raise ValueError(
-                    f"load_into({src.path}): rename maps both {seen[mname]!r} and {cname!r} to {mname!r}. "
-                    f"Drop the one you do not want, e.g. rename={{..., {cname!r}: None}} (a None value drops "
-                    "names with that prefix), or narrow the prefixes so each name has one source.")
-            seen[mname] = cname
-            if mname != cname:
-                rep.renamed[cname] = mname
-            if mname in targets:
-                (cdtype, cshape), target = src.meta(cname), targets[mname]
-                if cshape != tuple(target.shape):
-                    rep.mismatched.append((mname, cshape, tuple(target.shape)))
-                elif _lossy(cdtype, target.dtype):
-                    rep.wrong_dtype.append((mname, _dt(cdtype), _dt(target.dtype)))
-                else:
-                    plan[mname] = cname
-            else:
-                rep.unexpected.append(mname)
-        loaded_ptrs = {targets[m].data_ptr() for m in plan if targets[m].numel()}
-        refused = {m for m, _, _ in rep.mismatched} | {m for m, _, _ in rep.wrong_dtype}
-        for mname, t in targets.items():
-            if mname in plan or mname in refused:
-                continue
-            if not inc(mname):
-                rep.kept.append(mname)
-                continue
-            (rep.tied if t.numel() and t.data_ptr() in loaded_ptrs else rep.missing).append(mname)
-        if strict and not rep.ok:
-            hint = _prefix_hint([c for c in ckpt_names if inc(ren(c) or "")] or ckpt_names, list(targets))
-            raise MismatchError(_mismatch_message(rep, hint))
         if dtype is not None:
             model.to(dtype)  # converts floating-point parameters and buffers only
             targets = model.state_dict(keep_vars=True)
@@ -372,12 +392,35 @@ def _class_path(model: nn.Module) -> str:
             "by path when loading. Move it into a module (e.g. myproject/models.py) and import it from there, "
             "or save only the parameters with tk.save(model.state_dict(), path)."
         )
-    obj: Any = importlib.import_module(mod)
-    for part in qual.split("."):
-        obj = getattr(obj, part, None)
-    if obj is not cls:
+    try:
+        found = _find_class(importlib.import_module(mod), qual, [mod], "")
+    except (FormatError, UntrustedModelError):
+        found = None
+    if found is not cls:
         raise TypeError(f"cannot save the architecture of {qual}: {mod}.{qual} does not import back to this class")
     return f"{mod}:{qual}"
+
+
+def _find_class(module: Any, qual: str, allow: Sequence[str], where: str) -> type:
+    """The class ``qual`` ("Net", "Outer.Inner") defined in ``module``, found step by step in each
+    object's own ``vars()``: never a module (that would leave ``module``), never ``getattr``
+    (a module's ``__getattr__`` may import code), and every class on the way from a module in ``allow``."""
+    obj: Any = module
+    path = module.__name__
+    for part in qual.split("."):
+        obj = vars(obj).get(part) if part.isidentifier() else None
+        path += "." + part
+        if isinstance(obj, types.ModuleType):
+            raise UntrustedModelError(
+                f"{where}{path} is a module, not a class defined in {module.__name__}: a class path may not "
+                f"leave its module. Name the class by its own module, e.g. {obj.__name__}:ClassName, and allow that")
+        if not isinstance(obj, type):
+            raise FormatError(f"{where}{module.__name__} has no class {qual!r} (no {part!r} in {path.rsplit('.', 1)[0]})")
+        if not _allowed(obj.__module__, allow):
+            raise UntrustedModelError(
+                f"{where}{path} is {obj.__module__}.{obj.__qualname__}, a class from {obj.__module__!r}, which is not "
+                f"in allow={list(allow)}. If you trust it, pass allow=[..., {obj.__module__!r}]")
+    return obj
 
 
 def _versions() -> dict[str, str]:
@@ -427,7 +470,11 @@ def load_model(path: "str | os.PathLike[str]", *, allow: Sequence[str], train: b
     """Rebuild a model saved with :func:`save_model`: import its class (only from ``allow``),
     construct it with the stored config, load the parameters strictly, and return it in
     ``eval()`` mode (``train=True`` to skip that). ``allow`` lists trusted modules or packages:
-    ``allow=["myproject"]`` also allows ``myproject.models``. A version difference only warns.
+    ``allow=["myproject"]`` also allows ``myproject.models``; the class itself must be defined in an
+    allowed module (a class re-exported from elsewhere, or a path through another module, is
+    refused). The model is first built on the meta device and checked against the file's tensor
+    names and shapes, so a config that does not match fails before any memory is allocated.
+    A version difference only warns.
 
     >>> import torch, tensorkeep as tk
     >>> tk.save_model(torch.nn.Linear(2, 3), "/tmp/tk-doc-lm.model", config={"in_features": 2, "out_features": 3})
@@ -449,6 +496,8 @@ def load_model(path: "str | os.PathLike[str]", *, allow: Sequence[str], train: b
         module, qual = cls_path.split(":", 1)
         if isinstance(allow, str):
             allow = [allow]
+        if not all(p.isidentifier() for p in module.split(".")):
+            raise FormatError(f"{path}: model class {cls_path!r} must be module:QualName with a dotted module name")
         if not _allowed(module, allow):
             raise UntrustedModelError(
                 f"{path} asks to build {module}.{qual}, but {module!r} is not in allow={list(allow)}. tensorkeep "
@@ -456,18 +505,110 @@ def load_model(path: "str | os.PathLike[str]", *, allow: Sequence[str], train: b
                 f"(or a parent package such as {module.split('.')[0]!r})."
             )
         _check_versions(path, info.get("versions"))
-        obj: Any = importlib.import_module(module)
-        for part in qual.split("."):
-            obj = getattr(obj, part, None)
-        if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        try:
+            mod = importlib.import_module(module)  # allowed: the user trusts its code
+        except ImportError as e:
+            raise FormatError(f"{path}: the model class is in {module}, which cannot be imported here ({e}); "
+                              "install the package that defines it") from None
+        cls = _find_class(mod, qual, allow, f"{path}: ")
+        if not issubclass(cls, nn.Module):
             raise FormatError(f"{path}: {module}.{qual} is not an nn.Module class")
-        model = obj(**config)
+        model = _build(cls, config, src, path)
         load_into(model, src, strict=True, dtype=dtype)
     finally:
         src.close()
     if device is not None:
         model.to(device)
     return model.train() if train else model.eval()
+
+
+class _TooBig(Exception):
+    """A constructor registered more modules and tensors than the file can account for."""
+
+
+#: While building a model for :func:`load_model`, at most this many registrations of a submodule,
+#: parameter or buffer per tensor in the file, plus the slack: enough for any real architecture
+#: (a transformer layer registers ~1.5 per tensor), while a config asking for a million layers
+#: is stopped after a few thousand instead of running for hours.
+_REGISTRATIONS_PER_TENSOR, _REGISTRATIONS_SLACK = 8, 10_000
+
+
+@contextlib.contextmanager
+def _registrations_at_most(limit: int) -> Iterator[None]:
+    """Raise :class:`_TooBig` in this thread once modules built in it register over ``limit`` things."""
+    me, count = threading.get_ident(), [0]
+
+    def hook(*_: Any) -> None:
+        if threading.get_ident() == me:
+            count[0] += 1
+            if count[0] > limit:
+                raise _TooBig
+
+    from torch.nn.modules import module as m
+
+    handles = [m.register_module_module_registration_hook(hook), m.register_module_parameter_registration_hook(hook),
+               m.register_module_buffer_registration_hook(hook)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+_FILLS = frozenset({"normal_", "uniform_", "random_", "exponential_", "geometric_", "log_normal_", "cauchy_",
+                    "bernoulli_", "fill_", "zero_", "copy_"})
+
+
+class _NoMetaFills(TorchFunctionMode):
+    """Initialisers and fills of meta tensors do nothing: a meta tensor has no values to fill, and on
+    the meta device some fills (``normal_``) run Python decompositions that import torch._dynamo."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        t = args[0] if args else kwargs.get("tensor")
+        if isinstance(t, torch.Tensor) and t.is_meta and (
+                getattr(func, "__module__", None) == "torch.nn.init" or getattr(func, "__name__", None) in _FILLS):
+            return t
+        return func(*args, **kwargs)
+
+
+def _build(cls: type, config: dict, src: Any, path: str) -> nn.Module:
+    """``cls(**config)``, built for real only once a copy on the meta device (no memory) has the
+    file's tensor names, shapes and dtypes: a small file cannot make us allocate a huge model.
+    Both builds may register only as many modules and tensors as the file's size accounts for."""
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    try:
+        inspect.signature(cls).bind(**config)
+    except TypeError as e:
+        raise FormatError(f"{path}: the stored config does not fit {name}: {e}") from None
+    except ValueError:  # no signature to check (some C types)
+        pass
+    source = _open_source(src)
+    limit = _REGISTRATIONS_PER_TENSOR * len(source.keys()) + _REGISTRATIONS_SLACK
+    too_big = MismatchError(
+        f"cannot load {path}: {name}(**config) with its stored config builds more than {limit} modules and tensors, "
+        f"far more than the file's {len(source.keys())} tensors: the config does not match the file's parameters")
+    probe: nn.Module | None = None
+    try:
+        with _registrations_at_most(limit), torch.device("meta"), _NoMetaFills():
+            probe = cls(**config)
+    except _TooBig:
+        raise too_big from None
+    except Exception:  # noqa: BLE001 - some constructors need real data; they are built as before
+        pass
+    probed = probe is not None
+    if probe is not None:
+        _plan(probe, source, None, None, strict=True)
+        probe = None
+    try:
+        with _registrations_at_most(limit):
+            return cls(**config)
+    except _TooBig:
+        raise too_big from None
+    except Exception as e:
+        if not probed:  # failed on the meta device too: the config does not build this class
+            raise FormatError(f"{path}: {name}(**config) with the stored config failed: {type(e).__name__}: {e}") from e
+        raise
 
 
 def _check_versions(path: str, saved: Any) -> None:
