@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -111,3 +112,24 @@ def test_pin_and_the_pinned_environment_in_a_child():
     threads, failed, deterministic, child_env = json.loads(r.stdout.splitlines()[-1])
     assert (threads, failed, deterministic) == (1, 0, True), r.stdout
     assert {k: child_env[k] for k in det.PINNED_ENV} == det.PINNED_ENV
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to run with one and with two")
+def test_the_resume_tests_training_job_computes_the_same_bits_on_one_cpu_and_on_all(tmp):
+    """tests/train_job.py (the bit-exact resume tests' job) runs pinned: a process on one CPU and a
+    process on all of them end with the same weights (unpinned, their thread counts differ, and so do they)."""
+    import tensorkeep as tk
+
+    job = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_job.py")
+    env = {k: v for k, v in os.environ.items() if k not in det.ENV_VARS}
+    outs = []
+    for i, cpus in enumerate([{min(os.sched_getaffinity(0))}, None]):
+        outs.append(os.path.join(tmp, f"out{i}.tk"))
+        r = subprocess.run([sys.executable, job, os.path.join(tmp, f"run{i}"), outs[-1], "--epochs", "1"], env=env,
+                           capture_output=True, text=True, timeout=300,
+                           preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = tk.load(outs[0]), tk.load(outs[1])
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8))]
+    assert not differ, differ

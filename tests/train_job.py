@@ -5,6 +5,8 @@
 Prints "COMMITTED <step>" after every save returns. With --recipe epoch it checkpoints at
 epoch ends with a shuffling torch DataLoader; with --recipe mid it checkpoints every K steps
 mid-epoch with torchdata's StatefulDataLoader, creating iterators under tk.keep_rng().
+It runs pinned (one thread, deterministic algorithms): torch's default thread count follows
+the CPUs a process may use, and a different count rounds differently.
 """
 
 import argparse
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 import tensorkeep as tk
+from tensorkeep.checkpoint import determinism
 
 
 def make(seed: int = 0):
@@ -37,6 +40,7 @@ def main() -> None:
     ap.add_argument("--save-every", type=int, default=5)
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds per step, to give the killer time")
     a = ap.parse_args()
+    determinism.pin()
     X, Y, model, opt, sched = make()
     ds = torch.utils.data.TensorDataset(X, Y)
     loss_fn = nn.CrossEntropyLoss()
@@ -49,7 +53,7 @@ def main() -> None:
         opt.step()
         if a.sleep:
             time.sleep(a.sleep)
-        return float(loss)
+        return float(loss.detach())
 
     with tk.CheckpointManager(a.run, keep_last=2) as mgr:
         if a.recipe == "epoch":
