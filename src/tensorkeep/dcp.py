@@ -122,10 +122,9 @@ class _Built:
         return self.sizes.get(id(x), (1, 1)) if type(x) in _CONTAINERS else (0, 1)
 
     def made(self, x: Any, items: Any) -> Any:
-        """Register ``x``, a new container built from ``items``; return it."""
-        depth, size = self._add((1, 1), items)
-        if id(x) not in self.sizes:
-            self.sizes[id(x)] = (depth, size)
+        """Register ``x``, a new container built from ``items`` (an empty one needs no entry); return it."""
+        if items and id(x) not in self.sizes:
+            self.sizes[id(x)] = self._add((1, 1), items)
             self.keep.append(x)
         return x
 
@@ -134,6 +133,8 @@ class _Built:
         if id(x) in self.inside or any(i is x for i in items):
             raise FormatError(f"{self.where}: malformed pickle (a {type(x).__name__} is changed after it was "
                               "put inside another value, or put inside itself)")
+        if id(x) not in self.sizes:
+            self.keep.append(x)
         self.sizes[id(x)] = self._add(self.measure(x), items)
 
     def _add(self, start: tuple[int, int], items: Any) -> tuple[int, int]:
@@ -213,7 +214,7 @@ def read_metadata(raw: bytes, where: str) -> Obj:
         elif op == b"(":  # MARK
             marks.append(len(stack))
         elif op in (b")", b"}", b"]"):  # EMPTY_TUPLE / DICT / LIST
-            stack.append(built.made(() if op == b")" else {} if op == b"}" else [], ()))
+            stack.append(() if op == b")" else {} if op == b"}" else [])
         elif op in (b"\x85", b"\x86", b"\x87", b"t"):  # TUPLE1..3, TUPLE
             items = pop_mark() if op == b"t" else pop(op[0] - 0x84)
             stack.append(built.made(tuple(items), items))
@@ -263,7 +264,7 @@ def read_metadata(raw: bytes, where: str) -> Obj:
             cls, args = pop(2)
             if not isinstance(cls, _Global) or (cls.module, cls.name) not in _CLASSES or args != ():
                 raise FormatError(f"{where}: NEWOBJ of {_what(cls)} is not a DCP metadata record")
-            stack.append(built.made(Obj(cls.name), ()))
+            stack.append(Obj(cls.name))
         elif op == b"b":  # BUILD: set the state of a record
             (state,) = pop(1)
             obj = _top(stack, where)
