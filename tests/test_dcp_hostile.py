@@ -172,6 +172,7 @@ def test_reader_still_resolves_dtypes():
     (HEAD + glob("pathlib", "PosixPath") + b"]" * 50 + b"a" * 49 + b"\x85R.", "bad arguments for pathlib.PosixPath"),
     (HEAD + glob("torch", "Size") + text("abc") + b"\x85R.", "bad arguments for torch.Size"),
     (HEAD + b"}K\x07Ns.", "a dict key that is a int"),
+    (HEAD + b"}(" + text("a") + b"u.", "SETITEMS of an odd number of items"),
     (HEAD + b"}" + b"(" * 3 + b")" + b"t" * 3 + b"Ns.", "a dict key that is a tuple"),
     (HEAD + b")" + glob("torch", "Size") + b"\x93.", "STACK_GLOBAL of a tuple and a torch.Size, not two names"),
     (HEAD + glob(MD, "Metadata") + b"(" + b"K\x01" * 50 + b"t\x81.", "NEWOBJ of torch.distributed"),
@@ -198,13 +199,13 @@ DATA = torch.arange(4.0).numpy().tobytes()  # the raw bytes of DCP's safetensors
 W = [((0,), (2,), ("data", 0, 8)), ((2,), (2,), ("data", 8, 8))]
 
 
-def meta(tensors=(), values=(), planner=None) -> bytes:
+def meta(tensors=(), values=(), planner=None, dtype=torch.float32) -> bytes:
     """A DCP .metadata pickled from torch's own classes. tensors: (fqn, size, [(offsets, sizes,
     (file, start, length) or None for no storage entry)]); values: (fqn, (file, start, length))."""
     sdm, storage = {}, {}
     for fqn, size, chunks in tensors:
         size = torch.Size(size) if all(type(d) is int for d in size) else size
-        sdm[fqn] = TensorStorageMetadata(TensorProperties(dtype=torch.float32), size,
+        sdm[fqn] = TensorStorageMetadata(TensorProperties(dtype=dtype), size,
                                          [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s, _ in chunks])
         for o, _, where in chunks:
             if where:
@@ -286,13 +287,16 @@ def test_hostile_directory_is_refused_before_anything_is_allocated(tmp, no_alloc
     assert not os.path.exists(out)
 
 
-def test_a_data_file_that_is_a_directory_or_absent_value(tmp, no_alloc):
+def test_a_directory_as_data_file_a_value_without_data_a_dtype_tensorkeep_lacks(tmp, no_alloc):
     d = write_dir(os.path.join(tmp, "d"), meta(w_with(W[0], ((2,), (2,), ("sub", 0, 8)))), {"data": DATA})
     os.mkdir(os.path.join(d, "sub"))
     with pytest.raises(tk.FormatError, match="sub is not a regular file; the metadata stores 'w' in it"):
         tk.convert_dcp(d, os.path.join(tmp, "out.tk"))
     d = write_dir(os.path.join(tmp, "v"), meta(values=[("t", None)]), {"data": DATA})
     with pytest.raises(tk.FormatError, match="entry 't' needs one storage entry, found 0"):
+        tk.convert_dcp(d, os.path.join(tmp, "out.tk"))
+    d = write_dir(os.path.join(tmp, "c"), meta(w_with(*W), dtype=torch.complex128), {"data": DATA})
+    with pytest.raises(tk.FormatError, match="tensor 'w' is torch.complex128, which a tensorkeep file cannot hold"):
         tk.convert_dcp(d, os.path.join(tmp, "out.tk"))
 
 

@@ -254,9 +254,11 @@ def read_metadata(raw: bytes, where: str) -> Obj:
             items = pop(2) if op == b"s" else pop_mark()
             target = _being_built(_top(stack, where), dict, where)
             keys = items[::2]
-            if len(items) % 2 or any(type(k) not in _KEYS for k in keys):
-                bad = next((k for k in keys if type(k) not in _KEYS), None)
-                raise FormatError(f"{where}: malformed pickle (a dict key that is a {_what(bad)}; "
+            if len(items) % 2:
+                raise FormatError(f"{where}: malformed pickle (SETITEMS of an odd number of items)")
+            bad = [k for k in keys if type(k) not in _KEYS]
+            if bad:
+                raise FormatError(f"{where}: malformed pickle (a dict key that is a {_what(bad[0])}; "
                                   "DCP's metadata keys are names and MetadataIndex records)")
             built.grow(target, items)
             target.update(zip(keys, items[1::2]))
@@ -345,6 +347,8 @@ def _tensor_plan(dcp_dir: str, fqn: str, md: Obj, stored: list[tuple[Any, Any]]
     dtype = props.state[0] if isinstance(props, Obj) and type(props.state) is tuple and props.state else None
     if not isinstance(dtype, torch.dtype):
         raise FormatError(f"{dcp_dir}: tensor {fqn!r} has no dtype in the metadata")
+    if name_of_torch(dtype) is None:
+        raise FormatError(f"{dcp_dir}: tensor {fqn!r} is {dtype}, which a tensorkeep file cannot hold")
     size = _dims(size, None, f"{dcp_dir}: the size of tensor {fqn!r}")
     span = dtype.itemsize
     for d in size:
@@ -434,7 +438,7 @@ def _tensor(dcp_dir: str, fqn: str, dtype: torch.dtype, size: tuple, ranges: lis
             piece = piece.reshape(sizes) if piece.numel() == _volume(sizes) else None
         if (type(piece) is not torch.Tensor or piece.layout != torch.strided or tuple(piece.shape) != sizes
                 or piece.dtype != dtype):
-            raise FormatError(f"{dcp_dir}: chunk {list(offsets)} of {fqn!r} is not a {name_of_torch(dtype) or dtype} "
+            raise FormatError(f"{dcp_dir}: chunk {list(offsets)} of {fqn!r} is not a {name_of_torch(dtype)} "
                               f"tensor of {list(sizes)}")
         out[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))] = piece
     return out
