@@ -332,8 +332,52 @@ def _plan(model: nn.Module, src: Any, rename: Any, include: Any, strict: bool) -
     return rep, plan
 
 
+def _storages(tensors: Iterable[torch.Tensor | None]) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in tensors if t is not None and t.numel()}
+
+
+class _Undo:
+    """Puts a model back as it was if loading into it fails: the old values of each tensor
+    overwritten in place, and whatever ``Module.to(dtype)`` replaced."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tensor written in place, its old values)
+        self.modules: list[tuple[nn.Module, dict, dict]] = []
+        self.params: list[tuple[nn.Parameter, torch.Tensor, Any, Any]] = []
+        self.fresh: set[int] = set()  # storages made by to(dtype) in this call: nobody else has seen them
+
+    def to(self, dtype: torch.dtype) -> None:
+        """``model.to(dtype)``, keeping what it replaces (references, not copies) to put back."""
+        self.modules = [(m, dict(m._parameters), dict(m._buffers)) for m in self.model.modules()]
+        self.params = [(p, p.data, p.grad, None if p.grad is None else p.grad.data) for p in self.model.parameters()]
+        before = _storages(t for _, ps, bs in self.modules for t in [*ps.values(), *bs.values()])
+        before |= _storages(self.model.state_dict(keep_vars=True).values())
+        self.model.to(dtype)  # converts floating-point parameters and buffers only
+        self.fresh = _storages(self.model.state_dict(keep_vars=True).values()) - before
+
+    def backup(self, t: torch.Tensor) -> None:
+        """Keep ``t``'s values (in CPU memory) before it is overwritten."""
+        if t.numel() and t.untyped_storage().data_ptr() not in self.fresh:
+            self.saved.append((t, t.to("cpu", copy=True)))
+
+    def undo(self) -> None:
+        with torch.no_grad():
+            for t, old in reversed(self.saved):  # reversed: tensors sharing memory end with the oldest values
+                t.copy_(old)
+        for m, ps, bs in self.modules:
+            m._parameters.update(ps)
+            m._buffers.update(bs)
+        for p, data, grad, grad_data in self.params:
+            p.data = data
+            if grad is not None:
+                grad.data = grad_data
+            p.grad = grad
+
+
 def load_into(model: nn.Module, source: Any, *, strict: bool = True, rename: Any = None,
-              dtype: torch.dtype | None = None, include: Any = None, verify: bool = True) -> LoadReport:
+              dtype: torch.dtype | None = None, include: Any = None, verify: bool = True,
+              atomic: bool = True) -> LoadReport:
     """Copy a checkpoint's tensors straight into ``model``'s parameters and buffers.
 
     ``source`` is a path (tensorkeep, safetensors or .pt file, or a sharded directory), a state
@@ -347,6 +391,10 @@ def load_into(model: nn.Module, source: Any, *, strict: bool = True, rename: Any
     With ``strict=True`` any missing, unexpected or mis-shaped tensor raises
     :class:`MismatchError` before the model is touched. A ``.pt`` source is unpickled (weights
     only) as a whole; every other source is read tensor by tensor.
+    After any error (a damaged file, an I/O error, an interrupt) the model is exactly as it was:
+    the old values of what is overwritten are kept in CPU memory until the load succeeds, and a
+    ``dtype`` conversion is undone. ``atomic=False`` keeps nothing (no extra memory; after an
+    error the model may hold part of the checkpoint).
 
     >>> import torch, tensorkeep as tk
     >>> net = torch.nn.Linear(2, 3); tk.save(net.state_dict(), "/tmp/tk-doc-lin.tk")
@@ -362,18 +410,25 @@ def load_into(model: nn.Module, source: Any, *, strict: bool = True, rename: Any
         src.verify = verify
     try:
         rep, plan = _plan(model, src, rename, include, strict)
-        targets = model.state_dict(keep_vars=True)
-        if dtype is not None:
-            model.to(dtype)  # converts floating-point parameters and buffers only
+        undo = _Undo(model) if atomic else None
+        try:
+            if dtype is not None:
+                undo.to(dtype) if undo else model.to(dtype)
             targets = model.state_dict(keep_vars=True)
-        with torch.no_grad():
-            for mname, cname in plan.items():
-                out = targets[mname].detach()
-                cdtype = src.meta(cname)[0]
-                if cdtype != out.dtype:
-                    rep.converted.append((mname, _dt(cdtype), _dt(out.dtype)))
-                src.copy_into(cname, out)
-                rep.loaded.append(mname)
+            with torch.no_grad():
+                for mname, cname in plan.items():
+                    out = targets[mname].detach()
+                    cdtype = src.meta(cname)[0]
+                    if cdtype != out.dtype:
+                        rep.converted.append((mname, _dt(cdtype), _dt(out.dtype)))
+                    if undo:
+                        undo.backup(out)
+                    src.copy_into(cname, out)
+                    rep.loaded.append(mname)
+        except BaseException:
+            if undo:
+                undo.undo()
+            raise
         return rep
     finally:
         src.close()
@@ -514,7 +569,7 @@ def load_model(path: "str | os.PathLike[str]", *, allow: Sequence[str], train: b
         if not issubclass(cls, nn.Module):
             raise FormatError(f"{path}: {module}.{qual} is not an nn.Module class")
         model = _build(cls, config, src, path)
-        load_into(model, src, strict=True, dtype=dtype)
+        load_into(model, src, strict=True, dtype=dtype, atomic=False)  # on error the model is dropped
     finally:
         src.close()
     if device is not None:
