@@ -653,7 +653,11 @@ def _build(cls: type, config: dict, src: Any, path: str) -> nn.Module:
         pass
     probed = probe is not None
     if probe is not None:
-        _plan(probe, source, None, None, strict=True)
+        try:
+            _plan(probe, source, None, None, strict=True)
+        except MismatchError as e:
+            raise MismatchError(f"{path}: {name}(**config) with the file's own config does not match the file's "
+                                f"tensors (was the model info edited?), so nothing was built.\n{e}") from None
         probe = None
     try:
         with _registrations_at_most(limit):
