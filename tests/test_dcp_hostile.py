@@ -384,3 +384,37 @@ def test_irregular_layouts_are_checked_within_a_budget(monkeypatch):
     assert "tensor 'w' has 80 chunks that do not form a grid (they span 1640 cells" in \
         dist_plan.check_cover("w", (2 * n, n), strips, "f")
     assert "hold 3120 of its 3200 elements" in dist_plan.check_cover("w", (2 * n, n), strips[2:], "f")
+
+
+def test_torch_save_blobs_are_checked_before_torch_reads_them(tmp):
+    """torch's zip reader ignores CRC-32s and inflates compressed entries: a flipped bit was a silently
+    wrong tensor, and a small compressed blob could make torch allocate gigabytes."""
+    import warnings
+    import zipfile
+
+    import torch.distributed.checkpoint as dcp
+
+    d = os.path.join(tmp, "flip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is disabled ... assuming a single process"
+        dcp.save({"w": torch.arange(64.0)}, checkpoint_id=d)
+    name = next(n for n in os.listdir(d) if n.endswith(".distcp"))
+    raw = open(os.path.join(d, name), "rb").read()
+    at = raw.index(torch.arange(64.0).numpy().tobytes())
+    with open(os.path.join(d, name), "r+b") as f:
+        f.seek(at + 100)
+        f.write(bytes([raw[at + 100] ^ 1]))
+    with pytest.raises(tk.ChecksumError, match=f"{d}: 'w'"):
+        tk.convert_dcp(d, os.path.join(tmp, "flip.tk"))
+
+    plain = io.BytesIO()
+    torch.save(torch.zeros(1 << 16), plain)
+    packed = io.BytesIO()
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    blob = packed.getvalue()
+    assert len(blob) < 4096  # 256 KiB of zeros in a few hundred bytes
+    d = write_dir(os.path.join(tmp, "deflated"), meta(values=[("s", ("data", 0, len(blob)))]), {"data": blob})
+    with pytest.raises(tk.FormatError, match=f"{d}: 's': zip entry .* is compressed"):
+        tk.convert_dcp(d, os.path.join(tmp, "deflated.tk"))

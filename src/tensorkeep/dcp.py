@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import knobs
+from . import knobs, ptzip
 from .dist_plan import _volume, check_cover
 from .dtypes import name_of_torch, torch_dtype_named
 from .errors import FormatError, LimitError
@@ -419,6 +419,8 @@ def _blob(dcp_dir: str, r: _Range) -> bytes:
 
 
 def _torch_value(data: bytes, dcp_dir: str, fqn: str) -> Any:
+    # checked first: CRC-32s, and no compressed entry (a few bytes could make torch allocate gigabytes)
+    ptzip.check_buffer(f"{dcp_dir}: {fqn!r}", data)
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - the weights-only loader refuses with several types
