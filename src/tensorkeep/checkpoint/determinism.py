@@ -52,9 +52,9 @@ def _fixed() -> dict[str, Any]:
 
 
 @functools.cache
-def _gpus() -> tuple[list[str], int | None]:
+def _gpus() -> tuple[tuple[str, ...], int | None]:
     """GPU names and the cuDNN version; only asked once CUDA is initialized (never initializes it)."""
-    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    names = tuple(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
     return names, torch.backends.cudnn.version()
 
 
@@ -76,7 +76,8 @@ def capture(devices: Iterable[str] = ()) -> dict[str, Any]:
              float32_matmul_precision=torch.get_float32_matmul_precision(),
              devices=sorted(set(devices)))
     if torch.cuda.is_initialized():
-        d["gpus"], d["cudnn"] = _gpus()
+        names, d["cudnn"] = _gpus()
+        d["gpus"] = list(names)
     return d
 
 
