@@ -151,7 +151,8 @@ def train(run: str, out: str, slow: float, epochs: int = EPOCHS) -> None:
                            ncols=70, disable=not sys.stderr.isatty()) if tqdm else loader
             metrics = train_epoch(state, batches, val, slow)
             mgr.save(epoch + 1, state, metrics=metrics)
-            print(f"COMMITTED {epoch + 1} {metrics['val_loss']:.5f} {metrics['val_acc']:.4f} {digest(state)}", flush=True)
+            print(f"COMMITTED {epoch + 1} {metrics['val_loss']:.5f} {metrics['val_acc']:.4f} {digest(state)}",
+                  flush=True)
     tk.save(model.state_dict(), out)
 
 
