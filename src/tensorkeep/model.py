@@ -332,8 +332,8 @@ def _plan(model: nn.Module, src: Any, rename: Any, include: Any, strict: bool) -
     return rep, plan
 
 
-def _storages(tensors: Iterable[torch.Tensor | None]) -> set[int]:
-    return {t.untyped_storage().data_ptr() for t in tensors if t is not None and t.numel()}
+def _storages(tensors: Iterable[Any]) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor) and t.numel()}
 
 
 class _Undo:
