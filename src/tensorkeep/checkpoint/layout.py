@@ -51,7 +51,7 @@ class Manifest:
     packs: dict[str, dict[str, Any]] = field(default_factory=dict)  # pack -> {"size", "crc32"}
     bytes_written: int | None = None  # tensor bytes this checkpoint wrote (None: it wrote all it holds)
     bytes_held: int | None = None  # tensor bytes it restores
-    environment: dict[str, Any] = field(default_factory=dict)  # what bit-exact resume depends on (determinism.py)
+    environment: Any = None  # what bit-exact resume depends on (determinism.capture()); untrusted JSON
 
     def to_json(self) -> str:
         metrics = {k: ({"$float": repr(v)} if isinstance(v, float) and not math.isfinite(v) else v)
@@ -132,9 +132,7 @@ def parse_manifest(raw: bytes, path: str) -> Manifest:
     versions = d.get("versions") or {}
     if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
         raise FormatError(f"{path}: 'versions' must map names to version strings")
-    env = d.get("environment") or {}
-    if not isinstance(env, dict):
-        raise FormatError(f"{path}: 'environment' must be an object")
+    env = d.get("environment")  # informational: determinism.differences() copes with any value
     metrics = {k: _untag(v) for k, v in d["metrics"].items()}
     m = Manifest(step, float(t), metrics, files, versions, environment=env)
     if d["version"] == VERSION_INCREMENTAL:
