@@ -96,7 +96,7 @@ def _raise_first(comm: Comm, statuses: list[dict], error: BaseException | None, 
     if error is not None and (not worse or not _status(error)["damage"]):
         raise error
     r, s = (worse or failed)[0]
-    cls = getattr(errors, s["type"], None)
+    cls = vars(errors).get(s["type"])
     if not (isinstance(cls, type) and issubclass(cls, TensorkeepError)):
         cls = TensorkeepError
     raise cls(f"{what} failed on rank {r} of {comm.world}: {s['error']}")

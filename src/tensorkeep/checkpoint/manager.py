@@ -419,7 +419,7 @@ class CheckpointManager:
             if _has_state(obj) and key in by_key:
                 sd = loaded[by_key[key]]
                 if isinstance(obj, torch.nn.Module):
-                    load_into(obj, sd, strict=True)
+                    load_into(obj, sd, strict=True, atomic=False)  # sd is in memory and verified
                 else:
                     obj.load_state_dict(sd)
         if isinstance(state, dict):
