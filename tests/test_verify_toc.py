@@ -167,6 +167,23 @@ def test_a_directory_without_tensor_files_says_so(tmp):
     assert res.ok and res.checked_files == 0 and any("no tensor files" in n for n in res.notes)
 
 
+def test_fifos_where_files_should_be_are_damage_not_a_hang(tmp):
+    run = _run(tmp)
+    step = _step(run, 1)
+    m = json.load(open(os.path.join(step, "manifest.json")))
+    victim = sorted(m["files"])[0]
+    os.remove(os.path.join(step, victim))
+    os.mkfifo(os.path.join(step, victim))
+    weird = os.path.join(tmp, "weird")
+    os.makedirs(weird)
+    for name in ("manifest.json", "distributed.json", "model.safetensors.index.json", "x.tk"):
+        os.mkfifo(os.path.join(weird, name))
+    # in a child: a thread blocked opening a FIFO may never see an alarm
+    r = subprocess.run([EXE, "verify", tmp], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and victim in r.stdout and "not a regular file" in r.stdout, r.stdout + r.stderr
+    assert all(n in r.stdout for n in ("manifest.json", "distributed.json", "model.safetensors.index.json"))
+
+
 def test_cli_exit_code_for_a_missing_file(tmp):
     d = _model_dir(tmp)
     r = subprocess.run([EXE, "verify", d], capture_output=True, text=True, timeout=120)

@@ -280,15 +280,28 @@ class _Verifier:
                 self.bad(d, f"{d}: cannot list the directory: {e}")
                 continue
             up, base = os.path.split(os.path.abspath(d))
-            if layout.MANIFEST in names and _ours(d, layout.MANIFEST, _STEP_DIR, [base]):
+            if self.toc(d, names, layout.MANIFEST) and _ours(d, layout.MANIFEST, _STEP_DIR, [base]):
                 rest = self.step(d, up, names)
-            elif dist_manifest in names and _ours(d, dist_manifest, _RANK_FILE, names):
+            elif self.toc(d, names, dist_manifest) and _ours(d, dist_manifest, _RANK_FILE, names):
                 rest = self.distributed(d, names)
-            elif INDEX in names or SINGLE in names:
+            elif self.toc(d, names, INDEX) or SINGLE in names:
                 rest = self.model_dir(d, names)
             else:
                 rest = self.run(d, names)
             stack.extend(reversed([os.path.join(d, n) for n in rest if _io.is_real_dir(os.path.join(d, n))]))
+
+    def toc(self, d: str, names: list[str], toc: str) -> bool:
+        """Whether ``d`` holds ``toc`` as a regular file (opening a FIFO of that name would hang)."""
+        if toc in names and not os.path.isfile(os.path.join(d, toc)):
+            self.bad(os.path.join(d, toc), f"{d}: {toc} is not a regular file (a directory, a FIFO, a device?)")
+        return toc in names and os.path.isfile(os.path.join(d, toc))
+
+    def regular(self, path: str) -> bool:
+        """Missing (reported by whoever checks it) or a regular file; anything else is reported here."""
+        if os.path.lexists(path) and not os.path.isfile(path):
+            self.bad(path, f"{path} is not a regular file (a directory, a FIFO, a device?)")
+            return False
+        return True
 
     def plain(self, d: str, names: list[str], toc: str | None = None) -> None:
         """Verify the tensor files among ``names``; with ``toc``, each is damage: a file it does not list."""
@@ -305,6 +318,8 @@ class _Verifier:
         """Each file a manifest lists exists with its recorded size and header checksum; then verified."""
         heads = {}
         for name, info in files.items():
+            if not self.regular(os.path.join(d, name)):
+                continue
             try:
                 layout.check_files(d, layout.Manifest(0, 0.0, files={name: info}))
             except (ValueError, OSError) as e:
@@ -336,6 +351,8 @@ class _Verifier:
         self.plain(d, rest, layout.MANIFEST)
         for pack, info in m.packs.items():  # an incremental checkpoint's tensors are in the run's packs
             p = os.path.join(packs.packs_dir(run), pack)
+            if not self.regular(p):
+                continue
             try:
                 packs.check_packs(run, {pack: info}, d)
             except (ValueError, OSError) as e:
