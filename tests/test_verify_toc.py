@@ -67,11 +67,13 @@ def test_intact_directories_with_foreign_non_tensor_files_verify(tmp):
         assert res.checked_files >= 1
 
 
-def test_a_missing_shard_is_damage(tmp):
+def test_each_missing_shard_is_damage_and_a_stale_one_still_is(tmp):
     d = _model_dir(tmp)
+    shutil.copy(os.path.join(d, "model-00001-of-00003.safetensors"), os.path.join(d, "model-00009-of-00009.safetensors"))
     os.remove(os.path.join(d, "model-00002-of-00003.safetensors"))
-    res = inspection.verify(d)
-    assert not res.ok and "model-00002-of-00003.safetensors" in _damaged(res)
+    os.remove(os.path.join(d, "model-00003-of-00003.safetensors"))
+    text = _damaged(inspection.verify(d))
+    assert all(n in text for n in ("model-00002-of-00003", "model-00003-of-00003", "model-00009-of-00009")), text
 
 
 def test_a_shard_the_index_does_not_name_is_damage(tmp):

@@ -403,7 +403,7 @@ class _Verifier:
         """A model directory: the weights its readers use (``model.safetensors``, else the index and its
         shards); a file named like a shard that they do not use is damage; other tensor files are verified."""
         try:
-            where = sharded._read_index(d)
+            where = sharded._read_index(d, check=False)  # missing shards: each reported below
         except _DAMAGED_TOC as e:
             if INDEX in names:  # (a damaged model.safetensors is reported by plain)
                 self.bad(os.path.join(d, INDEX), str(e))
@@ -413,7 +413,10 @@ class _Verifier:
         for name, shard in where.items():
             want.setdefault(shard, []).append(name)
         for shard in sorted(want):
-            self.lacking(shard, self.file(shard), want[shard], INDEX)
+            if not os.path.lexists(shard):
+                self.bad(shard, f"{os.path.join(d, INDEX)}: names {os.path.basename(shard)}, which is missing")
+            elif self.regular(shard):
+                self.lacking(shard, self.file(shard), want[shard], INDEX)
         rest = [n for n in names if os.path.join(d, n) not in want]
         toc = INDEX if os.path.join(d, SINGLE) not in want else f"{SINGLE} (which readers use instead of any index)"
         self.plain(d, [n for n in rest if _SHARD_NAME.match(n)], toc)
