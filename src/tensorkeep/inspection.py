@@ -292,9 +292,7 @@ class _Verifier:
 
     def toc(self, d: str, names: list[str], toc: str) -> bool:
         """Whether ``d`` holds ``toc`` as a regular file (opening a FIFO of that name would hang)."""
-        if toc in names and not os.path.isfile(os.path.join(d, toc)):
-            self.bad(os.path.join(d, toc), f"{d}: {toc} is not a regular file (a directory, a FIFO, a device?)")
-        return toc in names and os.path.isfile(os.path.join(d, toc))
+        return toc in names and self.regular(os.path.join(d, toc))
 
     def regular(self, path: str) -> bool:
         """Missing (reported by whoever checks it) or a regular file; anything else is reported here."""
