@@ -7,6 +7,7 @@ import json
 import os
 import struct
 import unicodedata
+import warnings
 
 import torch
 from click.testing import CliRunner
@@ -90,6 +91,21 @@ def test_verify_and_errors_escape_paths_and_messages(tmp):
     open(os.path.join(d, f"junk{EVIL}.tk"), "wb").write(b"\x10\x00\x00\x00\x00\x00\x00\x00{\x1b]0;x\x07\r}")
     r = _cli("inspect", os.path.join(d, f"junk{EVIL}.tk"))
     assert r.exit_code == 2 and r.output.startswith("error: ")
+
+
+def test_warnings_during_a_command_are_escaped_too(tmp, monkeypatch):
+    run = os.path.join(tmp, "run")
+    with tk.CheckpointManager(run) as mgr:
+        mgr.save(1, {"x": torch.ones(1)})
+    real = tk.list_checkpoints
+
+    def warns(*a, **k):  # stands for any warning that quotes a name from a file
+        warnings.warn(f"checkpoint has nothing for {EVIL}", stacklevel=2)
+        return real(*a, **k)
+
+    monkeypatch.setattr(tk, "list_checkpoints", warns)
+    r = _cli("ls", run)
+    assert r.exit_code == 0 and "UserWarning: checkpoint has nothing for \\x1b]0;pwned" in r.output, r.output
 
 
 def _handmade(path: str, name: str, meta: dict) -> None:

@@ -69,7 +69,8 @@ def test_intact_directories_with_foreign_non_tensor_files_verify(tmp):
 
 def test_each_missing_shard_is_damage_and_a_stale_one_still_is(tmp):
     d = _model_dir(tmp)
-    shutil.copy(os.path.join(d, "model-00001-of-00003.safetensors"), os.path.join(d, "model-00009-of-00009.safetensors"))
+    first = os.path.join(d, "model-00001-of-00003.safetensors")
+    shutil.copy(first, os.path.join(d, "model-00009-of-00009.safetensors"))
     os.remove(os.path.join(d, "model-00002-of-00003.safetensors"))
     os.remove(os.path.join(d, "model-00003-of-00003.safetensors"))
     text = _damaged(inspection.verify(d))

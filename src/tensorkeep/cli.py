@@ -8,6 +8,7 @@ import os
 import sys
 import tempfile
 import unicodedata
+import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -65,7 +66,9 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():  # warnings may quote a file too: printed escaped
+                warnings.showwarning = lambda msg, cat, *_, **__: click.echo(f"{cat.__name__}: {_safe(msg)}", err=True)
+                return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
             raise
         except Exception as e:  # noqa: BLE001 - the whole point: no traceback for users
