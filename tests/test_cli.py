@@ -147,7 +147,7 @@ def _run_with_checkpoints(tmp):
 
 def test_ls_marks_latest_best_damaged_and_uncommitted(tmp):
     rd = _run_with_checkpoints(tmp)
-    os.makedirs(os.path.join(rd, ".step_00000005.tk-tmp-1-ab"))
+    os.makedirs(os.path.join(rd, ".step_00000005.tk-tmp-1-0a1b2c3d"))
     model3 = os.path.join(rd, "step_00000003", "model.tk")
     with open(model3, "r+b") as f:
         f.truncate(os.path.getsize(model3) - 3)

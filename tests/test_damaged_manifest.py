@@ -72,3 +72,35 @@ def test_any_value_in_any_field_gives_a_manifest_or_a_format_error(key, value):
         layout.parse_manifest(json.dumps(m).encode(), "manifest.json")
     except tk.FormatError:
         pass
+
+
+def test_a_fifo_where_a_checkpoint_file_should_be_is_damage_not_a_hang(tmp):
+    import subprocess
+    import sys
+    import textwrap
+
+    with tk.CheckpointManager(tmp) as mgr:
+        mgr.save(1, {"v": torch.tensor(1.0)})
+        mgr.save(2, {"v": torch.tensor(2.0)})
+    victim = os.path.join(layout.step_dir(tmp, 2), "values.tk")
+    os.unlink(victim)
+    os.mkfifo(victim)  # opening it for reading would block until a writer comes: forever
+    code = textwrap.dedent(f"""
+        import warnings, torch, tensorkeep as tk
+        warnings.simplefilter("ignore")
+        print([(c.step, c.ok) for c in tk.list_checkpoints({tmp!r})])
+        with tk.CheckpointManager({tmp!r}) as mgr:
+            st = {{"v": torch.tensor(0.0)}}
+            print(mgr.restore(st), float(st["v"]))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:2] == ["[(1, True), (2, False)]", "1 1.0"], r.stdout
+
+
+@pytest.mark.parametrize("metrics", [{"\ud800": 1.0}, {"loss": "\ud800"}])
+def test_a_lone_surrogate_in_metrics_is_refused_and_nothing_is_written(tmp, metrics):
+    with tk.CheckpointManager(tmp) as mgr:
+        with pytest.raises((TypeError, ValueError), match="surrogate"):
+            mgr.save(1, {"x": 1}, metrics=metrics)
+        assert mgr.steps() == []

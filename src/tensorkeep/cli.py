@@ -16,6 +16,7 @@ import click
 
 import tensorkeep as tk
 from tensorkeep import inspection
+from tensorkeep.dtypes import TORCH_BY_NAME
 
 
 def _human(n: float) -> str:
@@ -184,7 +185,7 @@ def convert(src: str, dst: str, dtype: str | None, max_shard_size: str | None) -
     else:
         obj = tk.load(src)
     if dtype:
-        target = getattr(__import__("torch"), _DTYPES[dtype])
+        target = TORCH_BY_NAME[_DTYPES[dtype]]
         obj = _cast(obj, target)
     if max_shard_size:
         if not isinstance(obj, dict):
@@ -334,7 +335,7 @@ def prune(run_dir: str, keep_last: int | None, keep_best: str | None, keep_every
         policies.append(tk.EveryNSteps(keep_every))
     if not policies:
         raise click.UsageError("say what to keep: --keep-last, --keep-best and/or --keep-every")
-    with tk.CheckpointManager(run_dir) as mgr:
+    with tk.CheckpointManager(run_dir, read_only=dry_run) as mgr:  # a dry run takes no lock and changes nothing
         doomed = mgr.prune(policies, dry_run=dry_run)
         kept = mgr.steps() if not dry_run else [s for s in mgr.steps() if s not in doomed]
     verb = "would delete" if dry_run else "deleted"

@@ -237,6 +237,26 @@ def diagnose(first: Job, second: Job, reference: Job, rerun: Callable[[], Job]) 
                f"(something the checkpoint does not capture, e.g. a data loader's or another RNG's state)")
 
 
+_MARK = ".tensorkeep-demo"
+_OWN = ("run", "reference-run", "reference-again", "resumed.tk", "reference.tk", "reference-again.tk")
+
+
+def _fresh(d: str) -> None:
+    """Make ``d`` ready for a demo: only what an earlier demo made there (it marks the directory)
+    is removed; a directory the demo did not make is never touched."""
+    if os.path.lexists(d) and not os.path.isfile(os.path.join(d, _MARK)) and (not os.path.isdir(d) or os.listdir(d)):
+        sys.exit(f"{d} exists and was not made by the demo, so the demo leaves it alone: pass --dir NEW_DIR")
+    os.makedirs(d, exist_ok=True)
+    for n in _OWN:
+        p = os.path.join(d, n)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p)
+        elif os.path.lexists(p):
+            os.unlink(p)
+    with open(os.path.join(d, _MARK), "w") as f:
+        f.write("made by python -m tensorkeep.demo; it replaces only its own files here\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default="demo-run")
@@ -247,8 +267,7 @@ def main() -> None:
     if a.train:
         return train(*a.train, slow=a.slow, epochs=a.epochs)
     t0 = time.time()
-    shutil.rmtree(a.dir, ignore_errors=True)
-    os.makedirs(a.dir)
+    _fresh(a.dir)
     run, ref_run = os.path.join(a.dir, "run"), os.path.join(a.dir, "reference-run")
     resumed, reference = os.path.join(a.dir, "resumed.tk"), os.path.join(a.dir, "reference.tk")
 

@@ -50,6 +50,8 @@ def _ints(v: Any, n: int | None, what: str) -> tuple[int, ...]:
 def read_manifest(path: str) -> tuple[dict[str, Any], dict[str, Stored]]:
     """Read and validate ``distributed.json``: (the manifest, key -> :class:`Stored`)."""
     mpath = os.path.join(path, MANIFEST)
+    if os.path.exists(mpath) and not os.path.isfile(mpath):  # a FIFO would block open() forever
+        raise FormatError(f"{mpath}: not a regular file")
     try:
         with open(mpath, "rb") as f:
             raw = f.read(knobs.MAX_HEADER_BYTES + 1)

@@ -67,7 +67,8 @@ def describe_file(path: str) -> dict[str, Any]:
             flat = obj if isinstance(obj, dict) else {"tensor": obj}
             tensors = [
                 {"name": k, "dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape),
-                 "bytes": v.numel() * v.element_size(), "checksum": "none (torch file)"}
+                 "bytes": v.numel() * v.element_size(),
+                 "checksum": "zip crc32" if ptzip.is_zip(path) else "none (legacy torch file)"}
                 for k, v in flat.items() if isinstance(v, torch.Tensor)
             ]
             return {"path": path, "kind": "torch (weights-only)", "size": r.size, "tensors": tensors,
@@ -146,8 +147,10 @@ def _verify_file(path: str, threads: int, progress: Callable[[int], None] | None
         res.checked_files += 1
         if r.torch_pickle:
             try:
-                _torch_file(path, None, False)
-                res.notes.append(f"{path}: torch file, loads weights-only, carries no checksums")
+                _torch_file(path, None, False)  # a zip's CRC-32s are checked as it is read
+                res.checked_bytes += r.size
+                if not ptzip.is_zip(path):
+                    res.notes.append(f"{path}: legacy (non-zip) torch file, loads weights-only, carries no checksums")
             except TensorkeepError as e:
                 res.problems.append(Problem(path, str(e)))
             return None

@@ -225,6 +225,8 @@ def _shard_path(directory: str, fname: Any, index_path: str) -> str:
 
 
 def _read_index_json(index_path: str) -> dict[str, Any]:
+    if not os.path.isfile(index_path):  # a FIFO would block open() forever
+        raise FormatError(f"{index_path}: not a regular file")
     with open(index_path, "rb") as f:
         raw = f.read(100_000_001)
     if len(raw) > 100_000_000:

@@ -74,18 +74,28 @@ def clean_metrics(metrics: "dict[str, Any] | None", step: int) -> dict[str, Any]
     """
     out: dict[str, Any] = {}
     for k, v in (metrics or {}).items():
-        if type(k) is not str:
-            raise TypeError(f"checkpoint step {step}: metric names must be str, got {k!r}")
+        if type(k) is not str or not _utf8(k):
+            raise TypeError(f"checkpoint step {step}: metric names must be str (UTF-8, no lone surrogate), got {k!r}")
         if type(v) not in (str, bool, int, float) and callable(getattr(v, "item", None)):
             try:
                 v = v.item()  # a NumPy scalar, a 0-d array, a one-element tensor
             except (ValueError, RuntimeError):
                 pass
+        if isinstance(v, str) and not _utf8(v):
+            raise ValueError(f"checkpoint step {step}: metric {k!r} holds a lone surrogate, which UTF-8 cannot store")
         if v is not None and not isinstance(v, (str, bool, numbers.Real)):
             raise TypeError(f"checkpoint step {step}: metric {k!r} must be a number or a string, got "
                             f"{type(v).__name__}; pass e.g. float(value)")
         out[k] = v if v is None or isinstance(v, (str, bool, int, float)) else float(v)
     return out
+
+
+def _utf8(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _untag(v: Any) -> Any:
@@ -97,6 +107,8 @@ def _untag(v: Any) -> Any:
 def read_manifest(directory: str) -> Manifest:
     """Read and validate a checkpoint's manifest; :class:`FormatError` if it is missing or bad."""
     path = os.path.join(directory, MANIFEST)
+    if os.path.lexists(path) and not _io.is_regular_file(path):  # a FIFO would block open() forever
+        raise FormatError(f"{path}: not a regular file")
     try:
         with open(path, "rb") as f:
             raw = f.read(10_000_001)
@@ -184,10 +196,11 @@ def check_files(directory: str, m: Manifest) -> None:
     check: it reads a few bytes per file; ``tk.load`` verifies the data itself)."""
     for name, info in m.files.items():
         p = os.path.join(directory, name)
-        try:
-            size = os.path.getsize(p)
-        except OSError:
-            raise FormatError(f"{directory}: {name} is missing") from None
+        if not os.path.lexists(p):
+            raise FormatError(f"{directory}: {name} is missing")
+        if not _io.is_regular_file(p):  # a FIFO would block the read below forever
+            raise FormatError(f"{directory}: {name} is not a regular file")
+        size = os.path.getsize(p)
         if size != info["size"]:
             raise FormatError(f"{directory}: {name} is {size} bytes, the manifest says {info['size']} (truncated?)")
         want = info.get("crc32")
@@ -252,6 +265,9 @@ def replaceable(directory: str) -> set[str]:
         return set()
     if not _io.is_real_dir(directory):
         raise SaveError(errno.EEXIST, f"{directory} exists and is not a directory (a symlink?): not replaced")
+    if not _io.is_regular_file(os.path.join(directory, MANIFEST)):
+        raise SaveError(errno.EEXIST, f"{directory} exists and is not a checkpoint (it has no {MANIFEST}), so "
+                        "tensorkeep does not replace it. Fix: move it away (or delete it if you do not need it)")
     ours, foreign = own_names(directory)
     if foreign:
         raise foreign_error(directory, foreign, "replaced")

@@ -133,10 +133,11 @@ def check_packs(run: str, packs: dict[str, dict], where: str) -> None:
     """Every pack a checkpoint needs exists with its recorded size and header checksum."""
     for pack, info in packs.items():
         p = os.path.join(packs_dir(run), pack)
-        try:
-            size = os.path.getsize(p)
-        except OSError:
-            raise FormatError(f"{where}: needs {PACKS}/{pack}, which is missing") from None
+        if not os.path.lexists(p):
+            raise FormatError(f"{where}: needs {PACKS}/{pack}, which is missing")
+        if not _io.is_regular_file(p):  # a FIFO would block the read below forever
+            raise FormatError(f"{where}: {PACKS}/{pack} is not a regular file")
+        size = os.path.getsize(p)
         if size != info["size"] or stored_crc(p) != info["crc32"]:
             raise FormatError(f"{where}: {PACKS}/{pack} is not the pack this checkpoint refers to "
                               f"({size} bytes, the manifest says {info['size']}): damaged or replaced")
