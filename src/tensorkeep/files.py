@@ -289,6 +289,9 @@ def load(path: "str | os.PathLike[str]", *, device: Any = None, lazy: bool = Fal
     ``.pt``/``.pth``/``.bin`` files through ``torch.load(weights_only=True)`` only.
     ``lazy=True`` maps the file instead of reading it; ``verify`` checks every checksum (for a
     ``.pt``, the CRC-32 its zip archive stores for each entry, which torch itself ignores).
+    A mapped tensor is verified once, when mapped; its pages stay backed by the file, so another
+    program editing the file in place later changes it, and truncating the file kills the process
+    with SIGBUS when such a page is touched. Use the default ``lazy=False`` when that can happen.
 
     >>> import torch, tensorkeep as tk
     >>> tk.save([torch.arange(4), torch.zeros(4)], "/tmp/tk-doc-x-files")
@@ -416,7 +419,8 @@ class SafeOpen:
 
         ``lazy=True`` maps it instead, like ``tk.load(lazy=True)``: no copy, and the checksums
         are checked through the mapping (skip that too with ``verify=False``). The tensor stays
-        valid after the file is closed; writes to it never reach the file.
+        valid after the file is closed; writes to it never reach the file. It is verified once:
+        see :func:`load` for what a mapping cannot protect against (a file changed in place).
 
         >>> import torch, tensorkeep as tk
         >>> tk.save({"w": torch.ones(3), "b": torch.zeros(2)}, "/tmp/tk-doc-get.tk")

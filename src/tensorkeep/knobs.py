@@ -13,7 +13,8 @@ size; header JSON nested deeper than Python's recursion limit is refused (a vali
 levels deep, a structure record at most ``MAX_DEPTH`` levels).
 """
 
-#: Header size cap, as in safetensors (100 MB). Larger headers are refused unread.
+#: Header size cap, as in safetensors (100 MB). Larger headers are refused unread; also the
+#: largest DCP ``.metadata`` file and sharded-model index that are read.
 MAX_HEADER_BYTES = 100_000_000
 #: Most tensors one file may hold. Loading costs about 1.5 KB and 40 us per tensor (250,000 empty
 #: tensors: ~0.4 GB over the interpreter, ~10 s on 2 cores); more are refused before the header is parsed.
@@ -22,9 +23,12 @@ MAX_TENSORS = 250_000
 #: (counted as the ',', ':', '[' and '{' outside strings, before json builds anything). Python
 #: builds an object of up to ~200 bytes for each however short it is in the file, so this, not the
 #: header size, bounds a header's memory (at most ~1 GB at the 100 MB cap, instead of ~4 GB).
-#: 20 per tensor: enough for MAX_TENSORS tensors of up to 8 dimensions.
+#: 20 per tensor: enough for MAX_TENSORS tensors of up to 8 dimensions. Also the most pickle
+#: opcodes, and the largest value counting shared parts at each use, in a DCP ``.metadata``
+#: (about 70 opcodes per chunk: ~70,000 chunks by default; raise it for a larger DCP directory).
 MAX_JSON_VALUES = 5_000_000
-#: Deepest nesting of a saved structure (dicts/lists/tuples inside each other).
+#: Deepest nesting of a saved structure (dicts/lists/tuples inside each other), and of the values
+#: in a DCP ``.metadata``.
 MAX_DEPTH = 100
 #: Most dimensions a tensor may have.
 MAX_NDIM = 64
