@@ -374,3 +374,22 @@ def test_object_storage_cleanup_deletes_only_tensorkeeps_objects():
             assert mgr.steps()[-1] == 4
     for k, v in foreign.items():
         assert fs.cat_file(k) == v, f"{k} was deleted or changed"
+
+
+def test_the_demo_replaces_only_what_an_earlier_demo_made(tmp):
+    from tensorkeep import demo
+
+    mine = os.path.join(tmp, "mine")
+    os.makedirs(mine)
+    with open(os.path.join(mine, "thesis.tex"), "w") as f:
+        f.write("years of work")
+    with pytest.raises(SystemExit, match="was not made by the demo"):
+        demo._fresh(mine)
+    assert os.listdir(mine) == ["thesis.tex"]
+    d = os.path.join(tmp, "demo-run")
+    demo._fresh(d)
+    os.makedirs(os.path.join(d, "run", "step_00000001"))
+    with open(os.path.join(d, "notes.txt"), "w") as f:
+        f.write("mine")
+    demo._fresh(d)  # a second demo: its own entries go, the rest stays
+    assert sorted(os.listdir(d)) == [".tensorkeep-demo", "notes.txt"]
