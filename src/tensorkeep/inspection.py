@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import _io, sharded
+from . import _io, ptzip, sharded
 from .checkpoint import layout, packs
 from .dist_load import read_manifest as dist_read
 from .distributed import MANIFEST as dist_manifest
