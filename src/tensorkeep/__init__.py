@@ -17,6 +17,7 @@ from .distributed import save_distributed
 from .dist_load import load_distributed
 from .dcp import convert_dcp
 from .checkpoint import BestN, CheckpointInfo, CheckpointManager, EveryNSteps, LatestN, keep_rng, list_checkpoints
+from .checkpoint import SampleRNG, seeded
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,7 @@ __all__ = [
     "load_into", "LoadReport", "save_model", "load_model", "save_sharded",
     "save_distributed", "load_distributed", "convert_dcp",
     "CheckpointManager", "list_checkpoints", "CheckpointInfo", "LatestN", "BestN", "EveryNSteps", "keep_rng",
+    "SampleRNG", "seeded",
     "TensorkeepError", "FormatError", "ChecksumError", "LimitError", "MismatchError", "UntrustedModelError",
     "CheckpointNotFoundError", "LockedError", "SaveError", "StorageError", "UnsafePickleError",
 ]

@@ -5,6 +5,12 @@ owner dies, even by SIGKILL, so a stale lock is simply one nobody holds and is t
 That also survives pid reuse (a restarted container often gets the same pid as the job it
 replaces). The file's content (pid, host) is only for the error message. On a file system
 without ``flock`` the pid in the file decides: a lock whose pid is gone from this host is stale.
+
+Only the process that took the lock holds it. A forked child (a DataLoader worker,
+``multiprocessing`` with fork, ``os.fork``) inherits the descriptor, and with it a reference to
+the locked open file description: the lock would outlive its owner by as long as the child
+lives, and a restart right after a crash would be refused. So every child closes its copies
+at once (:func:`_drop_in_child`); the parent's descriptor keeps the lock.
 """
 
 from __future__ import annotations
@@ -14,12 +20,32 @@ import fcntl
 import json
 import os
 import socket
+import weakref
 
 from .. import _io
 from ..errors import LockedError
 
 LOCK_NAME = ".tensorkeep.lock"
+_HELD: "weakref.WeakSet[RunLock]" = weakref.WeakSet()  # this process's held locks, for _drop_in_child
 
+
+def _drop_in_child() -> None:
+    """In a forked child: close the inherited lock descriptors and forget the locks.
+
+    An ``flock`` belongs to the open file description, which parent and child share: it is
+    released when the last descriptor on it closes. Closing the child's copy drops only the
+    child's reference, so the parent keeps its lock and the child never prolongs it. The child
+    must not release (unlink) the parent's lock file either: it no longer holds the lock."""
+    for lock in list(_HELD):
+        fd, lock._fd, lock.held = lock._fd, -1, False
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_in_child)
 
 
 class RunLock:
@@ -76,6 +102,7 @@ class RunLock:
                 os.close(fd)
                 raise
             self._fd, self.held = fd, True
+            _HELD.add(self)
             return
         raise LockedError(f"could not take the lock {self.path}: it keeps being replaced by another process")
 
@@ -111,6 +138,7 @@ class RunLock:
         """Remove the lock file, then drop the lock (in this order, see the inode check in acquire)."""
         if self.held:
             self.held = False
+            _HELD.discard(self)
             try:
                 _io.unlink(self.path)
             except OSError as e:

@@ -76,6 +76,7 @@ class CheckpointManager:
         incremental: bool = False,
         read_only: bool = False,
     ) -> None:
+        self._pid = os.getpid()  # the process it belongs to: a forked child gets an error, not a hang
         directory = os.fspath(directory)
         if is_url(directory):  # file:// is a local path; anything else is object storage (objects.py)
             directory = local_path(directory) or directory
@@ -474,10 +475,11 @@ class CheckpointManager:
     def _hook_optimizer_steps(self) -> None:
         """Make every optimizer.step() wait until a lazy snapshot has copied what it would change."""
         if self._step_hook is None:
-            copied = self._copied  # not self: the hook must not keep the manager alive
+            copied, pid = self._copied, self._pid  # not self: the hook must not keep the manager alive
 
             def wait_for_copy(opt: Any, args: Any, kwargs: Any) -> None:
-                copied.wait()
+                if os.getpid() == pid:  # a forked child's copy of the event is never set: nothing to wait for
+                    copied.wait()
 
             self._step_hook = register_optimizer_step_pre_hook(wait_for_copy)
 
@@ -487,6 +489,7 @@ class CheckpointManager:
         An error of that background save (disk full, ...) is raised here — or by the next
         ``save()`` or ``close()``, which wait first — and that checkpoint was not published.
         """
+        self._check_process()
         if self._pending is None:
             return
         step, fut = self._pending
@@ -498,6 +501,9 @@ class CheckpointManager:
     def close(self) -> None:
         """Finish the save in flight, release the run directory's lock (raises a pending save's error)."""
         if self._closed:
+            return
+        if os.getpid() != self._pid:  # a forked child's copy: the lock and the save in flight are the parent's
+            self._closed = True
             return
         try:
             self.wait()
@@ -512,7 +518,16 @@ class CheckpointManager:
                     signal.signal(s, h)
             self._lock.release()
 
+    def _check_process(self) -> None:
+        if os.getpid() != self._pid:
+            raise TensorkeepError(
+                f"this CheckpointManager for {self.directory} belongs to process {self._pid}, not to this one "
+                f"({os.getpid()}), a child forked from it (a DataLoader worker, multiprocessing with fork, os.fork): "
+                "the child holds neither the run's lock nor the parent's save in flight. Fix: save and restore in "
+                "the parent process only")
+
     def _check_open(self, writing: bool = False) -> None:
+        self._check_process()
         if self._closed:
             raise TensorkeepError(f"this CheckpointManager for {self.directory} is closed")
         if writing and self.read_only:
@@ -550,7 +565,7 @@ def _changed_only_by_optimizers(state: Mapping[str, Any]) -> frozenset[int]:
 def _finish_at_exit(ref: "weakref.ref[CheckpointManager]") -> None:
     """At interpreter exit, finish an asynchronous save still in flight, or say loudly that it failed."""
     mgr = ref()
-    if mgr is None or mgr._pending is None:
+    if mgr is None or mgr._pending is None or mgr._pid != os.getpid():  # a forked child: the parent's save
         return
     step = mgr._pending[0]
     try:
