@@ -225,8 +225,10 @@ class ObjectRun:
         info = {p: i for mf in manifests for p, i in mf.packs.items()}
         with ThreadPoolExecutor(max(1, knobs.IO_THREADS), thread_name_prefix="tk-hash") as pool:
             parts, by_hash, sizes = packs.split(payload, pool)
-        new = {h: x for h, x in by_hash.items() if h not in known}
-        where, written_bytes = dict(known), 0
+        stored = self.store.list(f"{packs.PACKS}/") if known else {}
+        where = packs.reusable(known, by_hash, lambda pack: self._locate_pack(pack, info.get(pack), stored), self.url)
+        new = {h: x for h, x in by_hash.items() if h not in where}
+        written_bytes = 0
         if new:
             pack = f"{step:08d}-{token}.tk"
             written.append(f"{packs.PACKS}/{pack}")
@@ -237,6 +239,18 @@ class ObjectRun:
             part["tensors"] = {leaf: [h, where[h]] for leaf, h in part["tensors"].items()}
         used = sorted({p for part in parts.values() for _, p in part["tensors"].values()})
         return parts, {p: info[p] for p in used}, written_bytes, sum(sizes.values())
+
+    def _locate_pack(self, pack: str, info: dict | None, stored: dict[str, int]) -> tuple[str, tuple]:
+        """A pack's URL and identity (size, header checksum), once it is as a committed manifest recorded it."""
+        key = f"{packs.PACKS}/{pack}"
+        if info is None:
+            raise FormatError(f"{self.url}: no committed checkpoint records the size and checksum of {key}")
+        if key not in stored:
+            raise FormatError(f"{self.url}: needs {key}, which is missing")
+        if stored[key] != info["size"] or self._head_crc(key) != info["crc32"]:
+            raise FormatError(f"{self.url}: {key} is not the pack the checkpoints refer to ({stored[key]} bytes, "
+                              f"the manifests say {info['size']}): damaged or replaced")
+        return self.store.url_of(key), (info["size"], info["crc32"])
 
     def _forget(self, keys: Iterable[str]) -> None:
         """Best-effort delete (the store may be unreachable: the next manager's clean() retries)."""

@@ -6,7 +6,10 @@
       step_00002000/manifest.json     structure of each part + {tensor: [hash, pack]} + packs it needs
 
 A tensor whose content hash a kept checkpoint already holds is not written again: frozen
-layers of a fine-tuning run are written by the first checkpoint only. A pack is deleted
+layers of a fine-tuning run are written by the first checkpoint only. A save refers to a pack
+only after checking it (:func:`reusable`): its size and header checksum, and the checksums of
+the tensors it reuses from it (once per process while the file is unchanged). A pack that is
+missing or damaged is treated as absent: what the save needs from it is written again. A pack is deleted
 only when no committed manifest refers to it, and manifests are deleted first, so a crash
 during cleanup leaves unreferenced packs (removed by the next cleanup), never a checkpoint
 whose data is gone. A pack written by a save that crashed before its manifest is likewise
@@ -18,15 +21,17 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 
 from .. import _io, knobs
-from ..errors import FormatError, SaveError
-from ..files import SafeOpen
+from ..errors import FormatError, SaveError, StorageError
+from ..files import SafeOpen, _Reader
 from ..format import TK_PREFIX, stored_crc
 from ..storage import is_url
 from ..tree import flatten, unflatten
@@ -101,14 +106,16 @@ def index(manifests: list[Manifest]) -> dict[str, str]:
 
 def save_parts(run: str, step: int, payload: dict[str, tuple[str, str, Any]], known: dict[str, str],
                durable: bool) -> tuple[dict[str, dict], dict[str, dict], int, int]:
-    """Write the tensors of ``payload`` that ``known`` does not hold into one new pack.
+    """Write the tensors of ``payload`` that ``known`` (hash -> pack, see :func:`index`) does not
+    hold, or holds in a pack that fails its checks (:func:`reusable`), into one new pack.
 
     Returns the manifest's ``parts`` and ``packs`` entries, the bytes written and the bytes held.
     """
     with ThreadPoolExecutor(max(1, knobs.IO_THREADS), thread_name_prefix="tk-hash") as pool:
         parts, by_hash, sizes = split(payload, pool)
-    new = {h: x for h, x in by_hash.items() if h not in known}
-    where = dict(known)
+    infos = {p: i for m in committed(run) or [] for p, i in m.packs.items()}
+    where = reusable(known, by_hash, lambda pack: _locate(run, pack, infos.get(pack)), run=run)
+    new = {h: x for h, x in by_hash.items() if h not in where}
     written = 0
     if new:
         if os.path.lexists(packs_dir(run)) and not _io.is_real_dir(packs_dir(run)):
@@ -116,17 +123,110 @@ def save_parts(run: str, step: int, payload: dict[str, tuple[str, str, Any]], kn
                             "run's packs only inside the run directory. Fix: move it away")
         _io.makedirs(packs_dir(run), durable)
         pack = f"{step:08d}-{os.urandom(4).hex()}.tk"
-        path = os.path.join(packs_dir(run), pack)
-        write(new, path, {}, durable)  # temp file + fsync + rename + directory fsync
-        written = os.path.getsize(path)
+        size, crc = write(new, os.path.join(packs_dir(run), pack), {}, durable)  # temp file + fsync + rename + dir fsync
+        infos[pack], written = {"size": size, "crc32": crc}, size
         where.update((h, pack) for h in new)
     for part in parts.values():
         part["tensors"] = {leaf: [h, where[h]] for leaf, h in part["tensors"].items()}
-    packs = {}
-    for pack in sorted({p for part in parts.values() for _, p in part["tensors"].values()}):
-        p = os.path.join(packs_dir(run), pack)
-        packs[pack] = {"size": os.path.getsize(p), "crc32": stored_crc(p)}
-    return parts, packs, written, sum(sizes.values())
+    used = sorted({p for part in parts.values() for _, p in part["tensors"].values()})
+    return parts, {p: infos[p] for p in used}, written, sum(sizes.values())
+
+
+# pack path or URL -> (the file's identity, hashes of the tensors in it this process verified)
+_verified: dict[str, tuple[tuple, set[str]]] = {}
+_verified_lock = threading.Lock()
+
+
+def _locate(run: str, pack: str, info: dict | None) -> tuple[str, tuple]:
+    """A local pack's path and identity (device, inode, size, times), once it passes
+    :func:`check_packs` against what a committed manifest recorded of it."""
+    if info is None:
+        raise FormatError(f"{run}: no committed checkpoint records the size and checksum of {PACKS}/{pack}")
+    check_packs(run, {pack: info}, run)
+    p = os.path.abspath(os.path.join(packs_dir(run), pack))
+    return p, _identity(p)
+
+
+def _identity(path: str) -> tuple:
+    """What changes when a file is replaced or written to (a flipped bit by the disk itself does not:
+    that is found by restore, which verifies everything it reads)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def mark_verified(path: str, ident: tuple, hashes: Iterable[str]) -> None:
+    """Record that the tensors ``hashes`` of the pack at ``path`` (a path or URL whose identity is
+    ``ident``) were read and verified by this process: :func:`reusable` need not read them again."""
+    with _verified_lock:
+        seen = _verified.get(path)
+        if seen is None or seen[0] != ident:
+            seen = _verified[path] = (ident, set())
+        seen[1].update(hashes)
+
+
+def _verify(path: str, ident: tuple, hashes: list[str]) -> None:
+    """Check the tensors ``hashes`` of one pack (those this process has not verified in this very
+    file), streaming through one buffer of ``knobs.TASK_BYTES``: no tensor is allocated whole."""
+    with _verified_lock:
+        seen = _verified.get(path)
+        done = seen[1] if seen is not None and seen[0] == ident else set()
+        todo = [h for h in hashes if h not in done]
+    if not todo:
+        return
+    from ..remote import open_reader
+
+    r = open_reader(path) if is_url(path) else _Reader(path)
+    try:
+        if r.torch_pickle or r.crcs is None:
+            raise FormatError(f"{path}: not a tensorkeep pack (no checksums)")
+        span = max(1, knobs.TASK_BYTES // r.block) * r.block
+        buf = np.empty(span, np.uint8)
+        for h in todo:
+            if h not in r.header.tensors:
+                raise FormatError(f"{path}: does not hold tensor {h[:12]}…, which a checkpoint puts there")
+            n = r.header.tensors[h].nbytes
+            for at in range(0, max(n, 1), span):
+                r.read_verified(h, buf[: min(span, n - at)], at // r.block, True)
+    finally:
+        r.close()
+    mark_verified(path, ident, todo)
+
+
+def reusable(known: dict[str, str], wanted: Iterable[str], locate: Callable[[str], tuple[str, tuple]],
+             run: str) -> dict[str, str]:
+    """The entries of ``known`` (hash -> pack) for the hashes in ``wanted`` that a new checkpoint may
+    refer to instead of writing them: ``locate(pack)`` checks the pack's size and header checksum
+    against the manifests (raising FormatError/OSError) and returns its path or URL and identity,
+    then each tensor reused from it is verified, once per process while that identity holds.
+
+    A pack that fails is left out, with a warning naming it: the save writes those tensors again
+    (a damaged pack must never be the only copy of a new checkpoint's data).
+
+    >>> reusable({}, ["ab12"], lambda pack: ("", ()), run="run")
+    {}
+    """
+    by_pack: dict[str, list[str]] = {}
+    for h in wanted:
+        if h in known:
+            by_pack.setdefault(known[h], []).append(h)
+    out: dict[str, str] = {}
+    for pack, hashes in sorted(by_pack.items()):
+        try:
+            path, ident = locate(pack)
+            _verify(path, ident, hashes)
+        except StorageError:
+            raise  # the store is unreachable: that says nothing about the pack
+        except (FormatError, OSError) as e:
+            warnings.warn(f"{run}: {PACKS}/{pack} is not reused: {e}. The {len(hashes)} tensor(s) this checkpoint "
+                          f"needs from it are written again; the older checkpoints that need {PACKS}/{pack} are "
+                          "damaged (restore skips them)", stacklevel=3)
+            continue
+        out.update((h, pack) for h in hashes)
+    live, prefix = set(known.values()), (os.path.abspath(packs_dir(run)) + os.sep, f"{run}/{PACKS}/")
+    with _verified_lock:  # forget the packs of this run that no checkpoint refers to any more
+        for k in [k for k in _verified if k.startswith(prefix) and k.rsplit("/", 1)[-1] not in live]:
+            del _verified[k]
+    return out
 
 
 def check_packs(run: str, packs: dict[str, dict], where: str) -> None:
@@ -150,7 +250,9 @@ def load_parts(run: str, parts: dict[str, dict], packs: dict[str, dict], where: 
     remote = is_url(run)
     if not remote:
         check_packs(run, packs, where)
-    opened = {pack: SafeOpen(f"{run}/{PACKS}/{pack}" if remote else os.path.join(packs_dir(run), pack)) for pack in packs}
+    where_is = {pack: f"{run}/{PACKS}/{pack}" if remote else os.path.join(packs_dir(run), pack) for pack in packs}
+    ident = {pack: (info["size"], info["crc32"]) if remote else _identity(where_is[pack]) for pack, info in packs.items()}
+    opened = {pack: SafeOpen(where_is[pack]) for pack in packs}
     try:
         out = {}
         for name, part in parts.items():
@@ -162,6 +264,7 @@ def load_parts(run: str, parts: dict[str, dict], packs: dict[str, dict], where: 
                     raise FormatError(f"{where}: tensor {leaf!r} of {name!r} should be {h[:12]}… in {PACKS}/{pack}, "
                                       "which does not hold it")
                 x = opened[pack].get(h)
+                mark_verified(where_is[pack] if remote else os.path.abspath(where_is[pack]), ident[pack], [h])  # a save after restore() need not read it again
                 if kind == "t":
                     return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
                 return x.numpy() if isinstance(x, torch.Tensor) else x
@@ -181,7 +284,7 @@ def _own_pack(d: str, name: str) -> bool:
         return False
     t = _io.temp_of(name)
     if t is not None:
-        return bool(PACK_RE.match(t[0])) and _io.is_stale_temp(name)
+        return bool(PACK_RE.match(t[0])) and _io.is_stale_temp(name, d)
     if not PACK_RE.match(name):
         return False
     with open(p, "rb") as f:

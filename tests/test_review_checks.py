@@ -1,0 +1,144 @@
+"""Fixes from the second adversarial review of issue 14: checks that really check.
+
+- an incremental save refers to a committed pack only after checking it (a damaged or missing
+  pack is treated as absent: its tensors are written again, with a warning naming it);
+- ``async_save="lazy"`` and parameters changed through ``.data``;
+- ``tensorkeep verify`` on what it cannot read: a model file that is a dangling symlink or a
+  directory, a DCP directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+import warnings
+
+import pytest
+import torch
+
+import tensorkeep as tk
+from tensorkeep import storage
+from tensorkeep.checkpoint import packs
+
+
+def _net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Linear(64, 64)
+
+
+def _flip(path: str, at: int = -5) -> None:
+    """Flip one bit of a file in place (bit rot in a tensor's bytes)."""
+    with open(path, "r+b") as f:
+        f.seek(at, os.SEEK_END if at < 0 else os.SEEK_SET)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 1]))
+
+
+def _only_pack(run: str) -> str:
+    (name,) = os.listdir(packs.packs_dir(run))
+    return os.path.join(packs.packs_dir(run), name)
+
+
+def _restores_exactly(run: str, net: torch.nn.Module, step: int) -> None:
+    fresh = torch.nn.Linear(64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no checkpoint may be skipped as damaged
+        with tk.CheckpointManager(run, incremental=True) as mgr:
+            assert mgr.restore({"model": fresh}) == step
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), net.state_dict().values()))
+    assert all(c.status == "ok" for c in tk.list_checkpoints(run, verify=True))
+
+
+# ------------------------------------------------------------------ incremental: reuse only checked packs
+
+
+@pytest.mark.parametrize("damage", ["bit rot", "deleted", "truncated", "a directory"])
+def test_a_damaged_or_missing_pack_is_not_reused(tmp, damage):
+    run, net = os.path.join(tmp, "run"), _net()
+    with tk.CheckpointManager(run, keep_last=2, incremental=True) as mgr:
+        mgr.save(1, {"model": net})
+    pack = _only_pack(run)
+    if damage == "bit rot":
+        _flip(pack)
+    elif damage == "deleted":
+        os.unlink(pack)
+    elif damage == "truncated":
+        os.truncate(pack, os.path.getsize(pack) - 1)
+    else:
+        os.unlink(pack)
+        os.mkdir(pack)
+    with tk.CheckpointManager(run, keep_last=2, incremental=True) as mgr:
+        with pytest.warns(UserWarning, match=f"{os.path.basename(pack)} is not reused"):
+            mgr.save(2, {"model": net})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # written once, fresh: the next saves reuse the new pack silently
+            mgr.save(3, {"model": net})
+            mgr.save(4, {"model": net})
+        assert mgr.steps() == [3, 4]
+    _restores_exactly(run, net, 4)
+
+
+def test_a_pack_replaced_after_it_was_verified_is_checked_again(tmp):
+    run, net = os.path.join(tmp, "run"), _net()
+    with tk.CheckpointManager(run, incremental=True) as mgr:
+        mgr.save(1, {"model": net})
+        mgr.save(2, {"model": net})  # reuses (and verifies) the first pack
+        pack = _only_pack(run)
+        shutil.copy(pack, pack + ".new")  # same header, same size, one tensor bit flipped: a restored backup gone bad
+        _flip(pack + ".new")
+        os.replace(pack + ".new", pack)
+        with pytest.warns(UserWarning, match="is damaged"):
+            mgr.save(3, {"model": net})
+    fresh = torch.nn.Linear(64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with tk.CheckpointManager(run, incremental=True) as mgr:
+            assert mgr.restore({"model": fresh}) == 3
+    assert torch.equal(fresh.weight, net.weight)
+    assert [c.status == "ok" for c in tk.list_checkpoints(run, verify=True)] == [False, False, True]
+
+
+def test_reused_tensors_are_read_once_per_process(tmp, monkeypatch):
+    """Verifying what a save reuses costs one read per pack and process, not one per save; and none
+    after restore(), which verified the same tensors."""
+    opened = []
+    real = packs._Reader
+    monkeypatch.setattr(packs, "_Reader", lambda path: opened.append(path) or real(path))
+    run, net = os.path.join(tmp, "run"), _net()
+    with tk.CheckpointManager(run, incremental=True) as mgr:
+        for step in range(1, 5):
+            mgr.save(step, {"model": net})
+    assert len(opened) == 1  # save 2 verified the tensors it reused from save 1's pack; saves 3, 4 did not read
+    opened.clear()
+    packs._verified.clear()  # as in a new process
+    with tk.CheckpointManager(run, incremental=True) as mgr:
+        assert mgr.restore({"model": torch.nn.Linear(64, 64)}) == 4
+        mgr.save(5, {"model": net})
+    assert opened == []
+
+
+@pytest.mark.parametrize("damage", ["bit rot", "deleted"])
+def test_object_storage_does_not_reuse_a_damaged_or_missing_pack(damage):
+    run, net = f"memory://tk-tests/{uuid.uuid4().hex[:8]}", _net()
+    with tk.CheckpointManager(run, keep_last=2, incremental=True) as mgr:
+        mgr.save(1, {"model": net})
+    store = storage.Store(run)
+    (key,) = store.list("packs/")
+    if damage == "deleted":
+        store.delete([key])
+    else:
+        data = bytearray(store.read(key))
+        data[-5] ^= 1
+        store.write(key, [bytes(data)], len(data))
+    with tk.CheckpointManager(run, keep_last=2, incremental=True) as mgr:
+        with pytest.warns(UserWarning, match=f"{key} is not reused"):
+            mgr.save(2, {"model": net})
+        mgr.save(3, {"model": net})
+    fresh = torch.nn.Linear(64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with tk.CheckpointManager(run, incremental=True) as mgr:
+            assert mgr.restore({"model": fresh}) == 3
+    assert torch.equal(fresh.weight, net.weight)
