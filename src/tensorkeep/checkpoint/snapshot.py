@@ -100,7 +100,13 @@ class Staging:
 
     def copy_deferred(self) -> list[tuple]:
         """Copy the tensors the last :meth:`snapshot` deferred. Returns the paths of those whose
-        version counter moved (changed in place: the copy may mix old and new values)."""
+        version counter moved (changed in place: the copy may mix old and new values).
+
+        Writes that bypass autograd's version counter cannot be seen: ``p.data.mul_(0)`` (``.data``
+        is a new tensor with its own counter over the same storage), a NumPy view, ``untyped_storage()``.
+        Storage has no counter, and any exact check would read every byte inside ``save()``, which is
+        what ``async_save=True`` does anyway (its copy: ~100 ms per 500 MB on one core). So with
+        ``async_save="lazy"`` such writes are unsupported until ``wait()``: the manager's docs say so."""
         changed = []
         with torch.no_grad():
             for buf, x, version, path in self._later:
