@@ -17,6 +17,7 @@ import ranks
 import tensorkeep as tk
 from tensorkeep.dist_load import Checkpoint
 from tensorkeep.dist_plan import Chunk, Held, ReadItem, plan_read, plan_save, shard_box
+from tensorkeep import distributed
 from tensorkeep.distributed import MANIFEST
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -161,9 +162,20 @@ def test_bad_manifests_are_refused(tmp):
 
     def refused(edit, match):
         m = json.loads(json.dumps(good))
+        m.pop("crc32")
         edit(m)
-        json.dump(m, open(mpath, "w"))
+        with open(mpath, "wb") as f:
+            f.write(distributed.sealed_json(m))  # a forged manifest, its checksum made to match
         with pytest.raises(tk.FormatError, match=match):
+            tk.load(path)
+
+    raw = open(mpath, "rb").read()
+    for at in range(0, len(raw), 7):  # bit rot anywhere: damage, never a wrong load
+        bad = bytearray(raw)
+        bad[at] ^= 0x10
+        with open(mpath, "wb") as f:
+            f.write(bad)
+        with pytest.raises(tk.FormatError):
             tk.load(path)
 
     refused(lambda m: m["tensors"]["w"]["chunks"][0].update(sizes=[5, 4]), "hold 20 of its 24 elements")

@@ -25,6 +25,8 @@ from . import knobs
 from .errors import SaveError
 
 TMP_MARK = ".tk-tmp-"
+#: Suffix of the base name under which replace_dir parks a directory it is replacing (see there).
+REPLACED = ".replaced"
 #: Every temporary name tensorkeep makes: ``.<name>.tk-tmp-<pid>-<8 hex>`` (see :func:`tmp_path`).
 #: Cleanup removes only names of this shape (and, elsewhere, names listed in its own manifests).
 _TMP_RE = re.compile(r"^\.(?P<base>.+)\.tk-tmp-(?P<pid>\d{1,10})-[0-9a-f]{8}$", re.S)
@@ -59,10 +61,33 @@ def temp_of(name: str) -> tuple[str, int] | None:
     return (m.group("base"), int(m.group("pid"))) if m else None
 
 
-def is_stale_temp(name: str) -> bool:
-    """A temporary name of a tensorkeep process that no longer runs on this host."""
+def is_stale_temp(name: str, directory: str | None = None) -> bool:
+    """A temporary name of a tensorkeep process that no longer runs on this host. With
+    ``directory``, a temporary *file* must also be unlocked: its writer holds a shared ``flock`` on
+    it, which a live writer in another PID namespace (another container on the same volume) keeps."""
     t = temp_of(name)
-    return t is not None and t[1] != os.getpid() and not pid_alive(t[1])
+    if t is None or t[1] == os.getpid() or pid_alive(t[1]):
+        return False
+    return directory is None or not _locked(os.path.join(directory, name))
+
+
+def _locked(path: str) -> bool:
+    """Whether another open file description holds an ``flock`` on this regular file."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True  # held (or flock unsupported: then keep it, being unsure)
+    finally:
+        os.close(fd)
 
 
 def pid_alive(pid: int) -> bool:
@@ -84,7 +109,7 @@ def remove_stale_temps(path: str) -> None:
     """
     d, base = os.path.split(os.path.abspath(path))
     try:
-        names = [n for n in os.listdir(d) if (temp_of(n) or ("",))[0] == base and is_stale_temp(n)]
+        names = [n for n in os.listdir(d) if (temp_of(n) or ("",))[0] == base and is_stale_temp(n, d)]
     except OSError:
         return
     for n in names:
@@ -175,8 +200,8 @@ def replace_dir(src: str, dst: str, durable: bool = True, names: "set[str] | fro
     elif _exchange(src, dst):
         fsync_dir(parent)
         remove_own_dir(src, names)  # now holds the old directory
-    else:  # no RENAME_EXCHANGE: a crash between these renames leaves dst missing but both copies on disk
-        old = tmp_path(dst)
+    else:  # no RENAME_EXCHANGE: a crash between these renames leaves dst missing, and the old directory
+        old = tmp_path(dst + REPLACED)  # under a name that says so: the next open puts it back
         rename(dst, old)
         rename(src, dst)
         fsync_dir(parent)
@@ -278,6 +303,16 @@ def atomic_file(path: str, *, durable: bool = True, direct: bool = False, in_pla
     directory fsync: for files inside a directory that is itself published by a rename later.
     """
     if not in_place:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        except OSError as e:
+            raise _save_error(e, path, "looking at the target") from e
+        if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            raise SaveError(errno.EEXIST, f"could not save {path}: it exists and is not a regular file (a device, "
+                            "a FIFO, a socket or a directory), so tensorkeep does not replace it. Fix: save to a "
+                            "file path. The existing entry is untouched")
         remove_stale_temps(path)
     tmp = path if in_place else tmp_path(path)
     step = "creating a temporary file"
@@ -289,6 +324,8 @@ def atomic_file(path: str, *, durable: bool = True, direct: bool = False, in_pla
             if not direct or e.errno != errno.EINVAL:
                 raise
             fd = open_new(tmp, False)  # this file system refuses O_DIRECT: buffered fallback
+        if temp_of(os.path.basename(tmp)):
+            _hold(fd)
         step = "writing"
         yield fd
         if durable:
@@ -315,6 +352,16 @@ def atomic_file(path: str, *, durable: bool = True, direct: bool = False, in_pla
         if isinstance(e, OSError) and not isinstance(e, SaveError):
             raise _save_error(e, path, step, replaced) from e
         raise
+
+
+def _hold(fd: int) -> None:
+    """A shared ``flock`` on a temp file while it is written: :func:`is_stale_temp` leaves it alone."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        pass  # no flock here: the pid in the name is all there is
 
 
 def fd_is_direct(fd: int) -> bool:

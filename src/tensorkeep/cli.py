@@ -276,7 +276,10 @@ def ls_cmd(run_dir: str, best_spec: str | None, deep: bool, plot: str | None, as
         return
     rows = []
     for c in infos:
-        when = datetime.datetime.fromtimestamp(c.time).strftime("%Y-%m-%d %H:%M:%S") if c.time else "-"
+        try:
+            when = datetime.datetime.fromtimestamp(c.time).strftime("%Y-%m-%d %H:%M:%S") if c.time else "-"
+        except (ValueError, OverflowError, OSError):  # a time this platform cannot show
+            when = "?"
         tags = [t for t, on in (("latest", c.ok and c.step == latest), ("best", c.ok and c.step == best)) if on]
         status = c.status if c.ok else c.status.split(":")[0].upper()
         metrics = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in c.metrics.items())

@@ -244,7 +244,9 @@ _OWN = ("run", "reference-run", "reference-again", "resumed.tk", "reference.tk",
 def _fresh(d: str) -> None:
     """Make ``d`` ready for a demo: only what an earlier demo made there (it marks the directory)
     is removed; a directory the demo did not make is never touched."""
-    if os.path.lexists(d) and not os.path.isfile(os.path.join(d, _MARK)) and (not os.path.isdir(d) or os.listdir(d)):
+    mark = os.path.join(d, _MARK)
+    if os.path.lexists(d) and not (os.path.isfile(mark) and not os.path.islink(mark)) and (
+            not os.path.isdir(d) or os.listdir(d)):
         sys.exit(f"{d} exists and was not made by the demo, so the demo leaves it alone: pass --dir NEW_DIR")
     os.makedirs(d, exist_ok=True)
     for n in _OWN:
@@ -253,7 +255,8 @@ def _fresh(d: str) -> None:
             shutil.rmtree(p)
         elif os.path.lexists(p):
             os.unlink(p)
-    with open(os.path.join(d, _MARK), "w") as f:
+    fd = os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)  # never through a symlink
+    with os.fdopen(fd, "w") as f:
         f.write("made by python -m tensorkeep.demo; it replaces only its own files here\n")
 
 

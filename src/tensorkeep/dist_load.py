@@ -20,7 +20,7 @@ from .distributed import FORMAT, MANIFEST, VERSION, dtensor_box, dtensor_type
 from .dtypes import name_of_torch, torch_dtype
 from .errors import FormatError, MismatchError
 from .files import SafeOpen
-from .format import DTYPE_SIZES, stored_crc, strict_json
+from .format import DTYPE_SIZES, stored_crc, strict_json, unseal
 from .tree import leaf_kinds, unflatten
 
 
@@ -60,7 +60,7 @@ def read_manifest(path: str) -> tuple[dict[str, Any], dict[str, Stored]]:
                           "(or its save did not finish)") from None
     if len(raw) > knobs.MAX_HEADER_BYTES:
         raise FormatError(f"{mpath}: larger than {knobs.MAX_HEADER_BYTES} bytes")
-    m = strict_json(raw, mpath)
+    m = unseal(raw, mpath)
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise FormatError(f"{mpath}: not a tensorkeep distributed manifest")
     if m.get("version") != VERSION:

@@ -35,7 +35,7 @@ from . import _io, knobs
 from .dist_plan import Box, Held, SavePlan, plan_save, shard_box
 from .dtypes import name_of_numpy, name_of_torch
 from .errors import SaveError
-from .format import stored_crc, strict_json
+from .format import seal, stored_crc, strict_json
 from .tree import flatten
 from .writer import write
 
@@ -48,6 +48,14 @@ _NOTHING = "Nothing was committed: the previous checkpoint at that path, if any,
 def shard_file(rank: int, world: int) -> str:
     """The file a rank writes: ``rank-00002-of-00004.tk``."""
     return f"rank-{rank:05d}-of-{world:05d}.tk"
+
+
+def sealed_json(value: Any) -> bytes:
+    """:func:`json_bytes` with its CRC-32 in front (``format.seal``), so a flipped bit is caught."""
+    try:
+        return seal(json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False))
+    except UnicodeEncodeError:
+        return seal(json.dumps(value, ensure_ascii=True, separators=(",", ":"), allow_nan=False))
 
 
 def json_bytes(value: Any) -> bytes:
@@ -260,7 +268,7 @@ def write_distributed(state: Any, directory: str, *, group: Any = None, label: s
     if comm.rank == 0:
         try:
             with _io.atomic_file(os.path.join(directory, MANIFEST), durable=durable, in_place=True) as fd:
-                _io.pwrite_all(fd, memoryview(json_bytes(manifest(plan, tree, files))), 0)
+                _io.pwrite_all(fd, memoryview(sealed_json(manifest(plan, tree, files))), 0)
         except Exception as e:  # noqa: BLE001
             error = e
     comm.check(error, f"{where}: writing the manifest", outcome)
@@ -269,13 +277,20 @@ def write_distributed(state: Any, directory: str, *, group: Any = None, label: s
 
 def remove_stale_temps(path: str) -> None:
     """Remove temporary directories of saves of ``path`` whose process died (on this host): only
-    tensorkeep's temporary names, only the files it writes into them."""
+    tensorkeep's temporary names, only the files it writes into them. A checkpoint that a save
+    had moved aside to replace it (``_io.replace_dir`` without RENAME_EXCHANGE) is put back when
+    ``path`` is missing."""
     parent, base = os.path.split(path)
-    for n in os.listdir(parent):
+    for n in sorted(os.listdir(parent), key=lambda n: _io.REPLACED not in n):  # parked ones first
         t = _io.temp_of(n)
         p = os.path.join(parent, n)
-        if t is not None and t[0] == base and _io.is_stale_temp(n) and _io.is_real_dir(p):
-            _io.remove_own_dir(p, {f for f in os.listdir(p) if f == MANIFEST or _SHARD_RE.match(f)})
+        if t is None or t[0] not in (base, base + _io.REPLACED) or not _io.is_stale_temp(n) or not _io.is_real_dir(p):
+            continue
+        if t[0] != base and not os.path.lexists(path) and _io.is_regular_file(os.path.join(p, MANIFEST)):
+            _io.rename(p, path)
+            _io.fsync_dir(parent)
+            continue
+        _io.remove_own_dir(p, {f for f in os.listdir(p) if f == MANIFEST or _SHARD_RE.match(f)})
 
 
 _SHARD_RE = re.compile(r"^rank-\d{5,}-of-\d{5,}\.tk$")

@@ -144,6 +144,40 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
+#: A sealed JSON document (a checkpoint manifest, ``distributed.json``) starts with its own CRC-32:
+#: ``{"crc32":"1a2b3c4d",...}``, computed over the bytes with those 8 digits as zeros.
+SEAL_PREFIX = b'{"crc32":"'
+_SEAL_END = len(SEAL_PREFIX) + 8
+
+
+def seal(text: str) -> bytes:
+    """``text`` (a JSON object, as :func:`dumps` writes it) with its CRC-32 in front.
+
+    >>> seal('{"a":1}')
+    b'{"crc32":"fa3f1321","a":1}'
+    >>> unseal(seal('{"a":1}'), "x")
+    {'crc32': 'fa3f1321', 'a': 1}
+    """
+    assert text.startswith("{")
+    body = b'{"crc32":"00000000"' + (b"," if text != "{}" else b"") + text[1:].encode("utf-8")
+    return body[: len(SEAL_PREFIX)] + f"{crc32(body):08x}".encode() + body[_SEAL_END:]
+
+
+def unseal(raw: bytes, where: str) -> Any:
+    """Parse a JSON document, checking its CRC-32 when it carries one (or carried one before a bit of
+    its prefix flipped); documents written before sealing existed have none and parse as before.
+    :class:`ChecksumError` when the bytes are not those that were written."""
+    head = bytes(raw[: len(SEAL_PREFIX)])
+    if len(head) == len(SEAL_PREFIX) and _bit_distance(head, SEAL_PREFIX) <= 1:
+        zeroed = bytearray(raw)
+        zeroed[len(SEAL_PREFIX):_SEAL_END] = b"00000000"
+        stored = bytes(raw[len(SEAL_PREFIX):_SEAL_END]).decode("ascii", "replace")
+        if head != SEAL_PREFIX or stored != f"{crc32(zeroed):08x}":
+            raise ChecksumError(f"{where}: its checksum does not match its contents (stored {stored!r}): the file "
+                                "is damaged, not the one that was written")
+    return strict_json(raw, where)
+
+
 def _bit_distance(a: bytes, b: bytes) -> int:
     return sum(bin(x ^ y).count("1") for x, y in zip(a, b)) + 8 * abs(len(a) - len(b))
 

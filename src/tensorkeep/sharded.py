@@ -15,7 +15,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from . import _io
-from .errors import FormatError
+from .errors import FormatError, SaveError
 from .files import SafeOpen, TensorSlice, load, write
 from .format import TK_PREFIX, TensorInfo, dumps, strict_json
 
@@ -98,10 +98,13 @@ def save_sharded(state_dict: Mapping[str, torch.Tensor], directory: "str | os.Pa
                      "weight_map": {k: f for f, names in zip(files, shards) for k in names}}
             temps[INDEX] = _write_temp(directory, INDEX, index)
         _commit(directory, files, temps, old)
-    except BaseException:
+    except BaseException as e:
         for t in temps.values():
             if _io.is_regular_file(t):
                 _io.unlink(t)
+        if isinstance(e, OSError) and not isinstance(e, SaveError):
+            raise SaveError(e.errno, f"save_sharded to {directory} failed: {e}. The weights there are the "
+                            "previous ones, whole, or the new ones, whole") from e
         raise
     return files
 
@@ -134,7 +137,7 @@ class _Weights:
             if n in self.shards or not _io.is_regular_file(p):
                 continue
             t = _io.temp_of(n)
-            if t is not None and _WEIGHT_RE.match(t[0]) and _io.is_stale_temp(n):
+            if t is not None and _WEIGHT_RE.match(t[0]) and _io.is_stale_temp(n, directory):
                 _io.unlink(p)
             elif t is None and _SHARD_RE.match(n) and _is_tensorkeep(p):
                 _io.unlink(p)
@@ -168,10 +171,18 @@ def _unlink(directory: str, names: "set[str] | list[str]") -> None:
         _io.fsync_dir(directory)
 
 
+def _droppable(name: str) -> bool:
+    """A name save_sharded may delete once no index needs it: a weight file's name (or tensorkeep's
+    temporary copy of one). A file an index names under any other name is the user's."""
+    t = _io.temp_of(name)
+    return bool(_WEIGHT_RE.match(t[0] if t else name))
+
+
 def _commit(directory: str, files: list[str], temps: dict[str, str], old: _Weights) -> None:
     """Rename the new weight files into place so that one rename is the commit (readers, like
     transformers, prefer ``model.safetensors`` over an index), then retire the old ones."""
-    new, old_shards = set(files), old.shards or set()
+    new = set(files)
+    old_shards = {n for n in (old.shards or set()) if _droppable(n)}
 
     def place(names: list[str]) -> None:
         for f in names:
@@ -189,18 +200,34 @@ def _commit(directory: str, files: list[str], temps: dict[str, str], old: _Weigh
         _unlink(directory, old_shards - new)
         return
     if old_shards & new:  # the old index names files about to be replaced: point it at copies first
-        aside = {f: _io.tmp_path(os.path.join(directory, f)) for f in sorted(old_shards)}
-        for f, a in aside.items():
-            _link_or_copy(os.path.join(directory, f), a)
-        idx = _read_index_json(os.path.join(directory, INDEX))
-        idx["weight_map"] = {k: os.path.basename(aside[v]) for k, v in idx["weight_map"].items()}
-        _io.rename(_write_temp(directory, INDEX, idx), os.path.join(directory, INDEX))
-        _io.fsync_dir(directory)
-        _unlink(directory, old_shards - new)
-        old_shards = {os.path.basename(a) for a in aside.values()}
+        old_shards = _set_aside(directory, old_shards & new) | (old_shards - new)
     place(files)
     place([INDEX])  # the commit
     _unlink(directory, old_shards - new)
+
+
+def _set_aside(directory: str, names: set[str]) -> set[str]:
+    """Link (or copy) each of ``names`` to a temporary name and rewrite the index to use those, so
+    the old weights stay whole while their names are replaced; returns the temporary names. An
+    entry whose file is missing already (a damaged directory) is dropped from that index."""
+    aside: dict[str, str] = {}
+    try:
+        for f in sorted(names):
+            src = os.path.join(directory, f)
+            if _io.is_regular_file(src) or (os.path.islink(src) and os.path.isfile(src)):
+                aside[f] = os.path.basename(_io.tmp_path(src))
+                _link_or_copy(src, os.path.join(directory, aside[f]))
+        idx = _read_index_json(os.path.join(directory, INDEX))
+        idx["weight_map"] = {k: aside.get(v, v) for k, v in idx["weight_map"].items() if v not in names or v in aside}
+        _io.rename(_write_temp(directory, INDEX, idx), os.path.join(directory, INDEX))
+        _io.fsync_dir(directory)
+    except BaseException:
+        for a in aside.values():  # the index does not name them yet: they are only ours
+            if _io.is_regular_file(os.path.join(directory, a)):
+                _io.unlink(os.path.join(directory, a))
+        raise
+    _unlink(directory, names)
+    return set(aside.values())
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 from .. import _io
 from ..errors import FormatError, SaveError
-from ..format import dumps, stored_crc, strict_json
+from ..format import dumps, seal, stored_crc, strict_json, unseal
 
 MANIFEST = "manifest.json"
 FORMAT = "tensorkeep-checkpoint"
@@ -124,7 +124,7 @@ def parse_manifest(raw: bytes, path: str) -> Manifest:
     a number too large for a float) makes the checkpoint damaged, never another exception."""
     if len(raw) > 10_000_000:
         raise FormatError(f"{path}: manifest larger than 10 MB")
-    d = strict_json(raw, path)
+    d = unseal(raw, path)  # a flipped bit anywhere is damage, not a wrong restore
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise FormatError(f"{path}: not a tensorkeep checkpoint manifest")
     if d.get("version") not in (VERSION, VERSION_INCREMENTAL) or type(d.get("version")) is not int:
@@ -139,8 +139,12 @@ def parse_manifest(raw: bytes, path: str) -> Manifest:
             raise FormatError(f"{path}: bad file entry {name!r} (expected a plain file name and "
                               "{\"size\": int, \"crc32\": str, \"key\": str, \"kind\": str})")
     t = d.get("time", 0)
-    if type(t) not in (int, float) or not (0 <= t < 1e13):  # 1e13 s: year 318857; 10**400 cannot become a float
+    if type(t) not in (int, float) or not (0 <= t < _MAX_TIME):  # 10**400 cannot become a float
         raise FormatError(f"{path}: 'time' must be seconds since 1970, found {str(t)[:40]!r}")
+    for k, v in d["metrics"].items():
+        if not (v is None or type(v) in (str, bool, float) or (type(v) is int and abs(v) < 2**63)
+                or (isinstance(v, dict) and set(v) == {"$float"} and v["$float"] in ("nan", "inf", "-inf"))):
+            raise FormatError(f"{path}: metric {k!r} must be a number, a string or null, found {str(v)[:40]!r}")
     versions = d.get("versions") or {}
     if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
         raise FormatError(f"{path}: 'versions' must map names to version strings")
@@ -155,6 +159,9 @@ def parse_manifest(raw: bytes, path: str) -> Manifest:
         if not all(v is None or (type(v) is int and v >= 0) for v in (m.bytes_written, m.bytes_held)):
             raise FormatError(f"{path}: 'bytes' must hold non-negative ints")
     return m
+
+
+_MAX_TIME = 253402300799  # 9999-12-31T23:59:59Z: the last second datetime can show
 
 
 def plain_name(name: object) -> bool:
@@ -188,7 +195,7 @@ def _validate_parts(parts: Any, packs: Any, where: str) -> None:
 
 def write_manifest(directory: str, m: Manifest, durable: bool = True) -> None:
     with _io.atomic_file(os.path.join(directory, MANIFEST), durable=durable, in_place=True) as fd:  # published with its directory
-        _io.pwrite_all(fd, memoryview(m.to_json().encode()), 0)
+        _io.pwrite_all(fd, memoryview(seal(m.to_json())), 0)
 
 
 def check_files(directory: str, m: Manifest) -> None:
@@ -300,12 +307,31 @@ def strangers(run: str) -> list[str]:
     return sorted(out)
 
 
+def _put_back(run: str, parked: str, name: str) -> bool:
+    """A committed step that a re-save of it had moved aside (no RENAME_EXCHANGE, see
+    ``_io.replace_dir``) when the process died: renamed back if its name is free and it is whole."""
+    final = os.path.join(run, name)
+    if os.path.lexists(final) or not _STEP_RE.match(name):
+        return False
+    try:
+        check_files(parked, read_manifest(parked))
+    except FormatError:
+        return False
+    warnings.warn(f"putting back {final}: a save of the same step died while replacing it", stacklevel=4)
+    _io.rename(parked, final)
+    _io.fsync_dir(run)
+    return True
+
+
 def clean_run(run: str) -> list[str]:
     """What a writer of ``run`` does when it opens it: remove tensorkeep's own leftovers (temporary
     directories of crashed saves or interrupted deletions, stale temporary files, unreferenced packs)
     and warn about — never delete — anything else named like a checkpoint. Returns what it removed."""
     removed = []
     for p in leftovers(run):
+        base = (_io.temp_of(os.path.basename(p)) or ("",))[0]
+        if base.endswith(_io.REPLACED) and _put_back(run, p, base[: -len(_io.REPLACED)]):
+            continue
         warnings.warn(f"removing the leftovers of an unfinished save: {p}", stacklevel=3)
         names = {n for n in os.listdir(p) if _OWN_FILE_RE.match(n) or _io.temp_of(n)}
         left = _io.remove_own_dir(p, names)
@@ -313,7 +339,7 @@ def clean_run(run: str) -> list[str]:
             warnings.warn(f"{p}: kept {left}, which tensorkeep did not write", stacklevel=3)
         removed.append(p)
     for n in os.listdir(run):  # a killed tk.save(..., run/extra.tk) leaves a temporary file
-        if _io.is_stale_temp(n) and _io.is_regular_file(os.path.join(run, n)):
+        if _io.is_stale_temp(n, run) and _io.is_regular_file(os.path.join(run, n)):
             _io.unlink(os.path.join(run, n))
             removed.append(os.path.join(run, n))
     for p in strangers(run):

@@ -391,6 +391,7 @@ class CheckpointManager:
                     else:
                         loaded = {name: load(os.path.join(d, name)) for name in m.files}  # verified before anything is applied
                     loaded.update(packs.load_parts(self.directory, m.parts, m.packs, d))
+                _check_rng(m, loaded, d)  # nothing is applied before everything that can be checked is
             except StorageError:
                 raise  # the store is unreachable: that says nothing about the checkpoint, do not skip it
             except (FormatError, OSError) as e:
@@ -546,6 +547,23 @@ class CheckpointManager:
                 self._lock.release()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+def _check_rng(m: layout.Manifest, loaded: dict[str, Any], where: str) -> None:
+    """The checkpoint's RNG states can be set (tried, then undone): a FormatError now, before any
+    object is touched, rather than a half-applied restore later."""
+    entries = {**m.files, **m.parts}
+    saved = [loaded[n] for n, i in entries.items() if i.get("kind") == "rng" and n in loaded]
+    if not saved:
+        return
+    now = rng.capture()
+    try:
+        rng.restore(saved[0])
+    except Exception as e:  # noqa: BLE001 - KeyError, TypeError, ValueError, RuntimeError from torch/NumPy
+        raise FormatError(f"{where}: its random number generator states cannot be restored "
+                          f"({type(e).__name__}: {e})") from None
+    finally:
+        rng.restore(now)
 
 
 def _changed_only_by_optimizers(state: Mapping[str, Any]) -> frozenset[int]:

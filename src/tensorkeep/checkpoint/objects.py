@@ -28,7 +28,7 @@ from typing import Any, Iterable
 from .. import knobs
 from ..errors import FormatError, LockedError, SaveError, TensorkeepError
 from ..files import load
-from ..format import CRC_FIELD_END, TK_PREFIX, crc_field
+from ..format import CRC_FIELD_END, TK_PREFIX, crc_field, seal
 from ..remote import write_url
 from ..storage import Store
 from . import layout, packs
@@ -206,7 +206,7 @@ class ObjectRun:
                 raise SaveError(f"checkpoint step {step} was not saved to {self.url}: {e} Nothing of it was "
                                 "committed (it has no manifest); every committed checkpoint is intact.") from e
             raise
-        data = m.to_json().encode()
+        data = seal(m.to_json())
         try:
             self.store.write(f"{prefix}/{MANIFEST}", [data], len(data))  # the commit: one PUT, all or nothing
         except SaveError as e:

@@ -76,9 +76,13 @@ class BestN:
 
 
 def _number(v: Any) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
-    return float(v)
+    try:
+        f = float(v)
+    except OverflowError:  # an int too large for a float: not a usable metric
+        return None
+    return None if math.isnan(f) else f
 
 
 def to_keep(records: Sequence[Record], policies: Iterable[Policy]) -> set[int]:
