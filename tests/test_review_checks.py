@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import uuid
 import warnings
 
@@ -18,7 +20,7 @@ import pytest
 import torch
 
 import tensorkeep as tk
-from tensorkeep import storage
+from tensorkeep import inspection, storage
 from tensorkeep.checkpoint import packs
 
 
@@ -142,3 +144,104 @@ def test_object_storage_does_not_reuse_a_damaged_or_missing_pack(damage):
         with tk.CheckpointManager(run, incremental=True) as mgr:
             assert mgr.restore({"model": fresh}) == 3
     assert torch.equal(fresh.weight, net.weight)
+
+
+# ------------------------------------------------------------------ verify: what it cannot read is not OK
+
+EXE = os.path.join(os.path.dirname(sys.executable), "tensorkeep")
+
+
+def _cli_verify(path: str) -> subprocess.CompletedProcess:
+    return subprocess.run([EXE, "verify", path], capture_output=True, text=True, timeout=120)  # a hang fails
+
+
+def _model_dir(tmp: str, name: str) -> str:
+    d = os.path.join(tmp, name)
+    os.makedirs(d)
+    with open(os.path.join(d, "config.json"), "w") as f:
+        f.write("{}")
+    return d
+
+
+@pytest.mark.parametrize("what", ["dangling symlink", "directory", "fifo"])
+def test_verify_a_model_file_that_is_not_a_file_is_damage(tmp, what):
+    d = _model_dir(tmp, "hf")
+    single = os.path.join(d, "model.safetensors")
+    if what == "dangling symlink":  # a Hugging Face cache whose blob is missing
+        os.symlink(os.path.join(tmp, "blobs", "missing"), single)
+    elif what == "directory":
+        os.mkdir(single)
+    else:
+        os.mkfifo(single)
+    res = inspection.verify(d)
+    assert not res.ok and [p.path for p in res.problems] == [single]
+    r = _cli_verify(d)
+    assert r.returncode == 1 and "DAMAGED" in r.stdout, r.stdout
+
+
+def test_verify_a_dangling_model_file_next_to_an_index_or_a_dangling_shard(tmp):
+    d = os.path.join(tmp, "sharded")
+    tk.save_sharded({"a": torch.ones(300), "b": torch.zeros(300)}, d, max_shard_size=1000)
+    shards = sorted(n for n in os.listdir(d) if n.endswith(".safetensors"))
+    assert len(shards) == 2 and inspection.verify(d).ok
+    os.symlink(os.path.join(tmp, "missing"), os.path.join(d, "model.safetensors"))
+    assert [p.path for p in inspection.verify(d).problems] == [os.path.join(d, "model.safetensors")]
+    os.unlink(os.path.join(d, "model.safetensors"))
+    os.replace(os.path.join(d, shards[0]), os.path.join(tmp, "moved"))
+    os.symlink(os.path.join(tmp, "gone"), os.path.join(d, shards[0]))
+    res = inspection.verify(d)
+    assert [p.path for p in res.problems] == [os.path.join(d, shards[0])] and "does not exist" in res.problems[0].what
+
+
+def test_verify_a_fifo_given_by_name_is_damage_not_a_hang(tmp):
+    os.mkfifo(os.path.join(tmp, "x.tk"))
+    r = _cli_verify(os.path.join(tmp, "x.tk"))
+    assert r.returncode == 1 and "not a regular file" in r.stdout
+
+
+def _dcp_dir(tmp: str) -> str:
+    import torch.distributed.checkpoint as dcp
+
+    d = os.path.join(tmp, "dcp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is disabled ... assuming a single process"
+        dcp.save({"w": torch.arange(64.0), "step": 3}, checkpoint_id=d)
+    return d
+
+
+def test_verify_reads_a_dcp_directory_as_convert_does(tmp):
+    d = _dcp_dir(tmp)
+    res = inspection.verify(d)
+    assert res.ok and res.checked_files >= 2 and os.path.join(d, ".metadata") in res.files
+    name = next(n for n in os.listdir(d) if n.endswith(".distcp"))
+    raw = open(os.path.join(d, name), "rb").read()
+    at = raw.index(torch.arange(64.0).numpy().tobytes())
+    with open(os.path.join(d, name), "r+b") as f:  # one bit of the tensor's bytes
+        f.seek(at + 100)
+        f.write(bytes([raw[at + 100] ^ 1]))
+    with pytest.raises(tk.ChecksumError):
+        tk.convert_dcp(d, os.path.join(tmp, "out.tk"))
+    res = inspection.verify(d)
+    assert not res.ok and "CRC-32" in res.problems[0].what
+    r = _cli_verify(tmp)  # found inside a tree too
+    assert r.returncode == 1 and "DAMAGED" in r.stdout
+
+
+def test_verify_a_dcp_directory_with_a_missing_data_file_or_a_fifo_metadata(tmp):
+    d = _dcp_dir(tmp)
+    for n in os.listdir(d):
+        if n.endswith(".distcp"):
+            os.unlink(os.path.join(d, n))
+    assert not inspection.verify(d).ok  # .metadata alone: recognised by its contents
+    os.unlink(os.path.join(d, ".metadata"))
+    os.mkfifo(os.path.join(d, ".metadata"))
+    r = _cli_verify(d)
+    assert r.returncode == 1 and "not a regular file" in r.stdout
+
+
+def test_verify_a_foreign_metadata_folder_is_not_a_dcp_checkpoint(tmp):
+    os.makedirs(os.path.join(tmp, "ws", ".metadata"))  # an Eclipse workspace
+    with open(os.path.join(tmp, "ws", ".metadata", "version.ini"), "w") as f:
+        f.write("x")
+    res = inspection.verify(os.path.join(tmp, "ws"))
+    assert res.ok and any("nothing verified" in n for n in res.notes)

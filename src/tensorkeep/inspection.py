@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import _io, ptzip, sharded
+from . import _io, dcp, ptzip, sharded
 from .checkpoint import layout, packs
 from .dist_load import read_manifest as dist_read
 from .distributed import MANIFEST as dist_manifest
@@ -196,9 +197,11 @@ def verify(paths: list[str] | str, *, threads: int | None = None,
 
     A directory is checked against its own table of contents: a checkpoint step against its
     ``manifest.json`` (and the run's packs), a run directory step by step, a model directory against
-    ``model.safetensors.index.json``, a distributed checkpoint against ``distributed.json``. A file
-    they name that is missing, or a tensor file they do not name, is damage. Files that hold no
-    tensors (``config.json``, ``README.md``) are ignored.
+    ``model.safetensors.index.json``, a distributed checkpoint against ``distributed.json``, a
+    torch DCP directory by reading it whole as :func:`~tensorkeep.convert_dcp` does. A file they name
+    that is missing or is not a regular file (a dangling symlink, a directory, a FIFO), or a tensor
+    file they do not name, is damage. Files that hold no tensors (``config.json``, ``README.md``)
+    are ignored; a directory without any tensor file is OK with a note saying nothing was verified.
 
     >>> import torch, tensorkeep as tk
     >>> tk.save(torch.ones(3), "/tmp/tk-doc-verify.tk")
@@ -213,9 +216,9 @@ def verify(paths: list[str] | str, *, threads: int | None = None,
             v.tree(p)
             if len(v.res.files) + len(v.res.problems) == seen:
                 v.res.notes.append(f"{p}: no tensor files found (nothing verified)")
-        elif not os.path.exists(p):
+        elif not os.path.lexists(p):
             v.bad(p, "no such file or directory")
-        else:
+        elif v.regular(p):  # a FIFO would block the read forever; a dangling symlink is reported
             v.file(p)
     return v.res
 
@@ -225,6 +228,27 @@ _SHARD_NAME = re.compile(r"^model(-\d{5,}-of-\d{5,})?\.safetensors$")  # what sa
 _STEP_DIR = re.compile(r"^step_([0-9]+)$")
 _RANK_FILE = re.compile(r"^rank-\d{5,}-of-\d{5,}\.tk$")
 _DAMAGED_TOC = (ValueError, TypeError, OverflowError, OSError)  # what a damaged table of contents may raise
+_DCP_META = ".metadata"
+
+
+def _is_dcp(d: str, names: list[str]) -> bool:
+    """A ``torch.distributed.checkpoint`` directory: ``.metadata`` next to ``.distcp`` files, or a
+    ``.metadata`` that is DCP's pickle or no file at all (another program's ``.metadata`` folder is not)."""
+    if _DCP_META not in names:
+        return False
+    if any(n.endswith(".distcp") for n in names):
+        return True
+    meta = os.path.join(d, _DCP_META)
+    if os.path.isdir(meta):
+        return False
+    if not os.path.isfile(meta):
+        return True  # a FIFO, a dangling symlink: reported as damage, never opened
+    try:
+        with open(meta, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return False
+    return head[:1] == b"\x80" and b"torch.distributed.checkpoint" in head
 
 
 def _ours(d: str, toc: str, named: re.Pattern, names: list[str]) -> bool:
@@ -287,6 +311,8 @@ class _Verifier:
                 rest = self.step(d, up, names)
             elif self.toc(d, names, dist_manifest) and _ours(d, dist_manifest, _RANK_FILE, names):
                 rest = self.distributed(d, names)
+            elif _is_dcp(d, names):
+                rest = self.dcp(d, names)
             elif self.toc(d, names, INDEX) or SINGLE in names:
                 rest = self.model_dir(d, names)
             else:
@@ -299,6 +325,10 @@ class _Verifier:
 
     def regular(self, path: str) -> bool:
         """Missing (reported by whoever checks it) or a regular file; anything else is reported here."""
+        if os.path.islink(path) and not os.path.exists(path):
+            self.bad(path, f"{path} is a symlink to {os.readlink(path)!r}, which does not exist (a download "
+                     "cache with a missing blob?): nothing can read it")
+            return False
         if os.path.lexists(path) and not os.path.isfile(path):
             self.bad(path, f"{path} is not a regular file (a directory, a FIFO, a device?)")
             return False
@@ -307,6 +337,8 @@ class _Verifier:
     def plain(self, d: str, names: list[str], toc: str | None = None) -> None:
         """Verify the tensor files among ``names``; with ``toc``, each is damage: a file it does not list."""
         for n in names:
+            if n.endswith(_DATA_SUFFIXES) and os.path.islink(os.path.join(d, n)):
+                self.regular(os.path.join(d, n))  # a dangling link named like tensors is damage
             if not _is_data(os.path.join(d, n)):
                 continue
             if toc is None:
@@ -402,7 +434,10 @@ class _Verifier:
 
     def model_dir(self, d: str, names: list[str]) -> list[str]:
         """A model directory: the weights its readers use (``model.safetensors``, else the index and its
-        shards); a file named like a shard that they do not use is damage; other tensor files are verified."""
+        shards); a file named like a shard that they do not use is damage; other tensor files are verified.
+        A ``model.safetensors`` that is not a file (a dangling symlink, a directory) is damage too."""
+        if SINGLE in names and not self.regular(os.path.join(d, SINGLE)):
+            names = [n for n in names if n != SINGLE]  # reported
         try:
             where = sharded._read_index(d, check=False)  # missing shards: each reported below
         except _DAMAGED_TOC as e:
@@ -423,6 +458,30 @@ class _Verifier:
         self.plain(d, [n for n in rest if _SHARD_NAME.match(n)], toc)
         self.plain(d, [n for n in rest if not _SHARD_NAME.match(n)])
         return rest
+
+    def dcp(self, d: str, names: list[str]) -> list[str]:
+        """A ``torch.distributed.checkpoint`` directory: read whole, with every check of :func:`convert_dcp`
+        (chunks against the metadata, byte ranges against the files, the CRC-32s of ``torch.save`` blobs),
+        into a temporary file that is then deleted. Raw (safetensors-format) chunks carry no checksum."""
+        meta = os.path.join(d, _DCP_META)
+        data = [os.path.join(d, n) for n in names if n.endswith(".distcp")]
+        if not self.regular(meta):
+            return names
+        try:
+            with tempfile.TemporaryDirectory(prefix="tk-verify-") as t:
+                dcp.convert_dcp(d, os.path.join(t, "dcp.tk"))
+        except ValueError as e:  # FormatError (and ChecksumError, LimitError) is a ValueError
+            self.bad(d, f"damaged torch.distributed.checkpoint directory: {e}")
+        except OSError as e:
+            self.bad(d, f"{d}: this torch.distributed.checkpoint directory could not be verified: {e}")
+        else:  # (a damaged directory is reported as a whole: the reader does not say which file is at fault)
+            self.res.files += [meta, *data]
+            self.res.checked_files += 1 + len(data)
+            self.res.checked_bytes += sum(os.path.getsize(p) for p in [meta, *data] if os.path.isfile(p))
+            self.res.notes.append(f"{d}: torch.distributed.checkpoint directory, read whole as convert_dcp reads it "
+                                  "(its CRC-32s cover torch.save chunks; raw chunks carry none)")
+        self.plain(d, [n for n in names if n != _DCP_META and not n.endswith(".distcp")])
+        return names
 
     def run(self, d: str, names: list[str]) -> list[str]:
         """A run directory (or any other): every checkpoint, what is named like one reported, files verified."""
