@@ -169,3 +169,25 @@ def test_sigkill_with_live_persistent_workers_then_restart_at_once(tmp):
     finally:
         _kill(p.pid)
         p.communicate()
+
+
+def test_a_forked_child_is_not_preempted_by_the_parents_signal_handler(tmp):
+    """save_on_signal's handler only records the signal: in a child (a multiprocessing worker that
+    pool.terminate() stops with SIGTERM) it must not swallow it."""
+    with tk.CheckpointManager(os.path.join(tmp, "run")) as mgr:
+        mgr.save_on_signal({"x": 1})
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.write(w, b"!")  # a signal that arrives before the child's Python runs is dropped by CPython
+                deadline = time.monotonic() + HANG
+                while time.monotonic() < deadline:
+                    time.sleep(0.01)
+            finally:
+                os._exit(7)
+        os.read(r, 1)
+        os.close(r), os.close(w)
+        os.kill(pid, signal.SIGTERM)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == -signal.SIGTERM
+        assert not mgr.preempted

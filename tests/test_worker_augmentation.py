@@ -273,3 +273,11 @@ def test_without_sample_seeds_only_zero_workers_resume_exactly(jobs, tmp, layout
 
     resumed = _run(jobs, tmp, "killed", args, kills)
     assert (resumed == ref) == (layout == "0 workers")
+
+
+def test_doctests():
+    import doctest
+
+    from tensorkeep.checkpoint import seeding
+
+    assert doctest.testmod(seeding).failed == 0

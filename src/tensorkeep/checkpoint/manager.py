@@ -454,6 +454,11 @@ class CheckpointManager:
         self._preempt_state = state
 
         def handler(signum: int, frame: Any) -> None:
+            if os.getpid() != self._pid:  # a forked child: the signal is its own, with the action it had before
+                old = self._old_handlers.get(signum)
+                signal.signal(signum, old if old is not None else signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
             self._preempted = signum
 
         for s in signals:
