@@ -2,6 +2,8 @@
 
 A child inherits the lock's descriptor; an flock lives as long as any descriptor on its open
 file description, so a child alive after its parent's SIGKILL used to refuse the restart.
+A real training job with live persistent DataLoader workers, killed and restarted at once, is in
+test_worker_augmentation.py (it shares that file's pre-imported job server).
 """
 
 import json
@@ -17,10 +19,8 @@ import torch
 
 import tensorkeep as tk
 from tensorkeep import _io
-from tensorkeep.checkpoint import determinism
 from tensorkeep.checkpoint.lock import LOCK_NAME
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
 HANG = 120  # seconds: only to turn a hang into a failure
 
@@ -146,29 +146,6 @@ def test_a_forked_child_keeps_no_descriptor_of_the_lock(tmp):
         tk.CheckpointManager(run)  # the parent's lock survived the child closing its copy
     mgr.close()
     tk.CheckpointManager(run).close()
-
-
-def test_sigkill_with_live_persistent_workers_then_restart_at_once(tmp):
-    """A real training job with DataLoader(num_workers=2, persistent_workers=True), killed mid-epoch."""
-    run, out = os.path.join(tmp, "run"), os.path.join(tmp, "final.tk")
-    p = subprocess.Popen([PY, os.path.join(HERE, "worker_job.py"), run, out, "--workers", "2", "--persistent",
-                          "--sleep", "0.01"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, **determinism.PINNED_ENV})
-    try:
-        lines = _lines_until(p, "WORKERS")
-        workers = [int(x) for x in lines[-1].split()[1:]]
-        assert len(workers) == 2
-        _lines_until(p, "COMMITTED")
-        os.kill(p.pid, signal.SIGKILL)
-        p.wait(timeout=HANG)
-        alive = [w for w in workers if _io.pid_alive(w)]  # orphaned workers notice their parent's death late
-        with tk.CheckpointManager(run) as mgr:  # no sleep: a supervisor restarts the job at once
-            assert mgr.latest_step()
-        assert alive, "the workers were gone before the restart: this test did not test anything"
-    finally:
-        _kill(p.pid)
-        p.communicate()
 
 
 def test_a_forked_child_is_not_preempted_by_the_parents_signal_handler(tmp):

@@ -22,6 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import tensorkeep as tk
+from tensorkeep import _io
 from tensorkeep.checkpoint import determinism, rng
 from tensorkeep.checkpoint.seeding import sample_seed
 
@@ -237,6 +238,24 @@ def _run(jobs: Jobs, tmp: str, name: str, args: list[str], kills, rnd: random.Ra
             assert "EXITED 0" in text, text[-3000:]
             return {k: v.numpy().tobytes() for k, v in tk.load(out).items()}
     raise AssertionError("the job never finished")
+
+
+def test_sigkill_with_live_persistent_workers_then_restart_at_once(jobs, tmp):
+    """The killed job's DataLoader workers outlive it for seconds: they must not hold the run's lock."""
+    run, log = os.path.join(tmp, "run"), os.path.join(tmp, "job.log")
+    pid = jobs.start([run, os.path.join(tmp, "out.tk"), "--workers", "2", "--persistent", "--sleep", "0.01"], log)
+    try:
+        lines = _tail(log)
+        workers = next([int(w) for w in l.split()[1:]] for l in lines if l.startswith("WORKERS"))
+        next(l for l in lines if l.startswith("COMMITTED"))
+    finally:
+        os.kill(pid, 9)
+        jobs.wait(pid)
+    assert len(workers) == 2
+    alive = [w for w in workers if _io.pid_alive(w)]
+    with tk.CheckpointManager(run) as mgr:  # no sleep: a supervisor restarts the job at once
+        assert mgr.latest_step() >= 5
+    assert alive, "the workers were gone before the restart: this test did not test anything"
 
 
 TOTAL = 3 * 12  # worker_job: 3 epochs of 12 batches
