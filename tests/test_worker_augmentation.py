@@ -74,6 +74,14 @@ def test_seeded_refuses_what_is_not_an_integer():
     with pytest.raises(TypeError, match=r"seeded\(\) takes integers.*0.5"):
         with tk.seeded(1, 0.5):
             pass
+    with pytest.raises(TypeError, match=r"SampleRNG\(seed\) takes integers"):
+        tk.SampleRNG(seed="0")
+    r = tk.SampleRNG()
+    with pytest.raises(TypeError, match="SampleRNG.set_epoch takes integers"):
+        r.set_epoch(1.0)
+    with pytest.raises(ValueError, match="does not fit 64 bits"):
+        r.set_epoch(2**63)
+    assert r.epoch == 0
 
 
 class _Epochs(torch.utils.data.Dataset):
