@@ -113,8 +113,10 @@ class RunLock:
                                "close it first (mgr.close() or a with block)")
         if child_holds and owner.get("host") == me["host"] and type(owner.get("pid")) is int and not _io.pid_alive(owner["pid"]):
             return LockedError(
-                f"{run} was opened by process {owner['pid']}, which is gone, but a process it started (e.g. a "
-                "DataLoader worker) still holds the lock. Wait a few seconds for it to exit, or kill it.")
+                f"{run} was opened by process {owner['pid']}, which is gone, but another process still holds the "
+                "lock: one it forked outside Python's os.fork (a C extension's fork(), which skips the hook that "
+                "closes the lock in children) or one in another PID namespace (a container on this volume). "
+                f"Find it with `fuser {self.path}` and stop it.")
         return LockedError(
             f"{run} is in use by process {owner.get('pid')} on {owner.get('host')}: two processes writing one run "
             "would interleave checkpoints. Stop that process, or use another directory.")
