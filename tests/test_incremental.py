@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import tensorkeep as tk
+from tensorkeep.format import seal
 from tensorkeep import _io
 from tensorkeep.checkpoint import layout, packs
 
@@ -245,10 +246,11 @@ def test_a_manifest_that_names_a_missing_tensor_is_refused_at_restore(tmp):
         mgr.save(1, {"w": torch.ones(10)})
     mp = os.path.join(layout.step_dir(tmp, 1), layout.MANIFEST)
     d = json.load(open(mp))
+    d.pop("crc32")
     ref = d["parts"]["values.tk"]["tensors"]["w"]
-    ref[0] = "ab" * 32  # a well-formed hash the pack does not hold
-    with open(mp, "w") as f:
-        json.dump(d, f)
+    ref[0] = "ab" * 32  # a well-formed hash the pack does not hold (forged: the checksum is made to match)
+    with open(mp, "wb") as f:
+        f.write(seal(json.dumps(d, separators=(",", ":"))))
     with tk.CheckpointManager(tmp) as mgr, pytest.raises(tk.CheckpointNotFoundError, match="does not hold it"):
         mgr.restore({"w": torch.zeros(10)}, step=1)
 

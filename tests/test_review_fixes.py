@@ -182,3 +182,24 @@ def test_the_demo_marker_is_not_written_through_a_symlink(tmp):
     with pytest.raises(SystemExit):
         demo._fresh(d)
     assert open(outside).read() == "keep"
+
+
+def test_restore_says_loudly_when_every_checkpoint_is_damaged(tmp):
+    with tk.CheckpointManager(tmp) as mgr:
+        mgr.save(1, _state(1))
+        mgr.save(2, _state(2))
+    for step in (1, 2):
+        p = os.path.join(layout.step_dir(tmp, step), "values.tk")
+        raw = bytearray(open(p, "rb").read())
+        raw[-1] ^= 1
+        with open(p, "wb") as f:
+            f.write(raw)
+    with tk.CheckpointManager(tmp) as mgr:
+        with pytest.warns(UserWarning, match=r"ALL 2 checkpoint\(s\) are damaged"):
+            assert mgr.restore(_state(0)) is None
+
+
+def test_the_readme_says_which_writes_a_lazy_snapshot_cannot_see():
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    part = readme[readme.index("**Lazy snapshots**"):][:1500]
+    assert ".data" in part and "mgr.wait()" in part and "untyped_storage()" in part

@@ -436,6 +436,11 @@ def restore(mgr: "CheckpointManager", state: Mapping[str, Any], step: int | None
     if touched:
         raise CheckpointNotFoundError(f"restoring from {mgr.directory}: no intact checkpoint is left, and the state "
                                       "was partly loaded from a damaged one. Build the objects afresh to start over")
+    if steps[0] and comm.rank == 0:
+        warnings.warn(f"{mgr.directory}: ALL {len(steps[0])} checkpoint(s) are damaged (steps {steps[0]}): nothing "
+                      "was restored, so restore() returns None and training would start from scratch. Fix: run "
+                      f"`tensorkeep verify {mgr.directory}`, put back a good copy, or pass step= to see the error",
+                      stacklevel=3)
     return None
 
 

@@ -269,7 +269,8 @@ class CheckpointManager:
                 f"checkpoint step {step} was not saved: {names} changed in place while "
                 f"async_save='lazy' was still copying it (only optimizer.step() waits for the copy). "
                 f"Fix: change parameters only through an optimizer, call mgr.wait() before other in-place "
-                f"updates, or use async_save=True.")
+                f"updates, or use async_save=True. Writes through .data, a NumPy view or untyped_storage() cannot "
+                f"be detected at all: make them only after mgr.wait().")
         self._staging.ready()  # device-to-host copies of the snapshot have landed
         self._commit(step, payload, metrics)
         self._after_commit(step, metrics)
@@ -375,6 +376,7 @@ class CheckpointManager:
             return collective.restore(self, state, step)
         steps = self._remote.steps() if self._remote else layout.list_steps(self.directory)
         candidates = [step] if step is not None else sorted(steps, reverse=True)
+        skipped: list[int] = []
         for s in candidates:
             d = self.path(s)
             try:
@@ -401,10 +403,16 @@ class CheckpointManager:
                     ) from None
                 warnings.warn(f"skipping damaged checkpoint {d}: {e}; trying the previous one", stacklevel=2)
                 self._records.pop(s, None)
+                skipped.append(s)
                 continue
             self._apply(state, m, loaded)
             self._current_step = s
             return s
+        if skipped:
+            warnings.warn(f"{self.directory}: ALL {len(skipped)} checkpoint(s) are damaged (steps {sorted(skipped)}): "
+                          "nothing was restored, so restore() returns None and training would start from scratch. "
+                          f"Fix: run `tensorkeep verify {self.directory}`, put back a good copy, or pass step= to "
+                          "see the error", stacklevel=2)
         return None
 
     def _apply(self, state: Mapping[str, Any], m: layout.Manifest, loaded: dict[str, Any]) -> None:
