@@ -5,7 +5,8 @@ torchdata's StatefulDataLoader saves the iterator's base seed, the sampler's gen
 position, and a dataset's own state_dict, but not its workers' generators. Measured here: with
 0 workers (the main process augments, its generators are checkpointed) a mid-epoch resume is
 exact; with 2 workers it diverges mid-epoch; with persistent workers at any resume. With
-SampleRNG all three are exact. TK_WORKER_KILL_TRIALS sets the kills per real training run.
+SampleRNG all three are exact. A plain DataLoader with checkpoints at epoch ends is exact without
+help unless its workers are persistent. TK_WORKER_KILL_TRIALS sets the kills per real training run.
 """
 
 import json
@@ -160,6 +161,44 @@ def test_what_resumes_exactly_with_and_without_sample_seeds(tmp, layout):
         assert exact["none", 8] and not exact["none", 3] and not exact["none", 11], exact
     else:  # persistent workers are never reseeded: no resume is exact
         assert not any(exact["none", s] for s in (3, 8, 11)), exact
+
+
+def _epochs(workers: int, persistent: bool, seeding: str, resume_at: int | None = None) -> bytes:
+    """Recipe 1: a plain DataLoader, checkpoints at epoch ends (here: the RNG states, captured and
+    restored around a fresh dataset and loader at epoch ``resume_at``, as a restarted process)."""
+    def make():
+        torch.manual_seed(0)
+        random.seed(0)
+        np.random.seed(0)
+        x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+        ds = Augmented(x, torch.zeros(64, dtype=torch.long), seeding)
+        return ds, torch.utils.data.DataLoader(ds, batch_size=8, shuffle=True, num_workers=workers,
+                                               persistent_workers=persistent)
+
+    ds, loader = make()
+    out = []
+    for epoch in range(3):
+        if epoch == resume_at:
+            saved = rng.capture()
+            ds, loader = make()
+            rng.restore(saved)
+        ds.rng.set_epoch(epoch)
+        for xb, _ in loader:
+            out.append(xb.numpy().tobytes())
+            torch.rand(1)
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_epoch_end_checkpoints_with_a_plain_dataloader(layout):
+    """Fresh workers each epoch are seeded from the restored global RNG: exact without help.
+    Persistent workers are not, even with SampleRNG: the first iterator after a resume draws a base
+    seed before the shuffle seed, which the uninterrupted run drew once, in its first epoch, so
+    that epoch's order differs (StatefulDataLoader keeps its sampler's own generator: use it)."""
+    workers, persistent = int(LAYOUTS[layout][1]), "--persistent" in LAYOUTS[layout]
+    for seeding in ("none", "sample"):
+        ref = _epochs(workers, persistent, seeding)
+        assert (_epochs(workers, persistent, seeding, resume_at=1) == ref) == (not persistent), seeding
 
 
 # ------------------------------------------------------------------ real training, really killed
