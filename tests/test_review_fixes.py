@@ -203,3 +203,32 @@ def test_the_readme_says_which_writes_a_lazy_snapshot_cannot_see():
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
     part = readme[readme.index("**Lazy snapshots**"):][:1500]
     assert ".data" in part and "mgr.wait()" in part and "untyped_storage()" in part
+
+
+def test_a_forked_child_does_not_keep_a_dead_writers_temp_file_alive(tmp):
+    """The shared flock a writer holds on its temp file must die with the writer, not with its children."""
+    code = textwrap.dedent(f"""
+        import os, signal, time, torch, tensorkeep as tk
+        from tensorkeep import _io
+        real = _io.pwrite_all
+        def pwrite_all(fd, buf, off):
+            real(fd, buf, off)
+            if os.fork() == 0:       # a child (a loader worker, say) forked mid-write outlives its parent
+                open(os.path.join({tmp!r}, "child.pid"), "w").write(str(os.getpid()))
+                time.sleep(60)
+                os._exit(0)
+            while not os.path.exists(os.path.join({tmp!r}, "child.pid")):
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGKILL)
+        _io.pwrite_all = pwrite_all
+        tk.save(torch.ones(4), os.path.join({tmp!r}, "m.tk"))
+    """)
+    subprocess.run([sys.executable, "-c", code], timeout=120)
+    temps = [n for n in os.listdir(tmp) if _io.temp_of(n)]
+    assert len(temps) == 1
+    try:
+        assert _io.is_stale_temp(temps[0], tmp)  # its writer is gone, though the child still lives
+    finally:
+        import signal
+
+        os.kill(int(open(os.path.join(tmp, "child.pid")).read()), signal.SIGKILL)

@@ -331,6 +331,7 @@ def atomic_file(path: str, *, durable: bool = True, direct: bool = False, in_pla
         if durable:
             step = "fsync of the file"
             fsync(fd)
+        _HELD_FDS.discard(fd)
         os.close(fd)
         fd = -1
         if in_place:
@@ -343,6 +344,7 @@ def atomic_file(path: str, *, durable: bool = True, direct: bool = False, in_pla
             fsync_dir(os.path.dirname(os.path.abspath(path)))
     except BaseException as e:
         if fd >= 0:
+            _HELD_FDS.discard(fd)
             os.close(fd)
         if os.path.lexists(tmp):
             try:
@@ -360,8 +362,25 @@ def _hold(fd: int) -> None:
 
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        _HELD_FDS.add(fd)
     except OSError:
         pass  # no flock here: the pid in the name is all there is
+
+
+_HELD_FDS: set[int] = set()  # temp files this process writes under a shared flock (_hold)
+
+
+def _drop_held_in_child() -> None:
+    """A forked child must not prolong a temp file's flock: a dead writer's file would look live."""
+    for fd in list(_HELD_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_held_in_child)
 
 
 def fd_is_direct(fd: int) -> bool:
