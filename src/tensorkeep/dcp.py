@@ -31,6 +31,7 @@ from . import knobs, ptzip
 from .dist_plan import _volume, check_cover
 from .dtypes import name_of_torch, torch_dtype_named
 from .errors import FormatError, LimitError
+from .tree import check_nesting
 from .writer import save
 
 _MD = "torch.distributed.checkpoint.metadata"
@@ -410,7 +411,7 @@ def _check_files(dcp_dir: str, ranges: list[_Range]) -> None:
 
 
 def _blob(dcp_dir: str, r: _Range) -> bytes:
-    with open(os.path.join(dcp_dir, r.name), "rb") as f:
+    with open(ptzip.open_regular(os.path.join(dcp_dir, r.name)), "rb") as f:
         f.seek(r.offset)
         data = f.read(r.length)
     if len(data) != r.length:
@@ -422,10 +423,12 @@ def _torch_value(data: bytes, dcp_dir: str, fqn: str) -> Any:
     # checked first: CRC-32s, and no compressed entry (a few bytes could make torch allocate gigabytes)
     ptzip.check_buffer(f"{dcp_dir}: {fqn!r}", data)
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - the weights-only loader refuses with several types
         raise FormatError(f"{dcp_dir}: {fqn!r} is not readable with torch.load(weights_only=True) "
                           f"({type(e).__name__}: {str(e)[:200]}); tensorkeep never runs code from a file") from None
+    check_nesting(obj, f"{dcp_dir}: {fqn!r}")  # a DAG of shared dicts would take saving it 2**40 steps
+    return obj
 
 
 def _tensor(dcp_dir: str, fqn: str, dtype: torch.dtype, size: tuple, ranges: list[_Range]) -> torch.Tensor:
@@ -435,9 +438,10 @@ def _tensor(dcp_dir: str, fqn: str, dtype: torch.dtype, size: tuple, ranges: lis
         data = _blob(dcp_dir, r)
         if data[:4] == b"PK\x03\x04":  # torch.save of the chunk (DCP's default)
             piece = _torch_value(data, dcp_dir, fqn)
-        else:  # DCP's safetensors format: the raw bytes
-            piece = torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
-            piece = piece.reshape(sizes) if piece.numel() == _volume(sizes) else None
+        elif len(data) == _volume(sizes) * dtype.itemsize and data:  # DCP's safetensors format: the raw bytes
+            piece = torch.frombuffer(bytearray(data), dtype=dtype).reshape(sizes)
+        else:  # an empty chunk, or raw bytes of another length (refused below)
+            piece = torch.empty(sizes, dtype=dtype) if not data and not _volume(sizes) else None
         if (type(piece) is not torch.Tensor or piece.layout != torch.strided or tuple(piece.shape) != sizes
                 or piece.dtype != dtype):
             raise FormatError(f"{dcp_dir}: chunk {list(offsets)} of {fqn!r} is not a {name_of_torch(dtype)} "
@@ -501,7 +505,7 @@ def convert_dcp(dcp_dir: "str | os.PathLike[str]", out_path: "str | os.PathLike[
     dcp_dir = os.fspath(dcp_dir)
     mpath = os.path.join(dcp_dir, ".metadata")
     try:
-        with open(mpath, "rb") as f:
+        with open(ptzip.open_regular(mpath), "rb") as f:  # a FIFO is refused, not waited on
             raw = f.read(knobs.MAX_HEADER_BYTES + 1)
     except FileNotFoundError:
         raise FormatError(f"{dcp_dir}: no .metadata, so not a torch.distributed.checkpoint directory") from None

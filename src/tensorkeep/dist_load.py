@@ -155,8 +155,9 @@ class Checkpoint:
             return out.numpy()
         return out if self.device is None else out.to(self.device)
 
-    def into(self, key: str, target: Any, where: str) -> None:
-        """Fill ``target`` (a tensor, a DTensor's local shard, a NumPy array) from tensor ``key``."""
+    def box_of(self, key: str, target: Any, where: str) -> tuple[Box, torch.Tensor]:
+        """(the box of tensor ``key`` that ``target`` holds, the tensor to fill): a tensor, a DTensor's
+        local shard, a NumPy array's tensor view. Raises :class:`MismatchError` if they do not fit."""
         t, dt = self.tensors[key], dtensor_type()
         if dt is not None and isinstance(target, dt):
             box, local = dtensor_box(target, where)
@@ -168,7 +169,7 @@ class Checkpoint:
                 f"cannot load {self.path} into {where}: the state has {name_of_torch(local.dtype)} "
                 f"{list(target.shape)}, the checkpoint's {key!r} is {t.dtype} {list(t.shape)}. Fix: build the state "
                 "with the same model and optimizer settings as when saving (only the sharding may differ)")
-        self.read_box(key, box, local)
+        return box, local
 
     def materialize(self, v: Any) -> Any:
         """``v`` from the saved structure with every :class:`Ref` read whole."""
@@ -211,14 +212,15 @@ def _has_array(x: Any) -> bool:
     return _is_array(x)
 
 
-def _fill(target: Any, saved: Any, where: str, ck: Checkpoint) -> Any:
-    """The value for ``target``'s slot: tensors filled in place, containers filled recursively,
-    everything else replaced by the saved value."""
+def _plan(target: Any, saved: Any, where: str, ck: Checkpoint, fills: list, sets: list) -> Any:
+    """The value for ``target``'s slot, changing nothing yet: each tensor to fill in place goes to
+    ``fills`` as (key, box, tensor), each dict entry or list content to set to ``sets`` as
+    (container, key, value); only values ``target`` lacks are read (whole) now."""
     if _is_array(target):
         if not isinstance(saved, Ref):
             raise MismatchError(f"cannot load {ck.path} into {where}: the state has a tensor there, the "
                                 f"checkpoint a {type(saved).__name__}")
-        ck.into(saved.name, target, where)
+        fills.append((saved.name, *ck.box_of(saved.name, target, where)))
         return target
     if isinstance(target, dict) and isinstance(saved, dict):
         missing = [k for k in target if k not in saved]
@@ -227,13 +229,14 @@ def _fill(target: Any, saved: Any, where: str, ck: Checkpoint) -> Any:
                                 f"({len(missing)} keys missing; it has {list(saved)[:8]}). Fix: remove the key from "
                                 "the state, or load from a checkpoint that has it")
         for k, v in saved.items():
-            target[k] = _fill(target[k], v, f"{where}[{k!r}]", ck) if k in target else ck.materialize(v)
+            sets.append((target, k, _plan(target[k], v, f"{where}[{k!r}]", ck, fills, sets) if k in target
+                         else ck.materialize(v)))
         return target
     if type(target) in (list, tuple) and type(saved) is type(target) and len(saved) == len(target):
-        items = [_fill(t, s, f"{where}[{i}]", ck) for i, (t, s) in enumerate(zip(target, saved))]
+        items = [_plan(t, s, f"{where}[{i}]", ck, fills, sets) for i, (t, s) in enumerate(zip(target, saved))]
         if type(target) is tuple:
             return tuple(items)
-        target[:] = items
+        sets.append((target, slice(None), items))
         return target
     if _has_array(target):
         raise MismatchError(f"cannot load {ck.path} into {where}: the state holds tensors there, the checkpoint "
@@ -241,7 +244,8 @@ def _fill(target: Any, saved: Any, where: str, ck: Checkpoint) -> Any:
     return ck.materialize(saved)
 
 
-def load_distributed(state: Any, path: "str | os.PathLike[str]", *, device: Any = None) -> Any:
+def load_distributed(state: Any, path: "str | os.PathLike[str]", *, device: Any = None,
+                     atomic: bool = True) -> Any:
     """Load a :func:`tensorkeep.save_distributed` checkpoint into ``state``, in place; returns it.
 
     ``state`` says what each rank wants, as for torch DCP: its tensors and DTensors have the
@@ -251,6 +255,12 @@ def load_distributed(state: Any, path: "str | os.PathLike[str]", *, device: Any 
     are added (as whole plain tensors). Works with or without a process group (no collective).
     ``state=None`` returns everything with plain, whole tensors (``device``: where to put them),
     as ``tk.load(path)`` does. Raises :class:`MismatchError` when a shape or dtype differs.
+
+    All or nothing: after any error (a mismatch, a damaged or missing file) ``state`` is unchanged.
+    Every box this rank needs is read and verified into CPU memory before the first tensor of
+    ``state`` is written (peak: one more copy of this rank's part, in host memory, never on the
+    device); ``atomic=False`` reads straight into ``state`` instead (no extra memory; after an
+    error, tensors filled before it hold the checkpoint's values).
 
     >>> import torch, tensorkeep as tk
     >>> tk.save_distributed({"w": torch.arange(6.0), "step": 3}, "/tmp/tk-doc-dist-load")
@@ -264,6 +274,22 @@ def load_distributed(state: Any, path: "str | os.PathLike[str]", *, device: Any 
         if state is None:
             return unflatten(ck.manifest["tree"], ck.full, path)
         saved = unflatten(_without_flags(ck.manifest["tree"]), lambda name, kind: Ref(name, kind), path)
-        return _fill(state, saved, "state", ck)
+        fills: list[tuple[str, Box, torch.Tensor]] = []
+        sets: list[tuple[Any, Any, Any]] = []
+        out = _plan(state, saved, "state", ck, fills, sets)  # every mismatch raises here, before any change
+        if not atomic:
+            for key, box, local in fills:
+                ck.read_box(key, box, local)
+        else:
+            read = []
+            for key, box, local in fills:
+                read.append((local, torch.empty(local.shape, dtype=local.dtype)))
+                ck.read_box(key, box, read[-1][1])
+            with torch.no_grad():
+                for local, tmp in read:
+                    local.copy_(tmp)
+        for container, k, v in sets:
+            container[k] = v
+        return out
     finally:
         ck.close()

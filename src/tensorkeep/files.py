@@ -19,7 +19,7 @@ from .format import (
     looks_like_tensorkeep, parse_checksums, parse_header, strict_json, check_json_values,
 )
 from .storage import is_url
-from .tree import leaf_kinds, unflatten
+from .tree import check_nesting, leaf_kinds, unflatten
 
 from .writer import save, write  # noqa: F401 - re-exported: tensorkeep.files is the one-file API
 
@@ -36,6 +36,9 @@ _GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 def _torch_file(path: str, device: Any, lazy: bool, source: Any = None, *, verify: bool = True) -> Any:
     """``torch.load(weights_only=True)`` of ``path`` (or of ``source``, a BytesIO holding its bytes).
 
+    Before torch runs the pickle, it is scanned (``ptzip.check_pickle``: nothing a file can make
+    torch's unpickler hash for ever or crash on); what torch returns is then walked once, bounded
+    (``tree.check_nesting``: depth, and values counting shared containers at each use).
     ``verify`` checks the CRC-32 the zip archive stores for each entry (torch does not):
     eagerly, each entry as torch reads it; for ``lazy`` (``mmap=True``), all of them up front
     through a read-only mapping whose pages torch's mapping then shares. A legacy (non-zip)
@@ -45,24 +48,27 @@ def _torch_file(path: str, device: Any, lazy: bool, source: Any = None, *, verif
     f: ptzip.CheckedFile | None = None
     try:
         if source is not None:
-            if verify:
-                ptzip.check_buffer(path, source.getbuffer())
-            return torch.load(source, map_location=loc, weights_only=True)
-        if not verify:
-            return torch.load(path, map_location=loc, weights_only=True, mmap=lazy or None)
-        f = ptzip.CheckedFile(path)
-        if f.legacy:
-            return torch.load(path, map_location=loc, weights_only=True)
-        if lazy:
-            f.check_all_mapped()
-            return torch.load(path, map_location=loc, weights_only=True, mmap=True)
-        obj = torch.load(f, map_location=loc, weights_only=True, mmap=False)  # a file object cannot be mapped
-        f.check_rest()
+            ptzip.check_buffer(path, source.getbuffer(), crcs=verify)
+            obj = torch.load(source, map_location=loc, weights_only=True)
+        else:
+            f = ptzip.CheckedFile(path, deflated_ok=not verify)
+            f.check_pickle()
+            if not verify:
+                obj = torch.load(path, map_location=loc, weights_only=True, mmap=lazy or None)
+            elif f.legacy:
+                obj = torch.load(path, map_location=loc, weights_only=True)
+            elif lazy:
+                f.check_all_mapped()
+                obj = torch.load(path, map_location=loc, weights_only=True, mmap=True)
+            else:
+                obj = torch.load(f, map_location=loc, weights_only=True, mmap=False)  # a file object cannot be mapped
+                f.check_rest()
+        check_nesting(obj, path)
         return obj
     except TensorkeepError:
         raise
     except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, ...
-        if f is not None and not f.legacy:
+        if f is not None and not f.legacy and verify:
             f.check_rest()  # damage explains a failure better than torch's message does
         msg = str(e)
         m = _GLOBAL_RE.search(msg)
@@ -89,7 +95,7 @@ class _Reader:
     def __init__(self, path: str) -> None:
         self.path = path
         self._map: mmap.mmap | None = None  # made by the first map_one; tensors over it keep it alive
-        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self.fd = ptzip.open_regular(path)  # a FIFO is refused, not waited on
         try:
             self.size = os.fstat(self.fd).st_size
             self._open(lambda n, at: os.pread(self.fd, n, at))
@@ -145,6 +151,7 @@ class _Reader:
         self.crcs = parse_checksums(info["crc"], info["block"], h, self.path)
         self.tree = info["tree"]
         kinds = leaf_kinds(self.tree, self.path)
+        unflatten(self.tree, None, self.path)  # every node checked now, so verify reports what load would refuse
         if set(kinds) != set(h.tensors):
             raise FormatError(f"{self.path}: stored structure does not refer to exactly the file's tensors")
         for name, kind in kinds.items():
@@ -437,25 +444,34 @@ class SafeOpen:
 
     get_tensor = get  # safetensors' spelling
 
-    def read_into(self, name: str, out: torch.Tensor, *, verify: bool = True) -> torch.Tensor:
-        """Read tensor ``name`` straight into ``out`` (same dtype and shape), verified.
+    def read_into(self, name: str, out: torch.Tensor, *, verify: bool = True, atomic: bool = True) -> torch.Tensor:
+        """Read tensor ``name`` into ``out`` (same dtype and shape), verified; returns ``out``.
 
-        A contiguous CPU ``out`` is filled in place with no extra copy; otherwise the
-        tensor is read into a temporary and copied (``out`` may be on any device).
+        ``out`` is written only once the whole tensor has been read and verified (through a
+        temporary, one extra copy): after any error it is unchanged. ``atomic=False`` reads a
+        contiguous CPU ``out`` in place, with no temporary, for callers that keep their own copy
+        of the old values: after a ``ChecksumError`` it then holds the damaged bytes.
+
+        >>> import torch, tensorkeep as tk
+        >>> tk.save({"w": torch.arange(3.0)}, "/tmp/tk-doc-read-into.tk")
+        >>> with tk.open("/tmp/tk-doc-read-into.tk") as f:
+        ...     f.read_into("w", torch.zeros(3))
+        tensor([0., 1., 2.])
         """
         self._check(name)
-        if self._all is not None:
-            return out.copy_(self._all[name])
-        t = self._r.header.tensors[name]
-        if torch_dtype(t.dtype) != out.dtype or tuple(out.shape) != t.shape:
-            raise ValueError(f"{self.path}: {name!r} is {t.dtype} {list(t.shape)}, out is {out.dtype} {list(out.shape)}")
-        if out.device.type == "cpu" and out.is_contiguous() and not out.requires_grad and out.reshape(-1).stride(0) == 1:
-            buf = out.reshape(-1).view(torch.uint8).numpy()
-        else:
+        src = self._all[name] if self._all is not None else None
+        if src is not None and not isinstance(src, torch.Tensor):
+            raise TypeError(f"{self.path}: {name!r} is a {type(src).__name__}, not a tensor")
+        dt, shape = (src.dtype, tuple(src.shape)) if src is not None else (
+            torch_dtype(self._r.header.tensors[name].dtype), self._r.header.tensors[name].shape)
+        if dt != out.dtype or tuple(out.shape) != shape:
+            raise ValueError(f"{self.path}: {name!r} is {dt} {list(shape)}, out is {out.dtype} {list(out.shape)}")
+        if src is not None:
+            return out.copy_(src)
+        direct = out.device.type == "cpu" and out.is_contiguous() and not out.requires_grad
+        if atomic or not direct or out.reshape(-1).stride(0) != 1:
             return out.copy_(self._r.read(name, "t", verify))
-        self._r.read_range(buf, self._r.header.data_start + t.begin)
-        if verify:
-            self._r.check(name, buf)
+        self._r.read_verified(name, out.reshape(-1).view(torch.uint8).numpy(), 0, verify)
         return out
 
     def get_slice(self, name: str) -> TensorSlice:

@@ -25,6 +25,7 @@ from .errors import FormatError, MismatchError, UntrustedModelError
 from .files import SafeOpen, write
 from .format import dumps, strict_json
 from .sharded import ShardedOpen, save_sharded
+from .tree import check_nesting
 
 MODEL_KEY = "tensorkeep.model"
 #: Prefixes that wrappers add to every name: DataParallel/DDP, torch.compile, Lightning-style holders.
@@ -86,20 +87,29 @@ def _shape(s: Iterable[int]) -> str:
     return "(" + ", ".join(map(str, s)) + ("," if len(s) == 1 else "") + ")"
 
 
-def _flat_tensors(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Tensors of a (possibly nested) dict, named with dots as tk.save names them; other values dropped."""
+def _flat_tensors(obj: Any, where: str) -> dict[str, torch.Tensor]:
+    """Tensors of a (possibly nested) dict, named with dots as tk.save names them; other values dropped.
+
+    Checked first like a file's structure (``tree.check_nesting``, errors name ``where``): a DAG
+    of shared dicts or a list nested 100,000 deep is refused, not walked 2**40 times or recursed into.
+    """
+    check_nesting(obj, where)
     out: dict[str, torch.Tensor] = {}
-    if isinstance(obj, Mapping):
-        items: Iterable[tuple[Any, Any]] = obj.items()
-    elif isinstance(obj, (list, tuple)):
-        items = enumerate(obj)
-    else:
-        return out
-    for k, v in items:
-        if isinstance(v, torch.Tensor) or (hasattr(v, "__array__") and not isinstance(v, (str, bytes))):
-            out[f"{prefix}{k}"] = torch.as_tensor(v)
+    stack = [(None, obj)]  # (name, value); name None: the top, never a tensor itself
+    while stack:
+        name, x = stack.pop()
+        if name is not None and (isinstance(x, torch.Tensor) or (hasattr(x, "__array__") and not isinstance(
+                x, (str, bytes)))):
+            out[name] = torch.as_tensor(x)
+            continue
+        if isinstance(x, Mapping):
+            items: list[tuple[Any, Any]] = list(x.items())
+        elif isinstance(x, (list, tuple)):
+            items = list(enumerate(x))
         else:
-            out.update(_flat_tensors(v, f"{prefix}{k}."))
+            continue
+        pre = "" if name is None else name + "."
+        stack.extend((f"{pre}{k}", v) for k, v in reversed(items))  # reversed: popped in order
     return out
 
 
@@ -107,7 +117,7 @@ class _DictSource:
     """An in-memory state dict behind the same small interface as SafeOpen."""
 
     def __init__(self, sd: Mapping[str, Any], path: str = "<state dict>") -> None:
-        self._sd = _flat_tensors(sd)
+        self._sd = _flat_tensors(sd, path)
         self.path = path
 
     def keys(self) -> list[str]:
@@ -131,7 +141,7 @@ class _FileSource:
         self.f, self.owned, self.path = f, owned, f.path
         self._flat = f._all if isinstance(f, SafeOpen) and f._all is not None else None
         if self._flat is not None:  # a .pt file, already in memory (weights-only unpickling reads it whole)
-            self._flat = _flat_tensors(self._flat)
+            self._flat = _flat_tensors(self._flat, f.path)
         self.verify = True
 
     def keys(self) -> list[str]:

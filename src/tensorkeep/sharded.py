@@ -331,8 +331,9 @@ class ShardedOpen:
     def get_slice(self, name: str) -> TensorSlice:
         return self._for(name).get_slice(name)
 
-    def read_into(self, name: str, out: torch.Tensor, *, verify: bool = True) -> torch.Tensor:
-        return self._for(name).read_into(name, out, verify=verify)
+    def read_into(self, name: str, out: torch.Tensor, *, verify: bool = True, atomic: bool = True) -> torch.Tensor:
+        """:meth:`SafeOpen.read_into` on the shard that holds ``name``: after any error ``out`` is unchanged."""
+        return self._for(name).read_into(name, out, verify=verify, atomic=atomic)
 
     def close(self) -> None:
         for f in self._open.values():

@@ -17,16 +17,19 @@ Tree nodes (JSON): ``null``/``true``/``false``/int/str are themselves;
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 
 from . import knobs
 from .dtypes import torch_dtype_named
-from .errors import FormatError
+from .errors import FormatError, LimitError
 
 _Parameter = torch.nn.Parameter
+_MAX_INT64 = (1 << 63) - 1
+_CHECK_AFTER = 100_000  # nodes flatten visits before it checks the whole structure's size (most never get there)
+_MAX_DEVICE_TEXT = 64
 _SUPPORTED = (
     "tensorkeep saves torch tensors, NumPy arrays, dict/OrderedDict (str or int keys), list, tuple, "
     "and str/int/float/bool/None"
@@ -46,7 +49,8 @@ def _view_key(x: Any) -> tuple:
 
 
 class _Flattener:
-    def __init__(self) -> None:
+    def __init__(self, root: Any) -> None:
+        self.root, self.nodes = root, 0
         self.leaves: list[tuple[str, Any]] = []
         self._names: set[str] = set()
         self._by_view: dict[tuple, str] = {}
@@ -80,6 +84,9 @@ class _Flattener:
                 f"cannot save {_path_str(path[:5])}...: nested more than {knobs.MAX_DEPTH} levels deep "
                 "(is there a cycle, a container that holds itself?)"
             )
+        self.nodes += 1
+        if self.nodes == _CHECK_AFTER:  # a big structure, or a DAG of shared dicts 40 deep (2**40 paths to walk)
+            check_nesting(self.root, "cannot save", saving=True)
         t = type(x)
         if x is None or t is bool or t is str:
             return x
@@ -126,6 +133,9 @@ class _Flattener:
             tag = "l" if t is list else "u"
             return {tag: [self.node(v, path + (i,), depth + 1) for i, v in enumerate(x)]}
         if t is torch.Size:
+            if any(not 0 <= d <= _MAX_INT64 for d in x):
+                raise ValueError(f"cannot save {_path_str(path)}: torch.Size {list(x)} has a dimension outside "
+                                 f"0 .. 2**63-1, which loading refuses")
             return {"S": list(x)}
         if t is torch.dtype:
             return {"dt": str(x).removeprefix("torch.")}
@@ -141,7 +151,7 @@ def flatten(obj: Any) -> tuple[Any, list[tuple[str, Any]]]:
     >>> tree, [name for name, _ in leaves]
     ({'d': [['w', {'t': 'w'}], ['n', 3]]}, ['w'])
     """
-    f = _Flattener()
+    f = _Flattener(obj)
     tree = f.node(obj, (), 0)
     return tree, f.leaves
 
@@ -150,16 +160,22 @@ def _fail(where: str, msg: str) -> FormatError:
     return FormatError(f"{where}: stored structure is invalid: {msg}")
 
 
-def unflatten(tree: Any, get: Callable[[str, str], Any], where: str) -> Any:
+def unflatten(tree: Any, get: Callable[[str, str], Any] | None, where: str) -> Any:
     """Rebuild the object from its tree; ``get(name, kind)`` returns the array ('t' torch, 'n' numpy).
 
-    Each name is fetched once, so arrays referenced twice come back as one object.
+    Each name is fetched once, so arrays referenced twice come back as one object. ``get=None``
+    only checks the tree (what a file's reader does when it opens it): tensors come back as None.
+
+    >>> unflatten({"d": [["w", {"t": "w"}], ["s", {"S": [2, 3]}]]}, lambda name, kind: name, "f")
+    {'w': 'w', 's': torch.Size([2, 3])}
     """
     cache: dict[tuple[str, str], Any] = {}
 
     def leaf(name: Any, kind: str) -> Any:
         if type(name) is not str:
             raise _fail(where, f"tensor reference {name!r} is not a string")
+        if get is None:
+            return None
         if (name, kind) not in cache:
             cache[(name, kind)] = get(name, kind)
         return cache[(name, kind)]
@@ -196,6 +212,8 @@ def unflatten(tree: Any, get: Callable[[str, str], Any], where: str) -> Any:
                 raise _fail(where, f"bad float {v!r:.40}") from None
         if tag == "t":
             x = leaf(v, "t")
+            if x is None:
+                return None
             p, g = bool(n.get("p")), bool(n.get("g")) and (x.is_floating_point() or x.is_complex())
             if not p and not g:
                 return x
@@ -206,7 +224,7 @@ def unflatten(tree: Any, get: Callable[[str, str], Any], where: str) -> Any:
             return cache[(v, p, g)]
         if tag == "n":
             x = leaf(v, "n")
-            return x[()] if n.get("s") else x
+            return x[()] if n.get("s") and x is not None else x
         if tag in ("d", "o"):
             pairs = items(v, depth)
             out = dict(pairs) if tag == "d" else OrderedDict(pairs)
@@ -221,8 +239,8 @@ def unflatten(tree: Any, get: Callable[[str, str], Any], where: str) -> Any:
             seq = [build(x, depth + 1) for x in v]
             return seq if tag == "l" else tuple(seq)
         if tag == "S":
-            if type(v) is not list or any(type(d) is not int or d < 0 for d in v):
-                raise _fail(where, "torch.Size must be a list of non-negative ints")
+            if type(v) is not list or any(type(d) is not int or not 0 <= d <= _MAX_INT64 for d in v):
+                raise _fail(where, f"torch.Size must be a list of ints in 0 .. 2**63-1, found {v!r:.60}")
             return torch.Size(v)
         if tag == "dt":
             dt = torch_dtype_named(v)  # never getattr(torch, v): that can import torch submodules
@@ -230,9 +248,11 @@ def unflatten(tree: Any, get: Callable[[str, str], Any], where: str) -> Any:
                 raise _fail(where, f"unknown torch dtype {v!r:.40}")
             return dt
         if tag == "dev":
+            if type(v) is not str or len(v) > _MAX_DEVICE_TEXT:  # saved as str(device): "cpu", "cuda:1"
+                raise _fail(where, f"a device must be stored as its name, found {v!r:.40}")
             try:
                 return torch.device(v)
-            except (RuntimeError, TypeError):
+            except (RuntimeError, TypeError, ValueError, OverflowError):
                 raise _fail(where, f"bad device {v!r:.40}") from None
         raise _fail(where, f"unknown node tag {tag!r:.20}")
 
@@ -259,3 +279,54 @@ def leaf_kinds(tree: Any, where: str) -> dict[str, str]:
                 elif tag == "m":
                     stack.append((v, depth + 1))
     return out
+
+
+_ATOMS = frozenset({int, float, str, bool, bytes, complex, type(None), torch.Tensor, _Parameter})
+
+
+def _container(x: Any) -> bool:
+    t = type(x)
+    return t not in _ATOMS and (t in (dict, list, tuple) or isinstance(x, (Mapping, list, tuple, set, frozenset)))
+
+
+def check_nesting(obj: Any, where: str, *, saving: bool = False) -> None:
+    """Refuse an object (unpickled from a ``.pt`` file or a DCP value, a state dict to walk, or,
+    with ``saving``, one to save: then a ``ValueError``) whose containers nest more than
+    ``knobs.MAX_DEPTH`` levels, that holds more than ``knobs.MAX_JSON_VALUES`` values counting a
+    shared container at each use (a few KB of pickle can share one dict 2**40 ways: every later walk
+    would follow each path), or that holds itself. Each container is looked at once: no more work
+    than the object's size, and no recursion.
+
+    >>> check_nesting({"w": [1, 2]}, "f.pt")
+    """
+    fix = "both where the file is saved and where it is loaded" if saving else "to read it"
+    too_deep = FormatError if not saving else ValueError
+    done: dict[int, tuple[int, int]] = {}  # container id -> (values, counting shared parts at each use; levels)
+    path: set[int] = set()  # containers whose parts are being looked at: meeting one again is a cycle
+    stack: list[tuple[Any, int, list]] = [(obj, 0, [])]  # (x, its depth, []), or (x, -1, the containers in x)
+    while stack:
+        x, depth, kids = stack.pop()
+        if depth < 0:  # x's parts are done: total them
+            size, levels = 1 + len(x) * (2 if isinstance(x, Mapping) else 1) - len(kids), min(len(x), 1)
+            for c in kids:
+                size, levels = size + done[id(c)][0], max(levels, done[id(c)][1] + 1)
+            path.discard(id(x))
+            done[id(x)] = size, levels
+            if size > knobs.MAX_JSON_VALUES:
+                raise (LimitError if not saving else ValueError)(
+                    f"{where}: holds more than {knobs.MAX_JSON_VALUES} values, counting a container each time it "
+                    f"is used (is a dict or list shared that many ways?); raise tensorkeep.knobs.MAX_JSON_VALUES {fix}")
+            depth = levels
+        elif not _container(x) or id(x) in done:
+            continue
+        elif id(x) in path:
+            raise too_deep(f"{where}: nested more than {knobs.MAX_DEPTH} levels deep: a container holds itself "
+                           "(a cycle)")
+        else:
+            path.add(id(x))
+            kids = [c for c in ((v for kv in x.items() for v in kv) if isinstance(x, Mapping) else x) if _container(c)]
+            stack.append((x, -1, kids))
+            stack.extend((c, depth + 1, []) for c in kids if id(c) not in done)
+        if depth > knobs.MAX_DEPTH:
+            raise too_deep(f"{where}: nested more than {knobs.MAX_DEPTH} levels deep (dicts, lists, tuples inside "
+                           f"each other); raise tensorkeep.knobs.MAX_DEPTH {fix}")
