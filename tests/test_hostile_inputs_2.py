@@ -11,6 +11,7 @@ fails the test instead of stalling or killing the suite.
 import io
 import json
 import os
+import pickle
 import struct
 import subprocess
 import sys
@@ -99,11 +100,22 @@ def test_a_pt_nested_200k_deep_is_a_format_error_everywhere(tmp_path):
     assert not verify(p).ok
 
 
-@pytest.mark.parametrize("pkl", [DEEP_TUPLE_KEY, hash_bomb(), b"\x80\x02}G?\xf0\x00\x00\x00\x00\x00\x00Ns.",
-                                 b"\x80\x02}\x8a\x09" + (1 << 64).to_bytes(9, "little") + b"Ns.",
-                                 b"\x80\x02c__builtin__\nset\n)\x85\x85R."],
-                         ids=["deep-tuple-key", "hash-bomb", "float-key", "huge-int-key", "set-of-tuples"])
-def test_dict_keys_whose_hash_a_file_controls_are_refused_before_torch_loads(tmp_path, pkl):
+DEEP_TUPLE = b")" + b"\x85" * N
+PICKLES = {  # each crashed (hash() of a deep tuple), hung, imported a module or allocated 2 GB in torch.load
+    "deep-tuple-key": DEEP_TUPLE_KEY, "hash-bomb": hash_bomb(), "float-key": b"\x80\x02}G?\xf0\0\0\0\0\0\0Ns.",
+    "huge-int-key": b"\x80\x02}\x8a\x09" + (1 << 64).to_bytes(9, "little") + b"Ns.",
+    "set-of-tuples": b"\x80\x02c__builtin__\nset\n)\x85\x85R.",
+    "storage-key": b"\x80\x02(X\x07\0\0\0storagectorch\nFloatStorage\n" + DEEP_TUPLE + b"X\x03\0\0\0cpuK\x01tQ.",
+    "layout-name": b"\x80\x02ctorch.serialization\n_get_layout\n" + DEEP_TUPLE + b"\x85R.",
+    "ordered-dict-state": b"\x80\x02ccollections\nOrderedDict\n)R" + DEEP_TUPLE + b"N\x86\x85b.",
+    "codec-import": b"\x80\x02c_codecs\nencode\nX\x01\0\0\0xX\x04\0\0\0idna\x86R.",
+    "bytearray-size": b"\x80\x02c__builtin__\nbytearray\nJ\0\0\0\x7f\x85R.",
+    "tensor-constructor": b"\x80\x02ctorch\nFloatTensor\nJ\0\0\0\x7f\x85R.",  # 8 GB, from 40 bytes
+}
+
+
+@pytest.mark.parametrize("pkl", list(PICKLES.values()), ids=list(PICKLES))
+def test_pickles_torch_would_crash_hang_import_or_allocate_on_are_refused_first(tmp_path, pkl):
     p = pt_with_pickle(str(tmp_path / "k.pt"), pkl)
     r = in_child(f"""
         import tensorkeep as tk
@@ -117,6 +129,23 @@ def test_dict_keys_whose_hash_a_file_controls_are_refused_before_torch_loads(tmp
     """, timeout=120)
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])  # -11 was a segfault in hash()
     assert r.stdout.count(f"REFUSED {p}: ") == 4, r.stdout
+
+
+def test_a_legacy_torch_file_is_scanned_too(tmp_path):
+    head = b"".join(pickle.dumps(v, protocol=2) for v in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}))
+    p = str(tmp_path / "legacy.pt")
+    with open(p, "wb") as f:
+        f.write(head + DEEP_TUPLE_KEY)
+    r = in_child(f"""
+        import tensorkeep as tk
+        try:
+            tk.load({p!r})
+        except tk.FormatError as e:
+            print("REFUSED", e)
+    """, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith(f"REFUSED {p}: the pickle has a dict key"), (r.returncode, r.stdout)
+    torch.save({"w": torch.ones(2), "b": b"x"}, p, _use_new_zipfile_serialization=False)
+    assert torch.equal(tk.load(p)["w"], torch.ones(2))
 
 
 def test_ordinary_pt_files_still_load(tmp_path):

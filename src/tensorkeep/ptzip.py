@@ -69,7 +69,7 @@ def open_regular(path: str) -> int:
     """A read-only descriptor of ``path``, which must be a regular file: a FIFO is refused
     (:class:`FormatError`) instead of blocking ``open`` until some writer comes, forever.
 
-    >>> os.close(open_regular("/tmp/tk-doc-ptzip.pt"))
+    >>> os.close(open_regular(__file__))
     """
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))  # O_NONBLOCK: no wait on a FIFO
     try:
@@ -260,6 +260,9 @@ _HASHING = {"builtins.set", "collections.Counter", "collections.OrderedDict"}  #
 _FROM_TYPE = "torch._tensor._rebuild_from_type_v2"  # calls its first argument with its third
 _BYTES = ("r", "_codecs.encode")  # what that call returns: how protocol 2 writes bytes, _codecs.encode(str, "latin1")
 _DICTS = {_DICT, ("r", "collections.OrderedDict"), ("r", "collections.Counter")}  # keys checked as they were set
+_TAKES = {"_codecs.encode": "a string and 'latin1' (another encoding would import its codec's module)",
+          "builtins.bytearray": "bytes, or a string and 'latin-1' (a number would be allocated as that many bytes)",
+          "torch.serialization._get_layout": "a layout's name (it is looked up in a dict)"}
 _MAX_KEY_INT = (1 << 61) - 2  # ints up to this hash to themselves (but -1, to -2: one pair, harmless)
 codecs.lookup("latin1")  # now, not when a file's bytes are first decoded: a file never causes an import
 
@@ -271,8 +274,19 @@ def _is_key(v: Any) -> bool:
 
 def _safe_items(v: Any) -> bool:
     """``v``'s items are safe to hash: a dict's keys (checked as it was filled), a list or tuple of keys."""
-    return (type(v) is not list and v in _DICTS) or (type(v) is list and v[1]) or (type(v) is tuple and v[0] == "t" and all(
-        _is_key(x) for x in v[1]))
+    if type(v) is list:
+        return v[1]
+    return v in _DICTS or (type(v) is tuple and v[0] == "t" and all(_is_key(x) for x in v[1]))
+
+
+def _updatable(v: Any) -> bool:
+    """``dict.update(v)``, or of each part of a tuple ``v``, would hash only safe keys (what BUILD does)."""
+    if type(v) is list:
+        return v[1]
+    if type(v) is not tuple or v[0] != "t":
+        return True
+    return all(x[1] if type(x) is list else not (type(x) is tuple and x[0] == "t" and x[1] and not _is_key(x[1][0]))
+               for x in v[1])
 
 
 def _is_str(v: Any, text: str | None = None) -> bool:
@@ -288,21 +302,25 @@ def _call(where: str, func: Any, args: Any) -> None:
         func, args = items[0], items[2]  # _rebuild_from_type_v2(func, type, args, state) calls func(*args)
         name = func[1] if type(func) is tuple and func[0] == "g" else None
         items = args[1] if type(args) is tuple and args[0] == "t" else None
+    if name is not None and name.startswith("torch.") and name.endswith(("Tensor", "Storage")):
+        raise FormatError(f"{where}: the pickle calls {name} itself, which allocates whatever size the file asks "
+                          "for; torch.save never does (its tensors are rebuilt from the archive's storages)")
     if name in _HASHING and not (items is not None and (not items or (len(items) == 1 and _safe_items(items[0])))):
         raise FormatError(f"{where}: the pickle builds a {name} of tuples, floats or other values whose hash the "
                           "file controls (a few bytes can make hashing them take hours or crash); tensorkeep reads "
                           "sets and dicts keyed by str, int, bool and None only")
     if name == "_codecs.encode":
         ok = items is not None and len(items) == 2 and _is_str(items[0]) and _is_str(items[1], "latin1")
+    elif name == "torch.serialization._get_layout":  # looks its argument up in a dict
+        ok = items is not None and len(items) == 1 and _is_str(items[0])
     elif name == "builtins.bytearray":
         ok = items is not None and (items in ((), (_BYTES,)) or (
             len(items) == 2 and _is_str(items[0]) and _is_str(items[1], "latin-1")))
     else:
         return
-    if not ok:  # another encoding would import its codec's module; a number, allocate that many bytes
-        raise FormatError(f"{where}: the pickle calls {name} with arguments torch.save never writes (it encodes a "
-                          "string as latin1); tensorkeep refuses other encodings (a codec lookup imports a module) "
-                          "and sizes (a number from the file would be allocated)")
+    if not ok:
+        raise FormatError(f"{where}: the pickle calls {name} with arguments torch.save never writes; it takes "
+                          f"{_TAKES[name]}")
 
 
 def _key(where: str, k: Any) -> None:
@@ -406,15 +424,18 @@ def check_pickle(where: str, data: Any, at: int = 0) -> int:
             elif op in (0x52, 0x81):  # REDUCE, NEWOBJ (cls.__new__ only: it fills nothing)
                 args = stack.pop()
                 func = stack.pop()
-                if op == 0x52:
-                    _call(where, func, args)
+                _call(where, func, args if op == 0x52 else ("t", ()))  # NEWOBJ: cls.__new__ fills nothing
                 stack.append(("r", func[1]) if op == 0x52 and type(func) is tuple and func[0] == "g" else _OTHER)
-            elif op == 0x62:  # BUILD: updates the object under it with a dict (keys checked) or a tuple
-                stack.pop()
-                if not stack:
-                    raise IndexError
-            elif op == 0x51:  # BINPERSID
-                stack.pop()
+            elif op == 0x62:  # BUILD: dict.update of the object under it with the state (a dict, or pairs)
+                if not _updatable(stack.pop()) or not stack:
+                    raise FormatError(f"{where}: the pickle sets an object's state from pairs whose keys are not "
+                                      "str, int, bool or None")
+            elif op == 0x51:  # BINPERSID: torch looks up a storage by the key in its id, ("storage", type, key, ...)
+                pid = stack.pop()
+                ids = pid[1] if type(pid) is tuple and pid[0] == "t" else ()
+                view = ids[5][1] if len(ids) > 5 and type(ids[5]) is tuple and ids[5][0] == "t" else ()
+                if (len(ids) > 2 and not _is_key(ids[2])) or (view and not _is_key(view[0])):
+                    raise FormatError(f"{where}: the pickle names a storage by a key that is not a str or an int")
                 stack.append(_OTHER)
             elif op == 0x2E:  # STOP
                 return pos
