@@ -53,7 +53,7 @@ def hash_bomb(doublings: int = 100) -> bytes:
     """{t: None}, t = (t', t'), t' = (t'', t''), ...: hashing t takes 2**100 steps."""
     out = b"\x80\x02})q\x00"
     for i in range(doublings):
-        out += b"j" + struct.pack("<I", i) + b"j" + struct.pack("<I", i) + b"\x86r" + struct.pack("<I", i + 1)
+        out += b"j" + struct.pack("<I", i) + b"\x86r" + struct.pack("<I", i + 1)  # (t, t) of the t on top
     return out + b"Ns."
 
 
