@@ -27,11 +27,11 @@ from tensorkeep import knobs, writer
 from tensorkeep.inspection import verify
 from tensorkeep.sharded import ShardedOpen
 
-def pt_with_pickle(path: str, pkl: bytes) -> str:
-    """A torch.save zip archive (stored entries, right CRCs) whose data.pkl is ``pkl``."""
+def pt_with_pickle(path: str, pkl: bytes, how: int = zipfile.ZIP_STORED) -> str:
+    """A torch.save zip archive (right CRCs; stored entries, or ``how``) whose data.pkl is ``pkl``."""
     base = io.BytesIO()
     torch.save({"x": 1}, base)
-    with zipfile.ZipFile(base) as zin, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+    with zipfile.ZipFile(base) as zin, zipfile.ZipFile(path, "w", how) as z:
         for info in zin.infolist():
             z.writestr(info.filename, pkl if info.filename.endswith("data.pkl") else zin.read(info.filename))
     return path
@@ -105,6 +105,7 @@ cli, out, fifo = CliRunner(), P["out"], P["fifo"]
 loaders = [tk.load, tk.open, lambda p: tk.load(p, verify=False), lambda p: tk.load(p, lazy=True)]
 cases = {f"pickle {name}": [lambda p=p, f=f: f(p) for f in loaders] for name, p in P["pickles"].items()}
 cases["legacy"] = [lambda: tk.load(P["legacy"])]
+cases["deflated"] = [lambda: tk.load(P["deflated"], verify=False), lambda: tk.load(P["deflated"])]
 cases["dag.pt"] = [lambda f=f: f(P["dag"]) for f in loaders[:2]] + [
     lambda: tk.load_into(lin(), P["dag"], strict=False), lambda: cli.invoke(main, ["convert", P["dag"], out])]
 cases["save"] = [lambda: tk.save({"x": dag()}, out)]
@@ -126,6 +127,7 @@ def child(tmp_path_factory):
     d = tmp_path_factory.mktemp("hostile")
     P = {"out": str(d / "out.tk"), "fifo": str(d / "fifo"), "dag": str(d / "dag.pt"), "legacy": str(d / "legacy.pt"),
          "pickles": {name: pt_with_pickle(str(d / f"{name}.pt"), pkl) for name, pkl in PICKLES.items()}}
+    P["deflated"] = pt_with_pickle(str(d / "deflated.pt"), DEEP_TUPLE_KEY, zipfile.ZIP_DEFLATED)
     os.mkfifo(P["fifo"])
     os.makedirs(d / "fifo_dcp")
     os.mkfifo(d / "fifo_dcp" / ".metadata")
@@ -143,7 +145,7 @@ def child(tmp_path_factory):
                          {"data": blob.getvalue()})
     r = subprocess.run([sys.executable, "-c", CHILD, json.dumps(P)], capture_output=True, text=True, timeout=600)
     out = {j["case"]: j["out"] for j in map(json.loads, r.stdout.splitlines())}
-    assert r.returncode == 0 and len(out) == len(PICKLES) + 6, (r.returncode, r.stderr[-3000:])  # -11: a segfault
+    assert r.returncode == 0 and len(out) == len(PICKLES) + 7, (r.returncode, r.stderr[-3000:])  # -11: a segfault
     return P, out
 
 
@@ -188,9 +190,12 @@ def test_pickles_torch_would_crash_hang_import_or_allocate_on_are_refused_first(
     assert all(o.startswith(f"FormatError {p}: ") for o in out[f"pickle {name}"]), out[f"pickle {name}"]
 
 
-def test_a_legacy_torch_file_is_scanned_too(child, tmp_path):
+def test_legacy_and_compressed_torch_files_are_scanned_too(child, tmp_path):
     P, out = child
     assert out["legacy"][0].startswith(f"FormatError {P['legacy']}: the pickle has a dict key"), out["legacy"]
+    unverified, verified = out["deflated"]  # verify=False still reads a compressed file: its pickle is inflated
+    assert unverified.startswith(f"FormatError {P['deflated']}: archive/data.pkl: the pickle has a dict key"), unverified
+    assert verified.startswith(f"FormatError {P['deflated']}: zip entry 'archive/data.pkl' is compressed"), verified
     p = str(tmp_path / "legacy.pt")
     torch.save({"w": torch.ones(2), "b": b"x"}, p, _use_new_zipfile_serialization=False)
     assert torch.equal(tk.load(p)["w"], torch.ones(2))
