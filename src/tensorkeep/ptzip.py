@@ -276,7 +276,9 @@ def _safe_items(v: Any) -> bool:
     """``v``'s items are safe to hash: a dict's keys (checked as it was filled), a list or tuple of keys."""
     if type(v) is list:
         return v[1]
-    return v in _DICTS or (type(v) is tuple and v[0] == "t" and all(_is_key(x) for x in v[1]))
+    if type(v) is tuple and v[0] == "t":
+        return all(_is_key(x) for x in v[1])
+    return v in _DICTS  # what is left is hashable: a constant, ("g" | "r" | "s", text)
 
 
 def _updatable(v: Any) -> bool:
@@ -337,7 +339,8 @@ def check_pickle(where: str, data: Any, at: int = 0) -> int:
     crashes ``hash``; one shared 2**100 ways hashes for ever), a float or a huge int (keys that all
     collide make inserting them quadratic); encode with a codec other than the one torch.save uses
     (looking one up imports a module); make a bytearray of a size the file gives; or run an opcode
-    that unpickler does not run. Returns where the pickle ends. Nothing is built or called.
+    that unpickler does not run. Returns where the pickle ends. Nothing is built or called; at most
+    2 * ``knobs.MAX_JSON_VALUES`` opcodes are read (a .pt file has about 30 per tensor).
 
     >>> check_pickle("x.pkl", b"\x80\x02}X\x01\x00\x00\x00wK\x01s.")
     13
@@ -345,11 +348,15 @@ def check_pickle(where: str, data: Any, at: int = 0) -> int:
     stack: list[Any] = []
     marks: list[list[Any]] = []
     memo: dict[int, Any] = {}
-    pos = at
+    pos, budget = at, 2 * knobs.MAX_JSON_VALUES
     try:
         while True:
             op = data[pos]
             pos += 1
+            budget -= 1
+            if budget < 0:  # each opcode makes an object here (and in torch): bound the memory
+                raise LimitError(f"{where}: the pickle has more than {2 * knobs.MAX_JSON_VALUES} opcodes (about 30 "
+                                 "per tensor); raise tensorkeep.knobs.MAX_JSON_VALUES to read it")
             if op in (0x71, 0x72, 0x68, 0x6A):  # BINPUT, LONG_BINPUT, BINGET, LONG_BINGET
                 w = 1 if op in (0x71, 0x68) else 4
                 i = int.from_bytes(data[pos : pos + w], "little")
