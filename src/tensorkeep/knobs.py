@@ -25,10 +25,12 @@ MAX_TENSORS = 250_000
 #: header size, bounds a header's memory (at most ~1 GB at the 100 MB cap, instead of ~4 GB).
 #: 20 per tensor: enough for MAX_TENSORS tensors of up to 8 dimensions. Also the most pickle
 #: opcodes, and the largest value counting shared parts at each use, in a DCP ``.metadata``
-#: (about 70 opcodes per chunk: ~70,000 chunks by default; raise it for a larger DCP directory).
+#: (about 70 opcodes per chunk: ~70,000 chunks by default; raise it for a larger DCP directory),
+#: and of the values an unpickled ``.pt`` yields (shared containers counted at each use); twice it
+#: bounds a ``.pt`` pickle's opcodes (about 30 per tensor).
 MAX_JSON_VALUES = 5_000_000
 #: Deepest nesting of a saved structure (dicts/lists/tuples inside each other), and of the values
-#: in a DCP ``.metadata``.
+#: in a DCP ``.metadata`` or a ``.pt`` file.
 MAX_DEPTH = 100
 #: Most dimensions a tensor may have.
 MAX_NDIM = 64

@@ -160,7 +160,7 @@ class _FileSource:
             return
         dtype, shape = self.meta(name)
         if dtype == out.dtype and out.device.type == "cpu" and out.is_contiguous():
-            self.f.read_into(name, out, verify=self.verify)  # straight into the model's memory
+            self.f.read_into(name, out, verify=self.verify, atomic=False)  # straight into the model's memory (load_into keeps its own backup)
             return
         if not shape or shape[0] == 0:
             out.copy_(self.f.get(name, verify=self.verify))
