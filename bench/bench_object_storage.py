@@ -27,7 +27,7 @@ from common import gpt2_state_dict, nbytes, table  # noqa: E402
 from s3server import ENV, S3Server  # noqa: E402
 
 import tensorkeep as tk  # noqa: E402
-from tensorkeep import storage  # noqa: E402
+from tensorkeep.storage import objects as storage  # noqa: E402
 
 
 class Holder(torch.nn.Module):

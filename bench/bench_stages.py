@@ -30,7 +30,7 @@ import tensorkeep as tk  # noqa: E402
 from tensorkeep import knobs  # noqa: E402
 from tensorkeep.checkpoint import packs  # noqa: E402
 from tensorkeep.checkpoint.snapshot import Staging  # noqa: E402
-from tensorkeep.format import crc32  # noqa: E402
+from tensorkeep.core.format import crc32  # noqa: E402
 
 CHUNK = 8 << 20
 

@@ -39,7 +39,7 @@ def _audited(fn):
 @pytest.fixture(autouse=True)
 def loading_audit(monkeypatch):
     """Every load in every test runs under the audit hook; any watched event fails the test."""
-    import tensorkeep.files as files
+    import tensorkeep.file.reader as files
 
     monkeypatch.setattr(files._Reader, "__init__", _audited(files._Reader.__init__))
     monkeypatch.setattr(files, "_torch_file", _audited(files._torch_file))
@@ -62,7 +62,7 @@ def tmp(tmp_path):
 @pytest.fixture
 def fsync_calls(monkeypatch):
     """Every fsync from now on, as "file" or "dir", in order; none reaches the disk."""
-    from tensorkeep import _io
+    from tensorkeep.storage import local as _io
 
     calls: list[str] = []
     monkeypatch.setattr(_io, "fsync", lambda fd: calls.append("file"))

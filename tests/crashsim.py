@@ -17,7 +17,7 @@ Files are tracked by identity (inode), not by name: an fd's writes belong to the
 wherever that file is renamed to.  Every state is built from a snapshot of the directory taken
 before the recorded save.
 
-Recording patches the functions of ``tensorkeep._io`` (every tensorkeep mutation goes through
+Recording patches the functions of ``tensorkeep.storage.local`` (every tensorkeep mutation goes through
 them, by ``_io.<name>`` attribute lookup), and for the comparison runs Python's ``builtins.open``
 (write modes) and ``os.replace``.
 """
@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from tensorkeep import _io
+from tensorkeep.storage import local as _io
 
 PAGE = 4096
 NS_KINDS = {"create", "mkdir", "link", "rename", "exchange", "unlink", "rmdir"}

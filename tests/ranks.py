@@ -21,7 +21,7 @@ from typing import Callable
 
 import pytest
 
-from tensorkeep import _io
+from tensorkeep.storage import local as _io
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _out_dir = ""

@@ -205,7 +205,7 @@ def test_leftovers_of_crashed_save_are_cleaned(tmp):
 def test_failed_save_leaves_committed_intact(tmp, monkeypatch):
     import errno
 
-    from tensorkeep import _io
+    from tensorkeep.storage import local as _io
 
     with tk.CheckpointManager(tmp) as mgr:
         mgr.save(1, {"w": torch.ones(10)})
@@ -229,7 +229,7 @@ def test_failed_save_leaves_committed_intact(tmp, monkeypatch):
 
 
 def test_crash_during_retention_cleanup_loses_nothing(tmp, monkeypatch):
-    from tensorkeep import _io
+    from tensorkeep.storage import local as _io
 
     with tk.CheckpointManager(tmp, keep_last=1) as mgr:
         mgr.save(1, {"v": 1})

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import tensorkeep as tk
-from tensorkeep import _io, knobs
+from tensorkeep import knobs
+from tensorkeep.storage import local as _io
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRIALS = int(os.environ.get("TK_ASYNC_KILL_TRIALS", "8"))

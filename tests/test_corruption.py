@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import tensorkeep as tk
-from tensorkeep import format as fmt
+from tensorkeep.core import format as fmt
 from tensorkeep import knobs
 
 BITS = os.environ.get("TK_CORRUPTION_BITS", "all")

@@ -21,8 +21,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import tensorkeep as tk
-from tensorkeep import dist_plan, knobs
-from tensorkeep.dcp import read_metadata
+from tensorkeep import knobs
+from tensorkeep.distributed import plan as dist_plan
+from tensorkeep.layouts.dcp import read_metadata
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex,
                                                    TensorProperties, TensorStorageMetadata)
@@ -104,7 +105,7 @@ def child(tmp_path_factory):
     r = in_child(f"""
         import json, sys, warnings
         import tensorkeep as tk
-        from tensorkeep.dist_plan import check_cover
+        from tensorkeep.distributed.plan import check_cover
 
         def convert(d):
             try:

@@ -15,10 +15,10 @@ import torch
 
 import ranks
 import tensorkeep as tk
-from tensorkeep.dist_load import Checkpoint
-from tensorkeep.dist_plan import Chunk, Held, ReadItem, plan_read, plan_save, shard_box
-from tensorkeep import distributed
-from tensorkeep.distributed import MANIFEST
+from tensorkeep.distributed.load import Checkpoint
+from tensorkeep.distributed.plan import Chunk, Held, ReadItem, plan_read, plan_save, shard_box
+from tensorkeep.distributed import save as distributed
+from tensorkeep.distributed.save import MANIFEST
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "dist_worker.py")
@@ -138,7 +138,7 @@ def test_damaged_or_replaced_shard_is_refused(tmp):
 
 
 def test_a_box_reads_only_the_rows_it_needs(tmp, monkeypatch):
-    import tensorkeep.files as files
+    import tensorkeep.file.reader as files
     from tensorkeep import knobs
 
     monkeypatch.setattr(knobs, "BLOCK_BYTES", 1024)  # checksum blocks: a read covers whole blocks
@@ -189,7 +189,13 @@ def test_bad_manifests_are_refused(tmp):
 def test_doctests():
     import doctest
 
-    from tensorkeep import dcp, dist_load, dist_plan, distributed
+    from tensorkeep.layouts import dcp
+
+    from tensorkeep.distributed import load as dist_load
+
+    from tensorkeep.distributed import plan as dist_plan
+
+    from tensorkeep.distributed import save as distributed
 
     for m in (dist_plan, distributed, dist_load, dcp):
         assert doctest.testmod(m).failed == 0, m.__name__
@@ -327,7 +333,7 @@ def audited_convert(monkeypatch):
     """convert_dcp run under the loading audit of conftest.py: no pickle.find_class, exec, os.system."""
     import conftest
     import torch.utils.serialization.config  # noqa: F401 - torch.load imports it lazily: not the file's code
-    from tensorkeep import dcp as dcp_module
+    from tensorkeep.layouts import dcp as dcp_module
 
     return conftest._audited(dcp_module.convert_dcp)
 

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 import tensorkeep as tk
-from tensorkeep import _io, knobs, writer
+from tensorkeep import knobs
+from tensorkeep.storage import local as _io
+from tensorkeep.file import writer
 
 
 def state(seed: int = 0, n: int = 4) -> dict:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import tensorkeep as tk
-from tensorkeep import _io
+from tensorkeep.storage import local as _io
 from tensorkeep.checkpoint.lock import LOCK_NAME
 
 PY = sys.executable

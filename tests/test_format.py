@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tensorkeep as tk
-from tensorkeep import format as fmt
+from tensorkeep.core import format as fmt
 from tensorkeep import knobs
 
 FUZZ_EXAMPLES = int(os.environ.get("TK_FUZZ_EXAMPLES", "10000"))

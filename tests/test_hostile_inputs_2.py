@@ -23,9 +23,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tensorkeep as tk
-from tensorkeep import knobs, writer
+from tensorkeep import knobs
+from tensorkeep.file import writer
 from tensorkeep.inspection import verify
-from tensorkeep.sharded import ShardedOpen
+from tensorkeep.layouts.sharded import ShardedOpen
 
 def pt_with_pickle(path: str, pkl: bytes, how: int = zipfile.ZIP_STORED) -> str:
     """A torch.save zip archive (right CRCs; stored entries, or ``how``) whose data.pkl is ``pkl``."""
@@ -62,7 +63,7 @@ def hash_bomb(doublings: int = 100) -> bytes:
 CHILD = r"""
 import json, signal, sys, torch, tensorkeep as tk
 from click.testing import CliRunner
-from tensorkeep import ptzip
+from tensorkeep.core import ptzip
 from tensorkeep.cli import main
 
 P = json.loads(sys.argv[1])

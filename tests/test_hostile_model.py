@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import tensorkeep as tk
-from tensorkeep.format import TK_KEY, TK_PREFIX, header_crc
+from tensorkeep.core.format import TK_KEY, TK_PREFIX, header_crc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

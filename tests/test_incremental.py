@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import tensorkeep as tk
-from tensorkeep.format import seal
-from tensorkeep import _io
+from tensorkeep.core.format import seal
+from tensorkeep.storage import local as _io
 from tensorkeep.checkpoint import layout, packs
 
 

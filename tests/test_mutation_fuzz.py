@@ -21,7 +21,7 @@ import torch
 import fuzz_mutation as fm
 import tensorkeep as tk
 from fuzz_inputs import Case, make_seeds
-from tensorkeep import files
+from tensorkeep.file import reader as files
 
 INPUTS = int(os.environ.get("TK_MUTATION_INPUTS", "200000"))
 STREAM = int(os.environ.get("TK_MUTATION_STREAM", "0"))

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import tensorkeep as tk
-from tensorkeep import knobs, storage
+from tensorkeep import knobs
+from tensorkeep.storage import objects as storage
 
 s3fs = pytest.importorskip("s3fs")
 pytest.importorskip("moto")

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tensorkeep as tk
-from tensorkeep import _io
+from tensorkeep.storage import local as _io
 from tensorkeep.checkpoint import layout, packs
 from tensorkeep.cli import main as cli
 

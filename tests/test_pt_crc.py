@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import tensorkeep as tk
 from tensorkeep import cli, inspection, knobs
-from tensorkeep.dtypes import byte_view
+from tensorkeep.core.dtypes import byte_view
 
 PAGE = 4096
 
@@ -345,6 +345,6 @@ def test_checked_load_ignores_a_global_mmap_default(tmp, files):
 def test_doctests():
     import doctest
 
-    from tensorkeep import ptzip
+    from tensorkeep.core import ptzip
 
     assert doctest.testmod(ptzip).failed == 0

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import tensorkeep as tk
 from fuzz_inputs import reseal
-from tensorkeep import format as fmt
+from tensorkeep.core import format as fmt
 from tensorkeep.errors import LimitError
 from tensorkeep import knobs
 

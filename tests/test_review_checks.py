@@ -20,7 +20,8 @@ import pytest
 import torch
 
 import tensorkeep as tk
-from tensorkeep import inspection, storage
+from tensorkeep import inspection
+from tensorkeep.storage import objects as storage
 from tensorkeep.checkpoint import packs
 
 

@@ -15,10 +15,10 @@ import torch
 from click.testing import CliRunner
 
 import tensorkeep as tk
-from tensorkeep import _io
+from tensorkeep.storage import local as _io
 from tensorkeep.checkpoint import layout
 from tensorkeep.cli import main as cli
-from tensorkeep.format import seal
+from tensorkeep.core.format import seal
 
 
 def _state(v: float) -> dict:
@@ -33,7 +33,7 @@ def test_a_resave_killed_between_the_fallback_renames_loses_nothing(tmp):
             mgr.save(step, _state(step))
     code = textwrap.dedent(f"""
         import os, torch, tensorkeep as tk
-        from tensorkeep import _io
+        from tensorkeep.storage import local as _io
         _io._exchange = lambda a, b: False
         real = _io.rename
         def rename(a, b):
@@ -209,7 +209,7 @@ def test_a_forked_child_does_not_keep_a_dead_writers_temp_file_alive(tmp):
     """The shared flock a writer holds on its temp file must die with the writer, not with its children."""
     code = textwrap.dedent(f"""
         import os, signal, time, torch, tensorkeep as tk
-        from tensorkeep import _io
+        from tensorkeep.storage import local as _io
         real = _io.pwrite_all
         def pwrite_all(fd, buf, off):
             real(fd, buf, off)

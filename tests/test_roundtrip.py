@@ -27,7 +27,7 @@ from safetensors.torch import save_file as st_save_file
 from torch import nn
 
 import tensorkeep as tk
-from tensorkeep.tree import flatten
+from tensorkeep.core.tree import flatten
 
 # Every torch dtype safetensors knows.
 TORCH_DTYPES = [

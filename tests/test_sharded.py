@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tensorkeep as tk
-from tensorkeep.sharded import parse_size, plan_shards
+from tensorkeep.layouts.sharded import parse_size, plan_shards
 
 
 def _sd(n=6):

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 import tensorkeep as tk
-from tensorkeep import _io, knobs
+from tensorkeep import knobs
+from tensorkeep.storage import local as _io
 
 REAL_PWRITE = os.pwrite
 

@@ -23,7 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import tensorkeep as tk
-from tensorkeep import _io
+from tensorkeep.storage import local as _io
 from tensorkeep.checkpoint import determinism, rng
 from tensorkeep.checkpoint.seeding import sample_seed
 

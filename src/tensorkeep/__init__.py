@@ -6,20 +6,20 @@
 tensor([0, 1, 2, 3])
 """
 
-from .errors import (
+from tensorkeep.errors import (
     CheckpointNotFoundError, ChecksumError, FormatError, LimitError, LockedError, MismatchError, SaveError,
     StorageError, TensorkeepError, UntrustedModelError,
 )
-from .files import SafeOpen, UnsafePickleError, load, open, save
-from .model import LoadReport, load_into, load_model, save_model
-from .sharded import save_sharded
-from .distributed import save_distributed
-from .dist_load import load_distributed
-from .dcp import convert_dcp
-from .checkpoint import BestN, CheckpointInfo, CheckpointManager, EveryNSteps, LatestN, keep_rng, list_checkpoints
-from .checkpoint import SampleRNG, seeded
+from tensorkeep.file.reader import SafeOpen, UnsafePickleError, load, open, save
+from tensorkeep.model import LoadReport, load_into, load_model, save_model
+from tensorkeep.layouts.sharded import save_sharded
+from tensorkeep.distributed.save import save_distributed
+from tensorkeep.distributed.load import load_distributed
+from tensorkeep.layouts.dcp import convert_dcp
+from tensorkeep.checkpoint import BestN, CheckpointInfo, CheckpointManager, EveryNSteps, LatestN, keep_rng, list_checkpoints
+from tensorkeep.checkpoint import SampleRNG, seeded
 
-__version__ = "0.1.0"
+from tensorkeep._version import __version__
 
 __all__ = [
     "save", "load", "open", "SafeOpen",

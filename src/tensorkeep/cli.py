@@ -16,7 +16,7 @@ import click
 
 import tensorkeep as tk
 from tensorkeep import inspection
-from tensorkeep.dtypes import TORCH_BY_NAME
+from tensorkeep.core.dtypes import TORCH_BY_NAME
 
 
 def _human(n: float) -> str:

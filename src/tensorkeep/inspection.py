@@ -14,15 +14,21 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import _io, dcp, ptzip, sharded
-from .checkpoint import layout, packs
-from .dist_load import read_manifest as dist_read
-from .distributed import MANIFEST as dist_manifest
-from .dtypes import byte_view
-from .errors import FormatError, TensorkeepError
-from .files import SafeOpen, _Reader, _torch_file
-from .format import DTYPE_SIZES, TK_PREFIX, TensorInfo, crc32, looks_like_tensorkeep
-from .sharded import INDEX, SINGLE
+from tensorkeep.storage import local as _io
+
+from tensorkeep.layouts import dcp
+
+from tensorkeep.core import ptzip
+
+from tensorkeep.layouts import sharded
+from tensorkeep.checkpoint import layout, packs
+from tensorkeep.distributed.load import read_manifest as dist_read
+from tensorkeep.distributed.save import MANIFEST as dist_manifest
+from tensorkeep.core.dtypes import byte_view
+from tensorkeep.errors import FormatError, TensorkeepError
+from tensorkeep.file.reader import SafeOpen, _Reader, _torch_file
+from tensorkeep.core.format import DTYPE_SIZES, TK_PREFIX, TensorInfo, crc32, looks_like_tensorkeep
+from tensorkeep.layouts.sharded import INDEX, SINGLE
 
 
 @dataclass
@@ -538,7 +544,7 @@ class TensorDiff:
 def _open_flat(path: str) -> tuple[Any, Callable[[], None]]:
     """Something with keys() / info-like shape+dtype / get() for a file; a dict for others."""
     if os.path.isdir(path):
-        from . import load
+        from tensorkeep import load
 
         flat = load(path)
         return flat, lambda: None

@@ -20,12 +20,12 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .dtypes import torch_dtype
-from .errors import FormatError, MismatchError, UntrustedModelError
-from .files import SafeOpen, write
-from .format import dumps, strict_json
-from .sharded import ShardedOpen, save_sharded
-from .tree import check_nesting
+from tensorkeep.core.dtypes import torch_dtype
+from tensorkeep.errors import FormatError, MismatchError, UntrustedModelError
+from tensorkeep.file.reader import SafeOpen, write
+from tensorkeep.core.format import dumps, strict_json
+from tensorkeep.layouts.sharded import ShardedOpen, save_sharded
+from tensorkeep.core.tree import check_nesting
 
 MODEL_KEY = "tensorkeep.model"
 #: Prefixes that wrappers add to every name: DataParallel/DDP, torch.compile, Lightning-style holders.
@@ -489,7 +489,7 @@ def _find_class(module: Any, qual: str, allow: Sequence[str], where: str) -> typ
 
 
 def _versions() -> dict[str, str]:
-    from . import __version__
+    from tensorkeep._version import __version__
 
     return {"torch": torch.__version__.split("+")[0], "python": platform.python_version(), "tensorkeep": __version__}
 

@@ -3,7 +3,7 @@
 With a process group of two or more ranks, a checkpoint directory holds every rank's shard:
 
     run/step_00000500/
-      rank-00000-of-00004.tk ...   each rank's share, written in parallel (tensorkeep.distributed):
+      rank-00000-of-00004.tk ...   each rank's share, written in parallel (tensorkeep.distributed.save):
                                    replicated tensors once, DTensor shards as local shards
       distributed.json             the layout of every tensor and the structure
       rng-00000.tk ...             each rank's own RNG states
@@ -30,19 +30,21 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
-from .. import _io, errors
-from ..dist_load import load_distributed, read_manifest as read_layout
-from ..distributed import MANIFEST as LAYOUT, Comm, dtensor_type, write_distributed
-from ..dtypes import torch_dtype
-from ..errors import CheckpointNotFoundError, FormatError, SaveError, TensorkeepError
-from ..files import load
-from ..format import stored_crc
-from ..writer import write
-from . import layout, packs, rng
-from .policies import Policy, Record
+from tensorkeep import errors
+
+from tensorkeep.storage import local as _io
+from tensorkeep.distributed.load import load_distributed, read_manifest as read_layout
+from tensorkeep.distributed.save import MANIFEST as LAYOUT, Comm, dtensor_type, write_distributed
+from tensorkeep.core.dtypes import torch_dtype
+from tensorkeep.errors import CheckpointNotFoundError, FormatError, SaveError, TensorkeepError
+from tensorkeep.file.reader import load
+from tensorkeep.core.format import stored_crc
+from tensorkeep.file.writer import write
+from tensorkeep.checkpoint import layout, packs, rng
+from tensorkeep.checkpoint.policies import Policy, Record
 
 if TYPE_CHECKING:
-    from .manager import CheckpointManager
+    from tensorkeep.checkpoint.manager import CheckpointManager
 
 KINDS = ("state_dict", "values")
 

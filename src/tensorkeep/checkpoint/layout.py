@@ -22,9 +22,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import _io
-from ..errors import FormatError, SaveError
-from ..format import dumps, seal, stored_crc, strict_json, unseal
+from tensorkeep.storage import local as _io
+from tensorkeep.errors import FormatError, SaveError
+from tensorkeep.core.format import dumps, seal, stored_crc, strict_json, unseal
 
 MANIFEST = "manifest.json"
 FORMAT = "tensorkeep-checkpoint"

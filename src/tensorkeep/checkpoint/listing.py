@@ -7,9 +7,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import FormatError
-from ..storage import is_url, local_path
-from . import layout, packs
+from tensorkeep.errors import FormatError
+from tensorkeep.storage.objects import is_url, local_path
+from tensorkeep.checkpoint import layout, packs
 
 _ANY_STEP = re.compile(r"^\.?step_(\d+)")
 
@@ -59,7 +59,7 @@ def list_checkpoints(run: "str | os.PathLike[str]", *, verify: bool = False) -> 
     run = os.fspath(run)
     if is_url(run):  # object storage (file:// is a local path)
         if local_path(run) is None:
-            from .objects import list_checkpoints as list_remote
+            from tensorkeep.checkpoint.objects import list_checkpoints as list_remote
 
             return list_remote(run, verify)
         run = local_path(run) or run
@@ -80,7 +80,7 @@ def list_checkpoints(run: "str | os.PathLike[str]", *, verify: bool = False) -> 
             layout.check_files(d, m)
             packs.check_packs(run, m.packs, d)
             if verify:
-                from ..inspection import verify as verify_files
+                from tensorkeep.inspection import verify as verify_files
 
                 res = verify_files([os.path.join(d, f) for f in m.files if not f.endswith(".json")]  # tensor files
                                    + [os.path.join(packs.packs_dir(run), p) for p in m.packs])

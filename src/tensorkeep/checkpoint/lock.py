@@ -22,8 +22,8 @@ import os
 import socket
 import weakref
 
-from .. import _io
-from ..errors import LockedError
+from tensorkeep.storage import local as _io
+from tensorkeep.errors import LockedError
 
 LOCK_NAME = ".tensorkeep.lock"
 _HELD: "weakref.WeakSet[RunLock]" = weakref.WeakSet()  # this process's held locks, for _drop_in_child

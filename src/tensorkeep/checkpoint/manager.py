@@ -17,17 +17,17 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from .. import _io
-from ..errors import CheckpointNotFoundError, FormatError, TensorkeepError
-from ..files import load, write
-from ..writer import FileImage, write_image
-from . import determinism, layout, packs, rng
-from . import collective
-from ..storage import StorageError, is_url, local_path
-from .lock import RunLock
-from .objects import ObjectRun, OwnerRecord
-from .policies import BestN, EveryNSteps, LatestN, Policy, Record, to_keep
-from .snapshot import Staging, small_image
+from tensorkeep.storage import local as _io
+from tensorkeep.errors import CheckpointNotFoundError, FormatError, TensorkeepError
+from tensorkeep.file.reader import load, write
+from tensorkeep.file.writer import FileImage, write_image
+from tensorkeep.checkpoint import determinism, layout, packs, rng
+from tensorkeep.checkpoint import collective
+from tensorkeep.storage.objects import StorageError, is_url, local_path
+from tensorkeep.checkpoint.lock import RunLock
+from tensorkeep.checkpoint.objects import ObjectRun, OwnerRecord
+from tensorkeep.checkpoint.policies import BestN, EveryNSteps, LatestN, Policy, Record, to_keep
+from tensorkeep.checkpoint.snapshot import Staging, small_image
 
 RNG_FILE = "rng.tk"
 VALUES_FILE = "values.tk"
@@ -314,7 +314,7 @@ class CheckpointManager:
             raise
 
     def _manifest(self, step: int, metrics: dict[str, Any]) -> layout.Manifest:
-        from .. import __version__
+        from tensorkeep._version import __version__
 
         return layout.Manifest(step, layout.now(), metrics, {},
                                {"tensorkeep": __version__, "torch": torch.__version__.split("+")[0]},
@@ -416,7 +416,7 @@ class CheckpointManager:
         return None
 
     def _apply(self, state: Mapping[str, Any], m: layout.Manifest, loaded: dict[str, Any]) -> None:
-        from ..model import load_into
+        from tensorkeep.model import load_into
 
         entries = {**m.files, **m.parts}
         by_key = {info["key"]: name for name, info in entries.items() if info.get("kind") == "state_dict"}

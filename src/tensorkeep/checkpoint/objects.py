@@ -25,15 +25,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable
 
-from .. import knobs
-from ..errors import FormatError, LockedError, SaveError, TensorkeepError
-from ..files import load
-from ..format import CRC_FIELD_END, TK_PREFIX, crc_field, seal
-from ..remote import write_url
-from ..storage import Store
-from . import layout, packs
-from .layout import MANIFEST, Manifest
-from .listing import CheckpointInfo
+from tensorkeep import knobs
+from tensorkeep.errors import FormatError, LockedError, SaveError, TensorkeepError
+from tensorkeep.file.reader import load
+from tensorkeep.core.format import CRC_FIELD_END, TK_PREFIX, crc_field, seal
+from tensorkeep.file.remote import write_url
+from tensorkeep.storage.objects import Store
+from tensorkeep.checkpoint import layout, packs
+from tensorkeep.checkpoint.layout import MANIFEST, Manifest
+from tensorkeep.checkpoint.listing import CheckpointInfo
 
 OWNER = ".tensorkeep.owner"
 _STEP_RE = re.compile(r"^step_(\d{8,})$")

@@ -29,14 +29,16 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from .. import _io, knobs
-from ..errors import FormatError, SaveError, StorageError
-from ..files import SafeOpen, _Reader
-from ..format import TK_PREFIX, stored_crc
-from ..storage import is_url
-from ..tree import flatten, unflatten
-from ..writer import _source, write
-from .layout import PACK_RE, Manifest, list_steps, read_manifest, step_dir
+from tensorkeep import knobs
+
+from tensorkeep.storage import local as _io
+from tensorkeep.errors import FormatError, SaveError, StorageError
+from tensorkeep.file.reader import SafeOpen, _Reader
+from tensorkeep.core.format import TK_PREFIX, stored_crc
+from tensorkeep.storage.objects import is_url
+from tensorkeep.core.tree import flatten, unflatten
+from tensorkeep.file.writer import _source, write
+from tensorkeep.checkpoint.layout import PACK_RE, Manifest, list_steps, read_manifest, step_dir
 
 PACKS = "packs"
 _PIECE = 16 << 20  # hashed in pieces on IO_THREADS threads (hashlib releases the GIL)
@@ -173,7 +175,7 @@ def _verify(path: str, ident: tuple, hashes: list[str]) -> None:
         todo = [h for h in hashes if h not in done]
     if not todo:
         return
-    from ..remote import open_reader
+    from tensorkeep.file.remote import open_reader
 
     r = open_reader(path) if is_url(path) else _Reader(path)
     try:

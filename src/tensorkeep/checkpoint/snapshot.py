@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import knobs
-from ..writer import FileImage, image
+from tensorkeep import knobs
+from tensorkeep.file.writer import FileImage, image
 
 
 class Staging:

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from . import knobs
-from .errors import ChecksumError, FormatError, LimitError
+from tensorkeep import knobs
+from tensorkeep.errors import ChecksumError, FormatError, LimitError
 
 #: safetensors dtype name -> bytes per element.
 DTYPE_SIZES = {

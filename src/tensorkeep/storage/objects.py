@@ -22,7 +22,7 @@ import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterable
 
-from .errors import SaveError, StorageError, TensorkeepError
+from tensorkeep.errors import SaveError, StorageError, TensorkeepError
 
 #: Size of each part of a multipart upload and of each ranged read (S3's minimum part is 5 MiB).
 PART_BYTES = 16 << 20

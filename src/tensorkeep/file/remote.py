@@ -2,7 +2,7 @@
 
 The file is the same safetensors file as on disk. Saving checksums the tensors first, then
 streams header + data into one object write (a parallel multipart upload on S3; see
-:mod:`tensorkeep.storage`): the object appears whole or not at all. Reading fetches the
+:mod:`tensorkeep.storage.objects`): the object appears whole or not at all. Reading fetches the
 header with one ranged read; ``tk.open(url).get(name)`` and ``.get_slice(name)[a:b]`` fetch
 only the byte ranges they need (whole checksum blocks, verified); ``tk.load`` fetches the
 data area in parallel ranges. Objects cannot be memory-mapped: ``lazy=True`` reads them.
@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from . import storage
-from .errors import ChecksumError
-from .files import _Reader, _torch_file, load
-from .format import crc_field, encode_header, stored_crc
-from .writer import _block_crcs, final_header, plan, write
+from tensorkeep.storage import objects as storage
+from tensorkeep.errors import ChecksumError
+from tensorkeep.file.reader import _Reader, _torch_file, load
+from tensorkeep.core.format import crc_field, encode_header, stored_crc
+from tensorkeep.file.writer import _block_crcs, final_header, plan, write
 
 #: The first ranged read of an object fetches this much, which holds most headers whole.
 HEAD_BYTES = 64 << 10

@@ -1,4 +1,4 @@
-"""Writing one file: the save side of :mod:`tensorkeep.files`.
+"""Writing one file: the save side of :mod:`tensorkeep.file.reader`.
 
 A file is written to a temporary name (or in place inside a directory that is published
 later), with CRC-32 checksums computed while the bytes are staged; large files go through
@@ -15,14 +15,16 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from . import _io, knobs
-from .dtypes import byte_view, name_of_numpy, name_of_torch
-from .format import (
+from tensorkeep import knobs
+
+from tensorkeep.storage import local as _io
+from tensorkeep.core.dtypes import byte_view, name_of_numpy, name_of_torch
+from tensorkeep.core.format import (
     CRC_FIELD_END, CRC_KEY, CRC_PLACEHOLDER, DTYPE_SIZES, FORMAT_VERSION, TK_KEY, TK_PREFIX, crc32, crc_field,
     dumps, encode_header, header_crc,
 )
-from .storage import is_url
-from .tree import flatten
+from tensorkeep.storage.objects import is_url
+from tensorkeep.core.tree import flatten
 
 _VIA_NUMPY = frozenset({"BOOL", "U8", "I8", "I16", "F16", "I32", "F32", "I64", "F64", "C64"})
 
@@ -133,7 +135,7 @@ def save(obj: Any, path: "str | os.PathLike[str]", *, metadata: Mapping[str, str
     >>> tk.load("/tmp/tk-doc.tk")
     {'w': tensor([1., 1.]), 'step': 3}
     """
-    path = os.fspath(path)  # a URL (s3://bucket/key, memory://…) is written as one object, see tensorkeep.remote
+    path = os.fspath(path)  # a URL (s3://bucket/key, memory://…) is written as one object, see tensorkeep.file.remote
     user = dict(metadata or {})
     for k, v in user.items():
         if type(k) is not str or type(v) is not str:
@@ -148,9 +150,9 @@ def write(obj: Any, path: str, user: dict[str, str], durable: bool, *, in_place:
     Returns the file's size and its header checksum (what a manifest records of it).
 
     ``in_place=True``: write a new file directly at ``path`` (see ``_io.atomic_file``).
-    A URL (``s3://…``) is written by :func:`tensorkeep.remote.write_url` instead."""
+    A URL (``s3://…``) is written by :func:`tensorkeep.file.remote.write_url` instead."""
     if is_url(path):
-        from .remote import write_url
+        from tensorkeep.file.remote import write_url
 
         write_url(obj, path, user, durable=durable)
         return -1, ""

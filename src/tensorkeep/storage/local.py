@@ -21,8 +21,8 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-from . import knobs
-from .errors import SaveError
+from tensorkeep import knobs
+from tensorkeep.errors import SaveError
 
 TMP_MARK = ".tk-tmp-"
 #: Suffix of the base name under which replace_dir parks a directory it is replacing (see there).

@@ -14,10 +14,10 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from . import _io
-from .errors import FormatError, SaveError
-from .files import SafeOpen, TensorSlice, load, write
-from .format import TK_PREFIX, TensorInfo, dumps, strict_json
+from tensorkeep.storage import local as _io
+from tensorkeep.errors import FormatError, SaveError
+from tensorkeep.file.reader import SafeOpen, TensorSlice, load, write
+from tensorkeep.core.format import TK_PREFIX, TensorInfo, dumps, strict_json
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

@@ -10,7 +10,7 @@ torch did not read that way. A legacy (non-zip) torch file has no checksums: not
 :func:`check_pickle` scans the pickle before torch runs it (see there); :func:`open_regular` opens
 only regular files (a FIFO would block ``open`` forever).
 
->>> import torch, tensorkeep.ptzip as ptzip
+>>> import torch, tensorkeep.core.ptzip as ptzip
 >>> torch.save({"w": torch.ones(2)}, "/tmp/tk-doc-ptzip.pt")
 >>> with ptzip.CheckedFile("/tmp/tk-doc-ptzip.pt") as f:
 ...     w = torch.load(f, weights_only=True)["w"]
@@ -32,9 +32,9 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import knobs
-from .errors import ChecksumError, FormatError, LimitError
-from .format import crc32
+from tensorkeep import knobs
+from tensorkeep.errors import ChecksumError, FormatError, LimitError
+from tensorkeep.core.format import crc32
 
 ZIP_MAGIC = b"PK\x03\x04"
 _EOCD = struct.Struct("<4sHHHHIIH")  # end of central directory

@@ -9,7 +9,7 @@ Plain tensors and ``Replicate()`` DTensors count as replicated (identical on eve
 are written once, by one rank, spread to balance bytes. ``Shard(d)`` DTensors (a ``DeviceMesh``,
 FSDP2 ``fully_shard`` parameters) are written as their local shards. Everything that is not a
 tensor (step counters, hyper-parameters) is taken from rank 0. ``path`` must be on a file system
-every rank sees. Loading (any world size, any layout, or one process): :mod:`tensorkeep.dist_load`.
+every rank sees. Loading (any world size, any layout, or one process): :mod:`tensorkeep.distributed.load`.
 
 The protocol, each step ending with an all-gather of every rank's outcome so that a failure
 anywhere raises :class:`SaveError` everywhere and nothing is published:
@@ -31,13 +31,15 @@ from typing import Any, Callable
 
 import torch
 
-from . import _io, knobs
-from .dist_plan import Box, Held, SavePlan, plan_save, shard_box
-from .dtypes import name_of_numpy, name_of_torch
-from .errors import SaveError
-from .format import seal, stored_crc, strict_json
-from .tree import flatten
-from .writer import write
+from tensorkeep import knobs
+
+from tensorkeep.storage import local as _io
+from tensorkeep.distributed.plan import Box, Held, SavePlan, plan_save, shard_box
+from tensorkeep.core.dtypes import name_of_numpy, name_of_torch
+from tensorkeep.errors import SaveError
+from tensorkeep.core.format import seal, stored_crc, strict_json
+from tensorkeep.core.tree import flatten
+from tensorkeep.file.writer import write
 
 MANIFEST = "distributed.json"
 FORMAT = "tensorkeep-distributed"
@@ -216,7 +218,7 @@ def manifest(plan: SavePlan, tree: Any, files: list[dict]) -> dict[str, Any]:
     "offsets": [0, 0], "sizes": [3, 6]}, ...]}, ...}, "tree": <tensorkeep tree, tensors as {"t": key}>,
     "versions": {...}}``. A chunk is stored in its file under the tensor's key, with shape ``sizes``.
     """
-    from . import __version__
+    from tensorkeep._version import __version__
 
     w = plan.world_size
     return {

@@ -14,14 +14,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import knobs
-from .dist_plan import Box, Chunk, check_cover, plan_read
-from .distributed import FORMAT, MANIFEST, VERSION, dtensor_box, dtensor_type
-from .dtypes import name_of_torch, torch_dtype
-from .errors import FormatError, MismatchError
-from .files import SafeOpen
-from .format import DTYPE_SIZES, stored_crc, strict_json, unseal
-from .tree import leaf_kinds, unflatten
+from tensorkeep import knobs
+from tensorkeep.distributed.plan import Box, Chunk, check_cover, plan_read
+from tensorkeep.distributed.save import FORMAT, MANIFEST, VERSION, dtensor_box, dtensor_type
+from tensorkeep.core.dtypes import name_of_torch, torch_dtype
+from tensorkeep.errors import FormatError, MismatchError
+from tensorkeep.file.reader import SafeOpen
+from tensorkeep.core.format import DTYPE_SIZES, stored_crc, strict_json, unseal
+from tensorkeep.core.tree import leaf_kinds, unflatten
 
 
 @dataclass(frozen=True)

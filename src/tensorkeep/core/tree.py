@@ -22,9 +22,9 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from . import knobs
-from .dtypes import torch_dtype_named
-from .errors import FormatError, LimitError
+from tensorkeep import knobs
+from tensorkeep.core.dtypes import torch_dtype_named
+from tensorkeep.errors import FormatError, LimitError
 
 _Parameter = torch.nn.Parameter
 _MAX_INT64 = (1 << 63) - 1

@@ -27,12 +27,14 @@ from typing import Any, Callable
 
 import torch
 
-from . import knobs, ptzip
-from .dist_plan import _volume, check_cover
-from .dtypes import name_of_torch, torch_dtype_named
-from .errors import FormatError, LimitError
-from .tree import check_nesting
-from .writer import save
+from tensorkeep import knobs
+
+from tensorkeep.core import ptzip
+from tensorkeep.distributed.plan import _volume, check_cover
+from tensorkeep.core.dtypes import name_of_torch, torch_dtype_named
+from tensorkeep.errors import FormatError, LimitError
+from tensorkeep.core.tree import check_nesting
+from tensorkeep.file.writer import save
 
 _MD = "torch.distributed.checkpoint.metadata"
 _CLASSES = {(_MD, n) for n in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",

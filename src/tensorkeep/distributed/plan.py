@@ -21,8 +21,8 @@ from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Sequence
 
-from .errors import SaveError
-from .format import DTYPE_SIZES
+from tensorkeep.errors import SaveError
+from tensorkeep.core.format import DTYPE_SIZES
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes), one entry per dimension
 

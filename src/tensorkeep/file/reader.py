@@ -1,4 +1,4 @@
-"""save / load / open on one file: verified and lazy reads (the write side is :mod:`tensorkeep.writer`)."""
+"""save / load / open on one file: verified and lazy reads (the write side is :mod:`tensorkeep.file.writer`)."""
 
 from __future__ import annotations
 
@@ -11,17 +11,19 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import torch
 
-from . import knobs, ptzip
-from .dtypes import numpy_dtype, torch_dtype
-from .errors import ChecksumError, FormatError, LimitError, TensorkeepError
-from .format import (
+from tensorkeep import knobs
+
+from tensorkeep.core import ptzip
+from tensorkeep.core.dtypes import numpy_dtype, torch_dtype
+from tensorkeep.errors import ChecksumError, FormatError, LimitError, TensorkeepError
+from tensorkeep.core.format import (
     CRC_KEY, DTYPE_SIZES, FORMAT_VERSION, TK_KEY, TK_PREFIX, TensorInfo, crc32, header_length,
     looks_like_tensorkeep, parse_checksums, parse_header, strict_json, check_json_values,
 )
-from .storage import is_url
-from .tree import check_nesting, leaf_kinds, unflatten
+from tensorkeep.storage.objects import is_url
+from tensorkeep.core.tree import check_nesting, leaf_kinds, unflatten
 
-from .writer import save, write  # noqa: F401 - re-exported: tensorkeep.files is the one-file API
+from tensorkeep.file.writer import save, write  # noqa: F401 - re-exported: tensorkeep.file.reader is the one-file API
 
 
 class UnsafePickleError(FormatError):
@@ -307,16 +309,16 @@ def load(path: "str | os.PathLike[str]", *, device: Any = None, lazy: bool = Fal
     tensor([0, 1, 2, 3])
     """
     path = os.fspath(path)
-    if is_url(path):  # s3://…, memory://…: see tensorkeep.remote (local paths never get there)
-        from .remote import load_url
+    if is_url(path):  # s3://…, memory://…: see tensorkeep.file.remote (local paths never get there)
+        from tensorkeep.file.remote import load_url
 
         return load_url(path, device=device, lazy=lazy, verify=verify)
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "distributed.json")):  # written by tk.save_distributed
-            from .dist_load import load_distributed
+            from tensorkeep.distributed.load import load_distributed
 
             return load_distributed(None, path, device=device)
-        from .sharded import load_dir  # a sharded model directory
+        from tensorkeep.layouts.sharded import load_dir  # a sharded model directory
 
         return load_dir(path, device=device, lazy=lazy, verify=verify)
     r = _Reader(path)
@@ -384,8 +386,8 @@ class SafeOpen:
 
     def __init__(self, path: "str | os.PathLike[str]") -> None:
         self.path = os.fspath(path)
-        if is_url(self.path):  # s3://…: ranged reads, see tensorkeep.remote
-            from .remote import open_reader
+        if is_url(self.path):  # s3://…: ranged reads, see tensorkeep.file.remote
+            from tensorkeep.file.remote import open_reader
 
             self._r: _Reader = open_reader(self.path)
         else:
