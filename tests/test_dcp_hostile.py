@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import tensorkeep as tk
 from tensorkeep import knobs
-from tensorkeep.distributed import plan as dist_plan
+from tensorkeep.core import boxes as dist_plan
 from tensorkeep.layouts.dcp import read_metadata
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex,
@@ -105,7 +105,7 @@ def child(tmp_path_factory):
     r = in_child(f"""
         import json, sys, warnings
         import tensorkeep as tk
-        from tensorkeep.distributed.plan import check_cover
+        from tensorkeep.core.boxes import check_cover
 
         def convert(d):
             try:
@@ -312,12 +312,12 @@ def pairwise(key, shape, boxes, where):
         if any(o < 0 or s < 0 or o + s > d for o, s, d in zip(off, sz, shape)):
             return (f"{where}: tensor {key!r} has chunk offsets {list(off)} sizes {list(sz)} "
                     f"outside its shape {list(shape)}")
-    full = [b for b in boxes if dist_plan._volume(b[1])]
+    full = [b for b in boxes if dist_plan.volume(b[1])]
     for i, a in enumerate(full):
         for b in full[i + 1:]:
             if dist_plan.intersect(a, b) is not None:
                 return f"{where}: tensor {key!r} has overlapping chunks at offsets {list(a[0])} and {list(b[0])}"
-    got, want = sum(dist_plan._volume(b[1]) for b in full), dist_plan._volume(shape)
+    got, want = sum(dist_plan.volume(b[1]) for b in full), dist_plan.volume(shape)
     if got != want:
         return f"{where}: the chunks of tensor {key!r} hold {got} of its {want} elements (shape {list(shape)})"
     return None

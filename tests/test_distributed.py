@@ -16,9 +16,10 @@ import torch
 import ranks
 import tensorkeep as tk
 from tensorkeep.distributed.load import Checkpoint
-from tensorkeep.distributed.plan import Chunk, Held, ReadItem, plan_read, plan_save, shard_box
-from tensorkeep.distributed import save as distributed
-from tensorkeep.distributed.save import MANIFEST
+from tensorkeep.core.boxes import shard_box
+from tensorkeep.distributed.plan import Chunk, Held, ReadItem, plan_read, plan_save
+from tensorkeep.distributed import manifest as distributed
+from tensorkeep.distributed.manifest import MANIFEST
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "dist_worker.py")
@@ -189,15 +190,11 @@ def test_bad_manifests_are_refused(tmp):
 def test_doctests():
     import doctest
 
+    from tensorkeep.core import boxes
+    from tensorkeep.distributed import comm, load, manifest, plan, save
     from tensorkeep.layouts import dcp
 
-    from tensorkeep.distributed import load as dist_load
-
-    from tensorkeep.distributed import plan as dist_plan
-
-    from tensorkeep.distributed import save as distributed
-
-    for m in (dist_plan, distributed, dist_load, dcp):
+    for m in (boxes, plan, manifest, comm, save, load, dcp):
         assert doctest.testmod(m).failed == 0, m.__name__
 
 

@@ -2,99 +2,28 @@
 
 Loading needs no collective: each rank reads, from the shard files, only the rows of the
 chunks that overlap what it holds (``tk.open(...).get_slice``, checksummed as read), and
-copies them into its tensors (for a DTensor, its local shard).
+copies them into its tensors (for a DTensor, its local shard). The manifest is read and
+validated by :func:`tensorkeep.distributed.manifest.read_manifest`.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from tensorkeep import knobs
-from tensorkeep.distributed.plan import Box, Chunk, check_cover, plan_read
-from tensorkeep.distributed.save import FORMAT, MANIFEST, VERSION, dtensor_box, dtensor_type
+from tensorkeep.core.boxes import Box
 from tensorkeep.core.dtypes import name_of_torch, torch_dtype
+from tensorkeep.core.format import stored_crc
+from tensorkeep.core.tree import unflatten
+from tensorkeep.distributed.comm import dtensor_box, dtensor_type
+from tensorkeep.distributed.manifest import Ref, read_manifest
+from tensorkeep.distributed.plan import plan_read
 from tensorkeep.errors import FormatError, MismatchError
-from tensorkeep.file.reader import SafeOpen
-from tensorkeep.core.format import DTYPE_SIZES, stored_crc, strict_json, unseal
-from tensorkeep.core.tree import leaf_kinds, unflatten
-
-
-@dataclass(frozen=True)
-class Stored:
-    """One saved tensor: dtype (safetensors name), global shape, chunks (``Chunk.rank``: whose file)."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    chunks: list[Chunk]
-
-
-@dataclass(frozen=True)
-class Ref:
-    """A tensor of the saved structure, not read yet."""
-
-    name: str
-    kind: str  # 't' torch, 'n' NumPy
-
-
-def _ints(v: Any, n: int | None, what: str) -> tuple[int, ...]:
-    if type(v) is not list or any(type(x) is not int or x < 0 for x in v) or (n is not None and len(v) != n):
-        raise FormatError(f"{what} must be a list of {n if n is not None else ''} non-negative ints, got {v!r:.80}")
-    return tuple(v)
-
-
-def read_manifest(path: str) -> tuple[dict[str, Any], dict[str, Stored]]:
-    """Read and validate ``distributed.json``: (the manifest, key -> :class:`Stored`)."""
-    mpath = os.path.join(path, MANIFEST)
-    if os.path.exists(mpath) and not os.path.isfile(mpath):  # a FIFO would block open() forever
-        raise FormatError(f"{mpath}: not a regular file")
-    try:
-        with open(mpath, "rb") as f:
-            raw = f.read(knobs.MAX_HEADER_BYTES + 1)
-    except FileNotFoundError:
-        raise FormatError(f"{path}: no {MANIFEST}, so not a checkpoint written by save_distributed "
-                          "(or its save did not finish)") from None
-    if len(raw) > knobs.MAX_HEADER_BYTES:
-        raise FormatError(f"{mpath}: larger than {knobs.MAX_HEADER_BYTES} bytes")
-    m = unseal(raw, mpath)
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise FormatError(f"{mpath}: not a tensorkeep distributed manifest")
-    if m.get("version") != VERSION:
-        raise FormatError(f"{mpath}: version {m.get('version')!r}; this tensorkeep reads version {VERSION}. Upgrade tensorkeep")
-    files, tensors = m.get("files"), m.get("tensors")
-    if not isinstance(files, dict) or not isinstance(tensors, dict) or "tree" not in m:
-        raise FormatError(f"{mpath}: needs 'files', 'tensors' and 'tree'")
-    ranks: dict[str, int] = {}
-    for name, info in files.items():
-        if "/" in name or "\\" in name or name in (".", "..", MANIFEST) or not isinstance(info, dict):
-            raise FormatError(f"{mpath}: bad file entry {name!r}")
-        if type(info.get("rank")) is not int or type(info.get("size")) is not int or type(info.get("crc32")) is not str:
-            raise FormatError(f"{mpath}: file {name!r} needs an int rank, an int size and a crc32 string")
-        ranks[name] = info["rank"]
-    out = {}
-    for key, t in tensors.items():
-        if not isinstance(t, dict) or t.get("dtype") not in DTYPE_SIZES or type(t.get("chunks")) is not list:
-            raise FormatError(f"{mpath}: tensor {key!r} needs a known dtype and a list of chunks")
-        shape = _ints(t.get("shape"), None, f"{mpath}: shape of {key!r}")
-        chunks = []
-        for c in t["chunks"]:
-            if not isinstance(c, dict) or c.get("file") not in ranks:
-                raise FormatError(f"{mpath}: a chunk of {key!r} is in a file the manifest does not list")
-            chunks.append(Chunk(_ints(c.get("offsets"), len(shape), f"{mpath}: offsets in {key!r}"),
-                                _ints(c.get("sizes"), len(shape), f"{mpath}: sizes in {key!r}"), ranks[c["file"]]))
-        if len({c.rank for c in chunks}) != len(chunks):
-            raise FormatError(f"{mpath}: tensor {key!r} has two chunks in one file (a file holds one box of a tensor)")
-        why = check_cover(key, shape, [(c.offsets, c.sizes) for c in chunks], mpath)
-        if why:
-            raise FormatError(why)
-        out[key] = Stored(t["dtype"], shape, chunks)
-    if set(leaf_kinds(m["tree"], mpath)) != set(out):
-        raise FormatError(f"{mpath}: the structure does not refer to exactly the manifest's tensors")
-    return m, out
+from tensorkeep.file.safeopen import SafeOpen
 
 
 def _index(offsets: tuple[int, ...], sizes: tuple[int, ...]) -> tuple[slice, ...]:
@@ -244,7 +173,7 @@ def _plan(target: Any, saved: Any, where: str, ck: Checkpoint, fills: list, sets
     return ck.materialize(saved)
 
 
-def load_distributed(state: Any, path: "str | os.PathLike[str]", *, device: Any = None,
+def load_distributed(state: Any, path: str | os.PathLike[str], *, device: Any = None,
                      atomic: bool = True) -> Any:
     """Load a :func:`tensorkeep.save_distributed` checkpoint into ``state``, in place; returns it.
 

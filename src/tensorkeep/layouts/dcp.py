@@ -30,7 +30,7 @@ import torch
 from tensorkeep import knobs
 
 from tensorkeep.core import ptzip
-from tensorkeep.distributed.plan import _volume, check_cover
+from tensorkeep.core.boxes import check_cover, volume as _volume
 from tensorkeep.core.dtypes import name_of_torch, torch_dtype_named
 from tensorkeep.errors import FormatError, LimitError
 from tensorkeep.core.tree import check_nesting
