@@ -51,10 +51,10 @@ def test_staging_buffers_are_reused(tmp):
     st = {"w": torch.randn(100, 100)}
     with tk.CheckpointManager(tmp, async_save=True) as mgr:
         mgr.save(1, st)
-        first = {k: v.data_ptr() for k, v in mgr._staging._bufs.items()}
+        first = {k: v.data_ptr() for k, v in mgr._background._staging._bufs.items()}
         mgr.save(2, st)
         mgr.wait()
-        second = {k: v.data_ptr() for k, v in mgr._staging._bufs.items()}
+        second = {k: v.data_ptr() for k, v in mgr._background._staging._bufs.items()}
     assert first and first == second
 
 
@@ -264,7 +264,7 @@ def test_small_files_are_built_inside_save(tmp_path, monkeypatch, mode):
             mgr.save(1, {"model": net, "bad": {1, 2}})
         expect = {k: v.clone() for k, v in net.state_dict().items()}
         mgr.save(2, {"model": net, "optimizer": opt})
-        assert mgr._staging._bufs == {}  # no staging: the file's bytes were complete when save() returned
+        assert mgr._background._staging._bufs == {}  # no staging: the file's bytes were complete when save() returned
         with torch.no_grad():
             for p in net.parameters():
                 p.add_(1.0)  # outside any optimizer: fine, the bytes were already copied

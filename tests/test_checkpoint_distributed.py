@@ -140,7 +140,7 @@ def test_one_process_restores_what_several_ranks_saved(data, ran_four, ran_two):
 
 
 def test_without_a_process_group_nothing_is_collective(tmp):
-    assert collective.join(tmp, async_save=True, incremental=False, remote=False) is None
+    assert collective.join(tmp, async_save=True, incremental=False, local=True) is None
     with tk.CheckpointManager(tmp, async_save=True) as mgr:  # one process: async saves as before
         mgr.save(1, {"x": np.arange(3)})
     assert tk.CheckpointManager(tmp).restore({"x": None}) == 1

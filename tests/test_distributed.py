@@ -328,11 +328,11 @@ def test_four_ranks_on_a_2d_mesh_load_two_and_save_shared_boxes_once(data, ran_c
 @pytest.fixture
 def audited_convert(monkeypatch):
     """convert_dcp run under the loading audit of conftest.py: no pickle.find_class, exec, os.system."""
-    import conftest
     import torch.utils.serialization.config  # noqa: F401 - torch.load imports it lazily: not the file's code
+    from tensorkeep.file.audit import audited
     from tensorkeep.layouts import dcp as dcp_module
 
-    return conftest._audited(dcp_module.convert_dcp)
+    return audited(dcp_module.convert_dcp)
 
 
 def test_convert_dcp_of_four_ranks(data, ran_a, audited_convert):

@@ -63,7 +63,7 @@ def hash_bomb(doublings: int = 100) -> bytes:
 CHILD = r"""
 import json, signal, sys, torch, tensorkeep as tk
 from click.testing import CliRunner
-from tensorkeep.core import ptzip
+from tensorkeep.file import torchfile
 from tensorkeep.cli import main
 
 P = json.loads(sys.argv[1])
@@ -114,7 +114,7 @@ cases["state dicts"] = [lambda x=x: tk.load_into(lin(), {"weight": torch.zeros(2
                         for x in (dag, deep)]
 cases["dcp"] = [lambda: tk.convert_dcp(P["dcp"], out)]
 cases["fifo"] = [lambda f=f: f(fifo) for f in loaders] + [
-    lambda: tk.convert_dcp(P["fifo_dcp"], out), lambda: ptzip.is_zip(fifo), lambda: ptzip.CheckedFile(fifo)] + [
+    lambda: tk.convert_dcp(P["fifo_dcp"], out), lambda: torchfile.is_zip(fifo), lambda: torchfile.CheckedFile(fifo)] + [
     lambda a=a: cli.invoke(main, a) for a in (["verify", fifo], ["inspect", fifo], ["diff", fifo, fifo])]
 for name, calls in cases.items():
     print(json.dumps({"case": name, "out": [outcome(c) for c in calls]}), flush=True)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import tensorkeep as tk
+import tensorkeep.core.dtypes
 from tensorkeep.core.format import TK_KEY, TK_PREFIX, header_crc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -70,7 +71,7 @@ def test_dtype_names_from_a_file_import_nothing(tmp):
         import json, sys, warnings
         import tensorkeep as tk
         good = tk.load({good!r})  # anything a normal load imports is imported now
-        assert good["d"] == [tk.dtypes.torch_dtype_named(n) for n in ("bfloat16", "float8_e4m3fn", "int64")]
+        assert good["d"] == [tk.core.dtypes.torch_dtype_named(n) for n in ("bfloat16", "float8_e4m3fn", "int64")]
         before = set(sys.modules)
         errors = []
         with warnings.catch_warnings(record=True) as caught:

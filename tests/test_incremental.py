@@ -151,8 +151,7 @@ def test_cleanup_interrupted_at_any_deletion_never_loses_a_kept_checkpoint(tmp, 
         finished = False
     finally:
         monkeypatch.undo()
-        mgr._lock.release()
-        mgr._closed = True
+        mgr.close()
     assert finished == (fail_at == 11)  # 3 steps (renamed away, manifest, directory), 2 packs: 11 deletions
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # leftovers of the interrupted cleanup are reported

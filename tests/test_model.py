@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import tensorkeep as tk
+import tensorkeep.architecture
 
 sys.path.insert(0, os.path.dirname(__file__))
 from models_for_tests import MLP, MLPFull, MLPPart, TiedLM  # noqa: E402
@@ -238,7 +239,7 @@ def test_version_mismatch_warns_not_refuses(tmp, monkeypatch):
     import tensorkeep.model as tm
 
     p = os.path.join(tmp, "mlp.tk")
-    monkeypatch.setattr(tm, "_versions", lambda: {"torch": "1.8.0", "python": "3.8.0", "tensorkeep": "0.0.1"})
+    monkeypatch.setattr(tensorkeep.architecture, "_versions", lambda: {"torch": "1.8.0", "python": "3.8.0", "tensorkeep": "0.0.1"})
     tk.save_model(MLP(), p)
     monkeypatch.undo()
     with warnings.catch_warnings(record=True) as w:

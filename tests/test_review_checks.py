@@ -107,8 +107,8 @@ def test_reused_tensors_are_read_once_per_process(tmp, monkeypatch):
     """Verifying what a save reuses costs one read per pack and process, not one per save; and none
     after restore(), which verified the same tensors."""
     opened = []
-    real = packs._Reader
-    monkeypatch.setattr(packs, "_Reader", lambda path: opened.append(path) or real(path))
+    real = packs.open_reader
+    monkeypatch.setattr(packs, "open_reader", lambda path: opened.append(path) or real(path))
     run, net = os.path.join(tmp, "run"), _net()
     with tk.CheckpointManager(run, incremental=True) as mgr:
         for step in range(1, 5):

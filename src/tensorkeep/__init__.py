@@ -10,8 +10,10 @@ from tensorkeep.errors import (
     CheckpointNotFoundError, ChecksumError, FormatError, LimitError, LockedError, MismatchError, SaveError,
     StorageError, TensorkeepError, UntrustedModelError,
 )
-from tensorkeep.file.reader import SafeOpen, UnsafePickleError, load, open, save
-from tensorkeep.model import LoadReport, load_into, load_model, save_model
+from tensorkeep.api import SafeOpen, load, open, save
+from tensorkeep.file.torchfile import UnsafePickleError
+from tensorkeep.architecture import load_model, save_model
+from tensorkeep.model import LoadReport, load_into
 from tensorkeep.layouts.sharded import save_sharded
 from tensorkeep.distributed.save import save_distributed
 from tensorkeep.distributed.load import load_distributed

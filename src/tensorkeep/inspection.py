@@ -22,11 +22,12 @@ from tensorkeep.core import ptzip
 
 from tensorkeep.layouts import sharded
 from tensorkeep.checkpoint import layout, packs
-from tensorkeep.distributed.load import read_manifest as dist_read
-from tensorkeep.distributed.save import MANIFEST as dist_manifest
+from tensorkeep.distributed.manifest import MANIFEST as dist_manifest, read_manifest as dist_read
 from tensorkeep.core.dtypes import byte_view
 from tensorkeep.errors import FormatError, TensorkeepError
-from tensorkeep.file.reader import SafeOpen, _Reader, _torch_file
+from tensorkeep.file.reader import open_reader
+from tensorkeep.file.safeopen import SafeOpen
+from tensorkeep.file.torchfile import is_zip, load_torch_file
 from tensorkeep.core.format import DTYPE_SIZES, TK_PREFIX, TensorInfo, crc32, looks_like_tensorkeep
 from tensorkeep.layouts.sharded import INDEX, SINGLE
 
@@ -67,15 +68,15 @@ def describe_file(path: str) -> dict[str, Any]:
     >>> describe_file("/tmp/tk-doc-describe.tk")["tensors"][0]["shape"]
     [2, 3]
     """
-    r = _Reader(path)
+    r = open_reader(path)
     try:
         if r.torch_pickle:
-            obj = _torch_file(path, None, False)
+            obj = load_torch_file(path, None, False)
             flat = obj if isinstance(obj, dict) else {"tensor": obj}
             tensors = [
                 {"name": k, "dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape),
                  "bytes": v.numel() * v.element_size(),
-                 "checksum": "zip crc32" if ptzip.is_zip(path) else "none (legacy torch file)"}
+                 "checksum": "zip crc32" if is_zip(path) else "none (legacy torch file)"}
                 for k, v in flat.items() if isinstance(v, torch.Tensor)
             ]
             return {"path": path, "kind": "torch (weights-only)", "size": r.size, "tensors": tensors,
@@ -146,7 +147,7 @@ def _verify_file(path: str, threads: int, progress: Callable[[int], None] | None
     """Verify one file into ``res``; its tensors by name (None for a torch file or an unreadable header)."""
     res.files.append(path)
     try:
-        r = _Reader(path)
+        r = open_reader(path)
     except (ValueError, OSError) as e:  # FormatError is a ValueError; so is a path with a NUL
         res.problems.append(Problem(path, str(e)))
         return None
@@ -154,9 +155,9 @@ def _verify_file(path: str, threads: int, progress: Callable[[int], None] | None
         res.checked_files += 1
         if r.torch_pickle:
             try:
-                _torch_file(path, None, False)  # a zip's CRC-32s are checked as it is read
+                load_torch_file(path, None, False)  # a zip's CRC-32s are checked as it is read
                 res.checked_bytes += r.size
-                if not ptzip.is_zip(path):
+                if not is_zip(path):
                     res.notes.append(f"{path}: legacy (non-zip) torch file, loads weights-only, carries no checksums")
             except TensorkeepError as e:
                 res.problems.append(Problem(path, str(e)))

@@ -24,38 +24,33 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import time
+
 import warnings
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from tensorkeep import errors
 
 from tensorkeep.storage import local as _io
-from tensorkeep.distributed.load import load_distributed, read_manifest as read_layout
-from tensorkeep.distributed.save import MANIFEST as LAYOUT, Comm, dtensor_type, write_distributed
+from tensorkeep.distributed.comm import Comm, dtensor_type
+from tensorkeep.distributed.load import load_distributed
+from tensorkeep.distributed.manifest import read_manifest as read_layout
+from tensorkeep.distributed.save import write_distributed
 from tensorkeep.core.dtypes import torch_dtype
 from tensorkeep.errors import CheckpointNotFoundError, FormatError, SaveError, TensorkeepError
-from tensorkeep.file.reader import load
+from tensorkeep.file.reader import read_file as load
 from tensorkeep.core.format import stored_crc
 from tensorkeep.file.writer import write
 from tensorkeep.checkpoint import layout, packs, rng
-from tensorkeep.checkpoint.policies import Policy, Record
-
-if TYPE_CHECKING:
-    from tensorkeep.checkpoint.manager import CheckpointManager
-
-KINDS = ("state_dict", "values")
-
-
-def rng_file(rank: int) -> str:
-    """The file of one rank's RNG states: ``rng-00002.tk``."""
-    return f"rng-{rank:05d}.tk"
+from tensorkeep.checkpoint.localrun import LocalRun
+from tensorkeep.checkpoint.policies import Policy
+from tensorkeep.checkpoint.records import Records
+from tensorkeep.checkpoint.state import apply, has_state
+from tensorkeep.checkpoint.steps import KINDS, LAYOUT, is_distributed, layout_entry, rng_file
 
 
-def has_state(obj: Any) -> bool:
-    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
 
 
 def _timeout() -> Any:
@@ -116,7 +111,24 @@ def _untag(metrics: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ opening
 
 
-def join(directory: str, *, async_save: bool, incremental: bool, remote: bool) -> Comm | None:
+@dataclass
+class Group:
+    """What the collective functions need of a manager, passed explicitly: its status group, its
+    run, its records, and how it builds a manifest and deletes checkpoints on rank 0."""
+
+    comm: Comm
+    run: LocalRun
+    records: Records
+    durable: bool
+    manifest: Callable[[int, dict[str, Any]], layout.Manifest]
+    prune: Callable[[Sequence[Policy] | None, bool], list[int]]
+
+    @property
+    def directory(self) -> str:
+        return self.run.directory
+
+
+def join(directory: str, *, async_save: "bool | str", incremental: bool, local: bool) -> Comm | None:
     """The status group of a manager when torch.distributed runs two or more ranks, else None.
 
     Collective when it returns a group: every rank must create its manager at the same point."""
@@ -125,7 +137,7 @@ def join(directory: str, *, async_save: bool, incremental: bool, remote: bool) -
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return None
     comm = Comm(dist.new_group(backend="gloo", timeout=_timeout()))  # status traffic apart from training's
-    mine = {"directory": directory, "async_save": async_save, "incremental": incremental, "remote": remote}
+    mine = {"directory": directory, "async_save": async_save, "incremental": incremental, "remote": not local}
     every = _gather(comm, mine, f"opening {directory}")
     first = every[0]
     if first["async_save"]:
@@ -146,41 +158,32 @@ def join(directory: str, *, async_save: bool, incremental: bool, remote: bool) -
     return comm
 
 
-def open_run(mgr: "CheckpointManager") -> None:
+def open_run(g: Group) -> None:
     """Rank 0 takes the run's lock and removes leftovers of crashed saves; every rank reads the records."""
-    comm = mgr._dist
-    assert comm is not None
-    error = None
+    comm, error = g.comm, None
     if comm.rank == 0:
         try:
-            mgr._lock.acquire()
-            layout.clean_run(mgr.directory)  # unfinished saves of a crashed run: only its own
+            g.run.lock.acquire()
+            layout.clean_run(g.directory)  # unfinished saves of a crashed run: only its own
         except Exception as e:  # noqa: BLE001 - reported to every rank
             error = e
-    what = f"opening {mgr.directory}"
+    what = f"opening {g.directory}"
     _raise_first(comm, _gather(comm, _status(error), what), error, what)
-    for s in layout.list_steps(mgr.directory):
-        try:
-            mgr._records[s] = Record(s, layout.read_manifest(layout.step_dir(mgr.directory, s)).metrics)
-        except FormatError:
-            pass  # damaged: restore() skips it with a warning
-    seen = _gather(comm, sorted(mgr._records), what)
+    for s, m in g.run.manifests().items():
+        g.records.set(s, m.metrics)
+    seen = _gather(comm, g.records.steps(), what)
     for r, steps in enumerate(seen):
         if steps != seen[0]:
             raise TensorkeepError(f"{what}: rank {r} sees the checkpoints {steps}, rank 0 sees {seen[0]}. Every rank "
                                   "must use the same directory, on a file system every rank sees")
 
 
-def should_save(mgr: "CheckpointManager", due: bool) -> bool:
-    """Whether any rank wants a checkpoint now (clocks and signals differ between ranks); a signal
-    that reached one rank counts for all, so every rank exits after that checkpoint."""
-    comm = mgr._dist
-    assert comm is not None
-    every = _gather(comm, {"due": due, "signal": mgr._preempted}, "should_save")
+def should_save(comm: Comm, due: bool, signalled: int | None) -> tuple[bool, int | None]:
+    """Whether any rank wants a checkpoint now (clocks and signals differ between ranks), and the
+    signal to exit with: one that reached one rank counts for all, so every rank exits after it."""
+    every = _gather(comm, {"due": due, "signal": signalled}, "should_save")
     signals = [s["signal"] for s in every if s["signal"] is not None]
-    if signals and mgr._preempted is None:
-        mgr._preempted = signals[0]
-    return any(s["due"] for s in every)
+    return any(s["due"] for s in every), signalled if signalled is not None else (signals[0] if signals else None)
 
 
 # --------------------------------------------------------------------------------------- save
@@ -205,17 +208,17 @@ def _payload(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str], 
     return payload, kinds, rng_state
 
 
-def save(mgr: "CheckpointManager", step: int, state: Mapping[str, Any], metrics: dict[str, Any]) -> str:
-    """Collective: write a checkpoint of ``state`` from every rank; commit it only if every rank succeeded."""
-    comm = mgr._dist
-    assert comm is not None
+def save(g: Group, step: int, state: Mapping[str, Any], metrics: dict[str, Any]) -> str:
+    """Collective: write a checkpoint of ``state`` from every rank; commit it only if every rank succeeded
+    (then every rank records it; the caller applies retention)."""
+    comm = g.comm
     what = f"checkpoint step {step}"
-    outcome = f"Nothing was committed: every committed checkpoint in {mgr.directory} is intact."
+    outcome = f"Nothing was committed: every committed checkpoint in {g.directory} is intact."
     error, payload, kinds, rng_state, tmp = None, {}, {}, None, ""
     try:
         payload, kinds, rng_state = _payload(state)
         if comm.rank == 0:
-            tmp = os.path.join(mgr.directory, f".step_{step:08d}{_io.TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}")
+            tmp = os.path.join(g.directory, f".step_{step:08d}{_io.TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}")
             _io.mkdir(tmp)
     except Exception as e:  # noqa: BLE001 - reported to every rank
         error = e
@@ -226,106 +229,61 @@ def save(mgr: "CheckpointManager", step: int, state: Mapping[str, Any], metrics:
             raise SaveError(f"{what}: the ranks called save() with different steps, {steps} by rank. Every rank "
                             f"must save the same step. {outcome}")
         tmp = every[0]["tmp"]
-        write_distributed(payload, tmp, group=comm.group, label=what, outcome=outcome, durable=mgr.durable)
+        write_distributed(payload, tmp, group=comm.group, label=what, outcome=outcome, durable=g.durable)
         error, info = None, {}
         try:
             p = os.path.join(tmp, rng_file(comm.rank))
-            write(rng_state, p, {}, mgr.durable, in_place=True)
+            write(rng_state, p, {}, g.durable, in_place=True)
             info = {"size": os.path.getsize(p), "crc32": stored_crc(p)}
         except Exception as e:  # noqa: BLE001
             error = e
         rngs = comm.check(error, f"{what}: writing the RNG states", outcome, info)
-        final = layout.step_dir(mgr.directory, step)
-        comm.on_rank0(lambda: _publish(mgr, step, tmp, final, metrics, kinds, rngs), f"{what}: publishing",
+        final = layout.step_dir(g.directory, step)
+        comm.on_rank0(lambda: _publish(g, step, tmp, final, metrics, kinds, rngs), f"{what}: publishing",
                       "Rank 0 could not publish it: the previous checkpoints are intact, and this one is either "
                       "whole or absent (list_checkpoints tells).")
     except BaseException:
         comm.drop_temp(tmp)
         raise
-    _after_commit(mgr, step, _untag(every[0]["metrics"]))
+    metrics.clear()
+    metrics.update(_untag(every[0]["metrics"]))  # rank 0's metrics, on every rank
     return final
 
 
-def _publish(mgr: "CheckpointManager", step: int, tmp: str, final: str, metrics: dict[str, Any],
+def _publish(g: Group, step: int, tmp: str, final: str, metrics: dict[str, Any],
              kinds: dict[str, str], rngs: list[dict]) -> None:
     """Rank 0, once every rank's files are durable: the manifest, then the rename that commits."""
     shards, _ = read_layout(tmp)  # the shard files' sizes and header checksums, as each rank reported them
-    m = mgr._manifest(step, metrics)
+    m = g.manifest(step, metrics)
     for name, info in shards["files"].items():
         m.files[name] = {"size": info["size"], "crc32": info["crc32"], "key": "", "kind": "distributed"}
     m.files[LAYOUT] = {"size": os.path.getsize(os.path.join(tmp, LAYOUT)), "key": "", "kind": "distributed",
                        "world_size": len(rngs), "keys": kinds}
     for r, info in enumerate(rngs):
         m.files[rng_file(r)] = {"size": info["size"], "crc32": info["crc32"], "key": "", "kind": "rng-rank", "rank": r}
-    layout.write_manifest(tmp, m, mgr.durable)
-    if mgr.durable:
+    layout.write_manifest(tmp, m, g.durable)
+    if g.durable:
         _io.fsync_dir(tmp)
-    _io.replace_dir(tmp, final, mgr.durable, layout.replaceable(final))
+    _io.replace_dir(tmp, final, g.durable, layout.replaceable(final))
 
 
-def _after_commit(mgr: "CheckpointManager", step: int, metrics: dict[str, Any]) -> None:
-    """Every rank records the new step; rank 0 applies retention and tells the others what it deleted."""
-    with mgr._records_lock:
-        mgr._records[step] = Record(step, metrics)
-    mgr._last_saved_step = step
-    mgr._last_save_time = time.monotonic()
-    prune(mgr, None, False, f"checkpoint step {step} was committed, but deleting old checkpoints")
-
-
-def prune(mgr: "CheckpointManager", policies: Sequence[Policy] | None, dry_run: bool,
-          what: str = "prune") -> list[int]:
+def prune(g: Group, policies: Sequence[Policy] | None, dry_run: bool, what: str = "prune") -> list[int]:
     """Rank 0 applies retention; every rank drops the same steps from its records."""
-    comm = mgr._dist
-    assert comm is not None
+    comm = g.comm
     error, doomed = None, []
     if comm.rank == 0:
         try:
-            doomed = mgr._prune(policies, dry_run)
+            doomed = g.prune(policies, dry_run)
         except Exception as e:  # noqa: BLE001
             error = e
     every = comm.check(error, what, "", {"doomed": doomed})
     if not dry_run and comm.rank != 0:
-        with mgr._records_lock:
-            for s in every[0]["doomed"]:
-                mgr._records.pop(s, None)
+        for s in every[0]["doomed"]:
+            g.records.drop(s)
     return list(every[0]["doomed"])
 
 
 # ------------------------------------------------------------------------------------ restore
-
-
-def is_distributed(m: layout.Manifest) -> bool:
-    """Whether a checkpoint was saved by a process group (its shards are read with load_distributed)."""
-    return any(info.get("kind") == "distributed" for info in m.files.values())
-
-
-def _layout_entry(d: str, m: layout.Manifest) -> tuple[dict[str, str], int]:
-    """(key -> kind, world size) from the manifest's distributed.json entry (untrusted JSON)."""
-    info = m.files.get(LAYOUT) or {}
-    keys, world = info.get("keys"), info.get("world_size")
-    if not isinstance(keys, dict) or any(v not in KINDS for v in keys.values()) or type(world) is not int or world < 1:
-        raise FormatError(f"{d}: {layout.MANIFEST} needs the keys and the world size in its {LAYOUT} entry")
-    return keys, world
-
-
-def read_whole(d: str, m: layout.Manifest) -> tuple[layout.Manifest, dict[str, Any]]:
-    """One process, no process group: a checkpoint of several ranks read whole (every tensor
-    checksummed), as (manifest, loaded) in the shape ``CheckpointManager._apply`` takes.
-    The RNG states restored are rank 0's: this process continues as rank 0 did."""
-    keys, _ = _layout_entry(d, m)
-    whole = load_distributed(None, d)
-    files: dict[str, dict[str, Any]] = {}
-    loaded: dict[str, Any] = {}
-    for key, kind in keys.items():
-        if kind == "state_dict" and key in whole:
-            files[f"state:{key}"] = {"key": key, "kind": "state_dict"}
-            loaded[f"state:{key}"] = whole[key]
-    files["values"] = {"key": "", "kind": "values"}
-    loaded["values"] = {k: whole[k] for k, kind in keys.items() if kind == "values" and k in whole}
-    if rng_file(0) in m.files:
-        files["rng"] = {"key": "", "kind": "rng"}
-        loaded["rng"] = load(os.path.join(d, rng_file(0)))
-    return dataclasses.replace(m, files=files, parts={}, packs={}), loaded
 
 
 def _fresh_optimizer(opt: Any, sd: dict, key: str, stored: dict[str, Any]) -> None:
@@ -350,7 +308,7 @@ def _fresh_optimizer(opt: Any, sd: dict, key: str, stored: dict[str, Any]) -> No
 def _load_shards(state: Mapping[str, Any], d: str, m: layout.Manifest, comm: Comm) -> dict[str, Any] | None:
     """This rank's part of a distributed checkpoint, loaded into ``state`` (in place, resharded);
     returns this rank's RNG states when the world size is the saved one."""
-    keys, world = _layout_entry(d, m)
+    keys, world = layout_entry(d, m)
     _, stored = read_layout(d)
     target: dict[str, Any] = {}
     for key, obj in state.items():
@@ -379,30 +337,29 @@ def _load_shards(state: Mapping[str, Any], d: str, m: layout.Manifest, comm: Com
     return mine
 
 
-def _load_plain(mgr: "CheckpointManager", state: Mapping[str, Any], d: str, m: layout.Manifest) -> None:
+def _load_plain(g: Group, state: Mapping[str, Any], d: str, m: layout.Manifest) -> None:
     """A checkpoint saved by one process, restored on every rank (replicated state, e.g. DDP);
     its RNG states are one process's, so they are not restored."""
     loaded = {name: load(os.path.join(d, name)) for name in m.files}  # verified before anything is applied
-    loaded.update(packs.load_parts(mgr.directory, m.parts, m.packs, d))
+    loaded.update(packs.load_parts(m.parts, packs.locate_local(g.directory, m.packs, d), d))
     files = {n: i for n, i in m.files.items() if i.get("kind") != "rng"}
-    mgr._apply(state, dataclasses.replace(m, files=files), loaded)
-    if mgr._dist is not None and mgr._dist.rank == 0:
+    apply(state, dataclasses.replace(m, files=files), loaded)
+    if g.comm.rank == 0:
         warnings.warn(f"checkpoint step {m.step} was saved by one process: the RNG states are not restored (each "
                       "rank keeps its own)", stacklevel=4)
 
 
-def restore(mgr: "CheckpointManager", state: Mapping[str, Any], step: int | None) -> int | None:
+def restore(g: Group, state: Mapping[str, Any], step: int | None) -> int | None:
     """Collective: every rank restores the same step (the newest one intact on every rank)."""
-    comm = mgr._dist
-    assert comm is not None
-    steps = _gather(comm, layout.list_steps(mgr.directory), f"restoring from {mgr.directory}")
+    comm, directory = g.comm, g.directory
+    steps = _gather(comm, layout.list_steps(directory), f"restoring from {directory}")
     if any(s != steps[0] for s in steps):
-        raise TensorkeepError(f"restoring from {mgr.directory}: the ranks see different checkpoints {steps}. Every "
+        raise TensorkeepError(f"restoring from {directory}: the ranks see different checkpoints {steps}. Every "
                               "rank must use the same directory, on a file system every rank sees")
     touched = False
     for s in [step] if step is not None else sorted(steps[0], reverse=True):
-        d = layout.step_dir(mgr.directory, s)
-        what = f"restoring checkpoint step {s} from {mgr.directory}"
+        d = layout.step_dir(directory, s)
+        what = f"restoring checkpoint step {s} from {directory}"
         error, m, mine = None, None, None
         try:
             if not os.path.isdir(d):
@@ -418,7 +375,7 @@ def restore(mgr: "CheckpointManager", state: Mapping[str, Any], step: int | None
                 if is_distributed(m):  # type: ignore[arg-type]
                     mine = _load_shards(state, d, m, comm)  # type: ignore[arg-type]
                 else:
-                    _load_plain(mgr, state, d, m)  # type: ignore[arg-type]
+                    _load_plain(g, state, d, m)  # type: ignore[arg-type]
             except Exception as e:  # noqa: BLE001
                 error = e
             bad = _outcome(comm, error, what)
@@ -426,22 +383,20 @@ def restore(mgr: "CheckpointManager", state: Mapping[str, Any], step: int | None
         if bad is None:
             if mine is not None:
                 rng.restore(mine)  # last: nothing above may consume randomness afterwards
-            mgr._current_step = s
             return s
         if step is not None:
-            raise CheckpointNotFoundError(f"cannot restore step {step} from {mgr.directory}: {bad}. Steps that exist: "
-                                          f"{mgr.steps()}" + (". The state may be partly loaded" if touched else ""))
+            raise CheckpointNotFoundError(f"cannot restore step {step} from {directory}: {bad}. Steps that exist: "
+                                          f"{g.records.steps()}" + (". The state may be partly loaded" if touched else ""))
         if comm.rank == 0:
             warnings.warn(f"skipping damaged checkpoint {d}: {bad}; trying the previous one", stacklevel=3)
-        with mgr._records_lock:
-            mgr._records.pop(s, None)
+        g.records.drop(s)
     if touched:
-        raise CheckpointNotFoundError(f"restoring from {mgr.directory}: no intact checkpoint is left, and the state "
+        raise CheckpointNotFoundError(f"restoring from {directory}: no intact checkpoint is left, and the state "
                                       "was partly loaded from a damaged one. Build the objects afresh to start over")
     if steps[0] and comm.rank == 0:
-        warnings.warn(f"{mgr.directory}: ALL {len(steps[0])} checkpoint(s) are damaged (steps {steps[0]}): nothing "
+        warnings.warn(f"{directory}: ALL {len(steps[0])} checkpoint(s) are damaged (steps {steps[0]}): nothing "
                       "was restored, so restore() returns None and training would start from scratch. Fix: run "
-                      f"`tensorkeep verify {mgr.directory}`, put back a good copy, or pass step= to see the error",
+                      f"`tensorkeep verify {directory}`, put back a good copy, or pass step= to see the error",
                       stacklevel=3)
     return None
 

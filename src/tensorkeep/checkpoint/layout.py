@@ -24,7 +24,7 @@ from typing import Any
 
 from tensorkeep.storage import local as _io
 from tensorkeep.errors import FormatError, SaveError
-from tensorkeep.core.format import dumps, seal, stored_crc, strict_json, unseal
+from tensorkeep.core.format import dumps, seal, stored_crc, unseal
 
 MANIFEST = "manifest.json"
 FORMAT = "tensorkeep-checkpoint"

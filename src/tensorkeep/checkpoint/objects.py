@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import re
 import socket
 import time
@@ -27,13 +28,13 @@ from typing import Any, Iterable
 
 from tensorkeep import knobs
 from tensorkeep.errors import FormatError, LockedError, SaveError, TensorkeepError
-from tensorkeep.file.reader import load
+from tensorkeep.file.reader import read_file as load
 from tensorkeep.core.format import CRC_FIELD_END, TK_PREFIX, crc_field, seal
-from tensorkeep.file.remote import write_url
+from tensorkeep.file.writer import write
 from tensorkeep.storage.objects import Store
 from tensorkeep.checkpoint import layout, packs
 from tensorkeep.checkpoint.layout import MANIFEST, Manifest
-from tensorkeep.checkpoint.listing import CheckpointInfo
+from tensorkeep.checkpoint.info import CheckpointInfo
 
 OWNER = ".tensorkeep.owner"
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
@@ -98,15 +99,23 @@ class OwnerRecord:
 
 
 class ObjectRun:
-    """A run directory on object storage, as :class:`CheckpointManager` uses it."""
+    """A run on object storage (a :class:`~tensorkeep.checkpoint.run.Run`)."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url.rstrip("/")
-        self.store = Store(self.url)
-        self.owner = OwnerRecord(self.store)
+    local = False
+    builds_images = False  # objects are streamed to the store by the writer thread
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.url = store.url
+        self.lock = OwnerRecord(self.store)
+
+    def prepare(self, durable: bool) -> None:
+        pass  # a prefix exists once something is written below it
 
     def step_url(self, step: int) -> str:
         return self.store.url_of(step_key(step))
+
+    step_path = step_url
 
     # ------------------------------------------------------------------ reading
 
@@ -177,16 +186,18 @@ class ObjectRun:
                     raise FormatError(f"{where}: {key} is not the pack this checkpoint refers to "
                                       f"({sizes[key]} bytes, the manifest says {info['size']}): damaged or replaced")
 
-    def load(self, step: int, m: Manifest) -> dict[str, Any]:
+    def load(self, step: int, m: Manifest) -> tuple[Manifest, dict[str, Any]]:
         """Every file and part of a checkpoint, checked against the manifest and verified."""
         self.check(step, m)
         loaded = {name: load(self.store.url_of(f"{step_key(step)}/{name}")) for name in m.files}
-        loaded.update(packs.load_parts(self.url, m.parts, m.packs, self.step_url(step)))
-        return loaded
+        located = {p: (self.store.url_of(f"{packs.PACKS}/{p}"), (i["size"], i["crc32"])) for p, i in m.packs.items()}
+        loaded.update(packs.load_parts(m.parts, located, self.step_url(step)))
+        return m, loaded
 
     # ------------------------------------------------------------------ writing
 
-    def commit(self, step: int, payload: dict[str, tuple[str, str, Any]], m: Manifest, incremental: bool) -> str:
+    def commit(self, step: int, payload: dict[str, tuple[str, str, Any]], m: Manifest, *,
+               incremental: bool, durable: bool = True) -> str:
         """Upload every data object, then the manifest (the commit); returns the step's URL."""
         prefix, token = step_key(step), os.urandom(4).hex()
         written: list[str] = []
@@ -197,9 +208,9 @@ class ObjectRun:
                 for name, (key, kind, obj) in payload.items():
                     obj_name = f"{name[: -len('.tk')]}.{token}.tk"
                     written.append(f"{prefix}/{obj_name}")
-                    size, crc = write_url(obj, self.store.url_of(written[-1]), {})
+                    size, crc = write(obj, self.store.url_of(written[-1]), {}, True)
                     m.files[obj_name] = {"size": size, "crc32": crc, "key": key, "kind": kind}
-            self.owner.check(f"committing step {step}")
+            self.lock.check(f"committing step {step}")
         except BaseException as e:
             self._forget(written)
             if isinstance(e, TensorkeepError) and isinstance(e, OSError):
@@ -232,7 +243,7 @@ class ObjectRun:
         if new:
             pack = f"{step:08d}-{token}.tk"
             written.append(f"{packs.PACKS}/{pack}")
-            size, crc = write_url(new, self.store.url_of(written[-1]), {})
+            size, crc = write(new, self.store.url_of(written[-1]), {}, True)
             info[pack], written_bytes = {"size": size, "crc32": crc}, size
             where.update((h, pack) for h in new)
         for part in parts.values():
@@ -259,12 +270,14 @@ class ObjectRun:
         except Exception:  # noqa: BLE001
             pass
 
-    def remove(self, step: int) -> None:
+    def remove(self, step: int, durable: bool = True) -> bool:
         """Delete a checkpoint: its manifest first (a crash midway leaves a non-checkpoint whose objects
         the next :meth:`clean` recognizes by name), then its own objects; anything else stays."""
+        self.lock.check(f"deleting step {step}")
         prefix = step_key(step)
         self.store.delete([f"{prefix}/{MANIFEST}"])
         self.store.delete(k for k in self.store.list(prefix + "/") if ours(k[len(prefix) + 1:]))
+        return True
 
     def collect(self) -> list[str]:
         """Delete the packs no committed manifest refers to (nothing while one is unreadable)."""
@@ -279,7 +292,8 @@ class ObjectRun:
         return doomed
 
     def clean(self) -> list[str]:
-        """Delete what no manifest refers to; returns the URLs of the unfinished checkpoints removed.
+        """Delete what no manifest refers to (with a warning); returns the URLs of the unfinished
+        checkpoints removed.
 
         Of step prefixes without a manifest, and of objects a step's manifest does not list, only the
         names tensorkeep gives its objects (:func:`ours`); unfinished multipart uploads; unreferenced
@@ -291,6 +305,7 @@ class ObjectRun:
                 mine = [n for n in names if ours(n)]
                 if mine:
                     removed.append(self.step_url(step))
+                    warnings.warn(f"removed the leftovers of an unfinished save: {self.step_url(step)}", stacklevel=4)
                     self.store.delete(f"{prefix}/{n}" for n in mine)
                 continue
             try:
@@ -303,9 +318,12 @@ class ObjectRun:
         return removed
 
 
-def list_checkpoints(url: str, verify: bool) -> list[CheckpointInfo]:
-    """:func:`tensorkeep.list_checkpoints` of a run on object storage (two listings, one read per manifest)."""
-    run = ObjectRun(url)
+    def list_checkpoints(self, verify: bool) -> list[CheckpointInfo]:
+        """:func:`tensorkeep.list_checkpoints` of a run on object storage (two listings, one read per manifest)."""
+        return _list(self, verify)
+
+
+def _list(run: ObjectRun, verify: bool) -> list[CheckpointInfo]:
     pack_sizes = run.store.list(f"{packs.PACKS}/")
     out = []
     for step, names in sorted(run.groups().items()):

@@ -33,9 +33,9 @@ from tensorkeep import knobs
 
 from tensorkeep.storage import local as _io
 from tensorkeep.errors import FormatError, SaveError, StorageError
-from tensorkeep.file.reader import SafeOpen, _Reader
+from tensorkeep.file.reader import open_reader
+from tensorkeep.file.safeopen import SafeOpen
 from tensorkeep.core.format import TK_PREFIX, stored_crc
-from tensorkeep.storage.objects import is_url
 from tensorkeep.core.tree import flatten, unflatten
 from tensorkeep.file.writer import _source, write
 from tensorkeep.checkpoint.layout import PACK_RE, Manifest, list_steps, read_manifest, step_dir
@@ -175,9 +175,8 @@ def _verify(path: str, ident: tuple, hashes: list[str]) -> None:
         todo = [h for h in hashes if h not in done]
     if not todo:
         return
-    from tensorkeep.file.remote import open_reader
 
-    r = open_reader(path) if is_url(path) else _Reader(path)
+    r = open_reader(path)
     try:
         if r.torch_pickle or r.crcs is None:
             raise FormatError(f"{path}: not a tensorkeep pack (no checksums)")
@@ -245,16 +244,24 @@ def check_packs(run: str, packs: dict[str, dict], where: str) -> None:
                               f"({size} bytes, the manifest says {info['size']}): damaged or replaced")
 
 
-def load_parts(run: str, parts: dict[str, dict], packs: dict[str, dict], where: str) -> dict[str, Any]:
+def locate_local(run: str, packs: dict[str, dict], where: str) -> dict[str, tuple[str, tuple]]:
+    """pack -> (its path, its identity), once each passes :func:`check_packs` (for :func:`load_parts`)."""
+    check_packs(run, packs, where)
+    out = {}
+    for pack in packs:
+        p = os.path.abspath(os.path.join(packs_dir(run), pack))
+        out[pack] = (p, _identity(p))
+    return out
+
+
+def load_parts(parts: dict[str, dict], located: dict[str, tuple[str, tuple]], where: str) -> dict[str, Any]:
     """Rebuild every part of a checkpoint from its packs, every tensor verified.
 
-    ``run`` is a directory, or the URL of a run on object storage (whose packs the caller checked)."""
-    remote = is_url(run)
-    if not remote:
-        check_packs(run, packs, where)
-    where_is = {pack: f"{run}/{PACKS}/{pack}" if remote else os.path.join(packs_dir(run), pack) for pack in packs}
-    ident = {pack: (info["size"], info["crc32"]) if remote else _identity(where_is[pack]) for pack, info in packs.items()}
-    opened = {pack: SafeOpen(where_is[pack]) for pack in packs}
+    ``located``: pack -> (path or URL, identity), for the packs the checkpoint needs, checked by the
+    caller (:func:`locate_local` on disk; a run on object storage checks its own)."""
+    where_is = {pack: loc[0] for pack, loc in located.items()}
+    ident = {pack: loc[1] for pack, loc in located.items()}
+    opened = {pack: SafeOpen(where_is[pack]) for pack in located}
     try:
         out = {}
         for name, part in parts.items():
@@ -266,7 +273,7 @@ def load_parts(run: str, parts: dict[str, dict], packs: dict[str, dict], where: 
                     raise FormatError(f"{where}: tensor {leaf!r} of {name!r} should be {h[:12]}… in {PACKS}/{pack}, "
                                       "which does not hold it")
                 x = opened[pack].get(h)
-                mark_verified(where_is[pack] if remote else os.path.abspath(where_is[pack]), ident[pack], [h])  # a save after restore() need not read it again
+                mark_verified(where_is[pack], ident[pack], [h])  # a save after restore() need not read it again
                 if kind == "t":
                     return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
                 return x.numpy() if isinstance(x, torch.Tensor) else x

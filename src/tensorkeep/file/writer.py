@@ -23,7 +23,7 @@ from tensorkeep.core.format import (
     CRC_FIELD_END, CRC_KEY, CRC_PLACEHOLDER, DTYPE_SIZES, FORMAT_VERSION, TK_KEY, TK_PREFIX, crc32, crc_field,
     dumps, encode_header, header_crc,
 )
-from tensorkeep.storage.objects import is_url
+from tensorkeep.storage import Backend, resolve
 from tensorkeep.core.tree import flatten
 
 _VIA_NUMPY = frozenset({"BOOL", "U8", "I8", "I16", "F16", "I32", "F32", "I64", "F64", "C64"})
@@ -150,12 +150,10 @@ def write(obj: Any, path: str, user: dict[str, str], durable: bool, *, in_place:
     Returns the file's size and its header checksum (what a manifest records of it).
 
     ``in_place=True``: write a new file directly at ``path`` (see ``_io.atomic_file``).
-    A URL (``s3://…``) is written by :func:`tensorkeep.file.remote.write_url` instead."""
-    if is_url(path):
-        from tensorkeep.file.remote import write_url
-
-        write_url(obj, path, user, durable=durable)
-        return -1, ""
+    An object in a store (``s3://…``) is streamed whole instead (:func:`_write_object`)."""
+    backend, key = resolve(path)
+    if not backend.local:
+        return _write_object(obj, backend, key, user)
     entries, info, meta, total = plan(obj, path, user, placeholder=False)
     if _small(total):  # header and data assembled in memory, one write
         return write_image(_image(entries, info, meta, total), path, durable, in_place=in_place)
@@ -182,6 +180,24 @@ def write(obj: Any, path: str, user: dict[str, str], durable: bool, *, in_place:
         else:
             _io.pwrite_all(fd, memoryview(final), 0)
     return len(head) + total, crc_field(final)
+
+
+def _write_object(obj: Any, backend: Backend, key: str, user: dict[str, str]) -> tuple[int, str]:
+    """Write ``obj`` as one object (the header leads it, so the checksums are computed first: a
+    tensor on a GPU is copied to the host twice); returns its size and header checksum."""
+    entries, info, meta, total = plan(obj, key, user)
+    layout = [(n, dt, sh) for n, dt, sh, _ in entries]
+    head, _ = encode_header(layout, meta, 8)
+    info["crc"] = {n: _block_crcs(get(), info["block"]) for n, _, _, get in entries}
+    final = final_header(layout, meta, info, 8, len(head))
+
+    def chunks() -> Any:
+        yield final
+        for _, _, _, get in entries:
+            yield get()
+
+    backend.write(key, chunks(), len(final) + total)
+    return len(final) + total, crc_field(final)
 
 
 class FileImage(bytearray):

@@ -30,6 +30,7 @@ import torch
 from tensorkeep import knobs
 
 from tensorkeep.core import ptzip
+from tensorkeep.storage import local as _io
 from tensorkeep.core.boxes import check_cover, volume as _volume
 from tensorkeep.core.dtypes import name_of_torch, torch_dtype_named
 from tensorkeep.errors import FormatError, LimitError
@@ -413,7 +414,7 @@ def _check_files(dcp_dir: str, ranges: list[_Range]) -> None:
 
 
 def _blob(dcp_dir: str, r: _Range) -> bytes:
-    with open(ptzip.open_regular(os.path.join(dcp_dir, r.name)), "rb") as f:
+    with open(_io.open_regular(os.path.join(dcp_dir, r.name)), "rb") as f:
         f.seek(r.offset)
         data = f.read(r.length)
     if len(data) != r.length:
@@ -507,7 +508,7 @@ def convert_dcp(dcp_dir: "str | os.PathLike[str]", out_path: "str | os.PathLike[
     dcp_dir = os.fspath(dcp_dir)
     mpath = os.path.join(dcp_dir, ".metadata")
     try:
-        with open(ptzip.open_regular(mpath), "rb") as f:  # a FIFO is refused, not waited on
+        with open(_io.open_regular(mpath), "rb") as f:  # a FIFO is refused, not waited on
             raw = f.read(knobs.MAX_HEADER_BYTES + 1)
     except FileNotFoundError:
         raise FormatError(f"{dcp_dir}: no .metadata, so not a torch.distributed.checkpoint directory") from None

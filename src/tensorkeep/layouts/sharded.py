@@ -16,7 +16,9 @@ import torch
 
 from tensorkeep.storage import local as _io
 from tensorkeep.errors import FormatError, SaveError
-from tensorkeep.file.reader import SafeOpen, TensorSlice, load, write
+from tensorkeep.file.reader import read_file
+from tensorkeep.file.safeopen import SafeOpen, TensorSlice
+from tensorkeep.file.writer import write
 from tensorkeep.core.format import TK_PREFIX, TensorInfo, dumps, strict_json
 
 INDEX = "model.safetensors.index.json"
@@ -353,7 +355,7 @@ def load_dir(path: str, *, device: Any = None, lazy: bool = False, verify: bool 
     out: dict[str, Any] = {}
     loaded: dict[str, Any] = {}
     for shard in dict.fromkeys(where.values()):
-        obj = load(shard, device=device, lazy=lazy, verify=verify)
+        obj = read_file(shard, device=device, lazy=lazy, verify=verify)
         if not isinstance(obj, dict):
             raise FormatError(f"{shard}: a shard must hold a flat dict of tensors")
         loaded[shard] = obj

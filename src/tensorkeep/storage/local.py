@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from tensorkeep import knobs
-from tensorkeep.errors import SaveError
+from tensorkeep.errors import FormatError, SaveError
 
 TMP_MARK = ".tk-tmp-"
 #: Suffix of the base name under which replace_dir parks a directory it is replacing (see there).
@@ -134,6 +134,24 @@ def is_real_dir(path: str) -> bool:
         return stat.S_ISDIR(os.lstat(path).st_mode)
     except OSError:
         return False
+
+
+def open_regular(path: str) -> int:
+    """A read-only descriptor of ``path``, which must be a regular file: a FIFO is refused
+    (:class:`FormatError`) instead of blocking ``open`` until some writer comes, forever.
+
+    >>> os.close(open_regular(__file__))
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))  # O_NONBLOCK: no wait on a FIFO
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FormatError(f"{path}: not a regular file (a FIFO, a device or a directory); tensorkeep reads "
+                              "tensors only from regular files")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def fsync(fd: int) -> None:

@@ -17,7 +17,6 @@ Endpoints, credentials and retries come from fsspec's configuration
 
 from __future__ import annotations
 
-import re
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterable
@@ -31,28 +30,7 @@ THREADS = 8
 #: S3 allows at most this many parts in one upload; larger objects get larger parts.
 MAX_PARTS = 10_000
 
-_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
-
-
-def is_url(path: str) -> bool:
-    """True for ``scheme://…`` (object storage or ``file://``); False for a local path.
-
-    >>> is_url("s3://bucket/run"), is_url("runs/mlp"), is_url("file:///tmp/x")
-    (True, False, True)
-    """
-    return "://" in path and _URL_RE.match(path) is not None
-
-
-def local_path(url: str) -> str | None:
-    """The local path of a ``file://`` URL; None for any other URL.
-
-    >>> local_path("file:///tmp/run"), local_path("s3://b/run")
-    ('/tmp/run', None)
-    """
-    if url.lower().startswith("file://"):
-        return url[len("file://"):]
-    return None
 
 
 def _filesystem(url: str) -> tuple[Any, str]:
@@ -74,7 +52,7 @@ def _filesystem(url: str) -> tuple[Any, str]:
 
 
 class Store:
-    """One prefix of an object store, read and written by key.
+    """One prefix of an object store, read and written by key (a :class:`~tensorkeep.storage.base.Backend`).
 
     >>> s = Store("memory://tk-doc-store")
     >>> s.write("a/b.bin", [b"hello ", b"world"], 11)
@@ -82,11 +60,19 @@ class Store:
     (b'world', {'a/b.bin': 11})
     """
 
+    local = False
+
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
         self.fs, root = _filesystem(self.url)
         self.root = root.rstrip("/")
         self.s3 = callable(getattr(self.fs, "call_s3", None))
+
+    def path(self, key: str) -> str:
+        raise TypeError(f"{self.url}: objects are not files")
+
+    def open(self, key: str) -> "ObjectSource":
+        return ObjectSource(self, key)
 
     def url_of(self, key: str) -> str:
         return f"{self.url}/{key}" if key else self.url
@@ -149,7 +135,7 @@ class Store:
                 pass
             self.fs.invalidate_cache()
 
-    def write(self, key: str, chunks: Iterable[Any], size: int) -> None:
+    def write(self, key: str, chunks: Iterable[Any], size: int, *, durable: bool = True) -> None:
         """Write an object from buffers holding ``size`` bytes in all; it appears whole or not at all.
 
         Raises :class:`SaveError` naming the URL; the previous object, if any, is untouched."""
@@ -238,13 +224,50 @@ class Store:
         return len(uploads)
 
 
-def locate(url: str) -> tuple[Store, str]:
-    """The store holding the object at ``url`` (rooted at its parent) and its key.
+#: The first ranged read of an object fetches this much, which holds most headers whole.
+HEAD_BYTES = 64 << 10
 
-    >>> s, key = locate("memory://models/mlp.tk"); s.url, key
-    ('memory://models', 'mlp.tk')
-    """
-    parent, _, key = url.rstrip("/").rpartition("/")
-    if not key or parent.endswith(":/") or parent.endswith(":"):
-        raise ValueError(f"{url}: name an object (scheme://bucket/key), not a bucket or a bare scheme")
-    return Store(parent), key
+
+class ObjectSource:
+    """An object opened for ranged reads: its size looked up once, its first bytes fetched once."""
+
+    mappable = False
+
+    def __init__(self, store: Store, key: str) -> None:
+        self.store, self.key, self.name = store, key, store.url_of(key)
+        self.size = store.size(key)
+        self._head = store.read_range(key, 0, min(self.size, HEAD_BYTES))
+
+    def pread(self, n: int, at: int) -> bytes:
+        if at + n <= len(self._head):
+            return self._head[at : at + n]
+        return self.store.read_range(self.key, at, at + n)
+
+    def readinto(self, buf: Any, at: int) -> int:
+        """Fill ``buf``: one ranged read, or PART_BYTES ranges on THREADS threads."""
+        mv = memoryview(buf).cast("B")
+        got = [0]
+
+        def fetch(off: int) -> None:
+            n = min(PART_BYTES, len(mv) - off)
+            data = self.store.read_range(self.key, at + off, at + off + n)
+            mv[off : off + len(data)] = data
+            got[0] += len(data)  # a short range only at the end, so the total tells
+
+        if len(mv) <= PART_BYTES:
+            fetch(0)
+        else:
+            with ThreadPoolExecutor(THREADS, thread_name_prefix="tk-get") as pool:
+                list(pool.map(fetch, range(0, len(mv), PART_BYTES)))
+        return got[0]
+
+    def fileno(self) -> int:
+        raise TypeError(f"{self.name}: an object cannot be mapped")
+
+    def whole(self) -> Any:
+        import io
+
+        return io.BytesIO(self.store.read(self.key))
+
+    def close(self) -> None:
+        pass

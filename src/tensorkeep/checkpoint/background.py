@@ -1,0 +1,113 @@
+"""Asynchronous checkpoints: ``save()`` snapshots the state, one background thread writes it.
+
+At most one save is in flight: the next ``save()``, ``wait()`` or ``close()`` waits for it and
+raises its error. With ``async_save="lazy"`` the parameters and the optimizer's state are copied by
+the writer instead of inside ``save()``, and every ``optimizer.step()`` waits until that copy is
+done (a global optimizer step pre-hook).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Mapping
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from tensorkeep.checkpoint.snapshot import Staging, small_image
+from tensorkeep.checkpoint.state import Payload
+from tensorkeep.errors import TensorkeepError
+
+
+class Background:
+    """The writer thread of one manager (``mode``: True or "lazy")."""
+
+    def __init__(self, mode: "bool | str") -> None:
+        self.mode, self._pid = mode, os.getpid()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="tk-checkpoint")
+        self._pending: tuple[int, Future] | None = None
+        self._staging = Staging()
+        self._copied = threading.Event()  # async_save="lazy": the deferred copies are done
+        self._copied.set()
+        self._step_hook: Any = None
+
+    @property
+    def pending_step(self) -> int | None:
+        return self._pending[0] if self._pending else None
+
+    def submit(self, step: int, state: Mapping[str, Any], payload: Payload, build_images: bool,
+               commit: Callable[[int, Payload], None]) -> None:
+        """Snapshot ``payload`` (the only part that blocks training) and hand it to the writer, which
+        calls ``commit(step, snapshot)``."""
+        defer = changed_only_by_optimizers(state) if self.mode == "lazy" else frozenset()
+        if build_images:  # small files are built whole here (a few kB of copies), so the writer thread
+            # only makes syscalls: Python work there would take the GIL from training
+            payload = {name: (key, kind, small_image(obj, name)) for name, (key, kind, obj) in payload.items()}
+        payload = self._staging.snapshot(payload, defer)
+        if defer:  # from here until the writer has copied them, optimizer steps wait
+            self._hook_optimizer_steps()
+            self._copied.clear()
+        self._pending = (step, self._writer.submit(self._write, step, payload, commit))
+
+    def _write(self, step: int, payload: Payload, commit: Callable[[int, Payload], None]) -> None:
+        try:
+            changed = self._staging.copy_deferred()  # async_save="lazy"
+        finally:
+            self._copied.set()
+            time.sleep(0)  # hand the GIL back now: the training thread may be waiting in optimizer.step()
+        if changed:  # paths into the payload: (file, 2, key, ...)
+            names = ", ".join(f"{p[0]}: {'.'.join(map(str, p[2:]))}" for p in changed[:3])
+            raise TensorkeepError(
+                f"checkpoint step {step} was not saved: {names} changed in place while "
+                f"async_save='lazy' was still copying it (only optimizer.step() waits for the copy). "
+                f"Fix: change parameters only through an optimizer, call mgr.wait() before other in-place "
+                f"updates, or use async_save=True. Writes through .data, a NumPy view or untyped_storage() cannot "
+                f"be detected at all: make them only after mgr.wait().")
+        self._staging.ready()  # device-to-host copies of the snapshot have landed
+        commit(step, payload)
+
+    def _hook_optimizer_steps(self) -> None:
+        """Make every optimizer.step() wait until a lazy snapshot has copied what it would change."""
+        if self._step_hook is None:
+            copied, pid = self._copied, self._pid  # not self: the hook must not keep the manager alive
+
+            def wait_for_copy(opt: Any, args: Any, kwargs: Any) -> None:
+                if os.getpid() == pid:  # a forked child's copy of the event is never set: nothing to wait for
+                    copied.wait()
+
+            self._step_hook = register_optimizer_step_pre_hook(wait_for_copy)
+
+    def wait(self) -> None:
+        """Block until the save in flight is committed; raise its error (it was then not published)."""
+        if self._pending is None:
+            return
+        _, fut = self._pending
+        try:
+            fut.result()
+        finally:
+            self._pending = None
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._writer.shutdown(wait=True)
+            if self._step_hook is not None:
+                self._step_hook.remove()
+
+
+def changed_only_by_optimizers(state: Mapping[str, Any]) -> frozenset[int]:
+    """``data_ptr()`` of the CPU tensors in ``state`` that only an optimizer step changes: the
+    parameters of its modules and its optimizers' state. Buffers (BatchNorm's running statistics
+    change in every forward pass), values and RNG states are copied inside ``save()``."""
+    ptrs = set()
+    for obj in state.values():
+        if isinstance(obj, torch.nn.Module):
+            ptrs.update(p.data_ptr() for p in obj.parameters() if p.device.type == "cpu")
+        elif isinstance(obj, torch.optim.Optimizer):
+            ptrs.update(t.data_ptr() for s in obj.state.values() for t in s.values()
+                        if isinstance(t, torch.Tensor) and t.device.type == "cpu")
+    return frozenset(ptrs)
