@@ -18,7 +18,6 @@ from tensorkeep.storage import local as _io
 
 from tensorkeep.layouts import dcp
 
-from tensorkeep.core import ptzip
 
 from tensorkeep.layouts import sharded
 from tensorkeep.checkpoint import layout, packs

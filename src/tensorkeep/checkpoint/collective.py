@@ -41,7 +41,6 @@ from tensorkeep.distributed.save import write_distributed
 from tensorkeep.core.dtypes import torch_dtype
 from tensorkeep.errors import CheckpointNotFoundError, FormatError, SaveError, TensorkeepError
 from tensorkeep.file.reader import read_file as load
-from tensorkeep.core.format import stored_crc
 from tensorkeep.file.writer import write
 from tensorkeep.checkpoint import layout, packs, rng
 from tensorkeep.checkpoint.localrun import LocalRun
@@ -233,8 +232,8 @@ def save(g: Group, step: int, state: Mapping[str, Any], metrics: dict[str, Any])
         error, info = None, {}
         try:
             p = os.path.join(tmp, rng_file(comm.rank))
-            write(rng_state, p, {}, g.durable, in_place=True)
-            info = {"size": os.path.getsize(p), "crc32": stored_crc(p)}
+            size, crc = write(rng_state, p, {}, g.durable, in_place=True)
+            info = {"size": size, "crc32": crc}
         except Exception as e:  # noqa: BLE001
             error = e
         rngs = comm.check(error, f"{what}: writing the RNG states", outcome, info)

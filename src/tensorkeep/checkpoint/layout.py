@@ -22,9 +22,11 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from tensorkeep.file import stored
 from tensorkeep.storage import local as _io
+from tensorkeep.storage.disk import DiskBackend
 from tensorkeep.errors import FormatError, SaveError
-from tensorkeep.core.format import dumps, seal, stored_crc, unseal
+from tensorkeep.core.format import dumps, seal, unseal
 
 MANIFEST = "manifest.json"
 FORMAT = "tensorkeep-checkpoint"
@@ -201,20 +203,9 @@ def write_manifest(directory: str, m: Manifest, durable: bool = True) -> None:
 def check_files(directory: str, m: Manifest) -> None:
     """Every file the manifest lists exists with its recorded size and header checksum (the cheap
     check: it reads a few bytes per file; ``tk.load`` verifies the data itself)."""
+    b = DiskBackend(directory)
     for name, info in m.files.items():
-        p = os.path.join(directory, name)
-        if not os.path.lexists(p):
-            raise FormatError(f"{directory}: {name} is missing")
-        if not _io.is_regular_file(p):  # a FIFO would block the read below forever
-            raise FormatError(f"{directory}: {name} is not a regular file")
-        size = os.path.getsize(p)
-        if size != info["size"]:
-            raise FormatError(f"{directory}: {name} is {size} bytes, the manifest says {info['size']} (truncated?)")
-        want = info.get("crc32")
-        if isinstance(want, str) and stored_crc(p) != want:
-            raise FormatError(f"{directory}: {name} has header checksum {stored_crc(p)!r}, the manifest says "
-                              f"{want!r}: it is not the file this checkpoint wrote (replaced or damaged)")
-
+        stored.check(b, name, info, directory)
 
 
 def list_steps(run: str) -> list[int]:

@@ -29,7 +29,7 @@ from typing import Any, Iterable
 from tensorkeep import knobs
 from tensorkeep.errors import FormatError, LockedError, SaveError, TensorkeepError
 from tensorkeep.file.reader import read_file as load
-from tensorkeep.core.format import CRC_FIELD_END, TK_PREFIX, crc_field, seal
+from tensorkeep.core.format import CRC_FIELD_END, TK_PREFIX, check_stored, seal
 from tensorkeep.file.writer import write
 from tensorkeep.storage.objects import Store
 from tensorkeep.checkpoint import layout, packs
@@ -158,33 +158,20 @@ class ObjectRun:
         except FormatError:
             return None
 
-    def _head_crc(self, key: str) -> str:
-        return crc_field(self.store.read_range(key, 0, CRC_FIELD_END))
-
     def check(self, step: int, m: Manifest, names: dict[str, int] | None = None,
               pack_sizes: dict[str, int] | None = None) -> None:
-        """Every object the manifest lists exists with its recorded size and header checksum."""
+        """Every object the manifest lists exists with its recorded size and header checksum (sizes from
+        one listing, ``names``/``pack_sizes`` when the caller has them)."""
         where, prefix = self.step_url(step), step_key(step)
         if names is None:
             names = {k[len(prefix) + 1:]: n for k, n in self.store.list(prefix + "/").items()}
-        for name, info in m.files.items():
-            if name not in names:
-                raise FormatError(f"{where}: {name} is missing")
-            if names[name] != info["size"]:
-                raise FormatError(f"{where}: {name} is {names[name]} bytes, the manifest says {info['size']} (truncated?)")
-            want = info.get("crc32")
-            if isinstance(want, str) and self._head_crc(f"{prefix}/{name}") != want:
-                raise FormatError(f"{where}: {name} has another header checksum than the manifest says ({want}): "
-                                  "it is not the object this checkpoint wrote (replaced or damaged)")
-        if m.packs:
-            sizes = pack_sizes if pack_sizes is not None else self.store.list(f"{packs.PACKS}/")
-            for pack, info in m.packs.items():
-                key = f"{packs.PACKS}/{pack}"
-                if key not in sizes:
-                    raise FormatError(f"{where}: needs {key}, which is missing")
-                if sizes[key] != info["size"] or self._head_crc(key) != info["crc32"]:
-                    raise FormatError(f"{where}: {key} is not the pack this checkpoint refers to "
-                                      f"({sizes[key]} bytes, the manifest says {info['size']}): damaged or replaced")
+        sizes = (pack_sizes if pack_sizes is not None else self.store.list(f"{packs.PACKS}/")) if m.packs else {}
+        listed = [(f"{prefix}/{n}", n, names.get(n), info) for n, info in m.files.items()]
+        listed += [(f"{packs.PACKS}/{p}", f"{packs.PACKS}/{p}", sizes.get(f"{packs.PACKS}/{p}"), info)
+                   for p, info in m.packs.items()]
+        for key, name, size, info in listed:
+            head = self.store.read_range(key, 0, CRC_FIELD_END) if size is not None else b""
+            check_stored(where, name, None if size is None else (size, head), info)
 
     def load(self, step: int, m: Manifest) -> tuple[Manifest, dict[str, Any]]:
         """Every file and part of a checkpoint, checked against the manifest and verified."""
@@ -256,11 +243,8 @@ class ObjectRun:
         key = f"{packs.PACKS}/{pack}"
         if info is None:
             raise FormatError(f"{self.url}: no committed checkpoint records the size and checksum of {key}")
-        if key not in stored:
-            raise FormatError(f"{self.url}: needs {key}, which is missing")
-        if stored[key] != info["size"] or self._head_crc(key) != info["crc32"]:
-            raise FormatError(f"{self.url}: {key} is not the pack the checkpoints refer to ({stored[key]} bytes, "
-                              f"the manifests say {info['size']}): damaged or replaced")
+        found = (stored[key], self.store.read_range(key, 0, CRC_FIELD_END)) if key in stored else None
+        check_stored(self.url, key, found, info)
         return self.store.url_of(key), (info["size"], info["crc32"])
 
     def _forget(self, keys: Iterable[str]) -> None:

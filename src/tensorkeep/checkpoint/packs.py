@@ -33,9 +33,11 @@ from tensorkeep import knobs
 
 from tensorkeep.storage import local as _io
 from tensorkeep.errors import FormatError, SaveError, StorageError
+from tensorkeep.file import stored
 from tensorkeep.file.reader import open_reader
+from tensorkeep.storage.disk import DiskBackend
 from tensorkeep.file.safeopen import SafeOpen
-from tensorkeep.core.format import TK_PREFIX, stored_crc
+from tensorkeep.core.format import TK_PREFIX
 from tensorkeep.core.tree import flatten, unflatten
 from tensorkeep.file.writer import _source, write
 from tensorkeep.checkpoint.layout import PACK_RE, Manifest, list_steps, read_manifest, step_dir
@@ -232,16 +234,9 @@ def reusable(known: dict[str, str], wanted: Iterable[str], locate: Callable[[str
 
 def check_packs(run: str, packs: dict[str, dict], where: str) -> None:
     """Every pack a checkpoint needs exists with its recorded size and header checksum."""
+    b = DiskBackend(packs_dir(run))
     for pack, info in packs.items():
-        p = os.path.join(packs_dir(run), pack)
-        if not os.path.lexists(p):
-            raise FormatError(f"{where}: needs {PACKS}/{pack}, which is missing")
-        if not _io.is_regular_file(p):  # a FIFO would block the read below forever
-            raise FormatError(f"{where}: {PACKS}/{pack} is not a regular file")
-        size = os.path.getsize(p)
-        if size != info["size"] or stored_crc(p) != info["crc32"]:
-            raise FormatError(f"{where}: {PACKS}/{pack} is not the pack this checkpoint refers to "
-                              f"({size} bytes, the manifest says {info['size']}): damaged or replaced")
+        stored.check(b, pack, info, where, f"{PACKS}/{pack}")
 
 
 def locate_local(run: str, packs: dict[str, dict], where: str) -> dict[str, tuple[str, tuple]]:

@@ -211,6 +211,28 @@ def crc_field(head: bytes) -> str:
     return bytes(head[CRC_FIELD_END - 8 : CRC_FIELD_END]).decode("ascii", "replace")
 
 
+def check_stored(where: str, name: str, found: "tuple[int, bytes] | None", want: Mapping[str, Any]) -> None:
+    """The one rule every table of contents (a checkpoint's manifest, a run's packs, ``distributed.json``)
+    applies to the files it lists: ``name`` exists, with the size recorded in ``want`` and, when one is
+    recorded, the header checksum it carries (its first :data:`CRC_FIELD_END` bytes are in ``found``).
+    This is the cheap check, a few bytes per file; loading verifies every byte.
+
+    >>> check_stored("run/step_1", "model.tk", None, {"size": 10})
+    Traceback (most recent call last):
+    tensorkeep.errors.FormatError: run/step_1: model.tk is missing
+    """
+    if found is None:
+        raise FormatError(f"{where}: {name} is missing")
+    size, head = found
+    if size != want["size"]:
+        raise FormatError(f"{where}: {name} is {size} bytes, the manifest says {want['size']}: it is not the file this "
+                          "checkpoint wrote (truncated, replaced or damaged)")
+    crc = want.get("crc32")
+    if isinstance(crc, str) and crc_field(head) != crc:
+        raise FormatError(f"{where}: {name} has header checksum {crc_field(head)!r}, the manifest says {crc!r}: it is "
+                          "not the file this checkpoint wrote (replaced or damaged)")
+
+
 def stored_crc(path: str) -> str:
     """:func:`crc_field` of a local file."""
     with open(path, "rb") as f:

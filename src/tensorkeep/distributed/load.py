@@ -17,13 +17,14 @@ import torch
 from tensorkeep import knobs
 from tensorkeep.core.boxes import Box
 from tensorkeep.core.dtypes import name_of_torch, torch_dtype
-from tensorkeep.core.format import stored_crc
 from tensorkeep.core.tree import unflatten
 from tensorkeep.distributed.comm import dtensor_box, dtensor_type
 from tensorkeep.distributed.manifest import Ref, read_manifest
 from tensorkeep.distributed.plan import plan_read
 from tensorkeep.errors import FormatError, MismatchError
+from tensorkeep.file import stored
 from tensorkeep.file.safeopen import SafeOpen
+from tensorkeep.storage.disk import DiskBackend
 
 
 def _index(offsets: tuple[int, ...], sizes: tuple[int, ...]) -> tuple[slice, ...]:
@@ -43,13 +44,8 @@ class Checkpoint:
     def _file(self, rank: int, key: str) -> SafeOpen:
         name = self.file_of[rank]
         if rank not in self._open:
-            p, info = os.path.join(self.path, name), self.manifest["files"][name]
-            size = os.path.getsize(p) if os.path.isfile(p) else None
-            if size != info["size"] or stored_crc(p) != info["crc32"]:
-                found = "missing" if size is None else f"{size} bytes, header checksum {stored_crc(p)}"
-                raise FormatError(f"{self.path}: {name} is {found}; the manifest says {info['size']} bytes, checksum "
-                                  f"{info['crc32']}: it is not the file this checkpoint wrote (damaged or replaced)")
-            self._open[rank] = SafeOpen(p)
+            stored.check(DiskBackend(self.path), name, self.manifest["files"][name], self.path)
+            self._open[rank] = SafeOpen(os.path.join(self.path, name))
         f = self._open[rank]
         if (rank, key) not in self._checked:
             chunk = next(c for c in self.tensors[key].chunks if c.rank == rank)

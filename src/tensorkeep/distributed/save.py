@@ -31,7 +31,6 @@ import torch
 
 from tensorkeep import knobs
 from tensorkeep.core.dtypes import name_of_numpy, name_of_torch
-from tensorkeep.core.format import stored_crc
 from tensorkeep.core.tree import flatten
 from tensorkeep.distributed.comm import Comm, dtensor_box, dtensor_type
 from tensorkeep.distributed.manifest import (
@@ -122,8 +121,8 @@ def write_distributed(state: Any, directory: str, *, group: Any = None, label: s
             raise SaveError(f"rank {comm.rank} does not see the directory {directory}: every rank must save to "
                             "the same path on a shared file system")
         p = os.path.join(directory, name)
-        write({k: arrays[k] for k in plan.keys_for(comm.rank)}, p, {"format": "pt"}, durable, in_place=True)
-        info = {"size": os.path.getsize(p), "crc32": stored_crc(p)}
+        size, crc = write({k: arrays[k] for k in plan.keys_for(comm.rank)}, p, {"format": "pt"}, durable, in_place=True)
+        info = {"size": size, "crc32": crc}
     except Exception as e:  # noqa: BLE001
         error = e
     files = comm.check(error, f"{where}: writing the shard files", outcome, info)
@@ -138,28 +137,10 @@ def write_distributed(state: Any, directory: str, *, group: Any = None, label: s
     return [shard_file(r, comm.world) for r in range(comm.world)] + [MANIFEST]
 
 
-def remove_stale_temps(path: str) -> None:
-    """Remove temporary directories of saves of ``path`` whose process died (on this host): only
-    tensorkeep's temporary names, only the files it writes into them. A checkpoint that a save
-    had moved aside to replace it (``_io.replace_dir`` without RENAME_EXCHANGE) is put back when
-    ``path`` is missing."""
-    parent, base = os.path.split(path)
-    for n in sorted(os.listdir(parent), key=lambda n: _io.REPLACED not in n):  # parked ones first
-        t = _io.temp_of(n)
-        p = os.path.join(parent, n)
-        if t is None or t[0] not in (base, base + _io.REPLACED) or not _io.is_stale_temp(n) or not _io.is_real_dir(p):
-            continue
-        if t[0] != base and not os.path.lexists(path) and _io.is_regular_file(os.path.join(p, MANIFEST)):
-            _io.rename(p, path)
-            _io.fsync_dir(parent)
-            continue
-        _io.remove_own_dir(p, {f for f in os.listdir(p) if f == MANIFEST or is_shard_file(f)})
-
-
 def make_temp_dir(path: str) -> str:
     """A new temporary directory next to ``path`` (after cleaning up those of crashed saves)."""
     _io.makedirs(os.path.dirname(path))
-    remove_stale_temps(path)
+    _io.remove_stale_temps(path, lambda d: {f for f in os.listdir(d) if f == MANIFEST or is_shard_file(f)}, MANIFEST)
     own_files(path)  # refuse early what would not be replaced
     tmp = _io.tmp_path(path)
     _io.mkdir(tmp)

@@ -6,7 +6,7 @@ import mmap
 import os
 from bisect import bisect_right
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -16,14 +16,15 @@ from tensorkeep import knobs
 from tensorkeep.core.dtypes import numpy_dtype, torch_dtype
 from tensorkeep.errors import ChecksumError, FormatError, LimitError
 from tensorkeep.core.format import (
-    CRC_KEY, DTYPE_SIZES, FORMAT_VERSION, TK_KEY, TK_PREFIX, TensorInfo, crc32, header_length,
-    looks_like_tensorkeep, parse_checksums, parse_header, strict_json, check_json_values,
+    DTYPE_SIZES, TK_PREFIX, TensorInfo, crc32, header_length,
+    looks_like_tensorkeep, parse_header,
 )
 from tensorkeep.file.audit import audited
 from tensorkeep.file.torchfile import load_torch_file
 from tensorkeep.storage import Source, open_source
 from tensorkeep.storage.objects import PART_BYTES, THREADS
-from tensorkeep.core.tree import leaf_kinds, unflatten
+from tensorkeep.core.record import parse_record
+from tensorkeep.core.tree import unflatten
 
 
 # ----------------------------------------------------------------------------- read
@@ -64,35 +65,8 @@ class _Reader:
 
 
     def _parse_tk(self) -> None:
-        h = self.header
-        self.crcs: Mapping[str, list[int]] | None = None
-        self.kinds = {n: "t" for n in h.tensors}
-        self.tree: Any = None
-        self.block = 0
-        self.metadata = dict(h.metadata or {})
-        if not h.is_tensorkeep:
-            if TK_KEY in self.metadata or CRC_KEY in self.metadata:
-                raise FormatError(f"{self.path}: header has tensorkeep metadata in the wrong place")
-            return
-        record = self.metadata.pop(TK_KEY)
-        check_json_values(record.encode("utf-8", "surrogatepass"), f"{self.path}: tensorkeep metadata")
-        info = strict_json(record, f"{self.path}: tensorkeep metadata")
-        self.metadata.pop(CRC_KEY)
-        if not isinstance(info, dict) or set(info) != {"v", "block", "tree", "crc"}:
-            raise FormatError(f"{self.path}: tensorkeep metadata must have exactly v, block, tree, crc")
-        if info["v"] != FORMAT_VERSION:
-            raise FormatError(f"{self.path}: written by a newer tensorkeep (format {info['v']!r}); upgrade tensorkeep")
-        self.block = info["block"]
-        self.crcs = parse_checksums(info["crc"], info["block"], h, self.path)
-        self.tree = info["tree"]
-        kinds = leaf_kinds(self.tree, self.path)
-        unflatten(self.tree, None, self.path)  # every node checked now, so verify reports what load would refuse
-        if set(kinds) != set(h.tensors):
-            raise FormatError(f"{self.path}: stored structure does not refer to exactly the file's tensors")
-        for name, kind in kinds.items():
-            if kind == "n" and numpy_dtype(h.tensors[name].dtype) is None:
-                raise FormatError(f"{self.path}: NumPy array {name!r} has dtype {h.tensors[name].dtype} that NumPy lacks")
-        self.kinds = kinds
+        rec = parse_record(self.header, self.path)
+        self.crcs, self.block, self.tree, self.kinds, self.metadata = rec.crcs, rec.block, rec.tree, rec.kinds, rec.metadata
 
     def close(self) -> None:
         self._map = None  # not closed: tensors over it may outlive the reader

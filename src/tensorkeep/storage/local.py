@@ -19,7 +19,7 @@ import shutil
 import stat
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from tensorkeep import knobs
 from tensorkeep.errors import FormatError, SaveError
@@ -101,23 +101,34 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(path: str) -> None:
-    """Remove temp files of earlier saves of ``path`` whose process died (killed mid-save).
+def remove_stale_temps(path: str, own: "Callable[[str], set[str]] | None" = None,
+                       manifest: str | None = None) -> None:
+    """Remove what earlier saves of ``path`` left when their process died (killed mid-save): only
+    tensorkeep's temporary names of ``path``, never a symlink, never a temp of a live writer.
 
-    Only files named after ``path`` and owned by a pid that no longer exists on this host are
-    touched, so a concurrent save by a live process is never disturbed.
-    """
+    Temporary *files* are removed. Temporary *directories* only with ``own`` (the names in one that
+    are tensorkeep's: :func:`remove_own_dir`); one that a replace parked aside (see :func:`replace_dir`)
+    is put back when ``path`` is missing and it holds its ``manifest``."""
     d, base = os.path.split(os.path.abspath(path))
     try:
-        names = [n for n in os.listdir(d) if (temp_of(n) or ("",))[0] == base and is_stale_temp(n, d)]
+        names = sorted(os.listdir(d), key=lambda n: REPLACED not in n)  # parked ones first
     except OSError:
         return
     for n in names:
-        if is_regular_file(os.path.join(d, n)):  # never a directory or a symlink somebody put there
-            try:
-                unlink(os.path.join(d, n))
-            except OSError:
-                pass
+        t, p = temp_of(n), os.path.join(d, n)
+        if t is None or t[0] not in (base, base + REPLACED) or not is_stale_temp(n, d):
+            continue
+        try:
+            if is_regular_file(p) and t[0] == base:
+                unlink(p)
+            elif own is not None and is_real_dir(p):
+                if t[0] != base and not os.path.lexists(path) and manifest and is_regular_file(os.path.join(p, manifest)):
+                    rename(p, path)
+                    fsync_dir(d)
+                else:
+                    remove_own_dir(p, own(p))
+        except OSError:
+            pass
 
 
 def is_regular_file(path: str) -> bool:
