@@ -15,7 +15,7 @@ from typing import Any
 from tensorkeep.distributed.load import load_distributed
 from tensorkeep.distributed.manifest import MANIFEST as DISTRIBUTED
 from tensorkeep.file.reader import read_file
-from tensorkeep.file.safeopen import SafeOpen, open  # noqa: A004 - mirrors safetensors' safe_open
+from tensorkeep.file.safeopen import SafeOpen, open
 from tensorkeep.file.writer import save
 from tensorkeep.layouts.sharded import load_dir
 from tensorkeep.storage import resolve
@@ -23,7 +23,7 @@ from tensorkeep.storage import resolve
 __all__ = ["SafeOpen", "load", "open", "save"]
 
 
-def load(path: "str | os.PathLike[str]", *, device: Any = None, lazy: bool = False, verify: bool = True) -> Any:
+def load(path: str | os.PathLike[str], *, device: Any = None, lazy: bool = False, verify: bool = True) -> Any:
     """Load what :func:`save` wrote, with the same structure and types.
 
     Also reads plain safetensors files (a flat dict of tensors comes back), ``.pt``/``.pth``/``.bin``

@@ -15,7 +15,8 @@ import platform
 import threading
 import types
 import warnings
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,7 +28,8 @@ from tensorkeep.errors import FormatError, MismatchError, UntrustedModelError
 from tensorkeep.file.safeopen import SafeOpen
 from tensorkeep.file.writer import write
 from tensorkeep.layouts.sharded import ShardedOpen, save_sharded
-from tensorkeep.model import MODEL_KEY, source_of, plan_load, load_into
+from tensorkeep.model import MODEL_KEY, load_into, plan_load, source_of
+
 
 def _class_path(model: nn.Module) -> str:
     cls = type(model)
@@ -60,13 +62,17 @@ def _find_class(module: Any, qual: str, allow: Sequence[str], where: str) -> typ
         if isinstance(obj, types.ModuleType):
             raise UntrustedModelError(
                 f"{where}{path} is a module, not a class defined in {module.__name__}: a class path may not "
-                f"leave its module. Name the class by its own module, e.g. {obj.__name__}:ClassName, and allow that")
+                f"leave its module. Name the class by its own module, e.g. {obj.__name__}:ClassName, and allow that"
+            )
         if not isinstance(obj, type):
-            raise FormatError(f"{where}{module.__name__} has no class {qual!r} (no {part!r} in {path.rsplit('.', 1)[0]})")
+            raise FormatError(
+                f"{where}{module.__name__} has no class {qual!r} (no {part!r} in {path.rsplit('.', 1)[0]})"
+            )
         if not _allowed(obj.__module__, allow):
             raise UntrustedModelError(
                 f"{where}{path} is {obj.__module__}.{obj.__qualname__}, a class from {obj.__module__!r}, which is not "
-                f"in allow={list(allow)}. If you trust it, pass allow=[..., {obj.__module__!r}]")
+                f"in allow={list(allow)}. If you trust it, pass allow=[..., {obj.__module__!r}]"
+            )
     return obj
 
 
@@ -74,8 +80,14 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__.split("+")[0], "python": platform.python_version(), "tensorkeep": __version__}
 
 
-def save_model(model: nn.Module, path: "str | os.PathLike[str]", *, config: Mapping[str, Any] | None = None,
-               max_shard_size: int | str | None = None, metadata: Mapping[str, str] | None = None) -> None:
+def save_model(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    config: Mapping[str, Any] | None = None,
+    max_shard_size: int | str | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
     """Save a model's class (by import path), the JSON ``config`` its constructor takes, and its parameters.
 
     No code and no pickle: :func:`load_model` imports the class only from modules you allow.
@@ -90,14 +102,18 @@ def save_model(model: nn.Module, path: "str | os.PathLike[str]", *, config: Mapp
     try:
         inspect.signature(type(model)).bind(**info["config"])
     except TypeError as e:
-        raise TypeError(f"save_model: load_model will build {type(model).__qualname__}(**config), which would fail: {e}. "
-                        "Pass config={...} with the arguments the model was built with.") from None
+        raise TypeError(
+            f"save_model: load_model will build {type(model).__qualname__}(**config), which would fail: {e}. "
+            "Pass config={...} with the arguments the model was built with."
+        ) from None
     except ValueError:  # no signature to check (some C types)
         pass
     try:
         text = dumps(info)
     except (TypeError, ValueError) as e:
-        raise TypeError(f"save_model: config must be plain JSON (str, numbers, bool, None, lists, dicts): {e}") from None
+        raise TypeError(
+            f"save_model: config must be plain JSON (str, numbers, bool, None, lists, dicts): {e}"
+        ) from None
     meta = {**dict(metadata or {}), MODEL_KEY: text}
     sd = model.state_dict()
     if max_shard_size is None:
@@ -110,8 +126,14 @@ def _allowed(module: str, allow: Iterable[str]) -> bool:
     return any(module == a or module.startswith(a.rstrip(".") + ".") for a in allow)
 
 
-def load_model(path: "str | os.PathLike[str]", *, allow: Sequence[str], train: bool = False,
-               device: Any = None, dtype: torch.dtype | None = None) -> nn.Module:
+def load_model(
+    path: str | os.PathLike[str],
+    *,
+    allow: Sequence[str],
+    train: bool = False,
+    device: Any = None,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
     """Rebuild a model saved with :func:`save_model`: import its class (only from ``allow``),
     construct it with the stored config, load the parameters strictly, and return it in
     ``eval()`` mode (``train=True`` to skip that). ``allow`` lists trusted modules or packages:
@@ -131,8 +153,10 @@ def load_model(path: "str | os.PathLike[str]", *, allow: Sequence[str], train: b
     try:
         text = src.metadata.get(MODEL_KEY)
         if text is None:
-            raise FormatError(f"{path}: holds parameters only, no architecture (it was not written by tk.save_model). "
-                              "Build the model in code and call tk.load_into(model, path).")
+            raise FormatError(
+                f"{path}: holds parameters only, no architecture (it was not written by tk.save_model). "
+                "Build the model in code and call tk.load_into(model, path)."
+            )
         info = strict_json(text, f"{path}: model info")
         cls_path = info.get("class") if isinstance(info, dict) else None
         config = info.get("config", {}) if isinstance(info, dict) else None
@@ -153,8 +177,10 @@ def load_model(path: "str | os.PathLike[str]", *, allow: Sequence[str], train: b
         try:
             mod = importlib.import_module(module)  # allowed: the user trusts its code
         except ImportError as e:
-            raise FormatError(f"{path}: the model class is in {module}, which cannot be imported here ({e}); "
-                              "install the package that defines it") from None
+            raise FormatError(
+                f"{path}: the model class is in {module}, which cannot be imported here ({e}); "
+                "install the package that defines it"
+            ) from None
         cls = _find_class(mod, qual, allow, f"{path}: ")
         if not issubclass(cls, nn.Module):
             raise FormatError(f"{path}: {module}.{qual} is not an nn.Module class")
@@ -191,8 +217,11 @@ def _registrations_at_most(limit: int) -> Iterator[None]:
 
     from torch.nn.modules import module as m
 
-    handles = [m.register_module_module_registration_hook(hook), m.register_module_parameter_registration_hook(hook),
-               m.register_module_buffer_registration_hook(hook)]
+    handles = [
+        m.register_module_module_registration_hook(hook),
+        m.register_module_parameter_registration_hook(hook),
+        m.register_module_buffer_registration_hook(hook),
+    ]
     try:
         yield
     finally:
@@ -200,8 +229,21 @@ def _registrations_at_most(limit: int) -> Iterator[None]:
             h.remove()
 
 
-_FILLS = frozenset({"normal_", "uniform_", "random_", "exponential_", "geometric_", "log_normal_", "cauchy_",
-                    "bernoulli_", "fill_", "zero_", "copy_"})
+_FILLS = frozenset(
+    {
+        "normal_",
+        "uniform_",
+        "random_",
+        "exponential_",
+        "geometric_",
+        "log_normal_",
+        "cauchy_",
+        "bernoulli_",
+        "fill_",
+        "zero_",
+        "copy_",
+    }
+)
 
 
 class _NoMetaFills(TorchFunctionMode):
@@ -211,8 +253,11 @@ class _NoMetaFills(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         t = args[0] if args else kwargs.get("tensor")
-        if isinstance(t, torch.Tensor) and t.is_meta and (
-                getattr(func, "__module__", None) == "torch.nn.init" or getattr(func, "__name__", None) in _FILLS):
+        if (
+            isinstance(t, torch.Tensor)
+            and t.is_meta
+            and (getattr(func, "__module__", None) == "torch.nn.init" or getattr(func, "__name__", None) in _FILLS)
+        ):
             return t
         return func(*args, **kwargs)
 
@@ -232,22 +277,25 @@ def _build(cls: type, config: dict, src: Any, path: str) -> nn.Module:
     limit = _REGISTRATIONS_PER_TENSOR * len(source.keys()) + _REGISTRATIONS_SLACK
     too_big = MismatchError(
         f"cannot load {path}: {name}(**config) with its stored config builds more than {limit} modules and tensors, "
-        f"far more than the file's {len(source.keys())} tensors: the config does not match the file's parameters")
+        f"far more than the file's {len(source.keys())} tensors: the config does not match the file's parameters"
+    )
     probe: nn.Module | None = None
     try:
         with _registrations_at_most(limit), torch.device("meta"), _NoMetaFills():
             probe = cls(**config)
     except _TooBig:
         raise too_big from None
-    except Exception:  # noqa: BLE001 - some constructors need real data; they are built as before
+    except Exception:
         pass
     probed = probe is not None
     if probe is not None:
         try:
             plan_load(probe, source, None, None, strict=True)
         except MismatchError as e:
-            raise MismatchError(f"{path}: {name}(**config) with the file's own config does not match the file's "
-                                f"tensors (was the model info edited?), so nothing was built.\n{e}") from None
+            raise MismatchError(
+                f"{path}: {name}(**config) with the file's own config does not match the file's "
+                f"tensors (was the model info edited?), so nothing was built.\n{e}"
+            ) from None
         probe = None
     try:
         with _registrations_at_most(limit):
@@ -267,5 +315,8 @@ def _check_versions(path: str, saved: Any) -> None:
     for k in ("torch", "python", "tensorkeep"):
         a, b = str(saved.get(k, "")), now[k]
         if a and a.split(".")[:2] != b.split(".")[:2]:
-            warnings.warn(f"{path} was saved with {k} {a}; this is {k} {b}. It usually loads fine; "
-                          "if it does not, use the saved version.", stacklevel=3)
+            warnings.warn(
+                f"{path} was saved with {k} {a}; this is {k} {b}. It usually loads fine; "
+                "if it does not, use the saved version.",
+                stacklevel=3,
+            )

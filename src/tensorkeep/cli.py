@@ -9,8 +9,9 @@ import sys
 import tempfile
 import unicodedata
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import click
 
@@ -47,8 +48,9 @@ def _safe(text: object) -> str:
 def _json(obj: Any) -> str:
     r"""Indented JSON, non-ASCII text kept, every hidden character as a JSON escape (``\u202e``)."""
     lines = json.dumps(obj, indent=2, ensure_ascii=False).split("\n")  # raw newlines are the indentation's
-    return "\n".join(ln if ln.isprintable() else "".join(json.dumps(c)[1:-1] if _hidden(c) else c for c in ln)
-                     for ln in lines)
+    return "\n".join(
+        ln if ln.isprintable() else "".join(json.dumps(c)[1:-1] if _hidden(c) else c for c in ln) for ln in lines
+    )
 
 
 def _echo(text: object) -> None:
@@ -58,7 +60,7 @@ def _echo(text: object) -> None:
 def _table(rows: list[tuple], header: tuple) -> str:
     rows = [tuple(_safe(c) for c in r) for r in rows]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
     return "\n".join([fmt(header), fmt(tuple("-" * w for w in widths)), *map(fmt, rows)])
 
 
@@ -72,7 +74,7 @@ class _Group(click.Group):
                 return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
             raise
-        except Exception as e:  # noqa: BLE001 - the whole point: no traceback for users
+        except Exception as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             msg = str(e).strip().split("\n")[0] if str(e).strip() else type(e).__name__
@@ -91,8 +93,7 @@ def _progress(ctx: click.Context, total: int, desc: str) -> Iterator[Any]:
     if quiet:
         yield lambda n: None
         return
-    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, mininterval=0.5,
-              delay=1.0) as bar:
+    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, mininterval=0.5, delay=1.0) as bar:
         yield bar.update
 
 
@@ -123,8 +124,10 @@ def inspect(path: str, pattern: str | None, as_json: bool) -> None:
         return
     for d in descs:
         _echo(f"{d['path']}  ({d['kind']}, {_human(d['size'])}, {len(d['tensors'])} tensors)")
-        rows = [(t["name"], t["dtype"], "[" + ", ".join(map(str, t["shape"])) + "]", _human(t["bytes"]), t["checksum"])
-                for t in d["tensors"]]
+        rows = [
+            (t["name"], t["dtype"], "[" + ", ".join(map(str, t["shape"])) + "]", _human(t["bytes"]), t["checksum"])
+            for t in d["tensors"]
+        ]
         click.echo(_table(rows, ("name", "dtype", "shape", "size", "checksum")))
         totals = inspection.dtype_totals(d["tensors"])
         _echo("totals: " + ", ".join(f"{k} {c} tensors {_human(b)}" for k, (c, b) in totals.items()))
@@ -160,16 +163,27 @@ def diff(ctx: click.Context, a: str, b: str, show_all: bool) -> None:
     ctx.exit(1 if differs else 0)
 
 
-_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "f16": "float16", "fp32": "float32", "f32": "float32",
-           "fp64": "float64", "f64": "float64", "bfloat16": "bfloat16", "float16": "float16",
-           "float32": "float32", "float64": "float64"}
+_DTYPES = {
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "f16": "float16",
+    "fp32": "float32",
+    "f32": "float32",
+    "fp64": "float64",
+    "f64": "float64",
+    "bfloat16": "bfloat16",
+    "float16": "float16",
+    "float32": "float32",
+    "float64": "float64",
+}
 
 
 @main.command()
 @click.argument("src", type=click.Path(exists=True))
 @click.argument("dst", type=click.Path())
-@click.option("--dtype", type=click.Choice(sorted(_DTYPES)), default=None,
-              help="Convert floating-point tensors to this dtype.")
+@click.option(
+    "--dtype", type=click.Choice(sorted(_DTYPES)), default=None, help="Convert floating-point tensors to this dtype."
+)
 @click.option("--max-shard-size", default=None, help='Write a sharded directory, e.g. "2GB".')
 def convert(src: str, dst: str, dtype: str | None, max_shard_size: str | None) -> None:
     """Convert a .pt/.pth/.bin (weights-only), safetensors file, sharded directory or torch DCP
@@ -248,11 +262,20 @@ def _best_metric(infos: list, spec: str | None) -> tuple[str, str] | None:
 
 @main.command(name="ls")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--best", "best_spec", default=None, metavar="METRIC[:min|max]",
-              help="Metric that marks the best checkpoint (default: the first metric named *loss*, min).")
+@click.option(
+    "--best",
+    "best_spec",
+    default=None,
+    metavar="METRIC[:min|max]",
+    help="Metric that marks the best checkpoint (default: the first metric named *loss*, min).",
+)
 @click.option("--verify", "deep", is_flag=True, help="Check every checksum too (reads everything).")
-@click.option("--plot", type=click.Path(dir_okay=False), default=None,
-              help="Draw the metrics across steps into this PNG, kept checkpoints marked (needs matplotlib).")
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Draw the metrics across steps into this PNG, kept checkpoints marked (needs matplotlib).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def ls_cmd(run_dir: str, best_spec: str | None, deep: bool, plot: str | None, as_json: bool) -> None:
     """List the checkpoints of a run: step, time, bytes held and written, metrics, latest/best, damaged or unfinished."""
@@ -269,10 +292,25 @@ def ls_cmd(run_dir: str, best_spec: str | None, deep: bool, plot: str | None, as
             pick = min if bm[1] == "min" else max
             best = pick(scored, key=lambda c: c.metrics[bm[0]]).step
     if as_json:
-        click.echo(json.dumps([{"step": c.step, "path": c.path, "status": c.status, "time": c.time,
-                                "bytes_held": c.bytes_held, "bytes_written": c.bytes_written, "metrics": c.metrics,
-                                "latest": c.step == latest and c.ok, "best": c.step == best and c.ok} for c in infos],
-                              indent=2))
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "step": c.step,
+                        "path": c.path,
+                        "status": c.status,
+                        "time": c.time,
+                        "bytes_held": c.bytes_held,
+                        "bytes_written": c.bytes_written,
+                        "metrics": c.metrics,
+                        "latest": c.step == latest and c.ok,
+                        "best": c.step == best and c.ok,
+                    }
+                    for c in infos
+                ],
+                indent=2,
+            )
+        )
         return
     rows = []
     for c in infos:

@@ -29,8 +29,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -147,19 +148,34 @@ def train(run: str, out: str, slow: float, epochs: int = EPOCHS) -> None:
         except ImportError:  # pragma: no cover
             tqdm = None
         for epoch in range(start, epochs):
-            batches = tqdm(loader, desc=f"  epoch {epoch + 1:2d}/{EPOCHS}", leave=False, file=sys.stderr,
-                           ncols=70, disable=not sys.stderr.isatty()) if tqdm else loader
+            batches = (
+                tqdm(
+                    loader,
+                    desc=f"  epoch {epoch + 1:2d}/{EPOCHS}",
+                    leave=False,
+                    file=sys.stderr,
+                    ncols=70,
+                    disable=not sys.stderr.isatty(),
+                )
+                if tqdm
+                else loader
+            )
             metrics = train_epoch(state, batches, val, slow)
             mgr.save(epoch + 1, state, metrics=metrics)
-            print(f"COMMITTED {epoch + 1} {metrics['val_loss']:.5f} {metrics['val_acc']:.4f} {digest(state)}",
-                  flush=True)
+            print(
+                f"COMMITTED {epoch + 1} {metrics['val_loss']:.5f} {metrics['val_acc']:.4f} {digest(state)}", flush=True
+            )
     tk.save(model.state_dict(), out)
 
 
 def _job(run: str, out: str, slow: float = 0.0) -> subprocess.Popen:
     # OpenMP and MKL read their thread settings as torch starts: set them in the child's environment
-    return subprocess.Popen([sys.executable, "-m", "tensorkeep.demo", "--train", run, out, "--slow", str(slow)],
-                            stdout=subprocess.PIPE, text=True, env={**os.environ, **determinism.PINNED_ENV})
+    return subprocess.Popen(
+        [sys.executable, "-m", "tensorkeep.demo", "--train", run, out, "--slow", str(slow)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **determinism.PINNED_ENV},
+    )
 
 
 @dataclass
@@ -187,8 +203,10 @@ def _follow(p: subprocess.Popen, stop_after: int | None = None, quiet: bool = Fa
             say("  no checkpoint yet: starting from scratch")
         elif kind == "COMMITTED":
             job.epochs[int(rest[0])] = (rest[1], rest[3])
-            say(f"  epoch {int(rest[0]):2d} done  val_loss {float(rest[1]):.4f}  val_acc {float(rest[2]):.1%}"
-                f"  -> checkpoint committed")
+            say(
+                f"  epoch {int(rest[0]):2d} done  val_loss {float(rest[1]):.4f}  val_acc {float(rest[2]):.1%}"
+                f"  -> checkpoint committed"
+            )
             if stop_after is not None and int(rest[0]) >= stop_after:
                 time.sleep(0.05)
                 os.kill(p.pid, signal.SIGKILL)
@@ -213,28 +231,39 @@ def diagnose(first: Job, second: Job, reference: Job, rerun: Callable[[], Job]) 
     e = _first_difference(first, reference, sorted(first.epochs))
     if e is not None:
         lines = determinism.differences(first.settings, reference.settings, ("first run", "reference"))
-        return 3, (f"the arithmetic of this machine was not reproducible (two runs of the same script from the same "
-                   f"seed differed at epoch {e}, before any kill: val_loss {first.epochs[e][0]} vs "
-                   f"{reference.epochs[e][0]}{'; settings differed: ' + '; '.join(lines) if lines else ''})" + not_resume)
+        return 3, (
+            f"the arithmetic of this machine was not reproducible (two runs of the same script from the same "
+            f"seed differed at epoch {e}, before any kill: val_loss {first.epochs[e][0]} vs "
+            f"{reference.epochs[e][0]}{'; settings differed: ' + '; '.join(lines) if lines else ''})" + not_resume
+        )
     lines = determinism.differences(second.settings, reference.settings, ("resumed run", "reference"))
     if lines:
-        return 3, f"the resumed process computed differently from the uninterrupted one ({'; '.join(lines)})" + not_resume
+        return (
+            3,
+            f"the resumed process computed differently from the uninterrupted one ({'; '.join(lines)})" + not_resume,
+        )
     if second.resumed is None:
         return 1, "resume was not exact: the restarted run found no checkpoint to resume from"
     at, restored = second.resumed
     if at in reference.epochs and reference.epochs[at][1] != restored:
-        return 1, (f"resume was not exact: the state restored from epoch {at}'s checkpoint differs from the "
-                   f"uninterrupted run's state after epoch {at}")
+        return 1, (
+            f"resume was not exact: the state restored from epoch {at}'s checkpoint differs from the "
+            f"uninterrupted run's state after epoch {at}"
+        )
     again = rerun()
     e = _first_difference(reference, again, range(1, EPOCHS + 1))
     if e is not None:
-        return 3, (f"the arithmetic of this machine was not reproducible (the uninterrupted run, run twice, differed "
-                   f"at epoch {e}: val_loss {reference.epochs[e][0]} vs {again.epochs[e][0]})" + not_resume)
+        return 3, (
+            f"the arithmetic of this machine was not reproducible (the uninterrupted run, run twice, differed "
+            f"at epoch {e}: val_loss {reference.epochs[e][0]} vs {again.epochs[e][0]})" + not_resume
+        )
     e = _first_difference(second, reference, range(at + 1, EPOCHS + 1))
     if e is None:
         return 1, "the training states matched after every epoch, but the final weights saved differ"
-    return 1, (f"resume was not exact: the state restored from epoch {at} was identical, but epoch {e} then differed "
-               f"(something the checkpoint does not capture, e.g. a data loader's or another RNG's state)")
+    return 1, (
+        f"resume was not exact: the state restored from epoch {at} was identical, but epoch {e} then differed "
+        f"(something the checkpoint does not capture, e.g. a data loader's or another RNG's state)"
+    )
 
 
 _MARK = ".tensorkeep-demo"
@@ -245,8 +274,11 @@ def _fresh(d: str) -> None:
     """Make ``d`` ready for a demo: only what an earlier demo made there (it marks the directory)
     is removed; a directory the demo did not make is never touched."""
     mark = os.path.join(d, _MARK)
-    if os.path.lexists(d) and not (os.path.isfile(mark) and not os.path.islink(mark)) and (
-            not os.path.isdir(d) or os.listdir(d)):
+    if (
+        os.path.lexists(d)
+        and not (os.path.isfile(mark) and not os.path.islink(mark))
+        and (not os.path.isdir(d) or os.listdir(d))
+    ):
         sys.exit(f"{d} exists and was not made by the demo, so the demo leaves it alone: pass --dir NEW_DIR")
     os.makedirs(d, exist_ok=True)
     for n in _OWN:
@@ -284,10 +316,16 @@ def main() -> None:
         sys.exit(f"demo failed: a training process exited with {second.returncode or ref.returncode}")
     a_sd, b_sd = tk.load(resumed), tk.load(reference)
     same = a_sd.keys() == b_sd.keys() and all(
-        torch.equal(a_sd[k].view(torch.uint8) if a_sd[k].is_floating_point() else a_sd[k],
-                    b_sd[k].view(torch.uint8) if b_sd[k].is_floating_point() else b_sd[k]) for k in a_sd)
-    print(f"   final weights of the resumed run {'ARE' if same else 'are NOT'} bit-identical to the uninterrupted run's"
-          f" ({len(a_sd)} tensors compared byte for byte)")
+        torch.equal(
+            a_sd[k].view(torch.uint8) if a_sd[k].is_floating_point() else a_sd[k],
+            b_sd[k].view(torch.uint8) if b_sd[k].is_floating_point() else b_sd[k],
+        )
+        for k in a_sd
+    )
+    print(
+        f"   final weights of the resumed run {'ARE' if same else 'are NOT'} bit-identical to the uninterrupted run's"
+        f" ({len(a_sd)} tensors compared byte for byte)"
+    )
     if not same:
         print("   finding out why (this may run the uninterrupted training once more) ...")
         again = os.path.join(a.dir, "reference-again")
@@ -308,7 +346,9 @@ def main() -> None:
         print(f"\n5. Rolling back to an earlier checkpoint (epoch {earlier}):")
         mgr.restore({"model": model, "optimizer": opt}, step=earlier)
         _, _, Xva, yva = data()
-        print(f"   restored model's val_acc: {accuracy(model, Xva, yva):.1%} (as recorded: {mgr.metrics(earlier)['val_acc']:.1%})")
+        print(
+            f"   restored model's val_acc: {accuracy(model, Xva, yva):.1%} (as recorded: {mgr.metrics(earlier)['val_acc']:.1%})"
+        )
         model_file = os.path.join(mgr.path(best), "model.tk")
 
     print(f"\n6. Reusing the first layer of the best checkpoint (epoch {best}) in a smaller model:")

@@ -7,28 +7,26 @@ import os
 import re
 import tempfile
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from tensorkeep.storage import local as _io
-
-from tensorkeep.layouts import dcp
-
-
-from tensorkeep.layouts import sharded
 from tensorkeep.checkpoint import layout, packs
-from tensorkeep.distributed.manifest import MANIFEST as dist_manifest, read_manifest as dist_read
 from tensorkeep.core.dtypes import byte_view
+from tensorkeep.core.format import DTYPE_SIZES, TK_PREFIX, TensorInfo, crc32, looks_like_tensorkeep
+from tensorkeep.distributed.manifest import MANIFEST as dist_manifest
+from tensorkeep.distributed.manifest import read_manifest as dist_read
 from tensorkeep.errors import FormatError, TensorkeepError
 from tensorkeep.file.reader import open_reader
 from tensorkeep.file.safeopen import SafeOpen
 from tensorkeep.file.torchfile import is_zip, load_torch_file
-from tensorkeep.core.format import DTYPE_SIZES, TK_PREFIX, TensorInfo, crc32, looks_like_tensorkeep
+from tensorkeep.layouts import dcp, sharded
 from tensorkeep.layouts.sharded import INDEX, SINGLE
+from tensorkeep.storage import local as _io
 
 
 @dataclass
@@ -73,13 +71,24 @@ def describe_file(path: str) -> dict[str, Any]:
             obj = load_torch_file(path, None, False)
             flat = obj if isinstance(obj, dict) else {"tensor": obj}
             tensors = [
-                {"name": k, "dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape),
-                 "bytes": v.numel() * v.element_size(),
-                 "checksum": "zip crc32" if is_zip(path) else "none (legacy torch file)"}
-                for k, v in flat.items() if isinstance(v, torch.Tensor)
+                {
+                    "name": k,
+                    "dtype": str(v.dtype).removeprefix("torch."),
+                    "shape": list(v.shape),
+                    "bytes": v.numel() * v.element_size(),
+                    "checksum": "zip crc32" if is_zip(path) else "none (legacy torch file)",
+                }
+                for k, v in flat.items()
+                if isinstance(v, torch.Tensor)
             ]
-            return {"path": path, "kind": "torch (weights-only)", "size": r.size, "tensors": tensors,
-                    "metadata": {}, "structure": None}
+            return {
+                "path": path,
+                "kind": "torch (weights-only)",
+                "size": r.size,
+                "tensors": tensors,
+                "metadata": {},
+                "structure": None,
+            }
         tensors = []
         for name, t in r.header.tensors.items():
             ck = f"crc32 x{len(r.crcs[name])}" if r.crcs is not None else "none"
@@ -141,8 +150,9 @@ def render_tree(tree: Any, infos: dict, indent: str = "", limit: int = 200) -> s
     return "\n".join(lines[: limit + 1])
 
 
-def _verify_file(path: str, threads: int, progress: Callable[[int], None] | None,
-                 res: VerifyResult) -> dict[str, TensorInfo] | None:
+def _verify_file(
+    path: str, threads: int, progress: Callable[[int], None] | None, res: VerifyResult
+) -> dict[str, TensorInfo] | None:
     """Verify one file into ``res``; its tensors by name (None for a torch file or an unreadable header)."""
     res.files.append(path)
     try:
@@ -197,8 +207,9 @@ def _verify_file(path: str, threads: int, progress: Callable[[int], None] | None
         r.close()
 
 
-def verify(paths: list[str] | str, *, threads: int | None = None,
-           progress: Callable[[int], None] | None = None) -> VerifyResult:
+def verify(
+    paths: list[str] | str, *, threads: int | None = None, progress: Callable[[int], None] | None = None
+) -> VerifyResult:
     """Check every checksum and the structure of files and directories, streaming.
 
     A directory is checked against its own table of contents: a checkpoint step against its
@@ -287,7 +298,8 @@ def _is_data(path: str) -> bool:
         return False
     n = int.from_bytes(head[:8].ljust(8, b"\0"), "little")
     return len(head) == 8 + len(TK_PREFIX) and (
-        looks_like_tensorkeep(head) or (head[8:9] == b"{" and n <= os.path.getsize(path) - 8))
+        looks_like_tensorkeep(head) or (head[8:9] == b"{" and n <= os.path.getsize(path) - 8)
+    )
 
 
 class _Verifier:
@@ -332,8 +344,11 @@ class _Verifier:
     def regular(self, path: str) -> bool:
         """Missing (reported by whoever checks it) or a regular file; anything else is reported here."""
         if os.path.islink(path) and not os.path.exists(path):
-            self.bad(path, f"{path} is a symlink to {os.readlink(path)!r}, which does not exist (a download "
-                     "cache with a missing blob?): nothing can read it")
+            self.bad(
+                path,
+                f"{path} is a symlink to {os.readlink(path)!r}, which does not exist (a download "
+                "cache with a missing blob?): nothing can read it",
+            )
             return False
         if os.path.lexists(path) and not os.path.isfile(path):
             self.bad(path, f"{path} is not a regular file (a directory, a FIFO, a device?)")
@@ -350,8 +365,11 @@ class _Verifier:
             if toc is None:
                 self.file(os.path.join(d, n))
             else:
-                self.bad(os.path.join(d, n), f"{d}: {n} holds tensors but {toc} does not list it: not part of "
-                         f"what {toc} describes (added or left there by something else). Fix: move it out")
+                self.bad(
+                    os.path.join(d, n),
+                    f"{d}: {n} holds tensors but {toc} does not list it: not part of "
+                    f"what {toc} describes (added or left there by something else). Fix: move it out",
+                )
 
     def listed(self, d: str, files: dict[str, dict], toc: str) -> dict[str, dict[str, TensorInfo] | None]:
         """Each file a manifest lists exists with its recorded size and header checksum; then verified."""
@@ -435,8 +453,11 @@ class _Verifier:
                 t = None if held is None else held.get(key)
                 if held is not None and (t is None or t.dtype != st.dtype or t.shape != c.sizes):
                     found = "nothing" if t is None else f"{t.dtype} {list(t.shape)}"
-                    self.bad(os.path.join(d, file_of[c.rank]), f"{d}: {file_of[c.rank]} should hold {key!r} as "
-                             f"{st.dtype} {list(c.sizes)} ({dist_manifest}), it holds {found}")
+                    self.bad(
+                        os.path.join(d, file_of[c.rank]),
+                        f"{d}: {file_of[c.rank]} should hold {key!r} as "
+                        f"{st.dtype} {list(c.sizes)} ({dist_manifest}), it holds {found}",
+                    )
 
     def model_dir(self, d: str, names: list[str]) -> list[str]:
         """A model directory: the weights its readers use (``model.safetensors``, else the index and its
@@ -484,8 +505,10 @@ class _Verifier:
             self.res.files += [meta, *data]
             self.res.checked_files += 1 + len(data)
             self.res.checked_bytes += sum(os.path.getsize(p) for p in [meta, *data] if os.path.isfile(p))
-            self.res.notes.append(f"{d}: torch.distributed.checkpoint directory, read whole as convert_dcp reads it "
-                                  "(its CRC-32s cover torch.save chunks; raw chunks carry none)")
+            self.res.notes.append(
+                f"{d}: torch.distributed.checkpoint directory, read whole as convert_dcp reads it "
+                "(its CRC-32s cover torch.save chunks; raw chunks carry none)"
+            )
         self.plain(d, [n for n in names if n != _DCP_META and not n.endswith(".distcp")])
         return names
 
@@ -497,16 +520,22 @@ class _Verifier:
         strangers, temps = layout.strangers(d), layout.leftovers(d)
         for p in strangers:
             if _io.is_real_dir(p):
-                self.bad(p, f"{p}: named like a checkpoint but has no {layout.MANIFEST}: not a checkpoint (a "
-                         "save or a deletion was interrupted, or the manifest was lost); restore skips it")
+                self.bad(
+                    p,
+                    f"{p}: named like a checkpoint but has no {layout.MANIFEST}: not a checkpoint (a "
+                    "save or a deletion was interrupted, or the manifest was lost); restore skips it",
+                )
             else:
                 self.res.notes.append(f"{p}: named like a checkpoint but is a symlink or a file: restore ignores it")
         self.res.notes += [f"{p}: an unfinished save (or one in progress): not verified" for p in temps]
         pd = packs.packs_dir(d)
         if steps and _io.is_real_dir(pd):
-            self.res.notes += [f"{os.path.join(pd, n)}: no checkpoint refers to it (left by an interrupted save; the "
-                               "next save removes it): not verified"
-                               for n in sorted(os.listdir(pd)) if os.path.join(pd, n) not in self.packs]
+            self.res.notes += [
+                f"{os.path.join(pd, n)}: no checkpoint refers to it (left by an interrupted save; the "
+                "next save removes it): not verified"
+                for n in sorted(os.listdir(pd))
+                if os.path.join(pd, n) not in self.packs
+            ]
         taken = {os.path.basename(p) for p in [*steps, *strangers, *temps, *([pd] if steps else [])]}
         rest = [n for n in names if n not in taken]
         self.plain(d, rest)
@@ -597,8 +626,14 @@ def diff(a: str, b: str) -> list[TensorDiff]:
             d = (xd - yd).abs()
             d = torch.where(torch.isnan(xd) & torch.isnan(yd), torch.zeros_like(d), d)
             rel = d / yd.abs().clamp_min(torch.finfo(torch.float64).tiny)
-            out.append(TensorDiff(n, "values", max_abs=float(d.nan_to_num(float("inf")).max()),
-                                  max_rel=float(rel.nan_to_num(float("inf")).max())))
+            out.append(
+                TensorDiff(
+                    n,
+                    "values",
+                    max_abs=float(d.nan_to_num(float("inf")).max()),
+                    max_rel=float(rel.nan_to_num(float("inf")).max()),
+                )
+            )
         return out
     finally:
         close_a()

@@ -7,17 +7,18 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from tensorkeep.core.dtypes import torch_dtype
+from tensorkeep.core.tree import check_nesting
 from tensorkeep.errors import MismatchError
 from tensorkeep.file.safeopen import SafeOpen
 from tensorkeep.layouts.sharded import ShardedOpen
-from tensorkeep.core.tree import check_nesting
 
 MODEL_KEY = "tensorkeep.model"
 #: Prefixes that wrappers add to every name: DataParallel/DDP, torch.compile, Lightning-style holders.
@@ -50,8 +51,10 @@ class LoadReport:
         return not (self.missing or self.unexpected or self.mismatched or self.wrong_dtype)
 
     def __str__(self) -> str:
-        lines = [f"loaded {len(self.loaded)} tensors from {self.source} into {self.model}"
-                 + ("" if self.ok else " (partial)")]
+        lines = [
+            f"loaded {len(self.loaded)} tensors from {self.source} into {self.model}"
+            + ("" if self.ok else " (partial)")
+        ]
 
         def section(title: str, names: Sequence[str]) -> None:
             if names:
@@ -64,8 +67,14 @@ class LoadReport:
         section("kept their initial values (not in the checkpoint)", self.missing)
         section("kept their initial values (left out by include)", self.kept)
         section("tied to a loaded tensor", self.tied)
-        section("not loaded: shape differs", [f"{n}: checkpoint {_shape(a)} vs model {_shape(b)}" for n, a, b in self.mismatched])
-        section("not loaded: floating-point into integer", [f"{n}: checkpoint {a} vs model {b}" for n, a, b in self.wrong_dtype])
+        section(
+            "not loaded: shape differs",
+            [f"{n}: checkpoint {_shape(a)} vs model {_shape(b)}" for n, a, b in self.mismatched],
+        )
+        section(
+            "not loaded: floating-point into integer",
+            [f"{n}: checkpoint {a} vs model {b}" for n, a, b in self.wrong_dtype],
+        )
         section("in the checkpoint but not in the model", self.unexpected)
         section("in the checkpoint, left out by include", self.skipped)
         section("converted", [f"{n}: {a} -> {b}" for n, a, b in self.converted])
@@ -90,8 +99,9 @@ def _flat_tensors(obj: Any, where: str) -> dict[str, torch.Tensor]:
     stack = [(None, obj)]  # (name, value); name None: the top, never a tensor itself
     while stack:
         name, x = stack.pop()
-        if name is not None and (isinstance(x, torch.Tensor) or (hasattr(x, "__array__") and not isinstance(
-                x, (str, bytes)))):
+        if name is not None and (
+            isinstance(x, torch.Tensor) or (hasattr(x, "__array__") and not isinstance(x, (str, bytes)))
+        ):
             out[name] = torch.as_tensor(x)
             continue
         if isinstance(x, Mapping):
@@ -152,7 +162,9 @@ class _FileSource:
             return
         dtype, shape = self.meta(name)
         if dtype == out.dtype and out.device.type == "cpu" and out.is_contiguous():
-            self.f.read_into(name, out, verify=self.verify, atomic=False)  # straight into the model's memory (load_into keeps its own backup)
+            self.f.read_into(
+                name, out, verify=self.verify, atomic=False
+            )  # straight into the model's memory (load_into keeps its own backup)
             return
         if not shape or shape[0] == 0:
             out.copy_(self.f.get(name, verify=self.verify))
@@ -190,12 +202,14 @@ def _renamer(rename: Any) -> Callable[[str], str | None]:
         def by_prefix(n: str) -> str | None:
             for old, new in rules:
                 if n.startswith(old):
-                    return None if new is None else new + n[len(old):]
+                    return None if new is None else new + n[len(old) :]
             return n
 
         return by_prefix
-    raise TypeError("rename must be a dict of prefix replacements ({'module.': ''}, a None value drops those names) "
-                    "or a function name -> name (None drops the name)")
+    raise TypeError(
+        "rename must be a dict of prefix replacements ({'module.': ''}, a None value drops those names) "
+        "or a function name -> name (None drops the name)"
+    )
 
 
 def _includer(include: Any) -> Callable[[str], bool]:
@@ -215,19 +229,21 @@ def _prefix_hint(ckpt: list[str], model: list[str]) -> str | None:
     """If one prefix explains the difference between the names, the exact ``rename`` to pass."""
     cset, mset = set(ckpt), set(model)
     for p in WRAPPER_PREFIXES + tuple({n.split(".", 1)[0] + "." for n in ckpt if "." in n}):
-        if ckpt and all(n.startswith(p) for n in ckpt) and {n[len(p):] for n in ckpt} & mset:
+        if ckpt and all(n.startswith(p) for n in ckpt) and {n[len(p) :] for n in ckpt} & mset:
             return f"every checkpoint name starts with {p!r}{_why(p)}: pass rename={{{p!r}: ''}}"
     for p in WRAPPER_PREFIXES:
-        if model and all(n.startswith(p) for n in model) and {n[len(p):] for n in model} & cset:
+        if model and all(n.startswith(p) for n in model) and {n[len(p) :] for n in model} & cset:
             return f"every model name starts with {p!r}{_why(p)} but the checkpoint's do not: pass rename={{'': {p!r}}}"
     tops = list(dict.fromkeys(n.split(".", 1)[0] for n in ckpt))
     for top in tops:  # a training checkpoint: {"model": ..., "optimizer": ..., "epoch": ...}
-        if mset and mset <= {n[len(top) + 1:] for n in ckpt if n.startswith(top + ".")}:
+        if mset and mset <= {n[len(top) + 1 :] for n in ckpt if n.startswith(top + ".")}:
             others = [o + "." if any(n.startswith(o + ".") for n in ckpt) else o for o in tops if o != top]
             drop = "".join(f", {o!r}: None" for o in others)
-            return (f"the model's tensors are under {top + '.'!r}; the checkpoint also holds "
-                    f"{', '.join(repr(o) for o in tops if o != top)} (a training checkpoint?): "
-                    f"pass rename={{{top + '.'!r}: ''{drop}}} to take only the model's part")
+            return (
+                f"the model's tensors are under {top + '.'!r}; the checkpoint also holds "
+                f"{', '.join(repr(o) for o in tops if o != top)} (a training checkpoint?): "
+                f"pass rename={{{top + '.'!r}: ''{drop}}} to take only the model's part"
+            )
     return None
 
 
@@ -238,12 +254,15 @@ def _dt(d: torch.dtype) -> str:
 def _lossy(ckpt: torch.dtype, model: torch.dtype) -> bool:
     """Copying would silently drop the fraction (float into int) or the imaginary part."""
     return (ckpt.is_floating_point and not (model.is_floating_point or model.is_complex)) or (
-        ckpt.is_complex and not model.is_complex)
+        ckpt.is_complex and not model.is_complex
+    )
 
 
 def _why(p: str) -> str:
-    return {"module.": " (saved from DataParallel/DistributedDataParallel)",
-            "_orig_mod.": " (saved from a torch.compile'd model)"}.get(p, "")
+    return {
+        "module.": " (saved from DataParallel/DistributedDataParallel)",
+        "_orig_mod.": " (saved from a torch.compile'd model)",
+    }.get(p, "")
 
 
 def _mismatch_message(rep: LoadReport, hint: str | None) -> str:
@@ -258,7 +277,9 @@ def _mismatch_message(rep: LoadReport, hint: str | None) -> str:
     if rep.missing:
         lines.append("  in the model but missing from the checkpoint:")
         for n in rep.missing[:20]:
-            close = [u for u in rep.unexpected if u.endswith("." + n)][:1] or difflib.get_close_matches(n, rep.unexpected, n=1)
+            close = [u for u in rep.unexpected if u.endswith("." + n)][:1] or difflib.get_close_matches(
+                n, rep.unexpected, n=1
+            )
             lines.append(f"    {n}" + (f"  (did you mean {close[0]!r}?)" if close else ""))
         if len(rep.missing) > 20:
             lines.append(f"    ... and {len(rep.missing) - 20} more")
@@ -270,10 +291,14 @@ def _mismatch_message(rep: LoadReport, hint: str | None) -> str:
     if hint:
         lines.append(f"Fix: {hint}.")
     else:
-        lines.append("The model's architecture must match the one that was saved (same layers, same sizes): "
-                     "build the model exactly as it was when the checkpoint was written.")
-    lines.append("To load only what fits and keep the rest at initial values, pass strict=False; "
-                 "to take only some layers, pass include=[...] (and rename={...}).")
+        lines.append(
+            "The model's architecture must match the one that was saved (same layers, same sizes): "
+            "build the model exactly as it was when the checkpoint was written."
+        )
+    lines.append(
+        "To load only what fits and keep the rest at initial values, pass strict=False; "
+        "to take only some layers, pass include=[...] (and rename={...})."
+    )
     return "\n".join(lines)
 
 
@@ -305,7 +330,8 @@ def plan_load(model: nn.Module, src: Any, rename: Any, include: Any, strict: boo
             raise ValueError(
                 f"load_into({src.path}): rename maps both {seen[mname]!r} and {cname!r} to {mname!r}. "
                 f"Drop the one you do not want, e.g. rename={{..., {cname!r}: None}} (a None value drops "
-                "names with that prefix), or narrow the prefixes so each name has one source.")
+                "names with that prefix), or narrow the prefixes so each name has one source."
+            )
         seen[mname] = cname
         if mname != cname:
             rep.renamed[cname] = mname
@@ -377,9 +403,17 @@ class _Undo:
             p.grad = grad
 
 
-def load_into(model: nn.Module, source: Any, *, strict: bool = True, rename: Any = None,
-              dtype: torch.dtype | None = None, include: Any = None, verify: bool = True,
-              atomic: bool = True) -> LoadReport:
+def load_into(
+    model: nn.Module,
+    source: Any,
+    *,
+    strict: bool = True,
+    rename: Any = None,
+    dtype: torch.dtype | None = None,
+    include: Any = None,
+    verify: bool = True,
+    atomic: bool = True,
+) -> LoadReport:
     """Copy a checkpoint's tensors straight into ``model``'s parameters and buffers.
 
     ``source`` is a path (tensorkeep, safetensors or .pt file, or a sharded directory), a state
@@ -405,8 +439,10 @@ def load_into(model: nn.Module, source: Any, *, strict: bool = True, rename: Any
       from the checkpoint (2): weight, bias
     """
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"load_into: dtype must be a floating-point torch dtype such as torch.bfloat16, not {dtype!r} "
-                        "(integer tensors are never converted)")
+        raise TypeError(
+            f"load_into: dtype must be a floating-point torch dtype such as torch.bfloat16, not {dtype!r} "
+            "(integer tensors are never converted)"
+        )
     src = source_of(source)
     if isinstance(src, _FileSource):
         src.verify = verify

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -25,7 +26,7 @@ from tensorkeep.errors import TensorkeepError
 class Background:
     """The writer thread of one manager (``mode``: True or "lazy")."""
 
-    def __init__(self, mode: "bool | str") -> None:
+    def __init__(self, mode: bool | str) -> None:
         self.mode, self._pid = mode, os.getpid()
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="tk-checkpoint")
         self._pending: tuple[int, Future] | None = None
@@ -38,8 +39,14 @@ class Background:
     def pending_step(self) -> int | None:
         return self._pending[0] if self._pending else None
 
-    def submit(self, step: int, state: Mapping[str, Any], payload: Payload, build_images: bool,
-               commit: Callable[[int, Payload], None]) -> None:
+    def submit(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        payload: Payload,
+        build_images: bool,
+        commit: Callable[[int, Payload], None],
+    ) -> None:
         """Snapshot ``payload`` (the only part that blocks training) and hand it to the writer, which
         calls ``commit(step, snapshot)``."""
         defer = changed_only_by_optimizers(state) if self.mode == "lazy" else frozenset()
@@ -65,7 +72,8 @@ class Background:
                 f"async_save='lazy' was still copying it (only optimizer.step() waits for the copy). "
                 f"Fix: change parameters only through an optimizer, call mgr.wait() before other in-place "
                 f"updates, or use async_save=True. Writes through .data, a NumPy view or untyped_storage() cannot "
-                f"be detected at all: make them only after mgr.wait().")
+                f"be detected at all: make them only after mgr.wait()."
+            )
         self._staging.ready()  # device-to-host copies of the snapshot have landed
         commit(step, payload)
 
@@ -108,6 +116,10 @@ def changed_only_by_optimizers(state: Mapping[str, Any]) -> frozenset[int]:
         if isinstance(obj, torch.nn.Module):
             ptrs.update(p.data_ptr() for p in obj.parameters() if p.device.type == "cpu")
         elif isinstance(obj, torch.optim.Optimizer):
-            ptrs.update(t.data_ptr() for s in obj.state.values() for t in s.values()
-                        if isinstance(t, torch.Tensor) and t.device.type == "cpu")
+            ptrs.update(
+                t.data_ptr()
+                for s in obj.state.values()
+                for t in s.values()
+                if isinstance(t, torch.Tensor) and t.device.type == "cpu"
+            )
     return frozenset(ptrs)

@@ -24,32 +24,29 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
 from tensorkeep import errors
-
-from tensorkeep.storage import local as _io
-from tensorkeep.distributed.comm import Comm, dtensor_type
-from tensorkeep.distributed.load import load_distributed
-from tensorkeep.distributed.manifest import read_manifest as read_layout
-from tensorkeep.distributed.save import write_distributed
-from tensorkeep.core.dtypes import torch_dtype
-from tensorkeep.errors import CheckpointNotFoundError, FormatError, SaveError, TensorkeepError
-from tensorkeep.file.reader import read_file as load
-from tensorkeep.file.writer import write
 from tensorkeep.checkpoint import layout, packs, rng
 from tensorkeep.checkpoint.localrun import LocalRun
 from tensorkeep.checkpoint.policies import Policy
 from tensorkeep.checkpoint.records import Records
 from tensorkeep.checkpoint.state import apply, has_state
 from tensorkeep.checkpoint.steps import KINDS, LAYOUT, is_distributed, layout_entry, rng_file
-
-
+from tensorkeep.core.dtypes import torch_dtype
+from tensorkeep.distributed.comm import Comm, dtensor_type
+from tensorkeep.distributed.load import load_distributed
+from tensorkeep.distributed.manifest import read_manifest as read_layout
+from tensorkeep.distributed.save import write_distributed
+from tensorkeep.errors import CheckpointNotFoundError, FormatError, SaveError, TensorkeepError
+from tensorkeep.file.reader import read_file as load
+from tensorkeep.file.writer import write
+from tensorkeep.storage import local as _io
 
 
 def _timeout() -> Any:
@@ -60,7 +57,7 @@ def _timeout() -> Any:
     for dev in ("cpu", "cuda"):
         try:
             return pg._get_backend(torch.device(dev)).options._timeout
-        except Exception:  # noqa: BLE001 - private API; torch's default then
+        except Exception:
             continue
     return None
 
@@ -69,9 +66,11 @@ def _gather(comm: Comm, value: Any, what: str) -> list[Any]:
     """Every rank's ``value``; :class:`TensorkeepError` when another rank is gone."""
     try:
         return comm.all_gather(value)
-    except Exception as e:  # noqa: BLE001 - gloo raises RuntimeError subclasses
-        raise TensorkeepError(f"{what}: rank {comm.rank} of {comm.world} lost contact with the other ranks ({e}). "
-                              "Another rank probably died or timed out") from e
+    except Exception as e:
+        raise TensorkeepError(
+            f"{what}: rank {comm.rank} of {comm.world} lost contact with the other ranks ({e}). "
+            "Another rank probably died or timed out"
+        ) from e
 
 
 def _status(error: BaseException | None) -> dict[str, Any]:
@@ -127,7 +126,7 @@ class Group:
         return self.run.directory
 
 
-def join(directory: str, *, async_save: "bool | str", incremental: bool, local: bool) -> Comm | None:
+def join(directory: str, *, async_save: bool | str, incremental: bool, local: bool) -> Comm | None:
     """The status group of a manager when torch.distributed runs two or more ranks, else None.
 
     Collective when it returns a group: every rank must create its manager at the same point."""
@@ -143,17 +142,23 @@ def join(directory: str, *, async_save: "bool | str", incremental: bool, local: 
         raise ValueError(
             f"async_save=True is not supported with torch.distributed ({comm.world} ranks): the background writer "
             "would run the ranks' status collectives concurrently with training's, and DTensor shards would have "
-            "to be snapshotted first. Use async_save=False: every rank writes only its own shard, in parallel")
+            "to be snapshotted first. Use async_save=False: every rank writes only its own shard, in parallel"
+        )
     if first["incremental"]:
-        raise ValueError(f"incremental=True is not supported with torch.distributed ({comm.world} ranks) yet; "
-                         "use incremental=False")
+        raise ValueError(
+            f"incremental=True is not supported with torch.distributed ({comm.world} ranks) yet; use incremental=False"
+        )
     if first["remote"]:
-        raise ValueError(f"{directory}: object storage is not supported with torch.distributed ({comm.world} ranks) "
-                         "yet; save to a directory on a file system every rank sees")
+        raise ValueError(
+            f"{directory}: object storage is not supported with torch.distributed ({comm.world} ranks) "
+            "yet; save to a directory on a file system every rank sees"
+        )
     for r, s in enumerate(every):
         if s != first:
-            raise ValueError(f"rank {r} opened CheckpointManager with {s}, rank 0 with {first}: every rank must open "
-                             "the same run directory with the same settings")
+            raise ValueError(
+                f"rank {r} opened CheckpointManager with {s}, rank 0 with {first}: every rank must open "
+                "the same run directory with the same settings"
+            )
     return comm
 
 
@@ -164,7 +169,7 @@ def open_run(g: Group) -> None:
         try:
             g.run.lock.acquire()
             layout.clean_run(g.directory)  # unfinished saves of a crashed run: only its own
-        except Exception as e:  # noqa: BLE001 - reported to every rank
+        except Exception as e:
             error = e
     what = f"opening {g.directory}"
     _raise_first(comm, _gather(comm, _status(error), what), error, what)
@@ -173,8 +178,10 @@ def open_run(g: Group) -> None:
     seen = _gather(comm, g.records.steps(), what)
     for r, steps in enumerate(seen):
         if steps != seen[0]:
-            raise TensorkeepError(f"{what}: rank {r} sees the checkpoints {steps}, rank 0 sees {seen[0]}. Every rank "
-                                  "must use the same directory, on a file system every rank sees")
+            raise TensorkeepError(
+                f"{what}: rank {r} sees the checkpoints {steps}, rank 0 sees {seen[0]}. Every rank "
+                "must use the same directory, on a file system every rank sees"
+            )
 
 
 def should_save(comm: Comm, due: bool, signalled: int | None) -> tuple[bool, int | None]:
@@ -219,14 +226,16 @@ def save(g: Group, step: int, state: Mapping[str, Any], metrics: dict[str, Any])
         if comm.rank == 0:
             tmp = os.path.join(g.directory, f".step_{step:08d}{_io.TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}")
             _io.mkdir(tmp)
-    except Exception as e:  # noqa: BLE001 - reported to every rank
+    except Exception as e:
         error = e
     try:
         every = comm.check(error, f"{what}: preparing", outcome, {"step": step, "tmp": tmp, "metrics": _tag(metrics)})
         steps = [s["step"] for s in every]
         if len(set(steps)) > 1:
-            raise SaveError(f"{what}: the ranks called save() with different steps, {steps} by rank. Every rank "
-                            f"must save the same step. {outcome}")
+            raise SaveError(
+                f"{what}: the ranks called save() with different steps, {steps} by rank. Every rank "
+                f"must save the same step. {outcome}"
+            )
         tmp = every[0]["tmp"]
         write_distributed(payload, tmp, group=comm.group, label=what, outcome=outcome, durable=g.durable)
         error, info = None, {}
@@ -234,13 +243,16 @@ def save(g: Group, step: int, state: Mapping[str, Any], metrics: dict[str, Any])
             p = os.path.join(tmp, rng_file(comm.rank))
             size, crc = write(rng_state, p, {}, g.durable, in_place=True)
             info = {"size": size, "crc32": crc}
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             error = e
         rngs = comm.check(error, f"{what}: writing the RNG states", outcome, info)
         final = layout.step_dir(g.directory, step)
-        comm.on_rank0(lambda: _publish(g, step, tmp, final, metrics, kinds, rngs), f"{what}: publishing",
-                      "Rank 0 could not publish it: the previous checkpoints are intact, and this one is either "
-                      "whole or absent (list_checkpoints tells).")
+        comm.on_rank0(
+            lambda: _publish(g, step, tmp, final, metrics, kinds, rngs),
+            f"{what}: publishing",
+            "Rank 0 could not publish it: the previous checkpoints are intact, and this one is either "
+            "whole or absent (list_checkpoints tells).",
+        )
     except BaseException:
         comm.drop_temp(tmp)
         raise
@@ -249,15 +261,21 @@ def save(g: Group, step: int, state: Mapping[str, Any], metrics: dict[str, Any])
     return final
 
 
-def _publish(g: Group, step: int, tmp: str, final: str, metrics: dict[str, Any],
-             kinds: dict[str, str], rngs: list[dict]) -> None:
+def _publish(
+    g: Group, step: int, tmp: str, final: str, metrics: dict[str, Any], kinds: dict[str, str], rngs: list[dict]
+) -> None:
     """Rank 0, once every rank's files are durable: the manifest, then the rename that commits."""
     shards, _ = read_layout(tmp)  # the shard files' sizes and header checksums, as each rank reported them
     m = g.manifest(step, metrics)
     for name, info in shards["files"].items():
         m.files[name] = {"size": info["size"], "crc32": info["crc32"], "key": "", "kind": "distributed"}
-    m.files[LAYOUT] = {"size": os.path.getsize(os.path.join(tmp, LAYOUT)), "key": "", "kind": "distributed",
-                       "world_size": len(rngs), "keys": kinds}
+    m.files[LAYOUT] = {
+        "size": os.path.getsize(os.path.join(tmp, LAYOUT)),
+        "key": "",
+        "kind": "distributed",
+        "world_size": len(rngs),
+        "keys": kinds,
+    }
     for r, info in enumerate(rngs):
         m.files[rng_file(r)] = {"size": info["size"], "crc32": info["crc32"], "key": "", "kind": "rng-rank", "rank": r}
     layout.write_manifest(tmp, m, g.durable)
@@ -273,7 +291,7 @@ def prune(g: Group, policies: Sequence[Policy] | None, dry_run: bool, what: str 
     if comm.rank == 0:
         try:
             doomed = g.prune(policies, dry_run)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             error = e
     every = comm.check(error, what, "", {"doomed": doomed})
     if not dry_run and comm.rank != 0:
@@ -297,9 +315,11 @@ def _fresh_optimizer(opt: Any, sd: dict, key: str, stored: dict[str, Any]) -> No
         if not isinstance(p, dt) or pid in sd["state"]:
             continue
         prefix = f"{key}.state.{pid}."
-        entry = {name[len(prefix):]: torch.empty_like(p, dtype=torch_dtype(s.dtype))
-                 for name, s in stored.items()
-                 if name.startswith(prefix) and "." not in name[len(prefix):] and s.shape == tuple(p.shape)}
+        entry = {
+            name[len(prefix) :]: torch.empty_like(p, dtype=torch_dtype(s.dtype))
+            for name, s in stored.items()
+            if name.startswith(prefix) and "." not in name[len(prefix) :] and s.shape == tuple(p.shape)
+        }
         if entry:
             sd["state"][pid] = entry
 
@@ -319,8 +339,9 @@ def _load_shards(state: Mapping[str, Any], d: str, m: layout.Manifest, comm: Com
             target[key] = obj
     missing = [k for k in state if k not in target]
     if missing and comm.rank == 0:
-        warnings.warn(f"checkpoint step {m.step} has nothing for {missing}; they keep their current values",
-                      stacklevel=4)
+        warnings.warn(
+            f"checkpoint step {m.step} has nothing for {missing}; they keep their current values", stacklevel=4
+        )
     mine = None
     if world == comm.world and rng_file(comm.rank) in m.files:
         mine = load(os.path.join(d, rng_file(comm.rank)))  # verified before anything is applied
@@ -331,8 +352,11 @@ def _load_shards(state: Mapping[str, Any], d: str, m: layout.Manifest, comm: Com
         elif key in target and isinstance(state, dict):
             state[key] = target[key]
     if world != comm.world and comm.rank == 0:
-        warnings.warn(f"checkpoint step {m.step} was saved by {world} ranks, this run has {comm.world}: the RNG "
-                      "states are not restored (each rank keeps its own)", stacklevel=4)
+        warnings.warn(
+            f"checkpoint step {m.step} was saved by {world} ranks, this run has {comm.world}: the RNG "
+            "states are not restored (each rank keeps its own)",
+            stacklevel=4,
+        )
     return mine
 
 
@@ -344,8 +368,11 @@ def _load_plain(g: Group, state: Mapping[str, Any], d: str, m: layout.Manifest) 
     files = {n: i for n, i in m.files.items() if i.get("kind") != "rng"}
     apply(state, dataclasses.replace(m, files=files), loaded)
     if g.comm.rank == 0:
-        warnings.warn(f"checkpoint step {m.step} was saved by one process: the RNG states are not restored (each "
-                      "rank keeps its own)", stacklevel=4)
+        warnings.warn(
+            f"checkpoint step {m.step} was saved by one process: the RNG states are not restored (each "
+            "rank keeps its own)",
+            stacklevel=4,
+        )
 
 
 def restore(g: Group, state: Mapping[str, Any], step: int | None) -> int | None:
@@ -353,8 +380,10 @@ def restore(g: Group, state: Mapping[str, Any], step: int | None) -> int | None:
     comm, directory = g.comm, g.directory
     steps = _gather(comm, layout.list_steps(directory), f"restoring from {directory}")
     if any(s != steps[0] for s in steps):
-        raise TensorkeepError(f"restoring from {directory}: the ranks see different checkpoints {steps}. Every "
-                              "rank must use the same directory, on a file system every rank sees")
+        raise TensorkeepError(
+            f"restoring from {directory}: the ranks see different checkpoints {steps}. Every "
+            "rank must use the same directory, on a file system every rank sees"
+        )
     touched = False
     for s in [step] if step is not None else sorted(steps[0], reverse=True):
         d = layout.step_dir(directory, s)
@@ -365,7 +394,7 @@ def restore(g: Group, state: Mapping[str, Any], step: int | None) -> int | None:
                 raise FormatError(f"{d}: no such checkpoint")
             m = layout.read_manifest(d)
             layout.check_files(d, m)
-        except Exception as e:  # noqa: BLE001 - reported to every rank
+        except Exception as e:
             error = e
         bad = _outcome(comm, error, what)
         if not bad:
@@ -375,7 +404,7 @@ def restore(g: Group, state: Mapping[str, Any], step: int | None) -> int | None:
                     mine = _load_shards(state, d, m, comm)  # type: ignore[arg-type]
                 else:
                     _load_plain(g, state, d, m)  # type: ignore[arg-type]
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 error = e
             bad = _outcome(comm, error, what)
             touched = touched or bad is not None
@@ -384,19 +413,25 @@ def restore(g: Group, state: Mapping[str, Any], step: int | None) -> int | None:
                 rng.restore(mine)  # last: nothing above may consume randomness afterwards
             return s
         if step is not None:
-            raise CheckpointNotFoundError(f"cannot restore step {step} from {directory}: {bad}. Steps that exist: "
-                                          f"{g.records.steps()}" + (". The state may be partly loaded" if touched else ""))
+            raise CheckpointNotFoundError(
+                f"cannot restore step {step} from {directory}: {bad}. Steps that exist: "
+                f"{g.records.steps()}" + (". The state may be partly loaded" if touched else "")
+            )
         if comm.rank == 0:
             warnings.warn(f"skipping damaged checkpoint {d}: {bad}; trying the previous one", stacklevel=3)
         g.records.drop(s)
     if touched:
-        raise CheckpointNotFoundError(f"restoring from {directory}: no intact checkpoint is left, and the state "
-                                      "was partly loaded from a damaged one. Build the objects afresh to start over")
+        raise CheckpointNotFoundError(
+            f"restoring from {directory}: no intact checkpoint is left, and the state "
+            "was partly loaded from a damaged one. Build the objects afresh to start over"
+        )
     if steps[0] and comm.rank == 0:
-        warnings.warn(f"{directory}: ALL {len(steps[0])} checkpoint(s) are damaged (steps {steps[0]}): nothing "
-                      "was restored, so restore() returns None and training would start from scratch. Fix: run "
-                      f"`tensorkeep verify {directory}`, put back a good copy, or pass step= to see the error",
-                      stacklevel=3)
+        warnings.warn(
+            f"{directory}: ALL {len(steps[0])} checkpoint(s) are damaged (steps {steps[0]}): nothing "
+            "was restored, so restore() returns None and training would start from scratch. Fix: run "
+            f"`tensorkeep verify {directory}`, put back a good copy, or pass step= to see the error",
+            stacklevel=3,
+        )
     return None
 
 

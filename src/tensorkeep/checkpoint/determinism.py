@@ -14,16 +14,29 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
 # Read when a library starts (OpenMP, MKL, cuBLAS): set them in a child's environment, not later.
-ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_DYNAMIC", "MKL_DYNAMIC", "MKL_CBWR",
-            "ATEN_CPU_CAPABILITY", "CUBLAS_WORKSPACE_CONFIG")
-PINNED_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_DYNAMIC": "FALSE", "MKL_DYNAMIC": "FALSE",
-              "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+ENV_VARS = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OMP_DYNAMIC",
+    "MKL_DYNAMIC",
+    "MKL_CBWR",
+    "ATEN_CPU_CAPABILITY",
+    "CUBLAS_WORKSPACE_CONFIG",
+)
+PINNED_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OMP_DYNAMIC": "FALSE",
+    "MKL_DYNAMIC": "FALSE",
+    "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+}
 
 _LABELS = {
     "torch": "torch version",
@@ -46,9 +59,13 @@ _LABELS = {
 @functools.cache
 def _fixed() -> dict[str, Any]:
     """What cannot change within a process (computed once; the libraries read ENV_VARS as they start)."""
-    return {"torch": torch.__version__, "numpy": np.__version__,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cuda": torch.version.cuda,
-            "env": {k: os.environ.get(k) for k in ENV_VARS}}
+    return {
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cuda": torch.version.cuda,
+        "env": {k: os.environ.get(k) for k in ENV_VARS},
+    }
 
 
 @functools.cache
@@ -68,13 +85,16 @@ def capture(devices: Iterable[str] = ()) -> dict[str, Any]:
     """
     d = dict(_fixed())  # the caller may change the copy, never the cache
     d["env"] = dict(d["env"])
-    d.update(threads=torch.get_num_threads(), interop_threads=torch.get_num_interop_threads(),
-             deterministic=torch.are_deterministic_algorithms_enabled(),
-             deterministic_warn_only=torch.is_deterministic_algorithms_warn_only_enabled(),
-             cudnn_deterministic=bool(torch.backends.cudnn.deterministic),
-             cudnn_benchmark=bool(torch.backends.cudnn.benchmark),
-             float32_matmul_precision=torch.get_float32_matmul_precision(),
-             devices=sorted(set(devices)))
+    d.update(
+        threads=torch.get_num_threads(),
+        interop_threads=torch.get_num_interop_threads(),
+        deterministic=torch.are_deterministic_algorithms_enabled(),
+        deterministic_warn_only=torch.is_deterministic_algorithms_warn_only_enabled(),
+        cudnn_deterministic=bool(torch.backends.cudnn.deterministic),
+        cudnn_benchmark=bool(torch.backends.cudnn.benchmark),
+        float32_matmul_precision=torch.get_float32_matmul_precision(),
+        devices=sorted(set(devices)),
+    )
     if torch.cuda.is_initialized():
         names, d["cudnn"] = _gpus()
         d["gpus"] = list(names)
@@ -99,8 +119,9 @@ def devices(state: Mapping[str, Any]) -> list[str]:
     return sorted(found)
 
 
-def differences(saved: Any, current: Mapping[str, Any] | None = None,
-                words: tuple[str, str] = ("saved with", "now")) -> list[str]:
+def differences(
+    saved: Any, current: Mapping[str, Any] | None = None, words: tuple[str, str] = ("saved with", "now")
+) -> list[str]:
     """What the current process does differently from ``saved`` (a :func:`capture`), one line each.
 
     ``saved`` comes from a manifest, untrusted JSON: anything missing is not compared, anything
@@ -113,8 +134,7 @@ def differences(saved: Any, current: Mapping[str, Any] | None = None,
     if saved is None:
         return []  # a checkpoint from a tensorkeep that recorded nothing
     if not isinstance(saved, Mapping):
-        return [f"the checkpoint's record of its settings is unreadable (a JSON {type(saved).__name__}, "
-                f"not an object)"]
+        return [f"the checkpoint's record of its settings is unreadable (a JSON {type(saved).__name__}, not an object)"]
     now = capture() if current is None else current
     out = []
     for key, label in _LABELS.items():
@@ -129,8 +149,9 @@ def differences(saved: Any, current: Mapping[str, Any] | None = None,
             if k in env_saved and k in env_now:
                 a, b = _plain(env_saved[k]), _plain(env_now[k])
                 if a != b:
-                    out.append(f"environment variable {k}: {words[0]} {_show(a, 'unset')}, "
-                               f"{words[1]} {_show(b, 'unset')}")
+                    out.append(
+                        f"environment variable {k}: {words[0]} {_show(a, 'unset')}, {words[1]} {_show(b, 'unset')}"
+                    )
     return out
 
 

@@ -22,11 +22,11 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from tensorkeep.core.format import dumps, seal, unseal
+from tensorkeep.errors import FormatError, SaveError
 from tensorkeep.file import stored
 from tensorkeep.storage import local as _io
 from tensorkeep.storage.disk import DiskBackend
-from tensorkeep.errors import FormatError, SaveError
-from tensorkeep.core.format import dumps, seal, unseal
 
 MANIFEST = "manifest.json"
 FORMAT = "tensorkeep-checkpoint"
@@ -56,19 +56,32 @@ class Manifest:
     environment: Any = None  # what bit-exact resume depends on (determinism.capture()); untrusted JSON
 
     def to_json(self) -> str:
-        metrics = {k: ({"$float": repr(v)} if isinstance(v, float) and not math.isfinite(v) else v)
-                   for k, v in self.metrics.items()}  # JSON has no NaN/Infinity: a diverged loss is tagged
-        d = {"format": FORMAT, "version": VERSION, "step": self.step, "time": self.time,
-             "metrics": metrics, "files": self.files, "versions": self.versions}
+        metrics = {
+            k: ({"$float": repr(v)} if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in self.metrics.items()
+        }  # JSON has no NaN/Infinity: a diverged loss is tagged
+        d = {
+            "format": FORMAT,
+            "version": VERSION,
+            "step": self.step,
+            "time": self.time,
+            "metrics": metrics,
+            "files": self.files,
+            "versions": self.versions,
+        }
         if self.environment:
             d["environment"] = self.environment
         if self.parts:
-            d.update(version=VERSION_INCREMENTAL, parts=self.parts, packs=self.packs,
-                     bytes={"written": self.bytes_written, "held": self.bytes_held})
+            d.update(
+                version=VERSION_INCREMENTAL,
+                parts=self.parts,
+                packs=self.packs,
+                bytes={"written": self.bytes_written, "held": self.bytes_held},
+            )
         return dumps(d)
 
 
-def clean_metrics(metrics: "dict[str, Any] | None", step: int) -> dict[str, Any]:
+def clean_metrics(metrics: dict[str, Any] | None, step: int) -> dict[str, Any]:
     """Metrics as plain Python scalars (NumPy and one-element tensor values unwrapped).
 
     >>> import numpy as np; clean_metrics({"acc": np.float32(0.5), "loss": float("nan")}, 1)
@@ -86,8 +99,10 @@ def clean_metrics(metrics: "dict[str, Any] | None", step: int) -> dict[str, Any]
         if isinstance(v, str) and not _utf8(v):
             raise ValueError(f"checkpoint step {step}: metric {k!r} holds a lone surrogate, which UTF-8 cannot store")
         if v is not None and not isinstance(v, (str, bool, numbers.Real)):
-            raise TypeError(f"checkpoint step {step}: metric {k!r} must be a number or a string, got "
-                            f"{type(v).__name__}; pass e.g. float(value)")
+            raise TypeError(
+                f"checkpoint step {step}: metric {k!r} must be a number or a string, got "
+                f"{type(v).__name__}; pass e.g. float(value)"
+            )
         out[k] = v if v is None or isinstance(v, (str, bool, int, float)) else float(v)
     return out
 
@@ -130,22 +145,35 @@ def parse_manifest(raw: bytes, path: str) -> Manifest:
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise FormatError(f"{path}: not a tensorkeep checkpoint manifest")
     if d.get("version") not in (VERSION, VERSION_INCREMENTAL) or type(d.get("version")) is not int:
-        raise FormatError(f"{path}: manifest version {d.get('version')!r}; this tensorkeep reads versions "
-                          f"{VERSION} and {VERSION_INCREMENTAL}: upgrade tensorkeep")
+        raise FormatError(
+            f"{path}: manifest version {d.get('version')!r}; this tensorkeep reads versions "
+            f"{VERSION} and {VERSION_INCREMENTAL}: upgrade tensorkeep"
+        )
     step, files = d.get("step"), d.get("files")
     if type(step) is not int or step < 0 or not isinstance(files, dict) or not isinstance(d.get("metrics"), dict):
         raise FormatError(f"{path}: manifest needs an int step, a files object and a metrics object")
     for name, info in files.items():
-        if not plain_name(name) or not isinstance(info, dict) or type(info.get("size")) is not int \
-                or info["size"] < 0 or not all(isinstance(info.get(k, ""), str) for k in ("crc32", "key", "kind")):
-            raise FormatError(f"{path}: bad file entry {name!r} (expected a plain file name and "
-                              "{\"size\": int, \"crc32\": str, \"key\": str, \"kind\": str})")
+        if (
+            not plain_name(name)
+            or not isinstance(info, dict)
+            or type(info.get("size")) is not int
+            or info["size"] < 0
+            or not all(isinstance(info.get(k, ""), str) for k in ("crc32", "key", "kind"))
+        ):
+            raise FormatError(
+                f"{path}: bad file entry {name!r} (expected a plain file name and "
+                '{"size": int, "crc32": str, "key": str, "kind": str})'
+            )
     t = d.get("time", 0)
     if type(t) not in (int, float) or not (0 <= t < _MAX_TIME):  # 10**400 cannot become a float
         raise FormatError(f"{path}: 'time' must be seconds since 1970, found {str(t)[:40]!r}")
     for k, v in d["metrics"].items():
-        if not (v is None or type(v) in (str, bool, float) or (type(v) is int and abs(v) < 2**63)
-                or (isinstance(v, dict) and set(v) == {"$float"} and v["$float"] in ("nan", "inf", "-inf"))):
+        if not (
+            v is None
+            or type(v) in (str, bool, float)
+            or (type(v) is int and abs(v) < 2**63)
+            or (isinstance(v, dict) and set(v) == {"$float"} and v["$float"] in ("nan", "inf", "-inf"))
+        ):
             raise FormatError(f"{path}: metric {k!r} must be a number, a string or null, found {str(v)[:40]!r}")
     versions = d.get("versions") or {}
     if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
@@ -173,9 +201,15 @@ def plain_name(name: object) -> bool:
     >>> plain_name("model.tk"), plain_name("../x"), plain_name("a\\x00b"), plain_name("..")
     (True, False, False, False)
     """
-    return (type(name) is str and 0 < len(name) <= 255 and name not in (".", "..") and "/" not in name
-            and "\\" not in name and not any(ord(c) < 32 or ord(c) == 127 for c in name)
-            and len(name.encode("utf-8", "surrogatepass")) <= 255)
+    return (
+        type(name) is str
+        and 0 < len(name) <= 255
+        and name not in (".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and not any(ord(c) < 32 or ord(c) == 127 for c in name)
+        and len(name.encode("utf-8", "surrogatepass")) <= 255
+    )
 
 
 def _validate_parts(parts: Any, packs: Any, where: str) -> None:
@@ -183,20 +217,36 @@ def _validate_parts(parts: Any, packs: Any, where: str) -> None:
     if not isinstance(parts, dict) or not isinstance(packs, dict):
         raise FormatError(f"{where}: 'parts' and 'packs' must be objects")
     for pack, info in packs.items():
-        if not PACK_RE.match(pack) or not isinstance(info, dict) or type(info.get("size")) is not int \
-                or info["size"] < 0 or not isinstance(info.get("crc32"), str):
+        if (
+            not PACK_RE.match(pack)
+            or not isinstance(info, dict)
+            or type(info.get("size")) is not int
+            or info["size"] < 0
+            or not isinstance(info.get("crc32"), str)
+        ):
             raise FormatError(f"{where}: bad pack entry {pack!r}")
     for name, part in parts.items():
         refs = part.get("tensors") if isinstance(part, dict) else None
-        good = plain_name(name) and isinstance(refs, dict) and isinstance(part.get("key"), str) and isinstance(part.get("kind"), str) and all(
-            type(r) is list and len(r) == 2 and isinstance(r[0], str) and _HASH_RE.match(r[0]) and r[1] in packs
-            for r in refs.values())
+        good = (
+            plain_name(name)
+            and isinstance(refs, dict)
+            and isinstance(part.get("key"), str)
+            and isinstance(part.get("kind"), str)
+            and all(
+                type(r) is list and len(r) == 2 and isinstance(r[0], str) and _HASH_RE.match(r[0]) and r[1] in packs
+                for r in refs.values()
+            )
+        )
         if not good:
-            raise FormatError(f"{where}: bad part entry {name!r} (each tensor must be [sha256, pack listed in 'packs'])")
+            raise FormatError(
+                f"{where}: bad part entry {name!r} (each tensor must be [sha256, pack listed in 'packs'])"
+            )
 
 
 def write_manifest(directory: str, m: Manifest, durable: bool = True) -> None:
-    with _io.atomic_file(os.path.join(directory, MANIFEST), durable=durable, in_place=True) as fd:  # published with its directory
+    with _io.atomic_file(
+        os.path.join(directory, MANIFEST), durable=durable, in_place=True
+    ) as fd:  # published with its directory
         _io.pwrite_all(fd, memoryview(seal(m.to_json())), 0)
 
 
@@ -252,8 +302,11 @@ def own_names(directory: str) -> tuple[set[str], list[str]]:
 
 def foreign_error(directory: str, foreign: list[str], what: str) -> SaveError:
     shown = ", ".join(repr(n) for n in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-    return SaveError(errno.EEXIST, f"{directory} holds entries tensorkeep did not write ({shown}), so it is not "
-                   f"{what}. Fix: move them out of it (or delete it yourself if you do not need them)")
+    return SaveError(
+        errno.EEXIST,
+        f"{directory} holds entries tensorkeep did not write ({shown}), so it is not "
+        f"{what}. Fix: move them out of it (or delete it yourself if you do not need them)",
+    )
 
 
 def replaceable(directory: str) -> set[str]:
@@ -264,8 +317,11 @@ def replaceable(directory: str) -> set[str]:
     if not _io.is_real_dir(directory):
         raise SaveError(errno.EEXIST, f"{directory} exists and is not a directory (a symlink?): not replaced")
     if not _io.is_regular_file(os.path.join(directory, MANIFEST)):
-        raise SaveError(errno.EEXIST, f"{directory} exists and is not a checkpoint (it has no {MANIFEST}), so "
-                        "tensorkeep does not replace it. Fix: move it away (or delete it if you do not need it)")
+        raise SaveError(
+            errno.EEXIST,
+            f"{directory} exists and is not a checkpoint (it has no {MANIFEST}), so "
+            "tensorkeep does not replace it. Fix: move it away (or delete it if you do not need it)",
+        )
     ours, foreign = own_names(directory)
     if foreign:
         raise foreign_error(directory, foreign, "replaced")
@@ -279,8 +335,11 @@ def leftovers(run: str) -> list[str]:
         names = os.listdir(run)
     except FileNotFoundError:
         return []
-    return sorted(os.path.join(run, n) for n in names
-                  if (_io.temp_of(n) or ("",))[0].startswith("step_") and _io.is_real_dir(os.path.join(run, n)))
+    return sorted(
+        os.path.join(run, n)
+        for n in names
+        if (_io.temp_of(n) or ("",))[0].startswith("step_") and _io.is_real_dir(os.path.join(run, n))
+    )
 
 
 def strangers(run: str) -> list[str]:
@@ -334,9 +393,16 @@ def clean_run(run: str) -> list[str]:
             _io.unlink(os.path.join(run, n))
             removed.append(os.path.join(run, n))
     for p in strangers(run):
-        why = "a symbolic link" if os.path.islink(p) else "not a directory" if not os.path.isdir(p) else "without a manifest"
-        warnings.warn(f"{p} is named like a checkpoint but is {why}: tensorkeep ignores it and never deletes it",
-                      stacklevel=3)
+        why = (
+            "a symbolic link"
+            if os.path.islink(p)
+            else "not a directory"
+            if not os.path.isdir(p)
+            else "without a manifest"
+        )
+        warnings.warn(
+            f"{p} is named like a checkpoint but is {why}: tensorkeep ignores it and never deletes it", stacklevel=3
+        )
     return removed
 
 
@@ -352,8 +418,9 @@ def remove_checkpoint(run: str, step: int, durable: bool = True) -> bool:
         return False
     ours, foreign = own_names(d)
     if foreign:
-        warnings.warn(f"checkpoint step {step} was not deleted by retention: {foreign_error(d, foreign, 'deleted')}",
-                      stacklevel=3)
+        warnings.warn(
+            f"checkpoint step {step} was not deleted by retention: {foreign_error(d, foreign, 'deleted')}", stacklevel=3
+        )
         return False
     doomed = _io.tmp_path(d)
     _io.rename(d, doomed)

@@ -10,7 +10,7 @@ from tensorkeep.checkpoint.run import open_run
 __all__ = ["CheckpointInfo", "list_checkpoints"]
 
 
-def list_checkpoints(run: "str | os.PathLike[str]", *, verify: bool = False) -> list[CheckpointInfo]:
+def list_checkpoints(run: str | os.PathLike[str], *, verify: bool = False) -> list[CheckpointInfo]:
     """Every checkpoint in ``run`` (a directory, or a URL such as ``s3://bucket/run``), by step,
     without taking the run's lock.
 

@@ -37,8 +37,10 @@ class LocalRun:
 
     def prepare(self, durable: bool) -> None:
         if os.path.lexists(self.directory) and not os.path.isdir(self.directory):
-            raise NotADirectoryError(f"CheckpointManager({self.directory!r}): that path is a file, not a run "
-                                     "directory. Fix: pass a directory (it is created if missing)")
+            raise NotADirectoryError(
+                f"CheckpointManager({self.directory!r}): that path is a file, not a run "
+                "directory. Fix: pass a directory (it is created if missing)"
+            )
         _io.makedirs(self.directory, durable)
 
     def clean(self) -> None:
@@ -76,8 +78,9 @@ class LocalRun:
         loaded.update(packs.load_parts(m.parts, packs.locate_local(self.directory, m.packs, d), d))
         return m, loaded
 
-    def commit(self, step: int, payload: dict[str, tuple[str, str, Any]], m: Manifest, *,
-               incremental: bool, durable: bool) -> str:
+    def commit(
+        self, step: int, payload: dict[str, tuple[str, str, Any]], m: Manifest, *, incremental: bool, durable: bool
+    ) -> str:
         """Everything into a temporary directory, fsynced, the manifest last, published by rename."""
         tmp = os.path.join(self.directory, f".step_{step:08d}{_io.TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}")
         _io.mkdir(tmp)
@@ -85,7 +88,8 @@ class LocalRun:
             if incremental:
                 known = packs.index(packs.committed(self.directory) or [])
                 m.parts, m.packs, m.bytes_written, m.bytes_held = packs.save_parts(
-                    self.directory, step, payload, known, durable)
+                    self.directory, step, payload, known, durable
+                )
             else:
                 for name, (key, kind, obj) in payload.items():
                     p = os.path.join(tmp, name)
@@ -107,8 +111,9 @@ class LocalRun:
                 except OSError:
                     pass
             if isinstance(e, TensorkeepError) and isinstance(e, OSError):
-                raise type(e)(e.errno, f"checkpoint step {step} was not saved: {e} Every committed checkpoint "
-                              "is intact.") from e
+                raise type(e)(
+                    e.errno, f"checkpoint step {step} was not saved: {e} Every committed checkpoint is intact."
+                ) from e
             raise
 
     def remove(self, step: int, durable: bool) -> bool:
@@ -122,8 +127,9 @@ class LocalRun:
         for p in layout.leftovers(run):
             m = _ANY_STEP.match(os.path.basename(p))
             size = _du(p)
-            out.append(CheckpointInfo(int(m.group(1)) if m else -1, p, "uncommitted", bytes_held=size,
-                                      bytes_written=size))
+            out.append(
+                CheckpointInfo(int(m.group(1)) if m else -1, p, "uncommitted", bytes_held=size, bytes_written=size)
+            )
         for s in layout.list_steps(run):
             d = layout.step_dir(run, s)
             size = _du(d)

@@ -22,11 +22,11 @@ import os
 import socket
 import weakref
 
-from tensorkeep.storage import local as _io
 from tensorkeep.errors import LockedError
+from tensorkeep.storage import local as _io
 
 LOCK_NAME = ".tensorkeep.lock"
-_HELD: "weakref.WeakSet[RunLock]" = weakref.WeakSet()  # this process's held locks, for _drop_in_child
+_HELD: weakref.WeakSet[RunLock] = weakref.WeakSet()  # this process's held locks, for _drop_in_child
 
 
 def _drop_in_child() -> None:
@@ -72,8 +72,10 @@ class RunLock:
             except OSError as e:
                 if e.errno != errno.ELOOP:
                     raise
-                raise LockedError(f"{self.path} is a symbolic link, not tensorkeep's lock file: it is not written "
-                                  "through. Fix: remove that link (it is not the lock of a running job)") from None
+                raise LockedError(
+                    f"{self.path} is a symbolic link, not tensorkeep's lock file: it is not written "
+                    "through. Fix: remove that link (it is not the lock of a running job)"
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -109,17 +111,26 @@ class RunLock:
     def _refusal(self, me: dict, child_holds: bool) -> LockedError:
         run, owner = os.path.dirname(self.path), self._owner() or {"pid": "?", "host": "?"}
         if owner.get("pid") == me["pid"] and owner.get("host") == me["host"]:
-            return LockedError(f"{run} is already open by another CheckpointManager in this process; "
-                               "close it first (mgr.close() or a with block)")
-        if child_holds and owner.get("host") == me["host"] and type(owner.get("pid")) is int and not _io.pid_alive(owner["pid"]):
+            return LockedError(
+                f"{run} is already open by another CheckpointManager in this process; "
+                "close it first (mgr.close() or a with block)"
+            )
+        if (
+            child_holds
+            and owner.get("host") == me["host"]
+            and type(owner.get("pid")) is int
+            and not _io.pid_alive(owner["pid"])
+        ):
             return LockedError(
                 f"{run} was opened by process {owner['pid']}, which is gone, but another process still holds the "
                 "lock: one it forked outside Python's os.fork (a C extension's fork(), which skips the hook that "
                 "closes the lock in children) or one in another PID namespace (a container on this volume). "
-                f"Find it with `fuser {self.path}` and stop it.")
+                f"Find it with `fuser {self.path}` and stop it."
+            )
         return LockedError(
             f"{run} is in use by process {owner.get('pid')} on {owner.get('host')}: two processes writing one run "
-            "would interleave checkpoints. Stop that process, or use another directory.")
+            "would interleave checkpoints. Stop that process, or use another directory."
+        )
 
     def _owner(self) -> dict | None:
         try:

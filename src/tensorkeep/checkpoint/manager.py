@@ -9,7 +9,8 @@ import sys
 import time
 import warnings
 import weakref
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -41,7 +42,7 @@ class CheckpointManager:
 
     def __init__(
         self,
-        directory: "str | os.PathLike[str]",
+        directory: str | os.PathLike[str],
         *,
         keep_last: int | None = None,
         keep_best: tuple | None = None,
@@ -50,7 +51,7 @@ class CheckpointManager:
         save_interval_steps: int | None = None,
         save_interval_seconds: float | None = None,
         durable: bool = True,
-        async_save: "bool | str" = False,
+        async_save: bool | str = False,
         incremental: bool = False,
         read_only: bool = False,
     ) -> None:
@@ -90,8 +91,11 @@ class CheckpointManager:
         self._run.prepare(durable)
         # torch.distributed with 2+ ranks: save/restore are collectives (collective.py); None otherwise
         comm = collective.join(self.directory, async_save=async_save, incremental=incremental, local=self._run.local)
-        self._dist = None if comm is None else collective.Group(comm, self._run, self._records, durable,
-                                                                self._manifest, self._prune)
+        self._dist = (
+            None
+            if comm is None
+            else collective.Group(comm, self._run, self._records, durable, self._manifest, self._prune)
+        )
         if self._dist is not None:  # rank 0 locks and cleans up, every rank reads the records
             collective.open_run(self._dist)
             return
@@ -132,10 +136,14 @@ class CheckpointManager:
         """True when ``save_interval_steps`` / ``save_interval_seconds`` say a checkpoint is due
         at ``step`` (or a preemption signal arrived, see :meth:`save_on_signal`)."""
         self._current_step = step
-        due = (self._preempted is not None
-               or bool(self.save_interval_steps and step % self.save_interval_steps == 0 and step != self._last_saved_step)
-               or (self.save_interval_seconds is not None
-                   and time.monotonic() - self._last_save_time >= self.save_interval_seconds))
+        due = (
+            self._preempted is not None
+            or bool(self.save_interval_steps and step % self.save_interval_steps == 0 and step != self._last_saved_step)
+            or (
+                self.save_interval_seconds is not None
+                and time.monotonic() - self._last_save_time >= self.save_interval_seconds
+            )
+        )
         if self._dist is not None and (self.save_interval_seconds is not None or self._old_handlers):
             # clocks and signals differ between ranks: they agree here
             due, self._preempted = collective.should_save(self._dist.comm, due, self._preempted)
@@ -161,8 +169,13 @@ class CheckpointManager:
         elif self._background is None:
             final = self._commit(step, payload(state), clean)
         else:
-            self._background.submit(step, state, payload(state), self._run.builds_images and not self.incremental,
-                                    lambda s, p: self._commit(s, p, clean))
+            self._background.submit(
+                step,
+                state,
+                payload(state),
+                self._run.builds_images and not self.incremental,
+                lambda s, p: self._commit(s, p, clean),
+            )
             final = self.path(step)
         if self._preempted is not None:
             self.wait()
@@ -170,23 +183,30 @@ class CheckpointManager:
         return final
 
     def _commit(self, step: int, files: Payload, metrics: dict[str, Any]) -> str:
-        final = self._run.commit(step, files, self._manifest(step, metrics), incremental=self.incremental,
-                                 durable=self.durable)
+        final = self._run.commit(
+            step, files, self._manifest(step, metrics), incremental=self.incremental, durable=self.durable
+        )
         self._after_commit(step, metrics)
         return final
 
     def _manifest(self, step: int, metrics: dict[str, Any]) -> layout.Manifest:
-        return layout.Manifest(step, layout.now(), metrics, {},
-                               {"tensorkeep": __version__, "torch": torch.__version__.split("+")[0]},
-                               environment=self._env or determinism.capture())
+        return layout.Manifest(
+            step,
+            layout.now(),
+            metrics,
+            {},
+            {"tensorkeep": __version__, "torch": torch.__version__.split("+")[0]},
+            environment=self._env or determinism.capture(),
+        )
 
     def _after_commit(self, step: int, metrics: dict[str, Any]) -> None:
         self._records.set(step, metrics)
         self._last_saved_step = step
         self._last_save_time = time.monotonic()
         if self._dist is not None:  # rank 0 deletes, every rank forgets the same steps
-            collective.prune(self._dist, None, False, f"checkpoint step {step} was committed, but deleting old "
-                             "checkpoints")
+            collective.prune(
+                self._dist, None, False, f"checkpoint step {step} was committed, but deleting old checkpoints"
+            )
         else:
             self._prune(None, False)  # only now that the new checkpoint is committed
 
@@ -256,10 +276,13 @@ class CheckpointManager:
             apply(state, m, loaded)
             return s
         if skipped:
-            warnings.warn(f"{self.directory}: ALL {len(skipped)} checkpoint(s) are damaged (steps {sorted(skipped)}): "
-                          "nothing was restored, so restore() returns None and training would start from scratch. "
-                          f"Fix: run `tensorkeep verify {self.directory}`, put back a good copy, or pass step= to "
-                          "see the error", stacklevel=3)
+            warnings.warn(
+                f"{self.directory}: ALL {len(skipped)} checkpoint(s) are damaged (steps {sorted(skipped)}): "
+                "nothing was restored, so restore() returns None and training would start from scratch. "
+                f"Fix: run `tensorkeep verify {self.directory}`, put back a good copy, or pass step= to "
+                "see the error",
+                stacklevel=3,
+            )
         return None
 
     # ------------------------------------------------------------------ preemption
@@ -332,31 +355,34 @@ class CheckpointManager:
                 f"this CheckpointManager for {self.directory} belongs to process {self._pid}, not to this one "
                 f"({os.getpid()}), a child forked from it (a DataLoader worker, multiprocessing with fork, os.fork): "
                 "the child holds neither the run's lock nor the parent's save in flight. Fix: save and restore in "
-                "the parent process only")
+                "the parent process only"
+            )
 
     def _check_open(self, writing: bool = False) -> None:
         self._check_process()
         if self._closed:
             raise TensorkeepError(f"this CheckpointManager for {self.directory} is closed")
         if writing and self.read_only:
-            raise TensorkeepError(f"this CheckpointManager for {self.directory} is read_only: it neither saves nor "
-                                  "deletes. Open another one without read_only=True to write")
+            raise TensorkeepError(
+                f"this CheckpointManager for {self.directory} is read_only: it neither saves nor "
+                "deletes. Open another one without read_only=True to write"
+            )
 
-    def __enter__(self) -> "CheckpointManager":
+    def __enter__(self) -> CheckpointManager:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def __del__(self) -> None:  # noqa: D105
+    def __del__(self) -> None:
         try:
             if not self._closed:
                 self._run.lock.release()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
+        except Exception:
             pass
 
 
-def _finish_at_exit(ref: "weakref.ref[CheckpointManager]") -> None:
+def _finish_at_exit(ref: weakref.ref[CheckpointManager]) -> None:
     """At interpreter exit, finish an asynchronous save still in flight, or say loudly that it failed."""
     mgr = ref()
     if mgr is None or mgr._background is None or mgr._pid != os.getpid():  # a forked child: the parent's save
@@ -366,5 +392,5 @@ def _finish_at_exit(ref: "weakref.ref[CheckpointManager]") -> None:
         return
     try:
         mgr.wait()
-    except BaseException as e:  # noqa: BLE001 - nobody is left to catch it
+    except BaseException as e:
         print(f"tensorkeep: the checkpoint of step {step} in {mgr.directory} was NOT saved: {e}", file=sys.stderr)

@@ -19,22 +19,23 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 import re
 import socket
 import time
+import warnings
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable
+from typing import Any
 
 from tensorkeep import knobs
+from tensorkeep.checkpoint import layout, packs
+from tensorkeep.checkpoint.info import CheckpointInfo
+from tensorkeep.checkpoint.layout import MANIFEST, Manifest
+from tensorkeep.core.format import CRC_FIELD_END, TK_PREFIX, check_stored, seal
 from tensorkeep.errors import FormatError, LockedError, SaveError, TensorkeepError
 from tensorkeep.file.reader import read_file as load
-from tensorkeep.core.format import CRC_FIELD_END, TK_PREFIX, check_stored, seal
 from tensorkeep.file.writer import write
 from tensorkeep.storage.objects import Store
-from tensorkeep.checkpoint import layout, packs
-from tensorkeep.checkpoint.layout import MANIFEST, Manifest
-from tensorkeep.checkpoint.info import CheckpointInfo
 
 OWNER = ".tensorkeep.owner"
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
@@ -88,11 +89,16 @@ class OwnerRecord:
             owner = None
         if isinstance(owner, dict) and owner.get("token") == self.token:
             return
-        who = (f"process {owner.get('pid')} on {owner.get('host')}, {time.time() - float(owner.get('time', 0)):.0f} s ago"
-               if isinstance(owner, dict) else "its owner record is gone")
-        raise LockedError(f"{self.store.url}: {what} refused: another CheckpointManager opened this run after this one "
-                          f"({who}), so this one no longer writes to it. Two writers would interleave checkpoints: "
-                          "stop one of them (on object storage the newest manager wins)")
+        who = (
+            f"process {owner.get('pid')} on {owner.get('host')}, {time.time() - float(owner.get('time', 0)):.0f} s ago"
+            if isinstance(owner, dict)
+            else "its owner record is gone"
+        )
+        raise LockedError(
+            f"{self.store.url}: {what} refused: another CheckpointManager opened this run after this one "
+            f"({who}), so this one no longer writes to it. Two writers would interleave checkpoints: "
+            "stop one of them (on object storage the newest manager wins)"
+        )
 
     def release(self) -> None:
         self.held = False  # the record stays: it only says which manager opened the run last
@@ -138,7 +144,9 @@ class ObjectRun:
         try:
             raw = self.store.read(key)
         except FileNotFoundError:
-            raise FormatError(f"{self.step_url(step)}: no {MANIFEST} (no such checkpoint, or its save did not finish)") from None
+            raise FormatError(
+                f"{self.step_url(step)}: no {MANIFEST} (no such checkpoint, or its save did not finish)"
+            ) from None
         return layout.parse_manifest(raw, self.store.url_of(key))
 
     def manifests(self) -> dict[int, Manifest]:
@@ -158,17 +166,20 @@ class ObjectRun:
         except FormatError:
             return None
 
-    def check(self, step: int, m: Manifest, names: dict[str, int] | None = None,
-              pack_sizes: dict[str, int] | None = None) -> None:
+    def check(
+        self, step: int, m: Manifest, names: dict[str, int] | None = None, pack_sizes: dict[str, int] | None = None
+    ) -> None:
         """Every object the manifest lists exists with its recorded size and header checksum (sizes from
         one listing, ``names``/``pack_sizes`` when the caller has them)."""
         where, prefix = self.step_url(step), step_key(step)
         if names is None:
-            names = {k[len(prefix) + 1:]: n for k, n in self.store.list(prefix + "/").items()}
+            names = {k[len(prefix) + 1 :]: n for k, n in self.store.list(prefix + "/").items()}
         sizes = (pack_sizes if pack_sizes is not None else self.store.list(f"{packs.PACKS}/")) if m.packs else {}
         listed = [(f"{prefix}/{n}", n, names.get(n), info) for n, info in m.files.items()]
-        listed += [(f"{packs.PACKS}/{p}", f"{packs.PACKS}/{p}", sizes.get(f"{packs.PACKS}/{p}"), info)
-                   for p, info in m.packs.items()]
+        listed += [
+            (f"{packs.PACKS}/{p}", f"{packs.PACKS}/{p}", sizes.get(f"{packs.PACKS}/{p}"), info)
+            for p, info in m.packs.items()
+        ]
         for key, name, size, info in listed:
             head = self.store.read_range(key, 0, CRC_FIELD_END) if size is not None else b""
             check_stored(where, name, None if size is None else (size, head), info)
@@ -183,8 +194,15 @@ class ObjectRun:
 
     # ------------------------------------------------------------------ writing
 
-    def commit(self, step: int, payload: dict[str, tuple[str, str, Any]], m: Manifest, *,
-               incremental: bool, durable: bool = True) -> str:
+    def commit(
+        self,
+        step: int,
+        payload: dict[str, tuple[str, str, Any]],
+        m: Manifest,
+        *,
+        incremental: bool,
+        durable: bool = True,
+    ) -> str:
         """Upload every data object, then the manifest (the commit); returns the step's URL."""
         prefix, token = step_key(step), os.urandom(4).hex()
         written: list[str] = []
@@ -201,19 +219,26 @@ class ObjectRun:
         except BaseException as e:
             self._forget(written)
             if isinstance(e, TensorkeepError) and isinstance(e, OSError):
-                raise SaveError(f"checkpoint step {step} was not saved to {self.url}: {e} Nothing of it was "
-                                "committed (it has no manifest); every committed checkpoint is intact.") from e
+                raise SaveError(
+                    f"checkpoint step {step} was not saved to {self.url}: {e} Nothing of it was "
+                    "committed (it has no manifest); every committed checkpoint is intact."
+                ) from e
             raise
         data = seal(m.to_json())
         try:
             self.store.write(f"{prefix}/{MANIFEST}", [data], len(data))  # the commit: one PUT, all or nothing
         except SaveError as e:
-            raise SaveError(f"checkpoint step {step}: writing its manifest failed: {e} The write is all or nothing, "
-                            f"so step {step} either exists whole or not at all (steps() of a new manager tells); "
-                            "every other checkpoint is intact.") from e
+            raise SaveError(
+                f"checkpoint step {step}: writing its manifest failed: {e} The write is all or nothing, "
+                f"so step {step} either exists whole or not at all (steps() of a new manager tells); "
+                "every other checkpoint is intact."
+            ) from e
         names = self.store.list(prefix + "/")  # objects of an earlier save of this step, now unreferenced
-        self._forget(k for k in names if k[len(prefix) + 1:] not in m.files and ours(k[len(prefix) + 1:])
-                     and not k.endswith("/" + MANIFEST))
+        self._forget(
+            k
+            for k in names
+            if k[len(prefix) + 1 :] not in m.files and ours(k[len(prefix) + 1 :]) and not k.endswith("/" + MANIFEST)
+        )
         return self.step_url(step)
 
     def _save_parts(self, step: int, token: str, payload: dict, written: list[str]) -> tuple[dict, dict, int, int]:
@@ -251,7 +276,7 @@ class ObjectRun:
         """Best-effort delete (the store may be unreachable: the next manager's clean() retries)."""
         try:
             self.store.delete(keys)
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
 
     def remove(self, step: int, durable: bool = True) -> bool:
@@ -260,7 +285,7 @@ class ObjectRun:
         self.lock.check(f"deleting step {step}")
         prefix = step_key(step)
         self.store.delete([f"{prefix}/{MANIFEST}"])
-        self.store.delete(k for k in self.store.list(prefix + "/") if ours(k[len(prefix) + 1:]))
+        self.store.delete(k for k in self.store.list(prefix + "/") if ours(k[len(prefix) + 1 :]))
         return True
 
     def collect(self) -> list[str]:
@@ -270,8 +295,13 @@ class ObjectRun:
         if manifests is None:
             return []
         live = {p for mf in manifests for p in mf.packs}
-        doomed = [k for k in stored if k[len(packs.PACKS) + 1:] not in live and layout.PACK_RE.match(k[len(packs.PACKS) + 1:])
-                  and self.store.read_range(k, 0, 8 + len(TK_PREFIX))[8:] == TK_PREFIX]
+        doomed = [
+            k
+            for k in stored
+            if k[len(packs.PACKS) + 1 :] not in live
+            and layout.PACK_RE.match(k[len(packs.PACKS) + 1 :])
+            and self.store.read_range(k, 0, 8 + len(TK_PREFIX))[8:] == TK_PREFIX
+        ]
         self.store.delete(doomed)
         return doomed
 
@@ -300,7 +330,6 @@ class ObjectRun:
         self.store.abort_uploads("", only=_own_key)
         self.collect()
         return removed
-
 
     def list_checkpoints(self, verify: bool) -> list[CheckpointInfo]:
         """:func:`tensorkeep.list_checkpoints` of a run on object storage (two listings, one read per manifest)."""

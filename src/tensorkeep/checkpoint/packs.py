@@ -23,24 +23,24 @@ import hashlib
 import os
 import threading
 import warnings
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 
 from tensorkeep import knobs
-
-from tensorkeep.storage import local as _io
+from tensorkeep.checkpoint.layout import PACK_RE, Manifest, list_steps, read_manifest, step_dir
+from tensorkeep.core.format import TK_PREFIX
+from tensorkeep.core.tree import flatten, unflatten
 from tensorkeep.errors import FormatError, SaveError, StorageError
 from tensorkeep.file import stored
 from tensorkeep.file.reader import open_reader
-from tensorkeep.storage.disk import DiskBackend
 from tensorkeep.file.safeopen import SafeOpen
-from tensorkeep.core.format import TK_PREFIX
-from tensorkeep.core.tree import flatten, unflatten
 from tensorkeep.file.writer import _source, write
-from tensorkeep.checkpoint.layout import PACK_RE, Manifest, list_steps, read_manifest, step_dir
+from tensorkeep.storage import local as _io
+from tensorkeep.storage.disk import DiskBackend
 
 PACKS = "packs"
 _PIECE = 16 << 20  # hashed in pieces on IO_THREADS threads (hashlib releases the GIL)
@@ -69,7 +69,9 @@ def content_hash(dtype: str, shape: tuple[int, ...], data: np.ndarray, pool: Thr
     return digest
 
 
-def split(payload: dict[str, tuple[str, str, Any]], pool: ThreadPoolExecutor) -> tuple[dict, dict[str, Any], dict[str, int]]:
+def split(
+    payload: dict[str, tuple[str, str, Any]], pool: ThreadPoolExecutor
+) -> tuple[dict, dict[str, Any], dict[str, int]]:
     """Each part's structure and ``{tensor: hash}``; the tensors by hash; their sizes by hash."""
     parts: dict[str, dict[str, Any]] = {}
     pending = []
@@ -108,8 +110,9 @@ def index(manifests: list[Manifest]) -> dict[str, str]:
     return out
 
 
-def save_parts(run: str, step: int, payload: dict[str, tuple[str, str, Any]], known: dict[str, str],
-               durable: bool) -> tuple[dict[str, dict], dict[str, dict], int, int]:
+def save_parts(
+    run: str, step: int, payload: dict[str, tuple[str, str, Any]], known: dict[str, str], durable: bool
+) -> tuple[dict[str, dict], dict[str, dict], int, int]:
     """Write the tensors of ``payload`` that ``known`` (hash -> pack, see :func:`index`) does not
     hold, or holds in a pack that fails its checks (:func:`reusable`), into one new pack.
 
@@ -123,11 +126,16 @@ def save_parts(run: str, step: int, payload: dict[str, tuple[str, str, Any]], kn
     written = 0
     if new:
         if os.path.lexists(packs_dir(run)) and not _io.is_real_dir(packs_dir(run)):
-            raise SaveError(errno.ENOTDIR, f"{packs_dir(run)} is not a directory (a symlink?): tensorkeep writes a "
-                            "run's packs only inside the run directory. Fix: move it away")
+            raise SaveError(
+                errno.ENOTDIR,
+                f"{packs_dir(run)} is not a directory (a symlink?): tensorkeep writes a "
+                "run's packs only inside the run directory. Fix: move it away",
+            )
         _io.makedirs(packs_dir(run), durable)
         pack = f"{step:08d}-{os.urandom(4).hex()}.tk"
-        size, crc = write(new, os.path.join(packs_dir(run), pack), {}, durable)  # temp file + fsync + rename + dir fsync
+        size, crc = write(
+            new, os.path.join(packs_dir(run), pack), {}, durable
+        )  # temp file + fsync + rename + dir fsync
         infos[pack], written = {"size": size, "crc32": crc}, size
         where.update((h, pack) for h in new)
     for part in parts.values():
@@ -195,8 +203,9 @@ def _verify(path: str, ident: tuple, hashes: list[str]) -> None:
     mark_verified(path, ident, todo)
 
 
-def reusable(known: dict[str, str], wanted: Iterable[str], locate: Callable[[str], tuple[str, tuple]],
-             run: str) -> dict[str, str]:
+def reusable(
+    known: dict[str, str], wanted: Iterable[str], locate: Callable[[str], tuple[str, tuple]], run: str
+) -> dict[str, str]:
     """The entries of ``known`` (hash -> pack) for the hashes in ``wanted`` that a new checkpoint may
     refer to instead of writing them: ``locate(pack)`` checks the pack's size and header checksum
     against the manifests (raising FormatError/OSError) and returns its path or URL and identity,
@@ -220,9 +229,12 @@ def reusable(known: dict[str, str], wanted: Iterable[str], locate: Callable[[str
         except StorageError:
             raise  # the store is unreachable: that says nothing about the pack
         except (FormatError, OSError) as e:
-            warnings.warn(f"{run}: {PACKS}/{pack} is not reused: {e}. The {len(hashes)} tensor(s) this checkpoint "
-                          f"needs from it are written again; the older checkpoints that need {PACKS}/{pack} are "
-                          "damaged (restore skips them)", stacklevel=3)
+            warnings.warn(
+                f"{run}: {PACKS}/{pack} is not reused: {e}. The {len(hashes)} tensor(s) this checkpoint "
+                f"needs from it are written again; the older checkpoints that need {PACKS}/{pack} are "
+                "damaged (restore skips them)",
+                stacklevel=3,
+            )
             continue
         out.update((h, pack) for h in hashes)
     live, prefix = set(known.values()), (os.path.abspath(packs_dir(run)) + os.sep, f"{run}/{PACKS}/")
@@ -260,13 +272,16 @@ def load_parts(parts: dict[str, dict], located: dict[str, tuple[str, tuple]], wh
     try:
         out = {}
         for name, part in parts.items():
+
             def get(leaf: str, kind: str, part: dict = part, name: str = name) -> Any:
                 if leaf not in part["tensors"]:
                     raise FormatError(f"{where}: part {name!r} refers to tensor {leaf!r} but lists no hash for it")
                 h, pack = part["tensors"][leaf]
                 if pack not in opened or h not in opened[pack]:
-                    raise FormatError(f"{where}: tensor {leaf!r} of {name!r} should be {h[:12]}… in {PACKS}/{pack}, "
-                                      "which does not hold it")
+                    raise FormatError(
+                        f"{where}: tensor {leaf!r} of {name!r} should be {h[:12]}… in {PACKS}/{pack}, "
+                        "which does not hold it"
+                    )
                 x = opened[pack].get(h)
                 mark_verified(where_is[pack], ident[pack], [h])  # a save after restore() need not read it again
                 if kind == "t":

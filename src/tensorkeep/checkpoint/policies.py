@@ -8,8 +8,9 @@ always kept.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class LatestN:
     n: int
 
     def keep(self, records: Sequence[Record]) -> set[int]:
-        return {r.step for r in sorted(records, key=lambda r: r.step)[-self.n:]} if self.n > 0 else set()
+        return {r.step for r in sorted(records, key=lambda r: r.step)[-self.n :]} if self.n > 0 else set()
 
 
 @dataclass(frozen=True)

@@ -61,8 +61,9 @@ class Run(Protocol):
     def load(self, step: int, m: Manifest) -> tuple[Manifest, dict[str, Any]]:
         """Every file of a checkpoint, checked against its manifest and verified, by file name."""
 
-    def commit(self, step: int, payload: dict[str, tuple[str, str, Any]], m: Manifest, *,
-               incremental: bool, durable: bool) -> str:
+    def commit(
+        self, step: int, payload: dict[str, tuple[str, str, Any]], m: Manifest, *, incremental: bool, durable: bool
+    ) -> str:
         """Write ``payload`` (file name -> (state key, kind, object)) and publish the checkpoint with
         ``m`` (its ``files``/``parts`` filled in here) as its manifest; returns where it is."""
 
@@ -75,7 +76,7 @@ class Run(Protocol):
     def list_checkpoints(self, verify: bool) -> list[CheckpointInfo]: ...
 
 
-def open_run(directory: "str | os.PathLike[str]") -> Run:
+def open_run(directory: str | os.PathLike[str]) -> Run:
     """The run at ``directory``: a path (or ``file://``) is a directory, an object-store URL a prefix.
 
     >>> open_run("memory://tk-doc-runs/mlp").url, type(open_run("/tmp/tk-doc-runs/mlp")).__name__

@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import operator
 import random
+from collections.abc import Iterator
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager
-from typing import ContextManager, Iterator
 
 import numpy as np
 import torch
@@ -26,8 +27,10 @@ def _ints(what: str, key: tuple) -> list[int]:
     try:
         return [operator.index(k) for k in key]
     except TypeError:
-        raise TypeError(f"{what} takes integers (a base seed, an epoch, a sample's index), got {key!r}: "
-                        "pass ints (an index from the sampler, not a float or a tensor of floats)") from None
+        raise TypeError(
+            f"{what} takes integers (a base seed, an epoch, a sample's index), got {key!r}: "
+            "pass ints (an index from the sampler, not a float or a tensor of floats)"
+        ) from None
 
 
 def sample_seed(*key: int) -> int:
@@ -105,7 +108,7 @@ class SampleRNG:
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch the next samples are drawn for (in the main process, before ``iter(loader)``)."""
         (e,) = _ints("SampleRNG.set_epoch", (epoch,))
-        if not -2**63 <= e < 2**63:
+        if not -(2**63) <= e < 2**63:
             raise ValueError(f"SampleRNG.set_epoch: {e} does not fit 64 bits; pass the epoch number")
         self._epoch.fill_(e)
 
@@ -113,7 +116,7 @@ class SampleRNG:
         """``seeded(seed, epoch, index)``: the block's draws depend only on these three numbers."""
         return seeded(self.seed, self.epoch, index)
 
-    def __repr__(self) -> str:  # noqa: D105
+    def __repr__(self) -> str:
         return f"SampleRNG(seed={self.seed}, epoch={self.epoch})"
 
 

@@ -44,7 +44,7 @@ class Staging:
         memo: dict[tuple, torch.Tensor] = {}  # the same view twice (tied weights) -> one copy
         streams: dict[torch.device, torch.cuda.Stream] = {}
 
-        def side_stream(dev: torch.device) -> "torch.cuda.Stream":
+        def side_stream(dev: torch.device) -> torch.cuda.Stream:
             # device-to-host copies go on a side stream, after the work already queued (which
             # computes the values to save)
             if dev not in streams:
@@ -62,7 +62,11 @@ class Staging:
                 if x.device.type == "cpu" and x.numel() and x.data_ptr() in defer:
                     self._later.append((buf, x, x._version, path))
                     used[key] = memo[view] = buf
-                    return torch.nn.Parameter(buf, requires_grad=x.requires_grad) if isinstance(x, torch.nn.Parameter) else buf
+                    return (
+                        torch.nn.Parameter(buf, requires_grad=x.requires_grad)
+                        if isinstance(x, torch.nn.Parameter)
+                        else buf
+                    )
                 with torch.no_grad():
                     if x.is_cuda:
                         with torch.cuda.stream(side_stream(x.device)):
@@ -76,8 +80,10 @@ class Staging:
             if isinstance(x, np.ndarray):
                 return x.copy()
             if len(path) > knobs.MAX_DEPTH + 2:  # (file, key, ...): the same limit as the writer's
-                raise ValueError(f"cannot save {path[2]!r}: nested more than {knobs.MAX_DEPTH} levels deep "
-                                 "(is there a cycle, a container that holds itself?)")
+                raise ValueError(
+                    f"cannot save {path[2]!r}: nested more than {knobs.MAX_DEPTH} levels deep "
+                    "(is there a cycle, a container that holds itself?)"
+                )
             if type(x) in (dict, OrderedDict):
                 out = type(x)((k, copy(v, path + (k,))) for k, v in x.items())
                 if hasattr(x, "_metadata"):
@@ -124,7 +130,7 @@ class Staging:
         self._pending = []
 
 
-def small_image(obj: Any, name: str) -> "FileImage | Any":
+def small_image(obj: Any, name: str) -> FileImage | Any:
     """``obj`` as the finished bytes of its file when its tensors total less than
     ``knobs.ONE_WRITE_BYTES`` (copied now, like a snapshot), else ``obj`` itself."""
     if _tensor_bytes(obj, knobs.ONE_WRITE_BYTES, 0) >= knobs.ONE_WRITE_BYTES:
@@ -144,7 +150,7 @@ def _tensor_bytes(obj: Any, limit: int, depth: int) -> int:
         return limit
     n = 0
     if isinstance(obj, (dict, list, tuple)):
-        for v in (obj.values() if isinstance(obj, dict) else obj):
+        for v in obj.values() if isinstance(obj, dict) else obj:
             n += _tensor_bytes(v, limit - n, depth + 1)
             if n >= limit:
                 break

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -77,9 +78,10 @@ def check_rng(m: layout.Manifest, loaded: dict[str, Any], where: str) -> None:
     now = rng.capture()
     try:
         rng.restore(saved[0])
-    except Exception as e:  # noqa: BLE001 - KeyError, TypeError, ValueError, RuntimeError from torch/NumPy
-        raise FormatError(f"{where}: its random number generator states cannot be restored "
-                          f"({type(e).__name__}: {e})") from None
+    except Exception as e:
+        raise FormatError(
+            f"{where}: its random number generator states cannot be restored ({type(e).__name__}: {e})"
+        ) from None
     finally:
         rng.restore(now)
 
@@ -91,8 +93,9 @@ def apply(state: Mapping[str, Any], m: layout.Manifest, loaded: dict[str, Any]) 
     values = next((loaded[n] for n, i in entries.items() if i.get("kind") == "values"), {})
     missing = [k for k, o in state.items() if (k not in by_key if has_state(o) else k not in values)]
     if missing:
-        warnings.warn(f"checkpoint step {m.step} has nothing for {missing}; they keep their current values",
-                      stacklevel=4)
+        warnings.warn(
+            f"checkpoint step {m.step} has nothing for {missing}; they keep their current values", stacklevel=4
+        )
     for key, obj in state.items():
         if has_state(obj) and key in by_key:
             sd = loaded[by_key[key]]
@@ -103,17 +106,25 @@ def apply(state: Mapping[str, Any], m: layout.Manifest, loaded: dict[str, Any]) 
     if isinstance(state, dict):
         for key, v in values.items():
             cur = state.get(key)
-            if isinstance(cur, torch.Tensor) and isinstance(v, torch.Tensor) and cur.shape == v.shape and cur.dtype == v.dtype:
+            if (
+                isinstance(cur, torch.Tensor)
+                and isinstance(v, torch.Tensor)
+                and cur.shape == v.shape
+                and cur.dtype == v.dtype
+            ):
                 with torch.no_grad():
                     cur.copy_(v)
             elif key in state:
                 state[key] = v
     diffs = determinism.differences(m.environment, determinism.capture(determinism.devices(state)))
     if diffs:
-        warnings.warn(f"checkpoint step {m.step} was saved by a process that computes differently from this one: "
-                      f"{'; '.join(diffs)}. The state is restored exactly, but the resumed run may not stay "
-                      "bit-identical to an uninterrupted one: run it with the same settings (see "
-                      "tensorkeep.checkpoint.determinism.pin)", stacklevel=4)
+        warnings.warn(
+            f"checkpoint step {m.step} was saved by a process that computes differently from this one: "
+            f"{'; '.join(diffs)}. The state is restored exactly, but the resumed run may not stay "
+            "bit-identical to an uninterrupted one: run it with the same settings (see "
+            "tensorkeep.checkpoint.determinism.pin)",
+            stacklevel=4,
+        )
     rng_state = next((loaded[n] for n, i in entries.items() if i.get("kind") == "rng"), None)
     if rng_state is not None:
         rng.restore(rng_state)  # last: nothing above may consume randomness afterwards

@@ -30,8 +30,9 @@ def volume(sizes: Sequence[int]) -> int:
     return n
 
 
-def shard_box(shape: Sequence[int], mesh_shape: Sequence[int], coordinate: Sequence[int] | None,
-              placements: Sequence[int | None]) -> Box:
+def shard_box(
+    shape: Sequence[int], mesh_shape: Sequence[int], coordinate: Sequence[int] | None, placements: Sequence[int | None]
+) -> Box:
     """The box a rank holds of a tensor laid out on a device mesh.
 
     ``placements[i]`` is the tensor dimension sharded over mesh dimension ``i`` (``Shard(d)``)
@@ -62,9 +63,9 @@ def intersect(a: Box, b: Box) -> Box | None:
     """The common box of ``a`` and ``b``, or None when they do not overlap (or one is empty)."""
     lo = tuple(max(x, y) for x, y in zip(a[0], b[0]))
     hi = tuple(min(x + n, y + m) for x, n, y, m in zip(a[0], a[1], b[0], b[1]))
-    if any(h <= l for l, h in zip(lo, hi)) or volume(a[1]) == 0 or volume(b[1]) == 0:
+    if any(hi_ <= lo_ for lo_, hi_ in zip(lo, hi)) or volume(a[1]) == 0 or volume(b[1]) == 0:
         return None
-    return lo, tuple(h - l for l, h in zip(lo, hi))
+    return lo, tuple(hi_ - lo_ for lo_, hi_ in zip(lo, hi))
 
 
 def _distinct(values: list[int]) -> list[int]:
@@ -101,9 +102,11 @@ def check_cover(key: str, shape: tuple[int, ...], boxes: Sequence[Box], where: s
     if cells > 16 * len(full) + CELL_BUDGET:
         if got != want:
             return f"{where}: the chunks of tensor {key!r} hold {got} of its {want} elements (shape {list(shape)})"
-        return (f"{where}: tensor {key!r} has {len(full)} chunks that do not form a grid (they span {cells} cells "
-                f"of the grid their edges cut, more than {16 * len(full) + CELL_BUDGET} are checked); "
-                "tensorkeep reads the chunk layouts that Shard(dim) and Replicate() placements make")
+        return (
+            f"{where}: tensor {key!r} has {len(full)} chunks that do not form a grid (they span {cells} cells "
+            f"of the grid their edges cut, more than {16 * len(full) + CELL_BUDGET} are checked); "
+            "tensorkeep reads the chunk layouts that Shard(dim) and Replicate() placements make"
+        )
     owner: dict[tuple[int, ...], int] = {}
     for i, span in enumerate(spans):
         for cell in itertools.product(*(range(lo, hi) for lo, hi in span)):

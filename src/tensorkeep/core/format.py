@@ -26,11 +26,25 @@ from tensorkeep.errors import ChecksumError, FormatError, LimitError
 
 #: safetensors dtype name -> bytes per element.
 DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1,
-    "F8_E5M2FNUZ": 1, "F8_E8M0": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2": 1,
+    "F8_E5M2FNUZ": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+    "C64": 8,
 }
 
 #: Version of the structure and checksum record tensorkeep keeps under ``__metadata__["tensorkeep"]``.
@@ -170,11 +184,13 @@ def unseal(raw: bytes, where: str) -> Any:
     head = bytes(raw[: len(SEAL_PREFIX)])
     if len(head) == len(SEAL_PREFIX) and _bit_distance(head, SEAL_PREFIX) <= 1:
         zeroed = bytearray(raw)
-        zeroed[len(SEAL_PREFIX):_SEAL_END] = b"00000000"
-        stored = bytes(raw[len(SEAL_PREFIX):_SEAL_END]).decode("ascii", "replace")
+        zeroed[len(SEAL_PREFIX) : _SEAL_END] = b"00000000"
+        stored = bytes(raw[len(SEAL_PREFIX) : _SEAL_END]).decode("ascii", "replace")
         if head != SEAL_PREFIX or stored != f"{crc32(zeroed):08x}":
-            raise ChecksumError(f"{where}: its checksum does not match its contents (stored {stored!r}): the file "
-                                "is damaged, not the one that was written")
+            raise ChecksumError(
+                f"{where}: its checksum does not match its contents (stored {stored!r}): the file "
+                "is damaged, not the one that was written"
+            )
     return strict_json(raw, where)
 
 
@@ -211,7 +227,7 @@ def crc_field(head: bytes) -> str:
     return bytes(head[CRC_FIELD_END - 8 : CRC_FIELD_END]).decode("ascii", "replace")
 
 
-def check_stored(where: str, name: str, found: "tuple[int, bytes] | None", want: Mapping[str, Any]) -> None:
+def check_stored(where: str, name: str, found: tuple[int, bytes] | None, want: Mapping[str, Any]) -> None:
     """The one rule every table of contents (a checkpoint's manifest, a run's packs, ``distributed.json``)
     applies to the files it lists: ``name`` exists, with the size recorded in ``want`` and, when one is
     recorded, the header checksum it carries (its first :data:`CRC_FIELD_END` bytes are in ``found``).
@@ -225,12 +241,16 @@ def check_stored(where: str, name: str, found: "tuple[int, bytes] | None", want:
         raise FormatError(f"{where}: {name} is missing")
     size, head = found
     if size != want["size"]:
-        raise FormatError(f"{where}: {name} is {size} bytes, the manifest says {want['size']}: it is not the file this "
-                          "checkpoint wrote (truncated, replaced or damaged)")
+        raise FormatError(
+            f"{where}: {name} is {size} bytes, the manifest says {want['size']}: it is not the file this "
+            "checkpoint wrote (truncated, replaced or damaged)"
+        )
     crc = want.get("crc32")
     if isinstance(crc, str) and crc_field(head) != crc:
-        raise FormatError(f"{where}: {name} has header checksum {crc_field(head)!r}, the manifest says {crc!r}: it is "
-                          "not the file this checkpoint wrote (replaced or damaged)")
+        raise FormatError(
+            f"{where}: {name} has header checksum {crc_field(head)!r}, the manifest says {crc!r}: it is "
+            "not the file this checkpoint wrote (replaced or damaged)"
+        )
 
 
 def stored_crc(path: str) -> str:
@@ -274,12 +294,20 @@ def encode_header(
 
 def _refuse_unreadable(header: bytes, ntensors: int, record: str | None) -> None:
     """tensorkeep never writes a file that its readers would refuse under the current limits."""
-    checks = [("tensors", ntensors, knobs.MAX_TENSORS, "MAX_TENSORS"),
-              ("header bytes", len(header), knobs.MAX_HEADER_BYTES, "MAX_HEADER_BYTES"),
-              ("JSON values in its header", json_values(header), knobs.MAX_JSON_VALUES, "MAX_JSON_VALUES")]
+    checks = [
+        ("tensors", ntensors, knobs.MAX_TENSORS, "MAX_TENSORS"),
+        ("header bytes", len(header), knobs.MAX_HEADER_BYTES, "MAX_HEADER_BYTES"),
+        ("JSON values in its header", json_values(header), knobs.MAX_JSON_VALUES, "MAX_JSON_VALUES"),
+    ]
     if record is not None:
-        checks.append(("JSON values in its structure record", json_values(record.encode("utf-8", "surrogatepass")),
-                       knobs.MAX_JSON_VALUES, "MAX_JSON_VALUES"))
+        checks.append(
+            (
+                "JSON values in its structure record",
+                json_values(record.encode("utf-8", "surrogatepass")),
+                knobs.MAX_JSON_VALUES,
+                "MAX_JSON_VALUES",
+            )
+        )
     for what, n, limit, knob in checks:
         if n > limit:
             raise ValueError(
@@ -311,8 +339,14 @@ def _tensor_info(name: str, v: Any, path: str) -> TensorInfo:
     # The common case is checked with cheap type tests; messages are built only on failure.
     if type(v) is dict and len(v) == 3 and v.keys() == _FIELDS:
         dtype, shape, offs = v["dtype"], v["shape"], v["data_offsets"]
-        if (type(dtype) is str and dtype in DTYPE_SIZES and type(shape) is list and len(shape) <= knobs.MAX_NDIM
-                and type(offs) is list and len(offs) == 2):
+        if (
+            type(dtype) is str
+            and dtype in DTYPE_SIZES
+            and type(shape) is list
+            and len(shape) <= knobs.MAX_NDIM
+            and type(offs) is list
+            and len(offs) == 2
+        ):
             numel = span = DTYPE_SIZES[dtype]
             for d in shape:
                 if type(d) is not int or not 0 <= d <= _MAX_DIM:
@@ -321,8 +355,13 @@ def _tensor_info(name: str, v: Any, path: str) -> TensorInfo:
                 span *= d or 1
             else:
                 b, e = offs
-                if (type(b) is int and type(e) is int and 0 <= b <= e <= _MAX_DIM and numel == e - b
-                        and span <= _MAX_DIM):
+                if (
+                    type(b) is int
+                    and type(e) is int
+                    and 0 <= b <= e <= _MAX_DIM
+                    and numel == e - b
+                    and span <= _MAX_DIM
+                ):
                     return TensorInfo(name, dtype, tuple(shape), b, e)
     return _tensor_info_slow(name, v, path)
 
@@ -332,9 +371,7 @@ def _tensor_info_slow(name: str, v: Any, path: str) -> TensorInfo:
     if not isinstance(v, dict):
         raise FormatError(f"{where}: expected an object with dtype, shape, data_offsets, found {type(v).__name__}")
     if set(v) != _FIELDS:
-        raise FormatError(
-            f"{where}: expected exactly the fields dtype, shape, data_offsets, found {sorted(v)}"
-        )
+        raise FormatError(f"{where}: expected exactly the fields dtype, shape, data_offsets, found {sorted(v)}")
     dtype = v["dtype"]
     if type(dtype) is not str or dtype not in DTYPE_SIZES:
         raise FormatError(f"{where}: unknown dtype {dtype!r}; known: {', '.join(DTYPE_SIZES)}")
@@ -398,7 +435,9 @@ def parse_header(head: bytes, file_size: int, path: str) -> Header:
                 raise FormatError(f"{path}: __metadata__ must be an object of strings, found {type(v).__name__}")
             for mk, mv in v.items():
                 if type(mv) is not str:
-                    raise FormatError(f"{path}: __metadata__ value of {mk!r} must be a string, found {type(mv).__name__}")
+                    raise FormatError(
+                        f"{path}: __metadata__ value of {mk!r} must be a string, found {type(mv).__name__}"
+                    )
             if "\\u" in text:
                 for mk, mv in v.items():
                     _check_str(mk, "metadata key", path)
@@ -417,7 +456,9 @@ def parse_header(head: bytes, file_size: int, path: str) -> Header:
     data_len = file_size - 8 - n
     if pos != data_len:
         if pos > data_len:
-            raise FormatError(f"{path}: file is truncated: the header describes {pos} data bytes, the file has {data_len}")
+            raise FormatError(
+                f"{path}: file is truncated: the header describes {pos} data bytes, the file has {data_len}"
+            )
         raise FormatError(f"{path}: {data_len - pos} trailing bytes after the last tensor")
     is_tk = head[8 : 8 + len(TK_PREFIX)] == TK_PREFIX and metadata is not None and TK_KEY in metadata
     if is_tk:
@@ -451,7 +492,7 @@ def _hex(s: Any, path: str) -> int:
 _HEX = re.compile(r"[0-9a-f]*")
 
 
-def parse_checksums(v: Any, block: Any, header: Header, path: str) -> "Mapping[str, list[int]]":
+def parse_checksums(v: Any, block: Any, header: Header, path: str) -> Mapping[str, list[int]]:
     """Validate the per-tensor block checksums stored in a tensorkeep header."""
     block = _check_int(block, "checksum block size", path, lo=1)
     if type(v) is not dict or v.keys() != header.tensors.keys():
@@ -471,7 +512,9 @@ def parse_checksums(v: Any, block: Any, header: Header, path: str) -> "Mapping[s
         for name, crcs in v.items():
             for c in crcs:
                 if type(c) is not str or len(c) != 8 or not _HEX.fullmatch(c):
-                    raise FormatError(f"{path}: tensor {name!r}: checksum must be 8 lowercase hex digits, found {c!r:.40}")
+                    raise FormatError(
+                        f"{path}: tensor {name!r}: checksum must be 8 lowercase hex digits, found {c!r:.40}"
+                    )
     return _Checksums(v)
 
 

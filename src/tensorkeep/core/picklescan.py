@@ -16,16 +16,17 @@ from typing import Any
 from tensorkeep import knobs
 from tensorkeep.errors import FormatError, LimitError
 
-
 _KEY, _OTHER, _DICT = "key", "other", "dict"  # a safe dict key (small int, bool, None); anything else; a dict
 _ARG = {0x4A: 4, 0x4B: 1, 0x4D: 2, 0x47: 8, 0x80: 1}  # BININT, BININT1, BININT2, BINFLOAT, PROTO: fixed arguments
 _HASHING = {"builtins.set", "collections.Counter", "collections.OrderedDict"}  # called with items, they hash them
 _FROM_TYPE = "torch._tensor._rebuild_from_type_v2"  # calls its first argument with its third
 _BYTES = ("r", "_codecs.encode")  # what that call returns: how protocol 2 writes bytes, _codecs.encode(str, "latin1")
 _DICTS = {_DICT, ("r", "collections.OrderedDict"), ("r", "collections.Counter")}  # keys checked as they were set
-_TAKES = {"_codecs.encode": "a string and 'latin1' (another encoding would import its codec's module)",
-          "builtins.bytearray": "bytes, or a string and 'latin-1' (a number would be allocated as that many bytes)",
-          "torch.serialization._get_layout": "a layout's name (it is looked up in a dict)"}
+_TAKES = {
+    "_codecs.encode": "a string and 'latin1' (another encoding would import its codec's module)",
+    "builtins.bytearray": "bytes, or a string and 'latin-1' (a number would be allocated as that many bytes)",
+    "torch.serialization._get_layout": "a layout's name (it is looked up in a dict)",
+}
 _MAX_KEY_INT = (1 << 61) - 2  # ints up to this hash to themselves (but -1, to -2: one pair, harmless)
 codecs.lookup("latin1")  # now, not when a file's bytes are first decoded: a file never causes an import
 
@@ -50,8 +51,10 @@ def _updatable(v: Any) -> bool:
         return v[1]
     if type(v) is not tuple or v[0] != "t":
         return True
-    return all(x[1] if type(x) is list else not (type(x) is tuple and x[0] == "t" and x[1] and not _is_key(x[1][0]))
-               for x in v[1])
+    return all(
+        x[1] if type(x) is list else not (type(x) is tuple and x[0] == "t" and x[1] and not _is_key(x[1][0]))
+        for x in v[1]
+    )
 
 
 def _is_str(v: Any, text: str | None = None) -> bool:
@@ -68,31 +71,39 @@ def _call(where: str, func: Any, args: Any) -> None:
         name = func[1] if type(func) is tuple and func[0] == "g" else None
         items = args[1] if type(args) is tuple and args[0] == "t" else None
     if name is not None and name.startswith("torch.") and name.endswith(("Tensor", "Storage")):
-        raise FormatError(f"{where}: the pickle calls {name} itself, which allocates whatever size the file asks "
-                          "for; torch.save never does (its tensors are rebuilt from the archive's storages)")
+        raise FormatError(
+            f"{where}: the pickle calls {name} itself, which allocates whatever size the file asks "
+            "for; torch.save never does (its tensors are rebuilt from the archive's storages)"
+        )
     if name in _HASHING and not (items is not None and (not items or (len(items) == 1 and _safe_items(items[0])))):
-        raise FormatError(f"{where}: the pickle builds a {name} of tuples, floats or other values whose hash the "
-                          "file controls (a few bytes can make hashing them take hours or crash); tensorkeep reads "
-                          "sets and dicts keyed by str, int, bool and None only")
+        raise FormatError(
+            f"{where}: the pickle builds a {name} of tuples, floats or other values whose hash the "
+            "file controls (a few bytes can make hashing them take hours or crash); tensorkeep reads "
+            "sets and dicts keyed by str, int, bool and None only"
+        )
     if name == "_codecs.encode":
         ok = items is not None and len(items) == 2 and _is_str(items[0]) and _is_str(items[1], "latin1")
     elif name == "torch.serialization._get_layout":  # looks its argument up in a dict
         ok = items is not None and len(items) == 1 and _is_str(items[0])
     elif name == "builtins.bytearray":
-        ok = items is not None and (items in ((), (_BYTES,)) or (
-            len(items) == 2 and _is_str(items[0]) and _is_str(items[1], "latin-1")))
+        ok = items is not None and (
+            items in ((), (_BYTES,)) or (len(items) == 2 and _is_str(items[0]) and _is_str(items[1], "latin-1"))
+        )
     else:
         return
     if not ok:
-        raise FormatError(f"{where}: the pickle calls {name} with arguments torch.save never writes; it takes "
-                          f"{_TAKES[name]}")
+        raise FormatError(
+            f"{where}: the pickle calls {name} with arguments torch.save never writes; it takes {_TAKES[name]}"
+        )
 
 
 def _key(where: str, k: Any) -> None:
     if not _is_key(k):
-        raise FormatError(f"{where}: the pickle has a dict key that is not a str, an int, a bool or None (a "
-                          "tuple, a float, a huge int: a few bytes of such keys can make hashing them take hours "
-                          "or crash); tensorkeep reads dicts keyed by those only")
+        raise FormatError(
+            f"{where}: the pickle has a dict key that is not a str, an int, a bool or None (a "
+            "tuple, a float, a huge int: a few bytes of such keys can make hashing them take hours "
+            "or crash); tensorkeep reads dicts keyed by those only"
+        )
 
 
 def check_pickle(where: str, data: Any, at: int = 0) -> int:
@@ -118,8 +129,10 @@ def check_pickle(where: str, data: Any, at: int = 0) -> int:
             pos += 1
             budget -= 1
             if budget < 0:  # each opcode makes an object here (and in torch): bound the memory
-                raise LimitError(f"{where}: the pickle has more than {2 * knobs.MAX_JSON_VALUES} opcodes (about 30 "
-                                 "per tensor); raise tensorkeep.knobs.MAX_JSON_VALUES to read it")
+                raise LimitError(
+                    f"{where}: the pickle has more than {2 * knobs.MAX_JSON_VALUES} opcodes (about 30 "
+                    "per tensor); raise tensorkeep.knobs.MAX_JSON_VALUES to read it"
+                )
             if op in (0x71, 0x72, 0x68, 0x6A):  # BINPUT, LONG_BINPUT, BINGET, LONG_BINGET
                 w = 1 if op in (0x71, 0x68) else 4
                 i = int.from_bytes(data[pos : pos + w], "little")
@@ -183,8 +196,10 @@ def check_pickle(where: str, data: Any, at: int = 0) -> int:
                 e2 = data.find(b"\n", e1 + 1)
                 if e1 < 0 or e2 < 0:
                     raise IndexError
-                module, name = bytes(data[pos:e1]).decode("utf-8", "replace"), bytes(data[e1 + 1 : e2]).decode(
-                    "utf-8", "replace")
+                module, name = (
+                    bytes(data[pos:e1]).decode("utf-8", "replace"),
+                    bytes(data[e1 + 1 : e2]).decode("utf-8", "replace"),
+                )
                 pos = e2 + 1
                 if (module, name) in _compat_pickle.NAME_MAPPING:  # as torch maps protocol 2's names
                     module, name = _compat_pickle.NAME_MAPPING[(module, name)]
@@ -198,8 +213,10 @@ def check_pickle(where: str, data: Any, at: int = 0) -> int:
                 stack.append(("r", func[1]) if op == 0x52 and type(func) is tuple and func[0] == "g" else _OTHER)
             elif op == 0x62:  # BUILD: dict.update of the object under it with the state (a dict, or pairs)
                 if not _updatable(stack.pop()) or not stack:
-                    raise FormatError(f"{where}: the pickle sets an object's state from pairs whose keys are not "
-                                      "str, int, bool or None")
+                    raise FormatError(
+                        f"{where}: the pickle sets an object's state from pairs whose keys are not "
+                        "str, int, bool or None"
+                    )
             elif op == 0x51:  # BINPERSID: torch looks up a storage by the key in its id, ("storage", type, key, ...)
                 pid = stack.pop()
                 ids = pid[1] if type(pid) is tuple and pid[0] == "t" else ()
@@ -210,8 +227,12 @@ def check_pickle(where: str, data: Any, at: int = 0) -> int:
             elif op == 0x2E:  # STOP
                 return pos
             else:
-                raise FormatError(f"{where}: the pickle has opcode {op:#04x} at byte {pos - 1 - at}, which "
-                                  "torch's weights-only loader does not run (torch.save never writes it)")
+                raise FormatError(
+                    f"{where}: the pickle has opcode {op:#04x} at byte {pos - 1 - at}, which "
+                    "torch's weights-only loader does not run (torch.save never writes it)"
+                )
     except (IndexError, KeyError):
-        raise FormatError(f"{where}: the pickle is malformed near byte {pos - at} (the file is damaged, or was "
-                          "not written by torch.save)") from None
+        raise FormatError(
+            f"{where}: the pickle is malformed near byte {pos - at} (the file is damaged, or was "
+            "not written by torch.save)"
+        ) from None

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from tensorkeep import knobs
 from tensorkeep.core.format import crc32
@@ -47,8 +48,10 @@ Pread = Callable[[int, int], Any]  # (n, at) -> up to n bytes at offset at
 
 
 def _damaged(path: str, what: str) -> ChecksumError:
-    return ChecksumError(f"{path}: the zip archive of this torch file is damaged: {what} "
-                         "(or it was not written by torch.save). Fix: restore the file from a good copy.")
+    return ChecksumError(
+        f"{path}: the zip archive of this torch file is damaged: {what} "
+        "(or it was not written by torch.save). Fix: restore the file from a good copy."
+    )
 
 
 def read_directory(path: str, pread: Pread, size: int, *, deflated_ok: bool = False) -> list[Entry]:
@@ -84,11 +87,15 @@ def read_directory(path: str, pread: Pread, size: int, *, deflated_ok: bool = Fa
     if cd_at + cd_size > end or count * _CEN.size > cd_size:
         raise _damaged(path, f"a directory of {count} entries in bytes {cd_at}..{cd_at + cd_size} does not fit")
     if count > knobs.MAX_TENSORS + _EXTRA_ENTRIES:
-        raise LimitError(f"{path}: holds {count} zip entries (one per tensor storage), more than "
-                         f"tensorkeep.knobs.MAX_TENSORS ({knobs.MAX_TENSORS}) allows; raise that knob to read it")
+        raise LimitError(
+            f"{path}: holds {count} zip entries (one per tensor storage), more than "
+            f"tensorkeep.knobs.MAX_TENSORS ({knobs.MAX_TENSORS}) allows; raise that knob to read it"
+        )
     if cd_size > knobs.MAX_HEADER_BYTES:
-        raise LimitError(f"{path}: zip directory of {cd_size} bytes, more than tensorkeep.knobs.MAX_HEADER_BYTES "
-                         f"({knobs.MAX_HEADER_BYTES}) allows; raise that knob to read it")
+        raise LimitError(
+            f"{path}: zip directory of {cd_size} bytes, more than tensorkeep.knobs.MAX_HEADER_BYTES "
+            f"({knobs.MAX_HEADER_BYTES}) allows; raise that knob to read it"
+        )
     cd = bytes(pread(cd_size, cd_at))
     if len(cd) != cd_size:
         raise _damaged(path, "the file is shorter than its directory says")
@@ -131,17 +138,30 @@ def _zip64_values(path: str, name: str, extra: bytes, *vals: int) -> tuple[int, 
     return out[0], out[1], out[2]
 
 
-def _entry(path: str, pread: Pread, raw: bytes, flags: int, method: int, crc: int, csize: int, usize: int,
-           off: int, cd_at: int, deflated_ok: bool) -> Entry:
+def _entry(
+    path: str,
+    pread: Pread,
+    raw: bytes,
+    flags: int,
+    method: int,
+    crc: int,
+    csize: int,
+    usize: int,
+    off: int,
+    cd_at: int,
+    deflated_ok: bool,
+) -> Entry:
     name = raw.decode("utf-8", "replace")
     if flags & 0x41:
         raise FormatError(f"{path}: zip entry {name!r} is encrypted; torch.save never encrypts")
     if method != 0 and not (deflated_ok and method == 8):  # a few bytes could ask torch to allocate far more
-        raise FormatError(f"{path}: zip entry {name!r} is compressed (method {method}); torch.save never "
-                          "compresses, and tensorkeep reads only stored entries, so that a small file cannot "
-                          "make it allocate far more than its size. Fix: if you trust the file, re-save it: "
-                          "torch.save(torch.load(path, weights_only=True), path) (a stored entry's method is 0: if it was, the "
-                          "file is damaged)")
+        raise FormatError(
+            f"{path}: zip entry {name!r} is compressed (method {method}); torch.save never "
+            "compresses, and tensorkeep reads only stored entries, so that a small file cannot "
+            "make it allocate far more than its size. Fix: if you trust the file, re-save it: "
+            "torch.save(torch.load(path, weights_only=True), path) (a stored entry's method is 0: if it was, the "
+            "file is damaged)"
+        )
     if off + _LOCAL.size + len(raw) > cd_at:
         raise _damaged(path, f"entry {name!r} starts at {off}, past the data area")
     head = bytes(pread(_LOCAL.size + len(raw), off))
@@ -185,7 +205,8 @@ def _mismatch(path: str, e: Entry, found: int) -> ChecksumError:
     return ChecksumError(
         f"{path}: zip entry {e.name!r} ({e.size} bytes at offset {e.data}) has CRC-32 {found:08x}, but the "
         f"archive stores {e.crc:08x}: the file is damaged (torch's own reader does not check this). "
-        "Fix: restore the file from a good copy.")
+        "Fix: restore the file from a good copy."
+    )
 
 
 def check_entries(path: str, entries: list[Entry], pread: Pread) -> None:
@@ -204,7 +225,7 @@ def check_buffer(path: str, buf: Any, *, crcs: bool = True) -> None:
         if bytes(b[:4]) != ZIP_MAGIC:  # a legacy torch file: no checksums
             check_legacy_pickles(path, bytes(b))
             return
-        pread: Pread = lambda n, at: b[at : at + n]  # noqa: E731 - no copies
+        pread: Pread = lambda n, at: b[at : at + n]
         entries = read_directory(path, pread, len(b), deflated_ok=not crcs)
         check_zip_pickle(path, entries, pread)
         if crcs:
@@ -217,8 +238,10 @@ def check_zip_pickle(path: str, entries: list[Entry], pread: Pread) -> None:
         if e.name.rsplit("/", 1)[-1] != "data.pkl":
             continue
         if e.size > knobs.MAX_HEADER_BYTES:
-            raise LimitError(f"{path}: its pickle {e.name!r} is {e.size} bytes, more than tensorkeep.knobs."
-                             f"MAX_HEADER_BYTES ({knobs.MAX_HEADER_BYTES}) allows; raise that knob to read it")
+            raise LimitError(
+                f"{path}: its pickle {e.name!r} is {e.size} bytes, more than tensorkeep.knobs."
+                f"MAX_HEADER_BYTES ({knobs.MAX_HEADER_BYTES}) allows; raise that knob to read it"
+            )
         data = bytes(pread(e.size, e.data))
         if len(data) != e.size:
             raise _damaged(path, f"entry {e.name!r}: the file ends inside it")
@@ -228,8 +251,10 @@ def check_zip_pickle(path: str, entries: list[Entry], pread: Pread) -> None:
             except zlib.error:
                 raise _damaged(path, f"entry {e.name!r} does not inflate") from None
             if len(data) > knobs.MAX_HEADER_BYTES:
-                raise LimitError(f"{path}: its pickle {e.name!r} inflates to more than tensorkeep.knobs."
-                                 f"MAX_HEADER_BYTES ({knobs.MAX_HEADER_BYTES}) bytes; raise that knob to read it")
+                raise LimitError(
+                    f"{path}: its pickle {e.name!r} inflates to more than tensorkeep.knobs."
+                    f"MAX_HEADER_BYTES ({knobs.MAX_HEADER_BYTES}) bytes; raise that knob to read it"
+                )
         try:
             check_pickle(f"{path}: {e.name}", data)
         except FormatError:

@@ -13,7 +13,13 @@ from typing import Any
 
 from tensorkeep.core.dtypes import numpy_dtype
 from tensorkeep.core.format import (
-    CRC_KEY, FORMAT_VERSION, TK_KEY, Header, check_json_values, parse_checksums, strict_json,
+    CRC_KEY,
+    FORMAT_VERSION,
+    TK_KEY,
+    Header,
+    check_json_values,
+    parse_checksums,
+    strict_json,
 )
 from tensorkeep.core.tree import leaf_kinds, unflatten
 from tensorkeep.errors import FormatError

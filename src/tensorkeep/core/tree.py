@@ -17,7 +17,8 @@ Tree nodes (JSON): ``null``/``true``/``false``/int/str are themselves;
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -96,8 +97,10 @@ class _Flattener:
             return {"f": repr(x)}
         if t is torch.Tensor or t is _Parameter or isinstance(x, torch.Tensor):
             if x.layout != torch.strided or x.is_quantized:
-                raise TypeError(f"cannot save {_path_str(path)}: {x.layout} / quantized tensors are not supported; "
-                                "convert with .to_dense() / .dequantize() first")
+                raise TypeError(
+                    f"cannot save {_path_str(path)}: {x.layout} / quantized tensors are not supported; "
+                    "convert with .to_dense() / .dequantize() first"
+                )
             if x.is_meta:
                 raise TypeError(f"cannot save {_path_str(path)}: a tensor on the 'meta' device has no data")
             node: dict[str, Any] = {"t": self._leaf(x, path)}
@@ -106,7 +109,7 @@ class _Flattener:
             if x.requires_grad:
                 node["g"] = True
             return node
-        if isinstance(x, np.ndarray) or isinstance(x, np.generic):
+        if isinstance(x, (np.ndarray, np.generic)):
             arr = np.asarray(x)
             if arr.dtype.hasobject or arr.dtype.kind not in "biufc":
                 raise TypeError(f"cannot save {_path_str(path)}: NumPy dtype {arr.dtype} is not supported")
@@ -134,14 +137,18 @@ class _Flattener:
             return {tag: [self.node(v, path + (i,), depth + 1) for i, v in enumerate(x)]}
         if t is torch.Size:
             if any(not 0 <= d <= _MAX_INT64 for d in x):
-                raise ValueError(f"cannot save {_path_str(path)}: torch.Size {list(x)} has a dimension outside "
-                                 f"0 .. 2**63-1, which loading refuses")
+                raise ValueError(
+                    f"cannot save {_path_str(path)}: torch.Size {list(x)} has a dimension outside "
+                    f"0 .. 2**63-1, which loading refuses"
+                )
             return {"S": list(x)}
         if t is torch.dtype:
             return {"dt": str(x).removeprefix("torch.")}
         if t is torch.device:
             return {"dev": str(x)}
-        raise TypeError(f"cannot save {_path_str(path)}: a {t.__module__}.{t.__qualname__} is not supported; {_SUPPORTED}")
+        raise TypeError(
+            f"cannot save {_path_str(path)}: a {t.__module__}.{t.__qualname__} is not supported; {_SUPPORTED}"
+        )
 
 
 def flatten(obj: Any) -> tuple[Any, list[tuple[str, Any]]]:
@@ -259,7 +266,6 @@ def unflatten(tree: Any, get: Callable[[str, str], Any] | None, where: str) -> A
     return build(tree, 0)
 
 
-
 def leaf_kinds(tree: Any, where: str) -> dict[str, str]:
     """Map each tensor name the tree refers to onto its kind ('t' torch, 'n' NumPy)."""
     out: dict[str, str] = {}
@@ -315,18 +321,22 @@ def check_nesting(obj: Any, where: str, *, saving: bool = False) -> None:
             if size > knobs.MAX_JSON_VALUES:
                 raise (LimitError if not saving else ValueError)(
                     f"{where}: holds more than {knobs.MAX_JSON_VALUES} values, counting a container each time it "
-                    f"is used (is a dict or list shared that many ways?); raise tensorkeep.knobs.MAX_JSON_VALUES {fix}")
+                    f"is used (is a dict or list shared that many ways?); raise tensorkeep.knobs.MAX_JSON_VALUES {fix}"
+                )
             depth = levels
         elif not _container(x) or id(x) in done:
             continue
         elif id(x) in path:
-            raise too_deep(f"{where}: nested more than {knobs.MAX_DEPTH} levels deep: a container holds itself "
-                           "(a cycle)")
+            raise too_deep(
+                f"{where}: nested more than {knobs.MAX_DEPTH} levels deep: a container holds itself (a cycle)"
+            )
         else:
             path.add(id(x))
             kids = [c for c in ((v for kv in x.items() for v in kv) if isinstance(x, Mapping) else x) if _container(c)]
             stack.append((x, -1, kids))
             stack.extend((c, depth + 1, []) for c in kids if id(c) not in done)
         if depth > knobs.MAX_DEPTH:
-            raise too_deep(f"{where}: nested more than {knobs.MAX_DEPTH} levels deep (dicts, lists, tuples inside "
-                           f"each other); raise tensorkeep.knobs.MAX_DEPTH {fix}")
+            raise too_deep(
+                f"{where}: nested more than {knobs.MAX_DEPTH} levels deep (dicts, lists, tuples inside "
+                f"each other); raise tensorkeep.knobs.MAX_DEPTH {fix}"
+            )

@@ -43,14 +43,17 @@ def dtensor_box(x: Any, where: str) -> tuple[Box, torch.Tensor]:
         else:
             raise TypeError(
                 f"{where}: DTensor placement {p} is not supported (only Shard(dim) and Replicate()). "
-                "Fix: redistribute it first, e.g. x.redistribute(x.device_mesh, [Replicate()] * x.device_mesh.ndim)")
+                "Fix: redistribute it first, e.g. x.redistribute(x.device_mesh, [Replicate()] * x.device_mesh.ndim)"
+            )
     mesh = x.device_mesh
     box = shard_box(tuple(x.shape), tuple(mesh.shape), mesh.get_coordinate(), dims)
     with torch.no_grad():
         local = x.to_local()
     if tuple(local.shape) != box[1]:
-        raise TypeError(f"{where}: the local shard is {list(local.shape)}, but placements {list(x.placements)} of "
-                        f"global shape {list(x.shape)} give {list(box[1])}: uneven custom shardings are not supported")
+        raise TypeError(
+            f"{where}: the local shard is {list(local.shape)}, but placements {list(x.placements)} of "
+            f"global shape {list(x.shape)} give {list(box[1])}: uneven custom shardings are not supported"
+        )
     return box, local
 
 
@@ -87,7 +90,9 @@ class Comm:
         buf[: data.numel()] = data.to(self.device)
         outs = [torch.empty_like(buf) for _ in range(self.world)]
         dist.all_gather(outs, buf, group=self.group)
-        return [strict_json(bytes(o[:k].cpu().numpy()), f"rank {r}'s status") for r, (o, k) in enumerate(zip(outs, lengths))]
+        return [
+            strict_json(bytes(o[:k].cpu().numpy()), f"rank {r}'s status") for r, (o, k) in enumerate(zip(outs, lengths))
+        ]
 
     def check(self, error: BaseException | None, what: str, outcome: str, extra: dict | None = None) -> list[dict]:
         """All-gather every rank's outcome of a step (and ``extra``); raise :class:`SaveError` on
@@ -95,9 +100,11 @@ class Comm:
         mine = {"error": None if error is None else f"{type(error).__name__}: {error}", **(extra or {})}
         try:
             statuses = self.all_gather(mine)
-        except Exception as e:  # noqa: BLE001 - gloo/NCCL raise RuntimeError subclasses
-            raise SaveError(f"{what}: rank {self.rank} of {self.world} lost contact with the other ranks ({e}). "
-                            f"Another rank probably died or timed out. {outcome}") from (error or e)
+        except Exception as e:
+            raise SaveError(
+                f"{what}: rank {self.rank} of {self.world} lost contact with the other ranks ({e}). "
+                f"Another rank probably died or timed out. {outcome}"
+            ) from (error or e)
         failed = [(r, s["error"]) for r, s in enumerate(statuses) if s["error"]]
         if failed:
             r, msg = failed[0]
@@ -111,7 +118,7 @@ class Comm:
         if self.rank == 0:
             try:
                 fn()
-            except Exception as e:  # noqa: BLE001 - reported to every rank
+            except Exception as e:
                 error = e
         self.check(error, what, outcome)
 

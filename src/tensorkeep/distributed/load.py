@@ -52,8 +52,10 @@ class Checkpoint:
             info = f.info(key) if key in f else None
             if info is None or info.dtype != self.tensors[key].dtype or tuple(info.shape) != chunk.sizes:
                 found = "nothing" if info is None else f"{info.dtype} {list(info.shape)}"
-                raise FormatError(f"{self.path}: {name} should hold {key!r} as {self.tensors[key].dtype} "
-                                  f"{list(chunk.sizes)}, it holds {found}")
+                raise FormatError(
+                    f"{self.path}: {name} should hold {key!r} as {self.tensors[key].dtype} "
+                    f"{list(chunk.sizes)}, it holds {found}"
+                )
             self._checked.add((rank, key))
         return f
 
@@ -93,7 +95,8 @@ class Checkpoint:
             raise MismatchError(
                 f"cannot load {self.path} into {where}: the state has {name_of_torch(local.dtype)} "
                 f"{list(target.shape)}, the checkpoint's {key!r} is {t.dtype} {list(t.shape)}. Fix: build the state "
-                "with the same model and optimizer settings as when saving (only the sharding may differ)")
+                "with the same model and optimizer settings as when saving (only the sharding may differ)"
+            )
         return box, local
 
     def materialize(self, v: Any) -> Any:
@@ -143,19 +146,28 @@ def _plan(target: Any, saved: Any, where: str, ck: Checkpoint, fills: list, sets
     (container, key, value); only values ``target`` lacks are read (whole) now."""
     if _is_array(target):
         if not isinstance(saved, Ref):
-            raise MismatchError(f"cannot load {ck.path} into {where}: the state has a tensor there, the "
-                                f"checkpoint a {type(saved).__name__}")
+            raise MismatchError(
+                f"cannot load {ck.path} into {where}: the state has a tensor there, the "
+                f"checkpoint a {type(saved).__name__}"
+            )
         fills.append((saved.name, *ck.box_of(saved.name, target, where)))
         return target
     if isinstance(target, dict) and isinstance(saved, dict):
         missing = [k for k in target if k not in saved]
         if missing:
-            raise MismatchError(f"cannot load {ck.path} into {where}: the checkpoint has no {missing[0]!r} there "
-                                f"({len(missing)} keys missing; it has {list(saved)[:8]}). Fix: remove the key from "
-                                "the state, or load from a checkpoint that has it")
+            raise MismatchError(
+                f"cannot load {ck.path} into {where}: the checkpoint has no {missing[0]!r} there "
+                f"({len(missing)} keys missing; it has {list(saved)[:8]}). Fix: remove the key from "
+                "the state, or load from a checkpoint that has it"
+            )
         for k, v in saved.items():
-            sets.append((target, k, _plan(target[k], v, f"{where}[{k!r}]", ck, fills, sets) if k in target
-                         else ck.materialize(v)))
+            sets.append(
+                (
+                    target,
+                    k,
+                    _plan(target[k], v, f"{where}[{k!r}]", ck, fills, sets) if k in target else ck.materialize(v),
+                )
+            )
         return target
     if type(target) in (list, tuple) and type(saved) is type(target) and len(saved) == len(target):
         items = [_plan(t, s, f"{where}[{i}]", ck, fills, sets) for i, (t, s) in enumerate(zip(target, saved))]
@@ -164,13 +176,14 @@ def _plan(target: Any, saved: Any, where: str, ck: Checkpoint, fills: list, sets
         sets.append((target, slice(None), items))
         return target
     if _has_array(target):
-        raise MismatchError(f"cannot load {ck.path} into {where}: the state holds tensors there, the checkpoint "
-                            f"a {type(saved).__name__} (of another length or type)")
+        raise MismatchError(
+            f"cannot load {ck.path} into {where}: the state holds tensors there, the checkpoint "
+            f"a {type(saved).__name__} (of another length or type)"
+        )
     return ck.materialize(saved)
 
 
-def load_distributed(state: Any, path: str | os.PathLike[str], *, device: Any = None,
-                     atomic: bool = True) -> Any:
+def load_distributed(state: Any, path: str | os.PathLike[str], *, device: Any = None, atomic: bool = True) -> Any:
     """Load a :func:`tensorkeep.save_distributed` checkpoint into ``state``, in place; returns it.
 
     ``state`` says what each rank wants, as for torch DCP: its tensors and DTensors have the

@@ -94,12 +94,20 @@ def build_manifest(plan: SavePlan, tree: Any, files: list[dict]) -> dict[str, An
     tensor's layout (from ``plan``), the structure ``tree``. Written with :func:`sealed_json`."""
     w = plan.world_size
     return {
-        "format": FORMAT, "version": VERSION, "world_size": w,
+        "format": FORMAT,
+        "version": VERSION,
+        "world_size": w,
         "files": {shard_file(r, w): {"rank": r, "size": f["size"], "crc32": f["crc32"]} for r, f in enumerate(files)},
-        "tensors": {k: {"dtype": plan.dtypes[k], "shape": list(plan.shapes[k]),
-                        "chunks": [{"file": shard_file(c.rank, w), "offsets": list(c.offsets), "sizes": list(c.sizes)}
-                                   for c in cs]}
-                    for k, cs in plan.chunks.items()},
+        "tensors": {
+            k: {
+                "dtype": plan.dtypes[k],
+                "shape": list(plan.shapes[k]),
+                "chunks": [
+                    {"file": shard_file(c.rank, w), "offsets": list(c.offsets), "sizes": list(c.sizes)} for c in cs
+                ],
+            }
+            for k, cs in plan.chunks.items()
+        },
         "tree": tree,
         "versions": {"tensorkeep": __version__, "torch": torch.__version__.split("+")[0]},
     }
@@ -121,15 +129,18 @@ def read_manifest(path: str) -> tuple[dict[str, Any], dict[str, Stored]]:
         with open(mpath, "rb") as f:
             raw = f.read(knobs.MAX_HEADER_BYTES + 1)
     except FileNotFoundError:
-        raise FormatError(f"{path}: no {MANIFEST}, so not a checkpoint written by save_distributed "
-                          "(or its save did not finish)") from None
+        raise FormatError(
+            f"{path}: no {MANIFEST}, so not a checkpoint written by save_distributed (or its save did not finish)"
+        ) from None
     if len(raw) > knobs.MAX_HEADER_BYTES:
         raise FormatError(f"{mpath}: larger than {knobs.MAX_HEADER_BYTES} bytes")
     m = unseal(raw, mpath)
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise FormatError(f"{mpath}: not a tensorkeep distributed manifest")
     if m.get("version") != VERSION:
-        raise FormatError(f"{mpath}: version {m.get('version')!r}; this tensorkeep reads version {VERSION}. Upgrade tensorkeep")
+        raise FormatError(
+            f"{mpath}: version {m.get('version')!r}; this tensorkeep reads version {VERSION}. Upgrade tensorkeep"
+        )
     files, tensors = m.get("files"), m.get("tensors")
     if not isinstance(files, dict) or not isinstance(tensors, dict) or "tree" not in m:
         raise FormatError(f"{mpath}: needs 'files', 'tensors' and 'tree'")
@@ -149,8 +160,13 @@ def read_manifest(path: str) -> tuple[dict[str, Any], dict[str, Stored]]:
         for c in t["chunks"]:
             if not isinstance(c, dict) or c.get("file") not in ranks:
                 raise FormatError(f"{mpath}: a chunk of {key!r} is in a file the manifest does not list")
-            chunks.append(Chunk(_ints(c.get("offsets"), len(shape), f"{mpath}: offsets in {key!r}"),
-                                _ints(c.get("sizes"), len(shape), f"{mpath}: sizes in {key!r}"), ranks[c["file"]]))
+            chunks.append(
+                Chunk(
+                    _ints(c.get("offsets"), len(shape), f"{mpath}: offsets in {key!r}"),
+                    _ints(c.get("sizes"), len(shape), f"{mpath}: sizes in {key!r}"),
+                    ranks[c["file"]],
+                )
+            )
         if len({c.rank for c in chunks}) != len(chunks):
             raise FormatError(f"{mpath}: tensor {key!r} has two chunks in one file (a file holds one box of a tensor)")
         why = check_cover(key, shape, [(c.offsets, c.sizes) for c in chunks], mpath)
@@ -169,23 +185,32 @@ def own_files(path: str) -> set[str]:
     if not os.path.lexists(path):
         return set()
     if not _io.is_real_dir(path):
-        raise SaveError(errno.EEXIST, f"{path} exists and is not a directory (a symlink?), so it is not replaced. "
-                        "Fix: save to a new path, or remove it first")
+        raise SaveError(
+            errno.EEXIST,
+            f"{path} exists and is not a directory (a symlink?), so it is not replaced. "
+            "Fix: save to a new path, or remove it first",
+        )
     names = set(os.listdir(path))
     if not names:
         return set()
     if not _io.is_regular_file(os.path.join(path, MANIFEST)):
-        raise SaveError(errno.EEXIST, f"{path} exists and is not a checkpoint written by save_distributed, so it is "
-                        "not replaced. Fix: save to a new path, or remove it first")
+        raise SaveError(
+            errno.EEXIST,
+            f"{path} exists and is not a checkpoint written by save_distributed, so it is "
+            "not replaced. Fix: save to a new path, or remove it first",
+        )
     try:
         with open(os.path.join(path, MANIFEST), "rb") as f:
             listed = strict_json(f.read(knobs.MAX_HEADER_BYTES + 1), os.path.join(path, MANIFEST)).get("files")
         ours = {n for n in listed if type(n) is str} | {MANIFEST}
-    except Exception:  # noqa: BLE001 - damaged: only the names save_distributed gives its files are its own
+    except Exception:
         ours = {n for n in names if is_shard_file(n)} | {MANIFEST}
     foreign = sorted(n for n in names if n not in ours or not _io.is_regular_file(os.path.join(path, n)))
     if foreign:
         shown = ", ".join(repr(n) for n in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise SaveError(errno.EEXIST, f"{path} holds entries save_distributed did not write ({shown}), so it is not "
-                        "replaced. Fix: move them out of it, or save to a new path")
+        raise SaveError(
+            errno.EEXIST,
+            f"{path} holds entries save_distributed did not write ({shown}), so it is not "
+            "replaced. Fix: move them out of it, or save to a new path",
+        )
     return names

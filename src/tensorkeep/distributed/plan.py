@@ -68,8 +68,9 @@ class SavePlan:
 
     def bytes_for(self, rank: int) -> int:
         """The bytes of tensor data ``rank`` writes."""
-        return sum(volume(c.sizes) * DTYPE_SIZES[self.dtypes[k]]
-                   for k, cs in self.chunks.items() for c in cs if c.rank == rank)
+        return sum(
+            volume(c.sizes) * DTYPE_SIZES[self.dtypes[k]] for k, cs in self.chunks.items() for c in cs if c.rank == rank
+        )
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,8 @@ def plan_save(held: Sequence[Sequence[Held]]) -> SavePlan:
                 raise SaveError(
                     f"tensor {h.key!r} is {h.dtype} {list(h.shape)} on rank {rank} but {dtypes[h.key]} "
                     f"{list(shapes[h.key])} on rank {first}. Every rank must pass the same state: a plain "
-                    "tensor must be the same on every rank, a DTensor must have the same global shape")
+                    "tensor must be the same on every rank, a DTensor must have the same global shape"
+                )
             holders[h.key].setdefault((h.offsets, h.sizes), []).append(rank)
     for rank, items in enumerate(held):
         mine = {h.key for h in items}
@@ -114,15 +116,18 @@ def plan_save(held: Sequence[Sequence[Held]]) -> SavePlan:
             raise SaveError(
                 f"rank {rank} has no tensor {missing[0]!r}, which rank {others[0]} has ({len(missing)} keys missing "
                 f"on rank {rank}). Every rank must pass a state with the same keys (plain tensors replicated on "
-                "every rank, DTensors sharded across them)")
+                "every rank, DTensors sharded across them)"
+            )
     chunks: dict[str, list[Chunk]] = {}
     load = [0] * world
     work = []
     for key, boxes in holders.items():
         why = check_cover(key, shapes[key], list(boxes), "save_distributed")
         if why:
-            raise SaveError(f"{why}. Only Shard(dim) and Replicate() placements are supported; "
-                            "redistribute other DTensors first (x.redistribute(mesh, [Replicate()]))")
+            raise SaveError(
+                f"{why}. Only Shard(dim) and Replicate() placements are supported; "
+                "redistribute other DTensors first (x.redistribute(mesh, [Replicate()]))"
+            )
         chunks[key] = []
         nonempty = [b for b in boxes if volume(b[1])] or list(boxes)[:1]  # an empty tensor: one empty chunk
         for box in nonempty:
@@ -149,6 +154,9 @@ def plan_read(chunks: Sequence[Chunk], box: Box) -> list[ReadItem]:
         if common is None:
             continue
         lo, sizes = common
-        out.append(ReadItem(c.rank, tuple(x - o for x, o in zip(lo, c.offsets)),
-                            tuple(x - o for x, o in zip(lo, box[0])), sizes))
+        out.append(
+            ReadItem(
+                c.rank, tuple(x - o for x, o in zip(lo, c.offsets)), tuple(x - o for x, o in zip(lo, box[0])), sizes
+            )
+        )
     return out

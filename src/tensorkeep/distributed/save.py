@@ -90,8 +90,15 @@ def local_view(state: Any) -> tuple[Any, dict[str, Any], list[Held]]:
     return tree, arrays, held
 
 
-def write_distributed(state: Any, directory: str, *, group: Any = None, label: str | None = None,
-                      outcome: str = _NOTHING, durable: bool = True) -> list[str]:
+def write_distributed(
+    state: Any,
+    directory: str,
+    *,
+    group: Any = None,
+    label: str | None = None,
+    outcome: str = _NOTHING,
+    durable: bool = True,
+) -> list[str]:
     """Collective: write this rank's shard of ``state`` into ``directory`` (existing, the same path
     on every rank), fsynced; once every rank succeeded, rank 0 writes the manifest (fsynced). Does
     not publish: the caller fsyncs ``directory`` and renames it. Returns the names written
@@ -107,7 +114,7 @@ def write_distributed(state: Any, directory: str, *, group: Any = None, label: s
     held: list[Held] = []
     try:
         tree, arrays, held = local_view(state)
-    except Exception as e:  # noqa: BLE001 - reported to every rank below
+    except Exception as e:
         error = e
     statuses = comm.check(error, f"{where}: inspecting the state", outcome, {"held": [h.to_json() for h in held]})
     try:
@@ -118,12 +125,14 @@ def write_distributed(state: Any, directory: str, *, group: Any = None, label: s
     error, info = None, {}
     try:
         if not os.path.isdir(directory):
-            raise SaveError(f"rank {comm.rank} does not see the directory {directory}: every rank must save to "
-                            "the same path on a shared file system")
+            raise SaveError(
+                f"rank {comm.rank} does not see the directory {directory}: every rank must save to "
+                "the same path on a shared file system"
+            )
         p = os.path.join(directory, name)
         size, crc = write({k: arrays[k] for k in plan.keys_for(comm.rank)}, p, {"format": "pt"}, durable, in_place=True)
         info = {"size": size, "crc32": crc}
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         error = e
     files = comm.check(error, f"{where}: writing the shard files", outcome, info)
     error = None
@@ -131,7 +140,7 @@ def write_distributed(state: Any, directory: str, *, group: Any = None, label: s
         try:
             with _io.atomic_file(os.path.join(directory, MANIFEST), durable=durable, in_place=True) as fd:
                 _io.pwrite_all(fd, memoryview(sealed_json(build_manifest(plan, tree, files))), 0)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             error = e
     comm.check(error, f"{where}: writing the manifest", outcome)
     return [shard_file(r, comm.world) for r in range(comm.world)] + [MANIFEST]
@@ -169,20 +178,24 @@ def save_distributed(state: Any, path: str | os.PathLike[str], *, group: Any = N
     if comm.rank == 0:
         try:
             tmp = make_temp_dir(path)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             error = e
     try:
-        tmp = comm.check(error, f"save_distributed to {path}: creating a temporary directory", _NOTHING,
-                         {"tmp": tmp})[0]["tmp"]
+        tmp = comm.check(error, f"save_distributed to {path}: creating a temporary directory", _NOTHING, {"tmp": tmp})[
+            0
+        ]["tmp"]
         write_distributed(state, tmp, group=group, label=f"save_distributed to {path}")
 
         def publish() -> None:
             _io.fsync_dir(tmp)
             _io.replace_dir(tmp, path, names=own_files(path))
 
-        comm.on_rank0(publish, f"save_distributed to {path}: "
-                      "publishing", "Rank 0 could not rename the finished directory into place: the checkpoint at "
-                      "that path is the previous one or the new one, whole.")
+        comm.on_rank0(
+            publish,
+            f"save_distributed to {path}: publishing",
+            "Rank 0 could not rename the finished directory into place: the checkpoint at "
+            "that path is the previous one or the new one, whole.",
+        )
     except BaseException:
         comm.drop_temp(tmp)
         raise

@@ -5,29 +5,34 @@ from __future__ import annotations
 import mmap
 import os
 from bisect import bisect_right
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from tensorkeep import knobs
-
 from tensorkeep.core.dtypes import numpy_dtype, torch_dtype
-from tensorkeep.errors import ChecksumError, FormatError, LimitError
 from tensorkeep.core.format import (
-    DTYPE_SIZES, TK_PREFIX, TensorInfo, crc32, header_length,
-    looks_like_tensorkeep, parse_header,
+    DTYPE_SIZES,
+    TK_PREFIX,
+    TensorInfo,
+    crc32,
+    header_length,
+    looks_like_tensorkeep,
+    parse_header,
 )
+from tensorkeep.core.record import parse_record
+from tensorkeep.core.tree import unflatten
+from tensorkeep.errors import ChecksumError, FormatError, LimitError
 from tensorkeep.file.audit import audited
 from tensorkeep.file.torchfile import load_torch_file
 from tensorkeep.storage import Source, open_source
 from tensorkeep.storage.objects import PART_BYTES, THREADS
-from tensorkeep.core.record import parse_record
-from tensorkeep.core.tree import unflatten
-
 
 # ----------------------------------------------------------------------------- read
+
 
 class _Reader:
     """An open tensorkeep or safetensors file: validated header, tensor reads, verification."""
@@ -48,7 +53,8 @@ class _Reader:
         # a safetensors header length is followed by '{'; only files that do not look like that may be pickles
         st_like = first[8:9] == b"{" or looks_like_tensorkeep(first)
         self.torch_pickle = not st_like and (
-            first[:4] == b"PK\x03\x04" or (first[:1] == b"\x80" and first[1:2] in b"\x02\x03\x04\x05"))
+            first[:4] == b"PK\x03\x04" or (first[:1] == b"\x80" and first[1:2] in b"\x02\x03\x04\x05")
+        )
         if self.torch_pickle:
             return
         try:
@@ -63,10 +69,15 @@ class _Reader:
                 raise ChecksumError(f"{e} (the file is a damaged tensorkeep file)") from None
             raise
 
-
     def _parse_tk(self) -> None:
         rec = parse_record(self.header, self.path)
-        self.crcs, self.block, self.tree, self.kinds, self.metadata = rec.crcs, rec.block, rec.tree, rec.kinds, rec.metadata
+        self.crcs, self.block, self.tree, self.kinds, self.metadata = (
+            rec.crcs,
+            rec.block,
+            rec.tree,
+            rec.kinds,
+            rec.metadata,
+        )
 
     def close(self) -> None:
         self._map = None  # not closed: tensors over it may outlive the reader
@@ -100,8 +111,10 @@ class _Reader:
     def read_range(self, buf: Any, offset: int) -> None:
         n = self.src.readinto(buf, offset)
         if n != len(memoryview(buf).cast("B")):
-            raise ChecksumError(f"{self.path}: file is truncated (reading {len(memoryview(buf).cast('B'))} bytes "
-                                f"at byte {offset} gave {n})")
+            raise ChecksumError(
+                f"{self.path}: file is truncated (reading {len(memoryview(buf).cast('B'))} bytes "
+                f"at byte {offset} gave {n})"
+            )
 
     def read_verified(self, name: str, buf: np.ndarray, first_block: int, verify: bool) -> None:
         """Read ``buf`` (whole checksum blocks of ``name`` from ``first_block`` on) and verify it.
@@ -201,24 +214,27 @@ class _Reader:
 
         def get(name: str, kind: str) -> Any:
             if kind != self.kinds[name]:
-                raise FormatError(f"{self.path}: stored structure refers to {name!r} as a torch tensor and as a NumPy array")
+                raise FormatError(
+                    f"{self.path}: stored structure refers to {name!r} as a torch tensor and as a NumPy array"
+                )
             return arrays[name]
 
         return unflatten(self.tree, get, self.path)
 
 
-def open_reader(path: "str | os.PathLike[str]") -> _Reader:
+def open_reader(path: str | os.PathLike[str]) -> _Reader:
     """The file or object ``path``, its header read and validated."""
     return _Reader(open_source(path))
 
 
-def read_file(path: "str | os.PathLike[str]", *, device: Any = None, lazy: bool = False, verify: bool = True) -> Any:
+def read_file(path: str | os.PathLike[str], *, device: Any = None, lazy: bool = False, verify: bool = True) -> Any:
     """One file or object, as :func:`tensorkeep.load` returns it (a tensorkeep, safetensors or torch file)."""
     r = open_reader(path)
     try:
         if r.torch_pickle:
-            return load_torch_file(r.path, device, lazy and r.src.mappable, r.src.whole() if not r.src.mappable
-                                   else None, verify=verify)
+            return load_torch_file(
+                r.path, device, lazy and r.src.mappable, r.src.whole() if not r.src.mappable else None, verify=verify
+            )
         arrays = r.map_all(verify) if lazy else r.read_all(verify)
         return r.build(arrays, device)
     finally:

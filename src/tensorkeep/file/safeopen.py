@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,7 +68,7 @@ class TensorSlice:
 class SafeOpen:
     """A file opened for reading only what is asked for. Use :func:`open`."""
 
-    def __init__(self, path: "str | os.PathLike[str]") -> None:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         self._r = open_reader(self.path)
         self._all: dict[str, Any] | None = None
@@ -142,8 +143,11 @@ class SafeOpen:
         src = self._all[name] if self._all is not None else None
         if src is not None and not isinstance(src, torch.Tensor):
             raise TypeError(f"{self.path}: {name!r} is a {type(src).__name__}, not a tensor")
-        dt, shape = (src.dtype, tuple(src.shape)) if src is not None else (
-            torch_dtype(self._r.header.tensors[name].dtype), self._r.header.tensors[name].shape)
+        dt, shape = (
+            (src.dtype, tuple(src.shape))
+            if src is not None
+            else (torch_dtype(self._r.header.tensors[name].dtype), self._r.header.tensors[name].shape)
+        )
         if dt != out.dtype or tuple(out.shape) != shape:
             raise ValueError(f"{self.path}: {name!r} is {dt} {list(shape)}, out is {out.dtype} {list(out.shape)}")
         if src is not None:
@@ -170,14 +174,14 @@ class SafeOpen:
     def close(self) -> None:
         self._r.close()
 
-    def __enter__(self) -> "SafeOpen":
+    def __enter__(self) -> SafeOpen:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
 
-def open(path: "str | os.PathLike[str]") -> SafeOpen:  # noqa: A001 - mirrors safetensors' safe_open
+def open(path: str | os.PathLike[str]) -> SafeOpen:
     """Open a file to read single tensors or slices without reading the rest.
 
     >>> import torch, tensorkeep as tk

@@ -26,11 +26,17 @@ import torch
 
 from tensorkeep.core.format import crc32
 from tensorkeep.core.ptzip import (
-    ZIP_MAGIC, _mismatch, check_buffer, check_entries, check_legacy_pickles, check_zip_pickle, read_directory,
+    ZIP_MAGIC,
+    _mismatch,
+    check_buffer,
+    check_entries,
+    check_legacy_pickles,
+    check_zip_pickle,
+    read_directory,
 )
 from tensorkeep.core.tree import check_nesting
-from tensorkeep.file.audit import audited
 from tensorkeep.errors import ChecksumError, FormatError, TensorkeepError
+from tensorkeep.file.audit import audited
 from tensorkeep.storage import local as _io
 
 
@@ -177,7 +183,7 @@ def load_torch_file(path: str, device: Any, lazy: bool, source: Any = None, *, v
         return obj
     except TensorkeepError:
         raise
-    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, ...
+    except Exception as e:
         if f is not None and not f.legacy and verify:
             f.check_rest()  # damage explains a failure better than torch's message does
         msg = str(e)

@@ -9,22 +9,32 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
 from tensorkeep import knobs
-
-from tensorkeep.storage import local as _io
 from tensorkeep.core.dtypes import byte_view, name_of_numpy, name_of_torch
 from tensorkeep.core.format import (
-    CRC_FIELD_END, CRC_KEY, CRC_PLACEHOLDER, DTYPE_SIZES, FORMAT_VERSION, TK_KEY, TK_PREFIX, crc32, crc_field,
-    dumps, encode_header, header_crc,
+    CRC_FIELD_END,
+    CRC_KEY,
+    CRC_PLACEHOLDER,
+    DTYPE_SIZES,
+    FORMAT_VERSION,
+    TK_KEY,
+    TK_PREFIX,
+    crc32,
+    crc_field,
+    dumps,
+    encode_header,
+    header_crc,
 )
-from tensorkeep.storage import Backend, resolve
 from tensorkeep.core.tree import flatten
+from tensorkeep.storage import Backend, resolve
+from tensorkeep.storage import local as _io
 
 _VIA_NUMPY = frozenset({"BOOL", "U8", "I8", "I16", "F16", "I32", "F32", "I64", "F64", "C64"})
 
@@ -122,8 +132,9 @@ def _write_direct(fd: int, start: int, sources: list, block: int, total: int) ->
     return crcs
 
 
-def save(obj: Any, path: "str | os.PathLike[str]", *, metadata: Mapping[str, str] | None = None,
-         durable: bool = True) -> None:
+def save(
+    obj: Any, path: str | os.PathLike[str], *, metadata: Mapping[str, str] | None = None, durable: bool = True
+) -> None:
     """Save a tensor, array, or any nesting of dict/list/tuple of them and plain values.
 
     The file is a safetensors file with tensorkeep's structure and checksums in its
@@ -236,7 +247,9 @@ def write_image(img: FileImage, path: str, durable: bool, *, in_place: bool = Fa
     return len(img), crc_field(img[:CRC_FIELD_END])
 
 
-def plan(obj: Any, path: str, user: dict[str, str], *, placeholder: bool = True) -> tuple[list, dict[str, Any], dict[str, str], int]:
+def plan(
+    obj: Any, path: str, user: dict[str, str], *, placeholder: bool = True
+) -> tuple[list, dict[str, Any], dict[str, str], int]:
     """The tensors of ``obj`` in file order ``[(name, dtype, shape, get_bytes)]``, the tensorkeep
     record (checksums still placeholders), the header metadata and the data size in bytes.
     ``placeholder=False`` leaves the record out of the metadata (:func:`final_header` puts it in)."""
@@ -244,15 +257,20 @@ def plan(obj: Any, path: str, user: dict[str, str], *, placeholder: bool = True)
     entries = [(name, *_source(x, path, name)) for name, x in leaves]
     entries.sort(key=lambda e: -DTYPE_SIZES[e[1]])  # larger items first keeps every tensor aligned
     block = knobs.BLOCK_BYTES
-    info: dict[str, Any] = {"v": FORMAT_VERSION, "block": block, "tree": tree,
-                            "crc": {n: [CRC_PLACEHOLDER] * _nblocks(_nbytes(dt, sh), block) for n, dt, sh, _ in entries}}
+    info: dict[str, Any] = {
+        "v": FORMAT_VERSION,
+        "block": block,
+        "tree": tree,
+        "crc": {n: [CRC_PLACEHOLDER] * _nblocks(_nbytes(dt, sh), block) for n, dt, sh, _ in entries},
+    }
     meta = {CRC_KEY: CRC_PLACEHOLDER, TK_KEY: _dumps_tree(info) if placeholder else "", **user}
     total = sum(_nbytes(dt, sh) for _, dt, sh, _ in entries)
     return entries, info, meta, total
 
 
-def final_header(layout: list, meta: dict[str, str], info: dict[str, Any], align: int,
-                 length: int | None = None) -> bytearray:
+def final_header(
+    layout: list, meta: dict[str, str], info: dict[str, Any], align: int, length: int | None = None
+) -> bytearray:
     """The header with the real checksums in ``info`` and its own checksum; as long as the
     placeholder one (``length``) when one was written."""
     meta[TK_KEY] = _dumps_tree(info)

@@ -22,24 +22,35 @@ import io
 import os
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from tensorkeep import knobs
-
 from tensorkeep.core import ptzip
-from tensorkeep.storage import local as _io
-from tensorkeep.core.boxes import check_cover, volume as _volume
+from tensorkeep.core.boxes import check_cover
+from tensorkeep.core.boxes import volume as _volume
 from tensorkeep.core.dtypes import name_of_torch, torch_dtype_named
-from tensorkeep.errors import FormatError, LimitError
 from tensorkeep.core.tree import check_nesting
+from tensorkeep.errors import FormatError, LimitError
 from tensorkeep.file.writer import save
+from tensorkeep.storage import local as _io
 
 _MD = "torch.distributed.checkpoint.metadata"
-_CLASSES = {(_MD, n) for n in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-                               "TensorProperties", "MetadataIndex", "StorageMeta")}
+_CLASSES = {
+    (_MD, n)
+    for n in (
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+    )
+}
 _CLASSES.add(("torch.distributed.checkpoint.filesystem", "_StorageInfo"))
 _MAX_TEXT = 1 << 20  # longest string (DCP's are names and paths)
 _MAX_DIM = 1 << 62
@@ -67,6 +78,7 @@ def _only(*types: type) -> Callable[[Any], Any]:
         if type(value) not in types:
             raise ValueError(f"needs a {' or '.join(t.__name__ for t in types)}, got a {_what(value)}")
         return value
+
     return check
 
 
@@ -109,8 +121,10 @@ def _global(module: Any, name: Any, where: str) -> Any:
     dtype = torch_dtype_named(name) if module == "torch" else None
     if dtype is not None:
         return dtype
-    raise FormatError(f"{where}: refers to {module[:100]}.{name[:100]}, which is not part of DCP's metadata; "
-                      "refusing to read it (loading it would run code from the file)")
+    raise FormatError(
+        f"{where}: refers to {module[:100]}.{name[:100]}, which is not part of DCP's metadata; "
+        "refusing to read it (loading it would run code from the file)"
+    )
 
 
 class _Built:
@@ -135,8 +149,10 @@ class _Built:
     def grow(self, x: Any, items: Any) -> None:
         """``items`` are about to be put into ``x`` (a list, dict or record being built)."""
         if id(x) in self.inside or any(i is x for i in items):
-            raise FormatError(f"{self.where}: malformed pickle (a {type(x).__name__} is changed after it was "
-                              "put inside another value, or put inside itself)")
+            raise FormatError(
+                f"{self.where}: malformed pickle (a {type(x).__name__} is changed after it was "
+                "put inside another value, or put inside itself)"
+            )
         if id(x) not in self.sizes:
             self.keep.append(x)
         self.sizes[id(x)] = self._add(self.measure(x), items)
@@ -149,11 +165,15 @@ class _Built:
             if type(i) in _MUTABLE:
                 self.inside.add(id(i))
         if depth > knobs.MAX_DEPTH:
-            raise FormatError(f"{self.where}: values nested more than {knobs.MAX_DEPTH} deep (tensorkeep.knobs."
-                              "MAX_DEPTH); DCP's metadata is about 10 deep: not a DCP metadata file")
+            raise FormatError(
+                f"{self.where}: values nested more than {knobs.MAX_DEPTH} deep (tensorkeep.knobs."
+                "MAX_DEPTH); DCP's metadata is about 10 deep: not a DCP metadata file"
+            )
         if size > knobs.MAX_JSON_VALUES:
-            raise LimitError(f"{self.where}: a value of more than {knobs.MAX_JSON_VALUES} parts (shared ones "
-                             "counted each time they are used); raise tensorkeep.knobs.MAX_JSON_VALUES to read it")
+            raise LimitError(
+                f"{self.where}: a value of more than {knobs.MAX_JSON_VALUES} parts (shared ones "
+                "counted each time they are used); raise tensorkeep.knobs.MAX_JSON_VALUES to read it"
+            )
         return depth, size
 
 
@@ -207,8 +227,10 @@ def read_metadata(raw: bytes, where: str) -> Obj:
         op = take(1)
         ops += 1
         if ops > knobs.MAX_JSON_VALUES:
-            raise LimitError(f"{where}: more than {knobs.MAX_JSON_VALUES} pickle opcodes (about 70 per chunk); "
-                             "raise tensorkeep.knobs.MAX_JSON_VALUES to read it")
+            raise LimitError(
+                f"{where}: more than {knobs.MAX_JSON_VALUES} pickle opcodes (about 70 per chunk); "
+                "raise tensorkeep.knobs.MAX_JSON_VALUES to read it"
+            )
         if op == b"\x80":  # PROTO
             take(1)
         elif op == b"\x95":  # FRAME: a length hint, no content of its own
@@ -262,8 +284,10 @@ def read_metadata(raw: bytes, where: str) -> Obj:
                 raise FormatError(f"{where}: malformed pickle (SETITEMS of an odd number of items)")
             bad = [k for k in keys if type(k) not in _KEYS]
             if bad:
-                raise FormatError(f"{where}: malformed pickle (a dict key that is a {_what(bad[0])}; "
-                                  "DCP's metadata keys are names and MetadataIndex records)")
+                raise FormatError(
+                    f"{where}: malformed pickle (a dict key that is a {_what(bad[0])}; "
+                    "DCP's metadata keys are names and MetadataIndex records)"
+                )
             built.grow(target, items)
             target.update(zip(keys, items[1::2]))
         elif op == b"\x81":  # NEWOBJ: cls(*args) for an allowlisted class
@@ -326,26 +350,35 @@ def _range(dcp_dir: str, info: Any, fqn: str, what: str) -> _Range:
         raise FormatError(f"{dcp_dir}: {what} of {fqn!r} has a storage entry of type {_what(info)}")
     name, offset, length = info.get("relative_path"), info.get("offset"), info.get("length")
     if type(name) is not str or not name or any(c in name for c in "/\\\0") or name in (".", ".."):
-        raise FormatError(f"{dcp_dir}: {what} of {fqn!r} is stored in {name!r:.200}, "
-                          "which is not a file of the directory")
+        raise FormatError(
+            f"{dcp_dir}: {what} of {fqn!r} is stored in {name!r:.200}, which is not a file of the directory"
+        )
     if type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
         raise FormatError(f"{dcp_dir}: {what} of {fqn!r} has a bad byte range {offset!r:.40} + {length!r:.40}")
     if info.get("transform_descriptors"):
-        raise FormatError(f"{dcp_dir}: {fqn!r} is stored with transforms (compression, ...), "
-                          "which convert_dcp does not support")
+        raise FormatError(
+            f"{dcp_dir}: {fqn!r} is stored with transforms (compression, ...), which convert_dcp does not support"
+        )
     return _Range(name, offset, length, fqn)
 
 
 def _dims(v: Any, n: int | None, what: str) -> tuple[int, ...]:
-    if type(v) is not tuple or len(v) > knobs.MAX_NDIM or (n is not None and len(v) != n) or any(
-            type(x) is not int for x in v):
-        raise FormatError(f"{what} must be a tuple of {n if n is not None else 'at most ' + str(knobs.MAX_NDIM)} "
-                          f"ints, found a {_what(v)}{f' of {len(v)}' if type(v) is tuple else ''}")
+    if (
+        type(v) is not tuple
+        or len(v) > knobs.MAX_NDIM
+        or (n is not None and len(v) != n)
+        or any(type(x) is not int for x in v)
+    ):
+        raise FormatError(
+            f"{what} must be a tuple of {n if n is not None else 'at most ' + str(knobs.MAX_NDIM)} "
+            f"ints, found a {_what(v)}{f' of {len(v)}' if type(v) is tuple else ''}"
+        )
     return v
 
 
-def _tensor_plan(dcp_dir: str, fqn: str, md: Obj, stored: list[tuple[Any, Any]]
-                 ) -> tuple[torch.dtype, tuple, list[_Range]]:
+def _tensor_plan(
+    dcp_dir: str, fqn: str, md: Obj, stored: list[tuple[Any, Any]]
+) -> tuple[torch.dtype, tuple, list[_Range]]:
     """Dtype, size and the byte ranges of a tensor's chunks, all checked; raises FormatError."""
     props, size = md.get("properties"), md.get("size")
     dtype = props.state[0] if isinstance(props, Obj) and type(props.state) is tuple and props.state else None
@@ -358,34 +391,46 @@ def _tensor_plan(dcp_dir: str, fqn: str, md: Obj, stored: list[tuple[Any, Any]]
     for d in size:
         span *= d or 1
     if any(d < 0 or d > _MAX_DIM for d in size) or span > _MAX_DIM:
-        raise FormatError(f"{dcp_dir}: tensor {fqn!r} has size {list(size)}: dimensions must be 0 .. 2**62, "
-                          "their non-zero product times the item size at most 2**62 bytes")
+        raise FormatError(
+            f"{dcp_dir}: tensor {fqn!r} has size {list(size)}: dimensions must be 0 .. 2**62, "
+            "their non-zero product times the item size at most 2**62 bytes"
+        )
     chunks = md.get("chunks")
     if type(chunks) is not list or any(not isinstance(c, Obj) for c in chunks):
         raise FormatError(f"{dcp_dir}: tensor {fqn!r} needs a list of chunk records, found a {_what(chunks)}")
-    boxes = [(_dims(c.get("offsets"), len(size), f"{dcp_dir}: chunk offsets of {fqn!r}"),
-              _dims(c.get("sizes"), len(size), f"{dcp_dir}: chunk sizes of {fqn!r}")) for c in chunks]
+    boxes = [
+        (
+            _dims(c.get("offsets"), len(size), f"{dcp_dir}: chunk offsets of {fqn!r}"),
+            _dims(c.get("sizes"), len(size), f"{dcp_dir}: chunk sizes of {fqn!r}"),
+        )
+        for c in chunks
+    ]
     why = check_cover(fqn, size, boxes, dcp_dir)
     if why:
         raise FormatError(why)
     # match chunks to storage entries by sorting on their offsets (a dict of tuples from a file could be flooded)
     full = sorted(b for b in boxes if _volume(b[1]))
-    stored = sorted((e for e in stored if type(e[0]) is tuple and all(type(x) is int for x in e[0])),
-                    key=lambda e: e[0])
+    stored = sorted(
+        (e for e in stored if type(e[0]) is tuple and all(type(x) is int for x in e[0])), key=lambda e: e[0]
+    )
     ranges, i = [], 0
     for off, sz in full:
         while i < len(stored) and stored[i][0] < off:
             i += 1
         if i == len(stored) or stored[i][0] != off or (i + 1 < len(stored) and stored[i + 1][0] == off):
             found = "none" if i == len(stored) or stored[i][0] != off else "two"
-            raise FormatError(f"{dcp_dir}: the chunk of tensor {fqn!r} at offsets {list(off)} needs one storage "
-                              f"entry in the metadata, found {found}")
+            raise FormatError(
+                f"{dcp_dir}: the chunk of tensor {fqn!r} at offsets {list(off)} needs one storage "
+                f"entry in the metadata, found {found}"
+            )
         r = _range(dcp_dir, stored[i][1], fqn, f"chunk {list(off)}")
         r.box = (off, sz)
         need = _volume(sz) * dtype.itemsize
         if r.length < need:
-            raise FormatError(f"{dcp_dir}: chunk {list(off)} of tensor {fqn!r} ({list(sz)} of {dtype}) needs "
-                              f"{need} bytes, its storage entry holds {r.length}")
+            raise FormatError(
+                f"{dcp_dir}: chunk {list(off)} of tensor {fqn!r} ({list(sz)} of {dtype}) needs "
+                f"{need} bytes, its storage entry holds {r.length}"
+            )
         ranges.append(r)
     return dtype, size, ranges
 
@@ -405,12 +450,16 @@ def _check_files(dcp_dir: str, ranges: list[_Range]) -> None:
         rs = sorted((r for r in rs if r.length), key=lambda r: r.offset)
         for a, b in zip(rs, rs[1:]):
             if a.offset + a.length > b.offset:
-                raise FormatError(f"{dcp_dir}: {a.fqn!r} and {b.fqn!r} are stored in overlapping bytes of {name} "
-                                  f"({a.offset}+{a.length} and {b.offset}+{b.length}); each chunk has its own")
+                raise FormatError(
+                    f"{dcp_dir}: {a.fqn!r} and {b.fqn!r} are stored in overlapping bytes of {name} "
+                    f"({a.offset}+{a.length} and {b.offset}+{b.length}); each chunk has its own"
+                )
         if rs and rs[-1].offset + rs[-1].length > st.st_size:
             r = max(rs, key=lambda r: r.offset + r.length)
-            raise FormatError(f"{dcp_dir}: {name} is truncated: {r.fqn!r} needs bytes "
-                              f"{r.offset}..{r.offset + r.length}, the file has {st.st_size}")
+            raise FormatError(
+                f"{dcp_dir}: {name} is truncated: {r.fqn!r} needs bytes "
+                f"{r.offset}..{r.offset + r.length}, the file has {st.st_size}"
+            )
 
 
 def _blob(dcp_dir: str, r: _Range) -> bytes:
@@ -427,9 +476,11 @@ def _torch_value(data: bytes, dcp_dir: str, fqn: str) -> Any:
     ptzip.check_buffer(f"{dcp_dir}: {fqn!r}", data)
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - the weights-only loader refuses with several types
-        raise FormatError(f"{dcp_dir}: {fqn!r} is not readable with torch.load(weights_only=True) "
-                          f"({type(e).__name__}: {str(e)[:200]}); tensorkeep never runs code from a file") from None
+    except Exception as e:
+        raise FormatError(
+            f"{dcp_dir}: {fqn!r} is not readable with torch.load(weights_only=True) "
+            f"({type(e).__name__}: {str(e)[:200]}); tensorkeep never runs code from a file"
+        ) from None
     check_nesting(obj, f"{dcp_dir}: {fqn!r}")  # a DAG of shared dicts would take saving it 2**40 steps
     return obj
 
@@ -445,10 +496,15 @@ def _tensor(dcp_dir: str, fqn: str, dtype: torch.dtype, size: tuple, ranges: lis
             piece = torch.frombuffer(bytearray(data), dtype=dtype).reshape(sizes)
         else:  # an empty chunk, or raw bytes of another length (refused below)
             piece = torch.empty(sizes, dtype=dtype) if not data and not _volume(sizes) else None
-        if (type(piece) is not torch.Tensor or piece.layout != torch.strided or tuple(piece.shape) != sizes
-                or piece.dtype != dtype):
-            raise FormatError(f"{dcp_dir}: chunk {list(offsets)} of {fqn!r} is not a {name_of_torch(dtype)} "
-                              f"tensor of {list(sizes)}")
+        if (
+            type(piece) is not torch.Tensor
+            or piece.layout != torch.strided
+            or tuple(piece.shape) != sizes
+            or piece.dtype != dtype
+        ):
+            raise FormatError(
+                f"{dcp_dir}: chunk {list(offsets)} of {fqn!r} is not a {name_of_torch(dtype)} tensor of {list(sizes)}"
+            )
         out[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))] = piece
     return out
 
@@ -461,8 +517,10 @@ def _slot(root: dict, path: Any, made: dict[int, Any], room: list[int], where: s
     and return (container, key). ``made``: the containers made so far, by id. Refuses a path that
     passes through or lands on another entry's value."""
     if type(path) is not tuple or not path or len(path) >= knobs.MAX_DEPTH:
-        raise FormatError(f"{where}: a path in planner_data must be a tuple of 1 .. {knobs.MAX_DEPTH - 1} "
-                          f"names and indexes, found a {_what(path)}")
+        raise FormatError(
+            f"{where}: a path in planner_data must be a tuple of 1 .. {knobs.MAX_DEPTH - 1} "
+            f"names and indexes, found a {_what(path)}"
+        )
     cur: Any = root
     for i, key in enumerate(path):
         if type(key) is str and type(cur) is dict:
@@ -471,13 +529,17 @@ def _slot(root: dict, path: Any, made: dict[int, Any], room: list[int], where: s
             if key >= len(cur):
                 room[0] -= key + 1 - len(cur)
                 if room[0] < 0:
-                    raise FormatError(f"{where}: list index {key} in planner_data leaves more empty slots than "
-                                      "the checkpoint has entries")
+                    raise FormatError(
+                        f"{where}: list index {key} in planner_data leaves more empty slots than "
+                        "the checkpoint has entries"
+                    )
                 cur.extend([_GAP] * (key + 1 - len(cur)))
             free = cur[key] is _GAP
         else:
-            raise FormatError(f"{where}: item {i} of a path in planner_data is a {_what(key)} where "
-                              f"{'a dict needs a name' if type(cur) is dict else 'a list needs an index >= 0'}")
+            raise FormatError(
+                f"{where}: item {i} of a path in planner_data is a {_what(key)} where "
+                f"{'a dict needs a name' if type(cur) is dict else 'a list needs an index >= 0'}"
+            )
         if i == len(path) - 1:
             if not free:
                 raise FormatError(f"{where}: its path in planner_data leads where another entry's value is")
@@ -492,7 +554,7 @@ def _slot(root: dict, path: Any, made: dict[int, Any], room: list[int], where: s
     raise AssertionError("unreachable")
 
 
-def convert_dcp(dcp_dir: "str | os.PathLike[str]", out_path: "str | os.PathLike[str]") -> None:
+def convert_dcp(dcp_dir: str | os.PathLike[str], out_path: str | os.PathLike[str]) -> None:
     """Convert a torch DCP checkpoint directory into one tensorkeep file (whole tensors).
 
     Nested state (DCP flattens it to dotted names) comes back nested. Nothing in the DCP
@@ -513,8 +575,9 @@ def convert_dcp(dcp_dir: "str | os.PathLike[str]", out_path: "str | os.PathLike[
     except FileNotFoundError:
         raise FormatError(f"{dcp_dir}: no .metadata, so not a torch.distributed.checkpoint directory") from None
     if len(raw) > knobs.MAX_HEADER_BYTES:
-        raise LimitError(f"{mpath}: larger than {knobs.MAX_HEADER_BYTES} bytes; "
-                         "raise tensorkeep.knobs.MAX_HEADER_BYTES to read it")
+        raise LimitError(
+            f"{mpath}: larger than {knobs.MAX_HEADER_BYTES} bytes; raise tensorkeep.knobs.MAX_HEADER_BYTES to read it"
+        )
     meta = read_metadata(raw, mpath)
     items, storage = meta.get("state_dict_metadata"), meta.get("storage_data")
     if type(items) is not dict or type(storage) is not dict:

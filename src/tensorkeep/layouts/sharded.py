@@ -10,22 +10,37 @@ from __future__ import annotations
 import errno
 import os
 import re
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 
-from tensorkeep.storage import local as _io
+from tensorkeep.core.format import TK_PREFIX, TensorInfo, dumps, strict_json
 from tensorkeep.errors import FormatError, SaveError
 from tensorkeep.file.reader import read_file
 from tensorkeep.file.safeopen import SafeOpen, TensorSlice
 from tensorkeep.file.writer import write
-from tensorkeep.core.format import TK_PREFIX, TensorInfo, dumps, strict_json
+from tensorkeep.storage import local as _io
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.I)
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+}
 
 
 def parse_size(size: int | str) -> int:
@@ -62,9 +77,14 @@ def plan_shards(state_dict: Mapping[str, torch.Tensor], max_shard_size: int | st
     return shards
 
 
-def save_sharded(state_dict: Mapping[str, torch.Tensor], directory: "str | os.PathLike[str]", *,
-                 max_shard_size: int | str = "5GB", metadata: Mapping[str, str] | None = None,
-                 index_metadata: Mapping[str, Any] | None = None) -> list[str]:
+def save_sharded(
+    state_dict: Mapping[str, torch.Tensor],
+    directory: str | os.PathLike[str],
+    *,
+    max_shard_size: int | str = "5GB",
+    metadata: Mapping[str, str] | None = None,
+    index_metadata: Mapping[str, Any] | None = None,
+) -> list[str]:
     """Write a flat state dict as a sharded directory that ``transformers`` and ``tk.load`` read.
 
     Only the weight files are replaced (``model.safetensors``, ``model-0000i-of-0000n.safetensors``
@@ -93,11 +113,18 @@ def save_sharded(state_dict: Mapping[str, torch.Tensor], directory: "str | os.Pa
     try:
         for fname, names in zip(files, shards):
             temps[fname] = _io.tmp_path(os.path.join(directory, fname))
-            write({k: state_dict[k] for k in names}, temps[fname], {"format": "pt", **dict(metadata or {})},
-                  durable=True, in_place=True)
+            write(
+                {k: state_dict[k] for k in names},
+                temps[fname],
+                {"format": "pt", **dict(metadata or {})},
+                durable=True,
+                in_place=True,
+            )
         if n > 1:
-            index = {"metadata": {"total_size": sum(_nbytes(t) for t in state_dict.values()), **dict(index_metadata or {})},
-                     "weight_map": {k: f for f, names in zip(files, shards) for k in names}}
+            index = {
+                "metadata": {"total_size": sum(_nbytes(t) for t in state_dict.values()), **dict(index_metadata or {})},
+                "weight_map": {k: f for f, names in zip(files, shards) for k in names},
+            }
             temps[INDEX] = _write_temp(directory, INDEX, index)
         _commit(directory, files, temps, old)
     except BaseException as e:
@@ -105,8 +132,11 @@ def save_sharded(state_dict: Mapping[str, torch.Tensor], directory: "str | os.Pa
             if _io.is_regular_file(t):
                 _io.unlink(t)
         if isinstance(e, OSError) and not isinstance(e, SaveError):
-            raise SaveError(e.errno, f"save_sharded to {directory} failed: {e}. The weights there are the "
-                            "previous ones, whole, or the new ones, whole") from e
+            raise SaveError(
+                e.errno,
+                f"save_sharded to {directory} failed: {e}. The weights there are the "
+                "previous ones, whole, or the new ones, whole",
+            ) from e
         raise
     return files
 
@@ -114,11 +144,11 @@ def save_sharded(state_dict: Mapping[str, torch.Tensor], directory: "str | os.Pa
 class _Weights:
     """The weight files a directory holds now: a single file, an index and the shards it names."""
 
-    def __init__(self, single: bool, index: bool, shards: "set[str] | None") -> None:
+    def __init__(self, single: bool, index: bool, shards: set[str] | None) -> None:
         self.single, self.index, self.shards = single, index, shards  # shards None: the index is unreadable
 
     @classmethod
-    def read(cls, directory: str) -> "_Weights":
+    def read(cls, directory: str) -> _Weights:
         index_path = os.path.join(directory, INDEX)
         shards: set[str] | None = set()
         if os.path.lexists(index_path):
@@ -139,9 +169,14 @@ class _Weights:
             if n in self.shards or not _io.is_regular_file(p):
                 continue
             t = _io.temp_of(n)
-            if t is not None and _WEIGHT_RE.match(t[0]) and _io.is_stale_temp(n, directory):
-                _io.unlink(p)
-            elif t is None and _SHARD_RE.match(n) and _is_tensorkeep(p):
+            if (
+                t is not None
+                and _WEIGHT_RE.match(t[0])
+                and _io.is_stale_temp(n, directory)
+                or t is None
+                and _SHARD_RE.match(n)
+                and _is_tensorkeep(p)
+            ):
                 _io.unlink(p)
 
 
@@ -161,7 +196,7 @@ def _write_temp(directory: str, name: str, obj: Any) -> str:
     return tmp
 
 
-def _unlink(directory: str, names: "set[str] | list[str]") -> None:
+def _unlink(directory: str, names: set[str] | list[str]) -> None:
     """Unlink these entries (files or symlinks, never a directory), then make that durable."""
     gone = False
     for n in names:
@@ -273,7 +308,7 @@ def _read_index(directory: str, *, prefer_single: bool = True, check: bool = Tru
     single = os.path.join(directory, SINGLE)
     if prefer_single and os.path.isfile(single):
         with SafeOpen(single) as f:
-            return {name: single for name in f.keys()}
+            return {name: single for name in f}
     if os.path.exists(index_path):
         wm = _read_index_json(index_path)["weight_map"]
         out = {name: _shard_path(directory, f, index_path) for name, f in wm.items()}
@@ -282,15 +317,18 @@ def _read_index(directory: str, *, prefer_single: bool = True, check: bool = Tru
                 raise FormatError(f"{index_path}: shard {os.path.basename(p)} is listed but missing from {directory}")
         return out
     found = sorted(os.listdir(directory))[:10]
-    hint = (" It looks like a training checkpoint: use tk.CheckpointManager(...).restore(...)."
-            if "manifest.json" in found or any(f.startswith("step_") for f in found) else "")
+    hint = (
+        " It looks like a training checkpoint: use tk.CheckpointManager(...).restore(...)."
+        if "manifest.json" in found or any(f.startswith("step_") for f in found)
+        else ""
+    )
     raise FormatError(f"{directory}: not a model directory: expected {INDEX} or {SINGLE}, found {found}.{hint}")
 
 
 class ShardedOpen:
     """A sharded directory opened like one file: ``keys()``, ``info``, ``get``, ``get_slice``, ``read_into``."""
 
-    def __init__(self, directory: "str | os.PathLike[str]") -> None:
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.path = os.fspath(directory)
         self._where = _read_index(self.path)
         self._open: dict[str, SafeOpen] = {}
@@ -342,7 +380,7 @@ class ShardedOpen:
             f.close()
         self._open.clear()
 
-    def __enter__(self) -> "ShardedOpen":
+    def __enter__(self) -> ShardedOpen:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -31,11 +31,11 @@ def _local(path: str) -> str | None:
     if "://" not in path or _URL_RE.match(path) is None:
         return path
     if path.lower().startswith("file://"):
-        return path[len("file://"):]
+        return path[len("file://") :]
     return None
 
 
-def backend(root: "str | os.PathLike[str]") -> Backend:
+def backend(root: str | os.PathLike[str]) -> Backend:
     """The backend rooted at ``root``: a directory, or an object-store prefix (``s3://bucket/run``).
 
     >>> backend("memory://runs/mlp").url, backend("file:///tmp/runs").url
@@ -50,7 +50,7 @@ def backend(root: "str | os.PathLike[str]") -> Backend:
     return Store(root)
 
 
-def resolve(path: "str | os.PathLike[str]") -> tuple[Backend, str]:
+def resolve(path: str | os.PathLike[str]) -> tuple[Backend, str]:
     """The backend holding the file or object ``path`` (rooted at its parent) and its key there."""
     path = os.fspath(path)
     local = _local(path)
@@ -63,13 +63,13 @@ def resolve(path: "str | os.PathLike[str]") -> tuple[Backend, str]:
     return backend(parent), key
 
 
-def open_source(path: "str | os.PathLike[str]") -> Source:
+def open_source(path: str | os.PathLike[str]) -> Source:
     """``path`` opened for reading, wherever it lives."""
     b, key = resolve(path)
     return b.open(key)
 
 
-def local_path(path: "str | os.PathLike[str]") -> str | None:
+def local_path(path: str | os.PathLike[str]) -> str | None:
     """The file ``path`` names on this machine, or None when it is an object in a store.
 
     >>> local_path("file:///tmp/run"), local_path("s3://b/run"), local_path("runs/mlp")

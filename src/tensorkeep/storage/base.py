@@ -10,7 +10,8 @@ by rename (``path``). The same conformance tests (``tests/storage``) run on ever
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Protocol
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 
 class Source(Protocol):

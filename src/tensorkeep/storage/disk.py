@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from tensorkeep.storage import local as _io
 
@@ -92,12 +93,13 @@ class DiskBackend:
         return st.st_size
 
     def exists(self, key: str) -> bool:
-        return _io.is_regular_file(self.path(key)) or (os.path.islink(self.path(key))
-                                                       and os.path.isfile(self.path(key)))
+        return _io.is_regular_file(self.path(key)) or (
+            os.path.islink(self.path(key)) and os.path.isfile(self.path(key))
+        )
 
     def list(self, prefix: str = "") -> dict[str, int]:
         out: dict[str, int] = {}
-        for dirpath, dirnames, filenames in os.walk(self.root):  # symlinked directories are not followed
+        for dirpath, _dirnames, filenames in os.walk(self.root):  # symlinked directories are not followed
             rel = os.path.relpath(dirpath, self.root)
             for f in filenames:
                 key = f if rel == "." else f"{rel.replace(os.sep, '/')}/{f}"

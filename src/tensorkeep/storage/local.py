@@ -18,8 +18,8 @@ import secrets
 import shutil
 import stat
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 from tensorkeep import knobs
 from tensorkeep.errors import FormatError, SaveError
@@ -41,8 +41,11 @@ def _save_error(e: OSError, path: str, what: str, replaced: bool = False) -> Sav
         errno.EROFS: " The file system is read-only.",
         errno.EFBIG: " The file is larger than this process or file system allows.",
     }.get(e.errno or 0, "")
-    outcome = ("The new file is in place, but it may not survive a power cut; save again to be sure" if replaced
-               else "The previous file, if any, is untouched")
+    outcome = (
+        "The new file is in place, but it may not survive a power cut; save again to be sure"
+        if replaced
+        else "The previous file, if any, is untouched"
+    )
     return SaveError(e.errno, f"could not save {path}: {what} failed: {e.strerror or e} ({name}).{hint} {outcome}")
 
 
@@ -101,8 +104,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(path: str, own: "Callable[[str], set[str]] | None" = None,
-                       manifest: str | None = None) -> None:
+def remove_stale_temps(path: str, own: Callable[[str], set[str]] | None = None, manifest: str | None = None) -> None:
     """Remove what earlier saves of ``path`` left when their process died (killed mid-save): only
     tensorkeep's temporary names of ``path``, never a symlink, never a temp of a live writer.
 
@@ -122,7 +124,12 @@ def remove_stale_temps(path: str, own: "Callable[[str], set[str]] | None" = None
             if is_regular_file(p) and t[0] == base:
                 unlink(p)
             elif own is not None and is_real_dir(p):
-                if t[0] != base and not os.path.lexists(path) and manifest and is_regular_file(os.path.join(p, manifest)):
+                if (
+                    t[0] != base
+                    and not os.path.lexists(path)
+                    and manifest
+                    and is_regular_file(os.path.join(p, manifest))
+                ):
                     rename(p, path)
                     fsync_dir(d)
                 else:
@@ -156,8 +163,10 @@ def open_regular(path: str) -> int:
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))  # O_NONBLOCK: no wait on a FIFO
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise FormatError(f"{path}: not a regular file (a FIFO, a device or a directory); tensorkeep reads "
-                              "tensors only from regular files")
+            raise FormatError(
+                f"{path}: not a regular file (a FIFO, a device or a directory); tensorkeep reads "
+                "tensors only from regular files"
+            )
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
@@ -215,7 +224,7 @@ def _exchange(a: str, b: str) -> bool:
     raise OSError(err, os.strerror(err), b)
 
 
-def replace_dir(src: str, dst: str, durable: bool = True, names: "set[str] | frozenset[str]" = frozenset()) -> None:
+def replace_dir(src: str, dst: str, durable: bool = True, names: set[str] | frozenset[str] = frozenset()) -> None:
     """Publish directory ``src`` as ``dst`` atomically, then fsync the parent (``durable=False``: not).
 
     An existing ``dst`` is swapped out, and of it only the entries in ``names`` (what the caller
@@ -239,7 +248,7 @@ def replace_dir(src: str, dst: str, durable: bool = True, names: "set[str] | fro
         fsync_dir(parent)
 
 
-def remove_own_dir(path: str, names: "set[str] | frozenset[str]") -> list[str]:
+def remove_own_dir(path: str, names: set[str] | frozenset[str]) -> list[str]:
     """Delete the entries ``names`` of directory ``path`` that are regular files (never a symlink or a
     directory), then the directory if that left it empty. Returns what is left in it."""
     for n in names:
@@ -339,9 +348,12 @@ def atomic_file(path: str, *, durable: bool = True, direct: bool = False, in_pla
         except OSError as e:
             raise _save_error(e, path, "looking at the target") from e
         if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
-            raise SaveError(errno.EEXIST, f"could not save {path}: it exists and is not a regular file (a device, "
-                            "a FIFO, a socket or a directory), so tensorkeep does not replace it. Fix: save to a "
-                            "file path. The existing entry is untouched")
+            raise SaveError(
+                errno.EEXIST,
+                f"could not save {path}: it exists and is not a regular file (a device, "
+                "a FIFO, a socket or a directory), so tensorkeep does not replace it. Fix: save to a "
+                "file path. The existing entry is untouched",
+            )
         remove_stale_temps(path)
     tmp = path if in_place else tmp_path(path)
     step = "creating a temporary file"

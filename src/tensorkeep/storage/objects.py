@@ -18,8 +18,9 @@ Endpoints, credentials and retries come from fsspec's configuration
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from tensorkeep.errors import SaveError, StorageError, TensorkeepError
 
@@ -35,8 +36,11 @@ _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "a
 
 def _filesystem(url: str) -> tuple[Any, str]:
     scheme = url.split("://", 1)[0].lower()
-    hint = (f"pip install 'tensorkeep[{_EXTRAS[scheme]}]'" if _EXTRAS.get(scheme) == "s3"
-            else "pip install fsspec and the fsspec backend for this scheme (e.g. gcsfs, adlfs)")
+    hint = (
+        f"pip install 'tensorkeep[{_EXTRAS[scheme]}]'"
+        if _EXTRAS.get(scheme) == "s3"
+        else "pip install fsspec and the fsspec backend for this scheme (e.g. gcsfs, adlfs)"
+    )
     try:
         from fsspec.core import url_to_fs
     except ImportError:
@@ -71,7 +75,7 @@ class Store:
     def path(self, key: str) -> str:
         raise TypeError(f"{self.url}: objects are not files")
 
-    def open(self, key: str) -> "ObjectSource":
+    def open(self, key: str) -> ObjectSource:
         return ObjectSource(self, key)
 
     def url_of(self, key: str) -> str:
@@ -88,9 +92,11 @@ class Store:
             raise FileNotFoundError(f"{self.url_of(key)}: no such object") from None
         except TensorkeepError:
             raise
-        except Exception as e:  # noqa: BLE001 - botocore, aiohttp, timeouts, OSError: all mean "unreachable"
-            raise StorageError(f"{self.url_of(key)}: {what} failed: {type(e).__name__}: {e}. Check that the "
-                               "object store is reachable and the credentials and endpoint are right") from e
+        except Exception as e:
+            raise StorageError(
+                f"{self.url_of(key)}: {what} failed: {type(e).__name__}: {e}. Check that the "
+                "object store is reachable and the credentials and endpoint are right"
+            ) from e
 
     # ----------------------------------------------------------------- read
 
@@ -120,8 +126,11 @@ class Store:
             found = self._call("listing", prefix, self.fs.find, where.rstrip("/") or base, detail=True)
         except FileNotFoundError:
             return {}
-        return {p[len(base):]: int(i.get("size") or 0) for p, i in found.items()
-                if p.startswith(where) and i.get("type", "file") == "file"}
+        return {
+            p[len(base) :]: int(i.get("size") or 0)
+            for p, i in found.items()
+            if p.startswith(where) and i.get("type", "file") == "file"
+        }
 
     # ----------------------------------------------------------------- write
 
@@ -163,13 +172,25 @@ class Store:
         def send(n: int, buf: bytearray, length: int) -> None:
             body = buf if length == len(buf) else bytes(memoryview(buf)[:length])
             try:
-                out = self._call(f"uploading part {n} of", key, call, "upload_part", Bucket=bucket, Key=obj,
-                                 PartNumber=n, UploadId=uid, Body=body)
+                out = self._call(
+                    f"uploading part {n} of",
+                    key,
+                    call,
+                    "upload_part",
+                    Bucket=bucket,
+                    Key=obj,
+                    PartNumber=n,
+                    UploadId=uid,
+                    Body=body,
+                )
             finally:
                 with lock:
                     free.append(buf)
-            done[n] = {"PartNumber": n, "ETag": out["ETag"],
-                       **{k: v for k, v in out.items() if k.startswith("Checksum") and k != "ChecksumType"}}
+            done[n] = {
+                "PartNumber": n,
+                "ETag": out["ETag"],
+                **{k: v for k, v in out.items() if k.startswith("Checksum") and k != "ChecksumType"},
+            }
 
         try:
             with ThreadPoolExecutor(THREADS, thread_name_prefix="tk-upload") as pool:
@@ -198,29 +219,48 @@ class Store:
                     pending.add(pool.submit(send, n, buf, fill))
                 for f in pending:
                     f.result()
-            self._call("completing the upload of", key, call, "complete_multipart_upload", Bucket=bucket, Key=obj,
-                       UploadId=uid, MultipartUpload={"Parts": [done[i] for i in sorted(done)]})
+            self._call(
+                "completing the upload of",
+                key,
+                call,
+                "complete_multipart_upload",
+                Bucket=bucket,
+                Key=obj,
+                UploadId=uid,
+                MultipartUpload={"Parts": [done[i] for i in sorted(done)]},
+            )
         except BaseException:
             try:  # best effort: the store may be unreachable; abort_uploads() at the next start retries
                 call("abort_multipart_upload", Bucket=bucket, Key=obj, UploadId=uid)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
             raise
 
-    def abort_uploads(self, prefix: str = "", only: "Callable[[str], bool] | None" = None) -> int:
+    def abort_uploads(self, prefix: str = "", only: Callable[[str], bool] | None = None) -> int:
         """Abort unfinished multipart uploads below ``prefix`` (left by a killed process) whose key
         (relative to this store) ``only`` accepts: another tool's upload in flight is not ours to end. S3 only."""
         if not self.s3:
             return 0
         bucket, _, obj = f"{self.root}/{prefix}".partition("/")
         base = self.root.partition("/")[2]
-        out = self._call("listing uploads of", prefix, self.fs.call_s3, "list_multipart_uploads",
-                         Bucket=bucket, Prefix=obj)
-        uploads = [u for u in out.get("Uploads") or []
-                   if only is None or (u["Key"].startswith(base + "/") and only(u["Key"][len(base) + 1:]))]
+        out = self._call(
+            "listing uploads of", prefix, self.fs.call_s3, "list_multipart_uploads", Bucket=bucket, Prefix=obj
+        )
+        uploads = [
+            u
+            for u in out.get("Uploads") or []
+            if only is None or (u["Key"].startswith(base + "/") and only(u["Key"][len(base) + 1 :]))
+        ]
         for u in uploads:
-            self._call("aborting an upload of", prefix, self.fs.call_s3, "abort_multipart_upload",
-                       Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
+            self._call(
+                "aborting an upload of",
+                prefix,
+                self.fs.call_s3,
+                "abort_multipart_upload",
+                Bucket=bucket,
+                Key=u["Key"],
+                UploadId=u["UploadId"],
+            )
         return len(uploads)
 
 
