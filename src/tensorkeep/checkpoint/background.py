@@ -45,7 +45,7 @@ class Background:
         state: Mapping[str, Any],
         payload: Payload,
         build_images: bool,
-        commit: Callable[[int, Payload], None],
+        commit: Callable[[int, Payload], object],
     ) -> None:
         """Snapshot ``payload`` (the only part that blocks training) and hand it to the writer, which
         calls ``commit(step, snapshot)``."""
@@ -59,7 +59,7 @@ class Background:
             self._copied.clear()
         self._pending = (step, self._writer.submit(self._write, step, payload, commit))
 
-    def _write(self, step: int, payload: Payload, commit: Callable[[int, Payload], None]) -> None:
+    def _write(self, step: int, payload: Payload, commit: Callable[[int, Payload], object]) -> None:
         try:
             changed = self._staging.copy_deferred()  # async_save="lazy"
         finally:
@@ -111,7 +111,7 @@ def changed_only_by_optimizers(state: Mapping[str, Any]) -> frozenset[int]:
     """``data_ptr()`` of the CPU tensors in ``state`` that only an optimizer step changes: the
     parameters of its modules and its optimizers' state. Buffers (BatchNorm's running statistics
     change in every forward pass), values and RNG states are copied inside ``save()``."""
-    ptrs = set()
+    ptrs: set[int] = set()
     for obj in state.values():
         if isinstance(obj, torch.nn.Module):
             ptrs.update(p.data_ptr() for p in obj.parameters() if p.device.type == "cpu")

@@ -33,9 +33,9 @@ import torch
 
 from tensorkeep import errors
 from tensorkeep.checkpoint import layout, packs, rng
-from tensorkeep.checkpoint.localrun import LocalRun
 from tensorkeep.checkpoint.policies import Policy
 from tensorkeep.checkpoint.records import Records
+from tensorkeep.checkpoint.run import Run
 from tensorkeep.checkpoint.state import apply, has_state
 from tensorkeep.checkpoint.steps import KINDS, LAYOUT, is_distributed, layout_entry, rng_file
 from tensorkeep.core.dtypes import torch_dtype
@@ -115,7 +115,7 @@ class Group:
     run, its records, and how it builds a manifest and deletes checkpoints on rank 0."""
 
     comm: Comm
-    run: LocalRun
+    run: Run  #: a directory (join refuses object storage)
     records: Records
     durable: bool
     manifest: Callable[[int, dict[str, Any]], layout.Manifest]
@@ -123,7 +123,7 @@ class Group:
 
     @property
     def directory(self) -> str:
-        return self.run.directory
+        return self.run.url
 
 
 def join(directory: str, *, async_save: bool | str, incremental: bool, local: bool) -> Comm | None:
@@ -220,7 +220,11 @@ def save(g: Group, step: int, state: Mapping[str, Any], metrics: dict[str, Any])
     comm = g.comm
     what = f"checkpoint step {step}"
     outcome = f"Nothing was committed: every committed checkpoint in {g.directory} is intact."
-    error, payload, kinds, rng_state, tmp = None, {}, {}, None, ""
+    error: BaseException | None = None
+    payload: dict[str, Any] = {}
+    kinds: dict[str, str] = {}
+    rng_state: dict[str, Any] | None = None
+    tmp = ""
     try:
         payload, kinds, rng_state = _payload(state)
         if comm.rank == 0:

@@ -19,6 +19,7 @@ import os
 import re
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,7 +82,7 @@ class Manifest:
         return dumps(d)
 
 
-def clean_metrics(metrics: dict[str, Any] | None, step: int) -> dict[str, Any]:
+def clean_metrics(metrics: Mapping[str, Any] | None, step: int) -> dict[str, Any]:
     """Metrics as plain Python scalars (NumPy and one-element tensor values unwrapped).
 
     >>> import numpy as np; clean_metrics({"acc": np.float32(0.5), "loss": float("nan")}, 1)
@@ -182,9 +183,10 @@ def parse_manifest(raw: bytes, path: str) -> Manifest:
     metrics = {k: _untag(v) for k, v in d["metrics"].items()}
     m = Manifest(step, float(t), metrics, files, versions, environment=env)
     if d["version"] == VERSION_INCREMENTAL:
-        m.parts, m.packs = d.get("parts"), d.get("packs")
-        _validate_parts(m.parts, m.packs, path)
-        b = d.get("bytes") if isinstance(d.get("bytes"), dict) else {}
+        m.parts, m.packs = _validate_parts(d.get("parts"), d.get("packs"), path)
+        b = d.get("bytes")
+        if not isinstance(b, dict):
+            b = {}
         m.bytes_written, m.bytes_held = b.get("written"), b.get("held")
         if not all(v is None or (type(v) is int and v >= 0) for v in (m.bytes_written, m.bytes_held)):
             raise FormatError(f"{path}: 'bytes' must hold non-negative ints")
@@ -212,8 +214,8 @@ def plain_name(name: object) -> bool:
     )
 
 
-def _validate_parts(parts: Any, packs: Any, where: str) -> None:
-    """Shape checks of a manifest's ``parts``/``packs`` (the JSON is untrusted)."""
+def _validate_parts(parts: Any, packs: Any, where: str) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Shape checks of a manifest's ``parts``/``packs`` (the JSON is untrusted); returns them, checked."""
     if not isinstance(parts, dict) or not isinstance(packs, dict):
         raise FormatError(f"{where}: 'parts' and 'packs' must be objects")
     for pack, info in packs.items():
@@ -241,6 +243,7 @@ def _validate_parts(parts: Any, packs: Any, where: str) -> None:
             raise FormatError(
                 f"{where}: bad part entry {name!r} (each tensor must be [sha256, pack listed in 'packs'])"
             )
+    return parts, packs
 
 
 def write_manifest(directory: str, m: Manifest, durable: bool = True) -> None:

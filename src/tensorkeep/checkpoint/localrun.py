@@ -135,14 +135,14 @@ class LocalRun:
             size = _du(d)
             info = CheckpointInfo(s, d, "ok", bytes_held=size, bytes_written=size)
             try:
-                m = layout.read_manifest(d)
-                info.time, info.metrics = m.time, dict(m.metrics)
-                if m.parts:
-                    info.bytes_held, info.bytes_written = m.bytes_held or 0, (m.bytes_written or 0) + size
-                layout.check_files(d, m)
-                packs.check_packs(run, m.packs, d)
+                man = layout.read_manifest(d)
+                info.time, info.metrics = man.time, dict(man.metrics)
+                if man.parts:
+                    info.bytes_held, info.bytes_written = man.bytes_held or 0, (man.bytes_written or 0) + size
+                layout.check_files(d, man)
+                packs.check_packs(run, man.packs, d)
                 if verify:
-                    self.load(s, m)  # every checksum
+                    self.load(s, man)  # every checksum
             except (FormatError, OSError) as e:
                 info.status = f"damaged: {e}"
             out.append(info)

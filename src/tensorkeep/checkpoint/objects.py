@@ -305,20 +305,17 @@ class ObjectRun:
         self.store.delete(doomed)
         return doomed
 
-    def clean(self) -> list[str]:
-        """Delete what no manifest refers to (with a warning); returns the URLs of the unfinished
-        checkpoints removed.
+    def clean(self) -> None:
+        """Delete what no manifest refers to (with a warning for each unfinished checkpoint removed).
 
         Of step prefixes without a manifest, and of objects a step's manifest does not list, only the
         names tensorkeep gives its objects (:func:`ours`); unfinished multipart uploads; unreferenced
         packs. A step whose manifest is unreadable is left alone, and so is every other object."""
-        removed = []
         for step, names in self.groups().items():
             prefix = step_key(step)
             if MANIFEST not in names:
                 mine = [n for n in names if ours(n)]
                 if mine:
-                    removed.append(self.step_url(step))
                     warnings.warn(f"removed the leftovers of an unfinished save: {self.step_url(step)}", stacklevel=4)
                     self.store.delete(f"{prefix}/{n}" for n in mine)
                 continue
@@ -329,7 +326,6 @@ class ObjectRun:
             self.store.delete(f"{prefix}/{n}" for n in names if n != MANIFEST and n not in m.files and ours(n))
         self.store.abort_uploads("", only=_own_key)
         self.collect()
-        return removed
 
     def list_checkpoints(self, verify: bool) -> list[CheckpointInfo]:
         """:func:`tensorkeep.list_checkpoints` of a run on object storage (two listings, one read per manifest)."""

@@ -57,7 +57,7 @@ def content_hash(dtype: str, shape: tuple[int, ...], data: np.ndarray, pool: Thr
     >>> with ThreadPoolExecutor(1) as p: content_hash("F32", (2,), np.zeros(8, np.uint8), p)()[:12]
     'c7ee54b02b5b'
     """
-    mv = memoryview(data)
+    mv = memoryview(data)  # type: ignore[arg-type]  # numpy's stubs: ndarray.__buffer__ only on Python >= 3.12
     pieces = [pool.submit(lambda m: hashlib.sha256(m).digest(), mv[i : i + _PIECE]) for i in range(0, len(mv), _PIECE)]
 
     def digest() -> str:

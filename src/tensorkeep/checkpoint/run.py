@@ -22,24 +22,28 @@ from tensorkeep.checkpoint.layout import Manifest
 from tensorkeep.checkpoint.localrun import LocalRun
 from tensorkeep.checkpoint.objects import ObjectRun
 from tensorkeep.storage import backend
+from tensorkeep.storage.objects import Store
 
 
 class Lock(Protocol):
+    """Who writes a run: an ``flock`` (``RunLock``) or the object store's owner record (``OwnerRecord``)."""
+
     held: bool
 
-    def acquire(self) -> None: ...
+    def acquire(self) -> None:
+        """Take the run; :class:`~tensorkeep.LockedError` if another manager holds it."""
 
     def release(self) -> None: ...
-
-    def check(self, what: str) -> None:
-        """Raise :class:`~tensorkeep.LockedError` if another manager took the run over since."""
 
 
 class Run(Protocol):
     url: str  #: the directory or URL, as messages name it
     local: bool  #: a directory on this machine (several ranks can share it)
-    lock: Lock
     builds_images: bool  #: small files may be built in memory before the commit (async saves)
+
+    @property
+    def lock(self) -> Lock:
+        """Who may write the run (read-only here, so each run keeps its own lock type)."""
 
     def prepare(self, durable: bool) -> None:
         """Make the run exist (a writer calls this before anything else)."""
@@ -83,4 +87,7 @@ def open_run(directory: str | os.PathLike[str]) -> Run:
     ('memory://tk-doc-runs/mlp', 'LocalRun')
     """
     b = backend(directory)
-    return LocalRun(b.url) if b.local else ObjectRun(b)
+    if b.local:
+        return LocalRun(b.url)
+    assert isinstance(b, Store)  # the only backend that is not local
+    return ObjectRun(b)

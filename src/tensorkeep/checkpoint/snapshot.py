@@ -87,7 +87,7 @@ class Staging:
             if type(x) in (dict, OrderedDict):
                 out = type(x)((k, copy(v, path + (k,))) for k, v in x.items())
                 if hasattr(x, "_metadata"):
-                    out._metadata = copy(x._metadata, path + ("_metadata",))  # type: ignore[attr-defined]
+                    out._metadata = copy(x._metadata, path + ("_metadata",))
                 return out
             if type(x) in (list, tuple):
                 return type(x)(copy(v, path + (i,)) for i, v in enumerate(x))

@@ -90,7 +90,7 @@ def apply(state: Mapping[str, Any], m: layout.Manifest, loaded: dict[str, Any]) 
     """Put a loaded (and verified) checkpoint back into ``state``: objects, values, RNG states last."""
     entries = {**m.files, **m.parts}
     by_key = {info["key"]: name for name, info in entries.items() if info.get("kind") == "state_dict"}
-    values = next((loaded[n] for n, i in entries.items() if i.get("kind") == "values"), {})
+    values: dict[str, Any] = next((loaded[n] for n, i in entries.items() if i.get("kind") == "values"), {})
     missing = [k for k, o in state.items() if (k not in by_key if has_state(o) else k not in values)]
     if missing:
         warnings.warn(

@@ -25,7 +25,7 @@ from tensorkeep.errors import SaveError
 from tensorkeep.storage import local as _io
 
 
-def dtensor_type() -> type | None:
+def dtensor_type() -> type[torch.Tensor] | None:
     """``DTensor``, if anything imported it (otherwise no DTensor can exist: no import cost)."""
     return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
 
