@@ -17,6 +17,7 @@ import click
 
 import tensorkeep as tk
 from tensorkeep import inspection
+from tensorkeep.checkpoint.policies import Policy
 from tensorkeep.core.dtypes import TORCH_BY_NAME
 
 
@@ -114,7 +115,7 @@ def main(ctx: click.Context, quiet: bool, debug: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect(path: str, pattern: str | None, as_json: bool) -> None:
     """Show the tensors, structure and metadata of a file or directory."""
-    files = [path] if not os.path.isdir(path) else sorted(inspection._tensor_files(path))
+    files = [path] if not os.path.isdir(path) else sorted(inspection.tensor_files(path))
     descs = [inspection.describe_file(f) for f in files]
     for d in descs:
         if pattern:
@@ -366,7 +367,7 @@ def _plot(infos: list, out: str, latest: int | None, best: int | None) -> None:
 @click.option("--dry-run", is_flag=True, help="Only say what would be deleted.")
 def prune(run_dir: str, keep_last: int | None, keep_best: str | None, keep_every: int | None, dry_run: bool) -> None:
     """Apply a retention policy by hand. The newest checkpoint is always kept."""
-    policies = []
+    policies: list[Policy] = []
     if keep_last is not None:
         policies.append(tk.LatestN(keep_last))
     if keep_best:

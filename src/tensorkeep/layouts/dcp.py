@@ -21,9 +21,9 @@ from __future__ import annotations
 import io
 import os
 import stat
-import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -32,306 +32,12 @@ from tensorkeep import knobs
 from tensorkeep.core import ptzip
 from tensorkeep.core.boxes import check_cover
 from tensorkeep.core.boxes import volume as _volume
-from tensorkeep.core.dtypes import name_of_torch, torch_dtype_named
+from tensorkeep.core.dtypes import name_of_torch
 from tensorkeep.core.tree import check_nesting
 from tensorkeep.errors import FormatError, LimitError
 from tensorkeep.file.writer import save
+from tensorkeep.layouts.dcp_metadata import MAX_DIM, Obj, read_metadata, what_is
 from tensorkeep.storage import local as _io
-
-_MD = "torch.distributed.checkpoint.metadata"
-_CLASSES = {
-    (_MD, n)
-    for n in (
-        "Metadata",
-        "TensorStorageMetadata",
-        "BytesStorageMetadata",
-        "ChunkStorageMetadata",
-        "TensorProperties",
-        "MetadataIndex",
-        "StorageMeta",
-    )
-}
-_CLASSES.add(("torch.distributed.checkpoint.filesystem", "_StorageInfo"))
-_MAX_TEXT = 1 << 20  # longest string (DCP's are names and paths)
-_MAX_DIM = 1 << 62
-
-
-@dataclass(eq=False)
-class Obj:
-    """An instance of one of DCP's metadata classes, as data: its class name and pickled state."""
-
-    cls: str
-    state: Any = field(default_factory=dict)
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return self.state.get(name, default) if isinstance(self.state, dict) else default
-
-
-@dataclass(frozen=True)
-class _Global:
-    module: str
-    name: str
-
-
-def _only(*types: type) -> Callable[[Any], Any]:
-    def check(value: Any) -> Any:
-        if type(value) not in types:
-            raise ValueError(f"needs a {' or '.join(t.__name__ for t in types)}, got a {_what(value)}")
-        return value
-
-    return check
-
-
-def _size(dims: Any = ()) -> tuple:
-    if any(type(d) is not int for d in _only(tuple, list)(dims)):
-        raise ValueError("torch.Size needs ints")
-    return tuple(dims)
-
-
-def _ordered_dict(items: Any = ()) -> dict:
-    if any(type(kv) is not tuple or len(kv) != 2 or type(kv[0]) not in _KEYS for kv in _only(tuple, list)(items)):
-        raise ValueError("OrderedDict needs (name, value) pairs")
-    return dict(items)
-
-
-_CALLS: dict[tuple[str, str], Callable[..., Any]] = {
-    ("torch", "Size"): _size,
-    ("torch.serialization", "_get_layout"): _only(str),
-    (_MD, "_MEM_FORMAT_ENCODING"): _only(int),
-    ("pathlib", "PosixPath"): lambda *parts: "/".join(map(_only(str), parts)),
-    ("pathlib", "PurePosixPath"): lambda *parts: "/".join(map(_only(str), parts)),
-    ("collections", "OrderedDict"): _ordered_dict,
-}
-_KEYS = (str, Obj)  # dict keys DCP's metadata uses: names and MetadataIndex records (hashed by identity)
-_CONTAINERS = (tuple, list, dict, Obj)
-_MUTABLE = (list, dict, Obj)
-
-
-def _what(x: Any) -> str:
-    """A short, bounded description of a value from the file (never its repr: it may be large)."""
-    return f"{x.module}.{x.name}" if isinstance(x, _Global) else type(x).__name__
-
-
-def _global(module: Any, name: Any, where: str) -> Any:
-    """A class or function DCP's metadata uses, or a dtype; looked up in fixed tables only."""
-    if type(module) is not str or type(name) is not str:
-        raise FormatError(f"{where}: STACK_GLOBAL of a {_what(module)} and a {_what(name)}, not two names")
-    if (module, name) in _CLASSES or (module, name) in _CALLS:
-        return _Global(module, name)
-    dtype = torch_dtype_named(name) if module == "torch" else None
-    if dtype is not None:
-        return dtype
-    raise FormatError(
-        f"{where}: refers to {module[:100]}.{name[:100]}, which is not part of DCP's metadata; "
-        "refusing to read it (loading it would run code from the file)"
-    )
-
-
-class _Built:
-    """Nesting depth and size (shared references counted each time) of every container read builds."""
-
-    def __init__(self, where: str) -> None:
-        self.where = where
-        self.sizes: dict[int, tuple[int, int]] = {}  # id -> (depth, size)
-        self.inside: set[int] = set()  # ids of mutable containers already held by another value
-        self.keep: list[Any] = []  # every container stays alive, so no id is reused
-
-    def measure(self, x: Any) -> tuple[int, int]:
-        return self.sizes.get(id(x), (1, 1)) if type(x) in _CONTAINERS else (0, 1)
-
-    def made(self, x: Any, items: Any) -> Any:
-        """Register ``x``, a new container built from ``items`` (an empty one needs no entry); return it."""
-        if items and id(x) not in self.sizes:
-            self.sizes[id(x)] = self._add((1, 1), items)
-            self.keep.append(x)
-        return x
-
-    def grow(self, x: Any, items: Any) -> None:
-        """``items`` are about to be put into ``x`` (a list, dict or record being built)."""
-        if id(x) in self.inside or any(i is x for i in items):
-            raise FormatError(
-                f"{self.where}: malformed pickle (a {type(x).__name__} is changed after it was "
-                "put inside another value, or put inside itself)"
-            )
-        if id(x) not in self.sizes:
-            self.keep.append(x)
-        self.sizes[id(x)] = self._add(self.measure(x), items)
-
-    def _add(self, start: tuple[int, int], items: Any) -> tuple[int, int]:
-        depth, size = start
-        for i in items:
-            d, s = self.measure(i)
-            depth, size = max(depth, d + 1), size + s
-            if type(i) in _MUTABLE:
-                self.inside.add(id(i))
-        if depth > knobs.MAX_DEPTH:
-            raise FormatError(
-                f"{self.where}: values nested more than {knobs.MAX_DEPTH} deep (tensorkeep.knobs."
-                "MAX_DEPTH); DCP's metadata is about 10 deep: not a DCP metadata file"
-            )
-        if size > knobs.MAX_JSON_VALUES:
-            raise LimitError(
-                f"{self.where}: a value of more than {knobs.MAX_JSON_VALUES} parts (shared ones "
-                "counted each time they are used); raise tensorkeep.knobs.MAX_JSON_VALUES to read it"
-            )
-        return depth, size
-
-
-def read_metadata(raw: bytes, where: str) -> Obj:
-    """The ``Metadata`` record of a DCP ``.metadata`` file; builds only allowlisted records.
-
-    >>> read_metadata(b"\\x80\\x04\\x8c\\x02os\\x8c\\x06system\\x93.", "f")  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    tensorkeep.errors.FormatError: f: refers to os.system, which is not part of DCP's metadata; refusing to read it ...
-    """
-    stack: list[Any] = []
-    marks: list[int] = []
-    memo: dict[int, Any] = {}
-    built = _Built(where)
-    pos = ops = 0
-
-    def take(n: int) -> bytes:
-        nonlocal pos
-        if pos + n > len(raw):
-            raise FormatError(f"{where}: truncated pickle")
-        pos += n
-        return raw[pos - n : pos]
-
-    def text(n: int) -> str:
-        if n > _MAX_TEXT:
-            raise FormatError(f"{where}: a string of {n} bytes at byte {pos}; DCP's are names (at most {_MAX_TEXT})")
-        try:
-            return take(n).decode("utf-8", "surrogatepass")
-        except UnicodeDecodeError:
-            raise FormatError(f"{where}: a string at byte {pos - n} is not UTF-8") from None
-
-    def pop_mark() -> list[Any]:
-        if not marks:
-            raise FormatError(f"{where}: malformed pickle (no MARK)")
-        at = marks.pop()
-        items = stack[at:]
-        del stack[at:]
-        return items
-
-    def unpack(fmt: str) -> Any:
-        return struct.unpack(fmt, take(struct.calcsize(fmt)))[0]
-
-    def pop(n: int) -> list[Any]:
-        if len(stack) < n:
-            raise FormatError(f"{where}: malformed pickle (stack underflow)")
-        items = stack[len(stack) - n :]
-        del stack[len(stack) - n :]
-        return items
-
-    while True:
-        op = take(1)
-        ops += 1
-        if ops > knobs.MAX_JSON_VALUES:
-            raise LimitError(
-                f"{where}: more than {knobs.MAX_JSON_VALUES} pickle opcodes (about 70 per chunk); "
-                "raise tensorkeep.knobs.MAX_JSON_VALUES to read it"
-            )
-        if op == b"\x80":  # PROTO
-            take(1)
-        elif op == b"\x95":  # FRAME: a length hint, no content of its own
-            take(8)
-        elif op == b".":  # STOP
-            break
-        elif op == b"(":  # MARK
-            marks.append(len(stack))
-        elif op in (b")", b"}", b"]"):  # EMPTY_TUPLE / DICT / LIST
-            stack.append(() if op == b")" else {} if op == b"}" else [])
-        elif op in (b"\x85", b"\x86", b"\x87", b"t"):  # TUPLE1..3, TUPLE
-            items = pop_mark() if op == b"t" else pop(op[0] - 0x84)
-            stack.append(built.made(tuple(items), items))
-        elif op == b"\x8c":  # SHORT_BINUNICODE
-            stack.append(text(unpack("<B")))
-        elif op == b"X":  # BINUNICODE
-            stack.append(text(unpack("<I")))
-        elif op == b"K":  # BININT1
-            stack.append(unpack("<B"))
-        elif op == b"M":  # BININT2
-            stack.append(unpack("<H"))
-        elif op == b"J":  # BININT
-            stack.append(unpack("<i"))
-        elif op == b"\x8a":  # LONG1
-            stack.append(int.from_bytes(take(unpack("<B")), "little", signed=True))
-        elif op == b"G":  # BINFLOAT
-            stack.append(unpack(">d"))
-        elif op in (b"N", b"\x88", b"\x89"):  # NONE, NEWTRUE, NEWFALSE
-            stack.append({b"N": None, b"\x88": True, b"\x89": False}[op])
-        elif op in (b"\x94", b"q", b"r"):  # MEMOIZE, BINPUT, LONG_BINPUT
-            i = len(memo) if op == b"\x94" else unpack("<B" if op == b"q" else "<I")
-            memo[i] = _top(stack, where)
-        elif op in (b"h", b"j"):  # BINGET, LONG_BINGET
-            i = unpack("<B" if op == b"h" else "<I")
-            if i not in memo:
-                raise FormatError(f"{where}: malformed pickle (memo {i} unset)")
-            stack.append(memo[i])
-        elif op == b"\x93":  # STACK_GLOBAL
-            module, name = pop(2)
-            stack.append(_global(module, name, where))
-        elif op in (b"a", b"e"):  # APPEND, APPENDS
-            items = pop(1) if op == b"a" else pop_mark()
-            target = _being_built(_top(stack, where), list, where)
-            built.grow(target, items)
-            target.extend(items)
-        elif op in (b"s", b"u"):  # SETITEM, SETITEMS
-            items = pop(2) if op == b"s" else pop_mark()
-            target = _being_built(_top(stack, where), dict, where)
-            keys = items[::2]
-            if len(items) % 2:
-                raise FormatError(f"{where}: malformed pickle (SETITEMS of an odd number of items)")
-            bad = [k for k in keys if type(k) not in _KEYS]
-            if bad:
-                raise FormatError(
-                    f"{where}: malformed pickle (a dict key that is a {_what(bad[0])}; "
-                    "DCP's metadata keys are names and MetadataIndex records)"
-                )
-            built.grow(target, items)
-            target.update(zip(keys, items[1::2]))
-        elif op == b"\x81":  # NEWOBJ: cls(*args) for an allowlisted class
-            cls, args = pop(2)
-            if not isinstance(cls, _Global) or (cls.module, cls.name) not in _CLASSES or args != ():
-                raise FormatError(f"{where}: NEWOBJ of {_what(cls)} is not a DCP metadata record")
-            stack.append(Obj(cls.name))
-        elif op == b"b":  # BUILD: set the state of a record
-            (state,) = pop(1)
-            obj = _top(stack, where)
-            if not isinstance(obj, Obj):
-                raise FormatError(f"{where}: BUILD on {_what(obj)}")
-            built.grow(obj, [state])
-            obj.state = state
-        elif op == b"R":  # REDUCE: one of the allowlisted pure functions of _CALLS
-            fn, args = pop(2)
-            if not isinstance(fn, _Global) or (fn.module, fn.name) not in _CALLS or type(args) is not tuple:
-                raise FormatError(f"{where}: call of {_what(fn)} is not allowed in DCP metadata")
-            try:
-                value = _CALLS[(fn.module, fn.name)](*args)
-            except (TypeError, ValueError) as e:
-                raise FormatError(f"{where}: bad arguments for {fn.module}.{fn.name}: {str(e)[:200]}") from None
-            stack.append(built.made(value, args) if type(value) in _CONTAINERS else value)
-        else:
-            raise FormatError(f"{where}: pickle opcode {op!r} at byte {pos - 1} is not one DCP metadata uses")
-    result = _top(stack, where)
-    if not isinstance(result, Obj) or result.cls != "Metadata":
-        raise FormatError(f"{where}: does not hold a DCP Metadata record")
-    return result
-
-
-def _top(stack: list[Any], where: str) -> Any:
-    if not stack:
-        raise FormatError(f"{where}: malformed pickle (stack underflow)")
-    return stack[-1]
-
-
-def _being_built(x: Any, t: type, where: str) -> Any:
-    if type(x) is not t:
-        raise FormatError(f"{where}: malformed pickle ({'APPEND to' if t is list else 'SETITEM on'} a {_what(x)})")
-    return x
-
-
-# ----------------------------------------------------------------------------------- convert
 
 
 @dataclass
@@ -347,7 +53,7 @@ class _Range:
 
 def _range(dcp_dir: str, info: Any, fqn: str, what: str) -> _Range:
     if not isinstance(info, Obj):
-        raise FormatError(f"{dcp_dir}: {what} of {fqn!r} has a storage entry of type {_what(info)}")
+        raise FormatError(f"{dcp_dir}: {what} of {fqn!r} has a storage entry of type {what_is(info)}")
     name, offset, length = info.get("relative_path"), info.get("offset"), info.get("length")
     if type(name) is not str or not name or any(c in name for c in "/\\\0") or name in (".", ".."):
         raise FormatError(
@@ -371,7 +77,7 @@ def _dims(v: Any, n: int | None, what: str) -> tuple[int, ...]:
     ):
         raise FormatError(
             f"{what} must be a tuple of {n if n is not None else 'at most ' + str(knobs.MAX_NDIM)} "
-            f"ints, found a {_what(v)}{f' of {len(v)}' if type(v) is tuple else ''}"
+            f"ints, found a {what_is(v)}{f' of {len(v)}' if type(v) is tuple else ''}"
         )
     return v
 
@@ -390,14 +96,14 @@ def _tensor_plan(
     span = dtype.itemsize
     for d in size:
         span *= d or 1
-    if any(d < 0 or d > _MAX_DIM for d in size) or span > _MAX_DIM:
+    if any(d < 0 or d > MAX_DIM for d in size) or span > MAX_DIM:
         raise FormatError(
             f"{dcp_dir}: tensor {fqn!r} has size {list(size)}: dimensions must be 0 .. 2**62, "
             "their non-zero product times the item size at most 2**62 bytes"
         )
     chunks = md.get("chunks")
     if type(chunks) is not list or any(not isinstance(c, Obj) for c in chunks):
-        raise FormatError(f"{dcp_dir}: tensor {fqn!r} needs a list of chunk records, found a {_what(chunks)}")
+        raise FormatError(f"{dcp_dir}: tensor {fqn!r} needs a list of chunk records, found a {what_is(chunks)}")
     boxes = [
         (
             _dims(c.get("offsets"), len(size), f"{dcp_dir}: chunk offsets of {fqn!r}"),
@@ -485,9 +191,14 @@ def _torch_value(data: bytes, dcp_dir: str, fqn: str) -> Any:
     return obj
 
 
+def _value(dcp_dir: str, fqn: str, r: _Range) -> Any:
+    return _torch_value(_blob(dcp_dir, r), dcp_dir, fqn)
+
+
 def _tensor(dcp_dir: str, fqn: str, dtype: torch.dtype, size: tuple, ranges: list[_Range]) -> torch.Tensor:
     out = torch.zeros(size, dtype=dtype)  # every element is then written: the chunks tile it (checked)
     for r in ranges:
+        assert r.box is not None  # _tensor_plan gives every chunk its box
         offsets, sizes = r.box
         data = _blob(dcp_dir, r)
         if data[:4] == b"PK\x03\x04":  # torch.save of the chunk (DCP's default)
@@ -519,7 +230,7 @@ def _slot(root: dict, path: Any, made: dict[int, Any], room: list[int], where: s
     if type(path) is not tuple or not path or len(path) >= knobs.MAX_DEPTH:
         raise FormatError(
             f"{where}: a path in planner_data must be a tuple of 1 .. {knobs.MAX_DEPTH - 1} "
-            f"names and indexes, found a {_what(path)}"
+            f"names and indexes, found a {what_is(path)}"
         )
     cur: Any = root
     for i, key in enumerate(path):
@@ -537,7 +248,7 @@ def _slot(root: dict, path: Any, made: dict[int, Any], room: list[int], where: s
             free = cur[key] is _GAP
         else:
             raise FormatError(
-                f"{where}: item {i} of a path in planner_data is a {_what(key)} where "
+                f"{where}: item {i} of a path in planner_data is a {what_is(key)} where "
                 f"{'a dict needs a name' if type(cur) is dict else 'a list needs an index >= 0'}"
             )
         if i == len(path) - 1:
@@ -597,13 +308,13 @@ def convert_dcp(dcp_dir: str | os.PathLike[str], out_path: str | os.PathLike[str
             raise FormatError(f"{mpath}: entry {fqn!r:.200} is not a named metadata record")
         if md.cls == "TensorStorageMetadata":
             dtype, size, rs = _tensor_plan(dcp_dir, fqn, md, stored.get(fqn, []))
-            load: Callable[[], Any] = lambda fqn=fqn, t=(dtype, size, rs): _tensor(dcp_dir, fqn, *t)
+            load: Callable[[], Any] = partial(_tensor, dcp_dir, fqn, dtype, size, rs)
         elif md.cls == "BytesStorageMetadata":
             entries = [v for off, v in stored.get(fqn, []) if off is None]
             if len(entries) != 1:
                 raise FormatError(f"{mpath}: entry {fqn!r} needs one storage entry, found {len(entries)}")
             rs = [_range(dcp_dir, entries[0], fqn, "the value")]
-            load = lambda fqn=fqn, r=rs[0]: _torch_value(_blob(dcp_dir, r), dcp_dir, fqn)
+            load = partial(_value, dcp_dir, fqn, rs[0])
         else:
             raise FormatError(f"{mpath}: entry {fqn!r} ({md.cls}) has no data")
         ranges += rs
