@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import gpt2_state_dict, nbytes, table  # noqa: E402
+from common import gpt2_state_dict, nbytes, table
 
-import tensorkeep as tk  # noqa: E402
-from tensorkeep.demo import setup, train_epoch  # noqa: E402
+import tensorkeep as tk
+from tensorkeep.demo import setup, train_epoch
 
 
 class Holder(torch.nn.Module):
@@ -118,7 +118,7 @@ class SyscallsOnly:
             self.pending.result()
             self.pending = None
 
-    def __enter__(self) -> "SyscallsOnly":
+    def __enter__(self) -> SyscallsOnly:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -126,7 +126,7 @@ class SyscallsOnly:
         self.pool.shutdown()
 
 
-def segment(state: dict, loader: Any, val: tuple, mgr: "tk.CheckpointManager | None", epochs: int, every: int,
+def segment(state: dict, loader: Any, val: tuple, mgr: tk.CheckpointManager | None, epochs: int, every: int,
             step: list) -> float:
     """``epochs`` epochs of the demo's loop; with ``mgr``, a checkpoint at the start of every
     ``every``-th. The save comes first so that its background write overlaps this segment's

@@ -21,9 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import evict, fsync_path, gpt2_state_dict, nbytes, peak_rss, reset_peak_rss, summary, table, timed  # noqa: E402
+from common import evict, fsync_path, gpt2_state_dict, nbytes, peak_rss, reset_peak_rss, summary, table, timed
 
-import tensorkeep as tk  # noqa: E402
+import tensorkeep as tk
 
 ONE = "h.5.mlp.c_fc.weight"
 
@@ -187,7 +187,7 @@ def main() -> None:
     rss_rows = []
     for name in SAVES:
         rss_rows.append((name, f"{measure_rss('save', name, os.path.join(a.dir, 'rss' + EXT[name])):.0f}"))
-    for name, (fn, ext) in LOADS.items():
+    for name, (_fn, ext) in LOADS.items():
         rss_rows.append((name, f"{measure_rss('load', name, os.path.join(a.dir, 'rss' + ext)):.0f}"))
     print(table(rss_rows, ("operation", "peak extra RSS MB")))
     for f in os.listdir(a.dir):

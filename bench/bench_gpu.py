@@ -24,9 +24,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import table  # noqa: E402
+from common import table
 
-import tensorkeep as tk  # noqa: E402
+import tensorkeep as tk
 
 
 def sync_time(fn) -> float:

@@ -22,9 +22,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import gpt2_state_dict, nbytes, table  # noqa: E402
+from common import gpt2_state_dict, nbytes, table
 
-import tensorkeep as tk  # noqa: E402
+import tensorkeep as tk
 
 
 class Holder(torch.nn.Module):

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import gpt2_state_dict, nbytes, peak_rss, reset_peak_rss, table  # noqa: E402
+from common import gpt2_state_dict, nbytes, peak_rss, reset_peak_rss, table
 
-import tensorkeep as tk  # noqa: E402
+import tensorkeep as tk
 
 
 class Holder(nn.Module):
@@ -39,7 +39,7 @@ class Holder(nn.Module):
 
 def child(kind: str, path: str) -> None:
     with tk.open(path.replace(".pt", ".tk")) as f:
-        shapes = {n: f.info(n).shape for n in f.keys()}
+        shapes = {n: f.info(n).shape for n in f}
     model = Holder(shapes)
     base = reset_peak_rss()
     t = time.perf_counter()

@@ -17,17 +17,17 @@ import shutil
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from common import gpt2_state_dict, nbytes, table  # noqa: E402
-from s3server import ENV, S3Server  # noqa: E402
+from common import gpt2_state_dict, nbytes, table
 
-import tensorkeep as tk  # noqa: E402
-from tensorkeep.storage import objects as storage  # noqa: E402
+import tensorkeep as tk
+from s3server import ENV, S3Server
+from tensorkeep.storage import objects as storage
 
 
 class Holder(torch.nn.Module):

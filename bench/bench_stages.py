@@ -17,20 +17,20 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import evict, gpt2_state_dict, nbytes, table  # noqa: E402
+from common import evict, gpt2_state_dict, nbytes, table
 
-import tensorkeep as tk  # noqa: E402
-from tensorkeep import knobs  # noqa: E402
-from tensorkeep.checkpoint import packs  # noqa: E402
-from tensorkeep.checkpoint.snapshot import Staging  # noqa: E402
-from tensorkeep.core.format import crc32  # noqa: E402
+import tensorkeep as tk
+from tensorkeep import knobs
+from tensorkeep.checkpoint import packs
+from tensorkeep.checkpoint.snapshot import Staging
+from tensorkeep.core.format import crc32
 
 CHUNK = 8 << 20
 
@@ -136,7 +136,7 @@ def main() -> None:
     row("raw fsync of those dirty pages", min(t_fsync))
     row("raw O_DIRECT write + fsync (disk limit)", disk)
     out = os.path.join(a.dir, "model.tk")
-    gone = lambda: os.path.exists(out) and os.unlink(out)  # noqa: E731 - a new file, like the raw rows
+    gone = lambda: os.path.exists(out) and os.unlink(out)
     row("tk.save(durable=False), buffered path forced",
         best(lambda: _save(sd, out, durable=False, direct=False), a.reps, gone), "raw pwrite to page cache", cache)
     row("tk.save (O_DIRECT + CRC overlapped, fsync)", best(lambda: tk.save(sd, out), a.reps, gone),

@@ -6,12 +6,12 @@ import os
 import statistics
 import time
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 
-def gpt2_state_dict(seed: int = 0) -> "OrderedDict[str, torch.Tensor]":
+def gpt2_state_dict(seed: int = 0) -> OrderedDict[str, torch.Tensor]:
     """A GPT-2-small-shaped fp32 state dict: 148 tensors, 497.8 MB."""
     g = torch.Generator().manual_seed(seed)
     d, n_ctx, vocab = 768, 1024, 50257
@@ -68,7 +68,7 @@ def summary(xs: list[float]) -> tuple[float, float]:
 
 def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 

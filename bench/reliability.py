@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-import crashsim  # noqa: E402
+import crashsim
 
 
 def main() -> None:
