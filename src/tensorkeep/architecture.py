@@ -98,7 +98,7 @@ def save_model(
     >>> tk.load_model("/tmp/tk-doc-lin.model", allow=["torch.nn"]).out_features
     256
     """
-    info = {"class": _class_path(model), "config": dict(config or {}), "versions": _versions()}
+    info: dict[str, Any] = {"class": _class_path(model), "config": dict(config or {}), "versions": _versions()}
     try:
         inspect.signature(type(model)).bind(**info["config"])
     except TypeError as e:

@@ -96,7 +96,7 @@ def _flat_tensors(obj: Any, where: str) -> dict[str, torch.Tensor]:
     """
     check_nesting(obj, where)
     out: dict[str, torch.Tensor] = {}
-    stack = [(None, obj)]  # (name, value); name None: the top, never a tensor itself
+    stack: list[tuple[str | None, Any]] = [(None, obj)]  # (name, value); name None: the top, never a tensor itself
     while stack:
         name, x = stack.pop()
         if name is not None and (

@@ -219,8 +219,8 @@ def check_pickle(where: str, data: Any, at: int = 0) -> int:
                     )
             elif op == 0x51:  # BINPERSID: torch looks up a storage by the key in its id, ("storage", type, key, ...)
                 pid = stack.pop()
-                ids = pid[1] if type(pid) is tuple and pid[0] == "t" else ()
-                view = ids[5][1] if len(ids) > 5 and type(ids[5]) is tuple and ids[5][0] == "t" else ()
+                ids: tuple[Any, ...] = pid[1] if type(pid) is tuple and pid[0] == "t" else ()
+                view: tuple[Any, ...] = ids[5][1] if len(ids) > 5 and type(ids[5]) is tuple and ids[5][0] == "t" else ()
                 if (len(ids) > 2 and not _is_key(ids[2])) or (view and not _is_key(view[0])):
                     raise FormatError(f"{where}: the pickle names a storage by a key that is not a str or an int")
                 stack.append(_OTHER)

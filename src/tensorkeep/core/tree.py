@@ -176,7 +176,8 @@ def unflatten(tree: Any, get: Callable[[str, str], Any] | None, where: str) -> A
     >>> unflatten({"d": [["w", {"t": "w"}], ["s", {"S": [2, 3]}]]}, lambda name, kind: name, "f")
     {'w': 'w', 's': torch.Size([2, 3])}
     """
-    cache: dict[tuple[str, str], Any] = {}
+    cache: dict[tuple[str, str], Any] = {}  # (name, kind) -> the array
+    aliases: dict[tuple[str, bool, bool], Any] = {}  # (name, is a Parameter, requires grad) -> a tensor sharing it
 
     def leaf(name: Any, kind: str) -> Any:
         if type(name) is not str:
@@ -226,9 +227,9 @@ def unflatten(tree: Any, get: Callable[[str, str], Any] | None, where: str) -> A
                 return x
             # a new tensor object sharing x's storage, made once per (name, kind), so that setting
             # requires_grad on one reference does not leak into a plain (detached) alias of it
-            if (v, p, g) not in cache:
-                cache[(v, p, g)] = torch.nn.Parameter(x, requires_grad=g) if p else x.detach().requires_grad_(True)
-            return cache[(v, p, g)]
+            if (v, p, g) not in aliases:
+                aliases[(v, p, g)] = torch.nn.Parameter(x, requires_grad=g) if p else x.detach().requires_grad_(True)
+            return aliases[(v, p, g)]
         if tag == "n":
             x = leaf(v, "n")
             return x[()] if n.get("s") and x is not None else x

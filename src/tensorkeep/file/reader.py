@@ -89,7 +89,10 @@ class _Reader:
         if self.crcs is None:
             return
         want = self.crcs[name]
-        mv = memoryview(buf).cast("B") if not isinstance(buf, np.ndarray) else memoryview(buf)
+        if isinstance(buf, np.ndarray):
+            mv = memoryview(buf)  # type: ignore[arg-type]  # numpy's stubs: ndarray.__buffer__ only on Python >= 3.12
+        else:
+            mv = memoryview(buf).cast("B")
         for i, at in enumerate(range(0, max(len(mv), 1), self.block)):
             got = crc32(mv[at : at + self.block])
             if got != want[first_block + i]:
@@ -126,7 +129,7 @@ class _Reader:
         if not verify or self.crcs is None:
             return self.read_range(buf, base)
         piece = knobs.READ_PIECE_BYTES
-        mv = memoryview(buf)
+        mv = memoryview(buf)  # type: ignore[arg-type]  # numpy's stubs: ndarray.__buffer__ only on Python >= 3.12
         for i, at in enumerate(range(0, max(len(mv), 1), self.block)):
             crc = 0
             for p in range(at, min(at + self.block, len(mv)), piece):
@@ -247,7 +250,7 @@ def _read_ranges(r: _Reader, verify: bool) -> dict[str, Any]:
     out, bufs = {}, {}
     for name, t in r.header.tensors.items():
         out[name], buf = r._empty(t, r.kinds[name])
-        bufs[name] = memoryview(buf).cast("B")
+        bufs[name] = memoryview(buf).cast("B")  # type: ignore[arg-type]  # numpy's stubs: __buffer__ on Python >= 3.12
     order = sorted(r.header.tensors.values(), key=lambda t: t.begin)
     begins = [t.begin for t in order]
     total, span, start = order[-1].end if order else 0, PART_BYTES, r.header.data_start

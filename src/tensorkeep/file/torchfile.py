@@ -177,7 +177,8 @@ def load_torch_file(path: str, device: Any, lazy: bool, source: Any = None, *, v
                 f.check_all_mapped()
                 obj = torch.load(path, map_location=loc, weights_only=True, mmap=True)
             else:
-                obj = torch.load(f, map_location=loc, weights_only=True, mmap=False)  # a file object cannot be mapped
+                # a file object cannot be mapped; torch.load reads any binary file object, its stubs say IO[bytes]
+                obj = torch.load(f, map_location=loc, weights_only=True, mmap=False)  # type: ignore[arg-type]
                 f.check_rest()
         check_nesting(obj, path)
         return obj

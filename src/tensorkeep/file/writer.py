@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -70,7 +70,7 @@ def _source(x: Any, path: str, name: str) -> tuple[str, tuple[int, ...], Callabl
 
 
 def _block_crcs(buf: np.ndarray, block: int) -> list[str]:
-    mv = memoryview(buf)
+    mv = memoryview(buf)  # type: ignore[arg-type]  # numpy's stubs: ndarray.__buffer__ only on Python >= 3.12
     return [f"{crc32(mv[i : i + block]):08x}" for i in range(0, max(len(mv), 1), block)]
 
 
@@ -94,7 +94,7 @@ def _write_direct(fd: int, start: int, sources: list, block: int, total: int) ->
     chunk = knobs.CHUNK_BYTES
     bufs = [_io.STAGING.get(chunk), _io.STAGING.get(chunk)]
     crcs: dict[str, list[str]] = {}
-    pending = [None, None]
+    pending: list[Future[None] | None] = [None, None]
     cur, fill, off = 0, 0, start
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="tk-write") as pool:
@@ -104,8 +104,9 @@ def _write_direct(fd: int, start: int, sources: list, block: int, total: int) ->
                 pending[cur] = pool.submit(_io.pwrite_all, fd, memoryview(bufs[cur])[:length], off)
                 off += length
                 cur, fill = 1 - cur, 0
-                if pending[cur] is not None:
-                    pending[cur].result()  # the other buffer must be written before we refill it
+                other = pending[cur]
+                if other is not None:
+                    other.result()  # the other buffer must be written before we refill it
                     pending[cur] = None
 
             for name, get in sources:
@@ -274,9 +275,9 @@ def final_header(
     """The header with the real checksums in ``info`` and its own checksum; as long as the
     placeholder one (``length``) when one was written."""
     meta[TK_KEY] = _dumps_tree(info)
-    final, _ = encode_header(layout, meta, align)
-    assert length is None or len(final) == length, "header length changed between placeholder and final write"
-    final = bytearray(final)
+    head, _ = encode_header(layout, meta, align)
+    assert length is None or len(head) == length, "header length changed between placeholder and final write"
+    final = bytearray(head)
     at = 8 + len(TK_PREFIX)
     final[at : at + 8] = f"{header_crc(final):08x}".encode()
     return final

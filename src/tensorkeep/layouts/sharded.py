@@ -128,9 +128,9 @@ def save_sharded(
             temps[INDEX] = _write_temp(directory, INDEX, index)
         _commit(directory, files, temps, old)
     except BaseException as e:
-        for t in temps.values():
-            if _io.is_regular_file(t):
-                _io.unlink(t)
+        for tmp in temps.values():
+            if _io.is_regular_file(tmp):
+                _io.unlink(tmp)
         if isinstance(e, OSError) and not isinstance(e, SaveError):
             raise SaveError(
                 e.errno,
