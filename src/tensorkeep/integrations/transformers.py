@@ -1,0 +1,441 @@
+"""Crash-proof ``checkpoint-N`` directories for the Hugging Face ``Trainer`` (and subclasses such as TRL's).
+
+Two lines on top of a stock training script::
+
+    from tensorkeep.transformers import protect
+    trainer = protect(Trainer(model=model, args=args, train_dataset=ds))   # or protect(SFTTrainer(...))
+    trainer.train(resume_from_checkpoint=True)                              # unchanged
+
+or, for a class of your own: ``class MyTrainer(CrashProofMixin, SFTTrainer): ...`` (the mixin first).
+
+What changes in ``args.output_dir``:
+
+- every ``checkpoint-N`` is written by the Trainer's own save chain (subclass extras included) into a
+  hidden staging directory, fsynced, listed with sizes and CRC-32s in its ``manifest.json``, and
+  published by one rename: it exists complete or not at all. ``save_total_limit`` (which keeps the
+  newest and ``best_model_checkpoint``, as stock) deletes old checkpoints only after that.
+- no pickle: ``optimizer.tk``, ``scheduler.tk``, ``scaler.tk`` and ``rng_state.tk`` (tensorkeep files)
+  replace ``optimizer.pt``, ``scheduler.pt``, ``scaler.pt`` and ``rng_state.pth``; the arguments are
+  ``training_args.json`` (``args.to_json_string()``) instead of the pickled ``training_args.bin``.
+  ``trainer_state.json`` and ``config.json`` stay JSON, and ``model.safetensors`` stays a safetensors
+  file (a tensorkeep file is one, with per-tensor checksums), so ``from_pretrained(checkpoint-N)`` works.
+- ``train(resume_from_checkpoint=True)`` resumes from the newest checkpoint that verifies (every file
+  checked against its manifest before anything is loaded); a damaged one is skipped with a warning.
+  A stock checkpoint (no manifest) is used when it is the newest complete-looking one (migration).
+
+Not covered (the save then fails or keeps the stock files, still inside an atomic directory):
+DeepSpeed and sharded-FSDP checkpoints (they write subdirectories, which a staged checkpoint refuses),
+XLA/NPU/HPU/MLU/MUSA random states (stock ``rng_state.pth`` kept), several processes (not yet),
+``trainer.save_model()`` outside checkpoints (stock), and the end-of-training deletion that stock
+``Trainer`` does itself for ``save_total_limit=1`` with ``load_best_model_at_end``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+try:
+    import safetensors.torch
+    import transformers.modeling_utils as _modeling
+    from transformers import Trainer
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+    from transformers.utils import (
+        is_sagemaker_mp_enabled,
+        is_torch_hpu_available,
+        is_torch_mlu_available,
+        is_torch_musa_available,
+        is_torch_npu_available,
+        is_torch_xla_available,
+    )
+except ImportError as e:  # pragma: no cover - the extra is missing
+    raise ImportError(
+        f"tensorkeep.transformers needs transformers ({e}). Fix: pip install 'tensorkeep[transformers]'"
+    ) from e
+
+from tensorkeep.checkpoint import rng
+from tensorkeep.checkpoint.manager import CheckpointManager
+from tensorkeep.checkpoint.policies import Record
+from tensorkeep.checkpoint.stage import Intact, Stage, latest_intact, load_verified
+from tensorkeep.checkpoint.run import open_run
+from tensorkeep.errors import CheckpointNotFoundError, FormatError, SaveError
+
+__all__ = ["CrashProofMixin", "protect", "NAMING"]
+
+#: How the Trainer names its checkpoint directories (``checkpoint-500``).
+NAMING = PREFIX_CHECKPOINT_DIR + "-{step}"
+_NAME_RE = re.compile(re.escape(PREFIX_CHECKPOINT_DIR) + r"-(\d+)")
+_STATE = "trainer_state.json"
+_MODEL = "model.safetensors"
+_STOCK_ONLY = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth", "training_args.bin")
+
+T = TypeVar("T", bound=Trainer)
+
+
+@dataclass(frozen=True)
+class _TotalLimit:
+    """``save_total_limit`` as the stock Trainer applies it: keep the newest checkpoint and the best
+    one, then the newest others until ``limit`` are kept (a retention policy of the run's manager).
+
+    >>> _TotalLimit(2, lambda: 1).keep([Record(s, {}) for s in (1, 2, 3, 4)])
+    {1, 4}
+    """
+
+    limit: int
+    best: Callable[[], int | None]
+
+    def keep(self, records: Sequence[Record]) -> set[int]:
+        steps = sorted(r.step for r in records)
+        if not steps:
+            return set()
+        kept = {steps[-1]}
+        best = self.best()
+        if best in steps:
+            kept.add(best)
+        others = [s for s in steps if s not in kept]
+        room = max(self.limit - len(kept), 0)
+        return kept | set(others[len(others) - room :] if room else [])
+
+
+class CrashProofMixin:
+    """Makes a ``transformers.Trainer`` (sub)class write and resume tensorkeep checkpoints (see the module).
+
+    >>> from transformers import Trainer
+    >>> class MyTrainer(CrashProofMixin, Trainer):  # the mixin first: it wraps the whole save chain
+    ...     pass
+
+    Everything ``_save_checkpoint`` writes (the subclass's own files included) goes into a staging
+    directory, because every path of the chain comes from ``_get_output_dir``, which points there
+    during a save.
+    """
+
+    _tk_stage: Stage | None = None
+    _tk_push: bool = False
+    _tk_resumed: Intact | None = None
+    _tk_managers: dict[str, CheckpointManager] | None = None
+
+    # ------------------------------------------------------------------ save
+
+    def _get_output_dir(self, trial: Any) -> str:
+        if self._tk_stage is not None:
+            return self._tk_stage.run_path
+        return super()._get_output_dir(trial)  # type: ignore[misc]
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        run_dir = super()._get_output_dir(trial)  # type: ignore[misc]
+        step = self.state.global_step  # type: ignore[attr-defined]
+        name = NAMING.format(step=step)
+        final = os.path.join(run_dir, name)
+        there = os.path.lexists(final)
+        mgr = self._tk_manager(run_dir)
+        self._tk_push = False
+        with mgr.stage(step, subdir=name) as st, _safetensors_into(st):
+            self._tk_stage = st
+            try:
+                super()._save_checkpoint(model, trial)  # type: ignore[misc]
+            finally:
+                self._tk_stage = None
+            if os.path.lexists(final) and not there:
+                raise SaveError(
+                    0,
+                    f"{final} was written in place, outside tensorkeep's staging directory: this version of "
+                    "transformers builds checkpoint paths differently from 5.24. Fix: install the version "
+                    "pinned by tensorkeep[transformers]",
+                )
+            self._tk_finish(st, run_dir)
+        if self._tk_push:  # stock pushes the folder it just wrote: now the committed one
+            super()._push_from_checkpoint(final)  # type: ignore[misc]
+
+    def _tk_finish(self, st: Stage, run_dir: str) -> None:
+        """Inside the staged save, after the Trainer's chain: paths that point into staging, the
+        arguments as JSON instead of a pickle, and this step's logged metrics for the manifest."""
+        state, args = self.state, self.args  # type: ignore[attr-defined]
+        best = state.best_model_checkpoint
+        if best is not None and os.path.abspath(best).startswith(st.run_path + os.sep):
+            state.best_model_checkpoint = os.path.join(run_dir, os.path.relpath(best, st.run_path))
+        if not args.should_save:
+            return
+        if os.path.exists(os.path.join(st.path, _STATE)):  # again, with the committed path of the best one
+            state.save_to_json(os.path.join(st.path, _STATE))
+        if os.path.exists(os.path.join(st.path, "training_args.bin")):
+            os.unlink(os.path.join(st.path, "training_args.bin"))
+            with open(os.path.join(st.path, "training_args.json"), "w", encoding="utf-8") as f:
+                f.write(args.to_json_string())
+        for entry in state.log_history:
+            if entry.get("step") == state.global_step:
+                st.metrics.update(
+                    {k: v for k, v in entry.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+                )
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        st = self._tk_stage
+        if st is None or not self._tk_plain():
+            return super()._save_optimizer_and_scheduler(output_dir)  # type: ignore[misc]
+        if self.args.should_save:  # type: ignore[attr-defined]
+            st.write("optimizer.tk", self.optimizer.state_dict(), key="optimizer")  # type: ignore[attr-defined]
+            st.write("scheduler.tk", self.lr_scheduler.state_dict(), key="lr_scheduler")  # type: ignore[attr-defined]
+        if _overridden_below(self, "_save_optimizer_and_scheduler"):  # a subclass adds its own files
+            super()._save_optimizer_and_scheduler(output_dir)  # type: ignore[misc]
+            _unlink(output_dir, "optimizer.pt", "scheduler.pt")  # the base's pickles: ours are written
+
+    def _save_scaler(self, output_dir: str) -> None:
+        st, scaler = self._tk_stage, getattr(self.accelerator, "scaler", None)  # type: ignore[attr-defined]
+        if st is None or scaler is None or is_torch_xla_available():
+            return super()._save_scaler(output_dir)  # type: ignore[misc]
+        if self.args.should_save:  # type: ignore[attr-defined]
+            st.write("scaler.tk", scaler.state_dict(), key="scaler")
+        if _overridden_below(self, "_save_scaler"):
+            super()._save_scaler(output_dir)  # type: ignore[misc]
+            _unlink(output_dir, "scaler.pt")
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        st = self._tk_stage
+        if st is None or _other_accelerator():
+            if st is not None:
+                _warn_once(
+                    "this machine has an accelerator whose random state tensorkeep does not capture: "
+                    "the stock rng_state.pth (a pickle) is kept in the checkpoint"
+                )
+            return super()._save_rng_state(output_dir)  # type: ignore[misc]
+        st.write(self._tk_rng_name(), rng.capture(), key="rng")
+        if _overridden_below(self, "_save_rng_state"):
+            super()._save_rng_state(output_dir)  # type: ignore[misc]
+            _unlink(output_dir, "rng_state.pth", f"rng_state_{self.args.process_index}.pth")  # type: ignore[attr-defined]
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        if self._tk_stage is not None:
+            self._tk_push = True  # replayed with the committed folder once it exists
+            return
+        super()._push_from_checkpoint(checkpoint_folder)  # type: ignore[misc]
+
+    # ------------------------------------------------------------------ resume
+
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        """``Trainer.train``; ``resume_from_checkpoint=True`` means the newest checkpoint that verifies.
+
+        A path is verified first (a damaged tensorkeep checkpoint raises
+        :class:`~tensorkeep.CheckpointNotFoundError`, never a silent switch to another one).
+        """
+        try:
+            if resume_from_checkpoint is True:
+                resume_from_checkpoint = self._tk_newest(self.args.output_dir)  # type: ignore[attr-defined]
+            elif isinstance(resume_from_checkpoint, (str, os.PathLike)):
+                resume_from_checkpoint = self._tk_verify(os.fspath(resume_from_checkpoint))
+            return super().train(  # type: ignore[misc]
+                resume_from_checkpoint=resume_from_checkpoint,
+                trial=trial,
+                ignore_keys_for_eval=ignore_keys_for_eval,
+                **kwargs,
+            )
+        finally:
+            self._tk_resumed = None
+            for mgr in (self._tk_managers or {}).values():
+                mgr.close()  # the run's lock: another Trainer may train in it next
+            self._tk_managers = None
+
+    def _tk_newest(self, run_dir: str) -> str:
+        self._tk_manager(run_dir)  # takes the run's lock, removes the leftovers of crashed saves
+        found = latest_intact(run_dir, naming=NAMING)
+        stock = _newest_stock(run_dir)
+        if stock is not None and (found is None or stock[0] > found.step):
+            warnings.warn(
+                f"resuming from {stock[1]}, a checkpoint written without tensorkeep (no manifest.json): it is not "
+                "verified and its .pt files are read by transformers",
+                stacklevel=3,
+            )
+            return stock[1]
+        if found is None:
+            raise ValueError(f"No valid checkpoint found in output directory ({run_dir})")  # stock's message
+        self._tk_resumed = found
+        return found.path
+
+    def _tk_verify(self, path: str) -> str:
+        path = os.path.abspath(path)
+        run_dir, name = os.path.split(path)
+        m = _NAME_RE.fullmatch(name)
+        if m is None or not os.path.isfile(os.path.join(path, "manifest.json")):
+            return path  # not a tensorkeep checkpoint: transformers reads it as it always did
+        try:
+            self._tk_resumed = load_verified(open_run(run_dir, naming=NAMING), int(m.group(1)))
+        except (FormatError, OSError) as e:
+            raise CheckpointNotFoundError(
+                f"cannot resume from {path}: {e}. Fix: pass resume_from_checkpoint=True (the newest checkpoint "
+                f"that verifies), or another checkpoint; `tensorkeep verify {run_dir}` lists them"
+            ) from None
+        return path
+
+    def _tk_loaded(self, checkpoint: str | None, name: str) -> Any:
+        """A verified file of the checkpoint being resumed (None if it is not one of tensorkeep's)."""
+        found = self._tk_resumed
+        if checkpoint is None or found is None or os.path.abspath(checkpoint) != found.path:
+            return None
+        return found.loaded.get(name)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        weights = self._tk_loaded(resume_from_checkpoint, _MODEL)
+        if weights is None or not self._tk_plain():
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
+        result = (self.model if model is None else model).load_state_dict(weights, False)  # type: ignore[attr-defined]
+        self._issue_warnings_after_load(result)  # type: ignore[attr-defined]
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        optimizer = self._tk_loaded(checkpoint, "optimizer.tk")
+        if optimizer is not None:
+            self.optimizer.load_state_dict(optimizer)  # type: ignore[attr-defined]
+            self.lr_scheduler.load_state_dict(self._tk_loaded(checkpoint, "scheduler.tk"))  # type: ignore[attr-defined]
+        super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]  # subclass extras; else no .pt: a no-op
+
+    def _load_scaler(self, checkpoint: str | None) -> None:
+        scaler = self._tk_loaded(checkpoint, "scaler.tk")
+        if scaler is not None:
+            self.accelerator.scaler.load_state_dict(scaler)  # type: ignore[attr-defined]
+        super()._load_scaler(checkpoint)  # type: ignore[misc]
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        states = self._tk_loaded(checkpoint, self._tk_rng_name())
+        if states is not None:
+            rng.restore(states)
+            return
+        super()._load_rng_state(checkpoint)  # type: ignore[misc]
+
+    # ------------------------------------------------------------------ helpers
+
+    def _tk_manager(self, run_dir: str) -> CheckpointManager:
+        """The run's manager (its lock held until ``train`` returns), retention as ``save_total_limit``."""
+        if self._tk_managers is None:
+            self._tk_managers = {}
+        run_dir = os.path.abspath(run_dir)
+        if run_dir not in self._tk_managers:
+            limit = self.args.save_total_limit  # type: ignore[attr-defined]
+            policies = [_TotalLimit(limit, self._tk_best_step)] if limit and limit > 0 else []
+            self._tk_managers[run_dir] = CheckpointManager(run_dir, naming=NAMING, policies=policies)
+        return self._tk_managers[run_dir]
+
+    def _tk_best_step(self) -> int | None:
+        best = self.state.best_model_checkpoint  # type: ignore[attr-defined]
+        m = _NAME_RE.fullmatch(os.path.basename(os.path.normpath(best))) if best else None
+        return int(m.group(1)) if m else None
+
+    def _tk_plain(self) -> bool:
+        """No DeepSpeed, FSDP, XLA or SageMaker: the branch where stock pickles whole state dicts."""
+        return not (
+            self.is_deepspeed_enabled  # type: ignore[attr-defined]
+            or self.is_fsdp_enabled  # type: ignore[attr-defined]
+            or is_torch_xla_available()
+            or is_sagemaker_mp_enabled()
+        )
+
+    def _tk_rng_name(self) -> str:
+        args = self.args  # type: ignore[attr-defined]
+        return "rng_state.tk" if args.world_size <= 1 else f"rng_state_{args.process_index}.tk"
+
+
+def protect(trainer: T) -> T:
+    """Make ``trainer`` (a ``transformers.Trainer``, or a subclass's instance such as TRL's
+    ``SFTTrainer``) save crash-proof checkpoints and resume from the newest intact one; returns it.
+
+    >>> from tensorkeep.transformers import protect                  # doctest: +SKIP
+    >>> trainer = protect(Trainer(model=model, args=args, train_dataset=ds))
+    >>> trainer.train(resume_from_checkpoint=True)
+
+    Its class becomes ``CrashProof<Class>`` (``CrashProofMixin`` first, then the original class), so
+    ``isinstance(trainer, SFTTrainer)`` still holds.
+    """
+    if not isinstance(trainer, Trainer):
+        raise TypeError(f"protect() takes a transformers.Trainer (or a subclass's instance), not {type(trainer)!r}")
+    if not isinstance(trainer, CrashProofMixin):
+        trainer.__class__ = _protected(type(trainer))
+    return trainer
+
+
+@functools.cache
+def _protected(cls: type) -> type:
+    return type(f"CrashProof{cls.__name__}", (CrashProofMixin, cls), {"__module__": cls.__module__})
+
+
+def _overridden_below(trainer: Any, method: str) -> bool:
+    """True when a class between the mixin and ``Trainer`` defines ``method`` (it may add files)."""
+    mro = type(trainer).__mro__
+    between = mro[mro.index(CrashProofMixin) + 1 : mro.index(Trainer)]
+    return any(method in vars(c) for c in between)
+
+
+def _other_accelerator() -> bool:
+    return any(
+        f()
+        for f in (
+            is_torch_xla_available,
+            is_torch_npu_available,
+            is_torch_hpu_available,
+            is_torch_mlu_available,
+            is_torch_musa_available,
+        )
+    )
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def _unlink(directory: str, *names: str) -> None:
+    for n in names:
+        p = os.path.join(directory, n)
+        if os.path.lexists(p):
+            os.unlink(p)
+
+
+def _newest_stock(run_dir: str) -> tuple[int, str] | None:
+    """The newest ``checkpoint-N`` written by a stock Trainer that looks complete (no manifest, no
+    tensorkeep file, a ``trainer_state.json`` that parses: stock writes it last)."""
+    found: list[tuple[int, str]] = []
+    for n in os.listdir(run_dir):
+        m = _NAME_RE.fullmatch(n)
+        p = os.path.join(run_dir, n)
+        if m is None or os.path.islink(p) or not os.path.isdir(p):
+            continue
+        names = os.listdir(p)
+        if "manifest.json" in names or any(x.endswith(".tk") for x in names):
+            continue  # tensorkeep's (intact or damaged): never read as a stock one
+        try:
+            with open(os.path.join(p, _STATE), encoding="utf-8") as f:
+                json.load(f)
+        except (OSError, ValueError):
+            continue
+        found.append((int(m.group(1)), p))
+    return max(found, default=None)
+
+
+@contextlib.contextmanager
+def _safetensors_into(st: Stage) -> Iterator[None]:
+    """While ``st`` is staged, ``safetensors.torch.save_file`` (as ``save_pretrained`` and
+    ``Trainer._save`` call it) writes a tensorkeep file when the target is in ``st.path``: readable by
+    every safetensors reader, with per-tensor checksums, recorded in the manifest by ``Stage.write``.
+    Any other target gets the real function."""
+    originals = (_modeling.safe_save_file, safetensors.torch.save_file)
+
+    def save_file(tensors: dict[str, Any], filename: str, metadata: dict[str, str] | None = None) -> None:
+        folder, name = os.path.split(os.path.abspath(os.fspath(filename)))
+        if folder != st.path:
+            return originals[1](tensors, filename, metadata=metadata)
+        st.write(name, dict(tensors), key="model", metadata=dict(metadata or {}))
+
+    _modeling.safe_save_file = save_file
+    safetensors.torch.save_file = save_file
+    try:
+        yield
+    finally:
+        _modeling.safe_save_file, safetensors.torch.save_file = originals
