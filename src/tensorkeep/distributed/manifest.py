@@ -20,6 +20,7 @@ import errno
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +112,55 @@ def build_manifest(plan: SavePlan, tree: Any, files: list[dict]) -> dict[str, An
         "tree": tree,
         "versions": {"tensorkeep": __version__, "torch": torch.__version__.split("+")[0]},
     }
+
+
+def assemble_manifest(
+    world_size: int,
+    files: Mapping[int, Mapping[str, Any]],
+    tensors: Mapping[str, Stored],
+    tree: Any,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The manifest of a save planned elsewhere (torch DCP's planner, see
+    :mod:`tensorkeep.integrations.dcp`): ``files[rank]`` the size and header checksum of the file
+    that rank wrote (a rank that wrote no tensor has none), ``tensors`` each tensor's layout
+    (``Chunk.rank``: whose file), ``tree`` the structure, ``extra`` more top-level fields (which
+    :func:`read_manifest` passes through). The same format as :func:`build_manifest`.
+
+    >>> m = assemble_manifest(1, {0: {"size": 96, "crc32": "0a1b2c3d"}},
+    ...                       {"w": Stored("F32", (2,), [Chunk((0,), (2,), 0)])}, {"d": [["w", {"t": "w"}]]})
+    >>> m["files"]
+    {'rank-00000-of-00001.tk': {'rank': 0, 'size': 96, 'crc32': '0a1b2c3d'}}
+    >>> m["tensors"]["w"]["chunks"]
+    [{'file': 'rank-00000-of-00001.tk', 'offsets': [0], 'sizes': [2]}]
+    """
+    w = world_size
+    out: dict[str, Any] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "world_size": w,
+        "files": {
+            shard_file(r, w): {"rank": r, "size": f["size"], "crc32": f["crc32"]} for r, f in sorted(files.items())
+        },
+        "tensors": {
+            k: {
+                "dtype": s.dtype,
+                "shape": list(s.shape),
+                "chunks": [
+                    {"file": shard_file(c.rank, w), "offsets": list(c.offsets), "sizes": list(c.sizes)}
+                    for c in s.chunks
+                ],
+            }
+            for k, s in tensors.items()
+        },
+        "tree": tree,
+        "versions": {"tensorkeep": __version__, "torch": torch.__version__.split("+")[0]},
+    }
+    for k, v in (extra or {}).items():
+        if k in out:
+            raise ValueError(f"assemble_manifest: extra field {k!r} would replace the manifest's own")
+        out[k] = v
+    return out
 
 
 def _ints(v: Any, n: int | None, what: str) -> tuple[int, ...]:
