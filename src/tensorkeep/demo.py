@@ -300,7 +300,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=EPOCHS, help=argparse.SUPPRESS)  # with --train
     a = ap.parse_args()
     if a.train:
-        return train(*a.train, slow=a.slow, epochs=a.epochs)
+        run_dir, out = a.train
+        return train(run_dir, out, slow=a.slow, epochs=a.epochs)
     t0 = time.time()
     _fresh(a.dir)
     run, ref_run = os.path.join(a.dir, "run"), os.path.join(a.dir, "reference-run")
@@ -336,6 +337,7 @@ def main() -> None:
     print("\n4. The checkpoints that retention kept (keep_last=3, plus the best val_loss):")
     with tk.CheckpointManager(run, keep_last=3, keep_best=("val_loss", "min")) as mgr:
         best, latest = mgr.best_step(), mgr.latest_step()
+        assert best is not None  # every checkpoint of the demo records val_loss
         for s in mgr.steps():
             m = mgr.metrics(s)
             tags = ", ".join(t for t, ok in (("latest", s == latest), ("best", s == best)) if ok)
