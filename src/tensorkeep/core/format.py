@@ -104,7 +104,7 @@ def looks_like_tensorkeep(head: bytes) -> bool:
     return bit_distance(got, TK_PREFIX) <= 1
 
 
-def header_crc(prefix_and_header: bytes) -> int:
+def header_crc(prefix_and_header: bytes | bytearray) -> int:
     """CRC-32 of the length prefix + header, with the stored checksum digits zeroed."""
     start = 8 + len(TK_PREFIX)
     b = bytearray(prefix_and_header)
@@ -116,7 +116,7 @@ def header_crc(prefix_and_header: bytes) -> int:
 CRC_FIELD_END = 8 + len(TK_PREFIX) + 8
 
 
-def crc_field(head: bytes) -> str:
+def crc_field(head: bytes | bytearray) -> str:
     """The header checksum a tensorkeep file records about itself (8 hex digits, unverified), from
     its first :data:`CRC_FIELD_END` bytes: a cheap identity that manifests keep for each file."""
     return bytes(head[CRC_FIELD_END - 8 : CRC_FIELD_END]).decode("ascii", "replace")
