@@ -24,59 +24,6 @@ from tensorkeep.storage.disk import DiskBackend
 
 # ---------------------------------------------------------------------------------- known bugs
 
-TEMPS_LISTED = (
-    "DiskBackend.list() lists the temporary file of a write in progress (.<name>.tk-tmp-<pid>-<hex>): "
-    "skip names for which storage.local.temp_of(name) is not None"
-)
-HUGE_END = "DiskBackend.read_range allocates end - start bytes (MemoryError): clamp end to the file's size first"
-NOT_SAVEERROR_DIR = (
-    "DiskBackend.write: makedirs failing (a file where a directory must go) raises a bare FileExistsError, "
-    "not SaveError: wrap _io.makedirs in the OSError -> SaveError translation"
-)
-SOURCE_ERROR_RAW = (
-    "Store.write lets an OSError raised by the chunks escape as it is, not as SaveError naming the URL "
-    "(DiskBackend wraps it): translate OSError (not TensorkeepError) into SaveError in Store.write"
-)
-NOT_FOUND_ON_WRITE = (
-    "Store.write: a not-found answer to a PUT (a missing bucket) raises FileNotFoundError('no such object'), "
-    "not SaveError: Store.write must turn FileNotFoundError into SaveError too"
-)
-RANGE_PAST_END = (
-    "Store.read_range on S3: a range starting at or past the end is StorageError (HTTP 416 InvalidRange), "
-    "not b'': return b'' when start >= size (catch the EINVAL that s3fs makes of InvalidRange)"
-)
-NEGATIVE_START = "Store.read_range(key, -3, n) returns the last 3 bytes (fsspec semantics): refuse start < 0"
-DIR_IS_OBJECT = (
-    "Store.exists('d') is True and size('d') is 0 for a prefix that holds objects: use fs.isfile and "
-    "check info()['type'] == 'file'"
-)
-LIST_PREFIX = (
-    "Store.list(prefix) finds only below a directory: a prefix like 'ab' or 'ab/d' lists nothing; "
-    "find below prefix.rpartition('/')[0] and filter with startswith"
-)
-DELETE_GLOBS = (
-    "Store.delete uses fs.rm, which expands glob characters: deleting 'a*' deletes 'ab' too; delete each "
-    "path with fs.rm_file (S3: one delete_objects call per 1000 keys)"
-)
-DELETE_MISSING = (
-    "Store.delete on memory://: fs.rm raises FileNotFoundError for a missing key before deleting any, "
-    "and Store swallows it, so the other keys stay (same fix as DELETE_GLOBS)"
-)
-KEYS_UNCHECKED = (
-    "Store accepts any key ('', '/abs', '../up', 'a//b', 'a/./b'): '' names the root itself, '..' may leave "
-    "the prefix; move DiskBackend.path's key check into storage.base and call it in Store._path"
-)
-
-STORE_BUGS = {
-    "test_chunks_failing_midway_keep_the_previous_object": SOURCE_ERROR_RAW,
-    "test_injected_fault_keeps_the_previous_object[not-found]": NOT_FOUND_ON_WRITE,
-    "test_a_negative_range_start_is_refused": NEGATIVE_START,
-    "test_a_directory_is_not_an_object": DIR_IS_OBJECT,
-    **{f"test_list_by_any_prefix[{p}]": LIST_PREFIX for p in ["a", "ab", "ab/c"]},
-    "test_delete_never_globs": DELETE_GLOBS,
-    "test_a_key_that_is_not_below_the_root_is_refused": KEYS_UNCHECKED,
-}
-
 
 @contextmanager
 def _raising(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, exc: BaseException) -> Iterator[None]:
@@ -103,14 +50,6 @@ DISK_FAULTS = {  # the _io function that fails, and how
 
 
 class TestDisk(BackendTests):
-    known_bugs = {
-        "test_a_write_in_progress_is_invisible": TEMPS_LISTED,
-        "test_a_large_write_failing_after_some_parts_keeps_the_previous_object": TEMPS_LISTED,
-        "test_a_stale_temp_file_is_not_listed": TEMPS_LISTED,
-        "test_a_huge_range_end_reads_what_there_is": HUGE_END,
-        "test_an_object_under_an_object_name": NOT_SAVEERROR_DIR,
-    }
-
     @pytest.fixture
     def backend(self, tmp_path):
         return DiskBackend(str(tmp_path / "root"))
@@ -167,8 +106,6 @@ class TestDisk(BackendTests):
 
 
 class TestMemory(BackendTests):
-    known_bugs = {**STORE_BUGS, "test_delete_only_what_is_named": DELETE_MISSING}
-
     @pytest.fixture
     def backend(self):
         b = open_backend(f"memory://tk-conformance/{uuid.uuid4().hex}")
@@ -193,12 +130,6 @@ class TestMemory(BackendTests):
 
 class TestS3(BackendTests):
     part_bytes = 5 << 20  # S3's smallest part
-    known_bugs = {
-        **STORE_BUGS,
-        "test_a_range_at_or_past_the_end_is_empty": RANGE_PAST_END,
-        "test_source_reads_at_and_past_the_end": RANGE_PAST_END,
-        "test_writing_to_a_missing_bucket_is_a_save_error": NOT_FOUND_ON_WRITE,
-    }
 
     @pytest.fixture
     def backend(self, s3_bucket):

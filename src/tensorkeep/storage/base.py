@@ -14,6 +14,13 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 
+def check_key(where: str, key: str) -> str:
+    """``key`` if it names something below a root: not empty, not absolute, no ``.``/``..``/empty parts, no NUL."""
+    if not key or "\x00" in key or any(p in ("", ".", "..") for p in key.split("/")):
+        raise ValueError(f"{where}: {key!r} is not a key below this directory")
+    return key
+
+
 class Source(Protocol):
     """One stored file or object, open for reading."""
 

@@ -16,7 +16,9 @@ import stat
 from collections.abc import Iterable
 from typing import Any
 
+from tensorkeep.errors import SaveError
 from tensorkeep.storage import local as _io
+from tensorkeep.storage.base import check_key
 
 
 class DiskSource:
@@ -62,20 +64,19 @@ class DiskBackend:
         self.url = self.root = os.path.abspath(root)
 
     def path(self, key: str) -> str:
-        parts = key.split("/")
-        if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
-            raise ValueError(f"{self.root}: {key!r} is not a key below this directory")
-        return os.path.join(self.root, *parts)
+        return os.path.join(self.root, *check_key(self.root, key).split("/"))
 
     def open(self, key: str) -> DiskSource:
         return DiskSource(self.path(key))
 
     def read_range(self, key: str, start: int, end: int) -> bytes:
+        if start < 0:
+            raise ValueError(f"{self.path(key)}: a range cannot start at {start}")
         if end <= start:
             return b""
         src = self.open(key)
         try:
-            return src.pread(end - start, start)
+            return src.pread(max(0, min(end, src.size) - start), start)
         finally:
             src.close()
 
@@ -104,13 +105,19 @@ class DiskBackend:
             for f in filenames:
                 key = f if rel == "." else f"{rel.replace(os.sep, '/')}/{f}"
                 p = os.path.join(dirpath, f)
-                if key.startswith(prefix) and _io.is_regular_file(p):
+                if key.startswith(prefix) and _io.temp_of(f) is None and _io.is_regular_file(p):
                     out[key] = os.path.getsize(p)
         return out
 
     def write(self, key: str, chunks: Iterable[Any], size: int, *, durable: bool = True) -> None:
         path = self.path(key)
-        _io.makedirs(os.path.dirname(path), durable)
+        try:
+            _io.makedirs(os.path.dirname(path), durable)
+        except OSError as e:
+            raise SaveError(
+                e.errno,
+                f"could not save {path}: creating its directory failed: {e}. The previous file, if any, is untouched",
+            ) from e
         with _io.atomic_file(path, durable=durable) as fd:
             at = 0
             for c in chunks:

@@ -17,12 +17,14 @@ Endpoints, credentials and retries come from fsspec's configuration
 
 from __future__ import annotations
 
+import errno
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from tensorkeep.errors import SaveError, StorageError, TensorkeepError
+from tensorkeep.storage.base import check_key
 
 #: Size of each part of a multipart upload and of each ranged read (S3's minimum part is 5 MiB).
 PART_BYTES = 16 << 20
@@ -82,7 +84,7 @@ class Store:
         return f"{self.url}/{key}" if key else self.url
 
     def _path(self, key: str) -> str:
-        return f"{self.root}/{key}" if key else self.root
+        return f"{self.root}/{check_key(self.url, key)}"
 
     def _call(self, what: str, key: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         """Run one backend call; its failures become FileNotFoundError or StorageError naming the URL."""
@@ -102,28 +104,39 @@ class Store:
 
     def read_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of an object (fewer if it is shorter)."""
+        if start < 0:
+            raise ValueError(f"{self.url_of(key)}: a range cannot start at {start}")
         if end <= start:
             return b""
-        return self._call("reading", key, self.fs.cat_file, self._path(key), start=start, end=end)
+        try:
+            return self._call("reading", key, self.fs.cat_file, self._path(key), start=start, end=end)
+        except StorageError as e:  # S3 answers 416 (s3fs: EINVAL) to a range that starts at or past the end
+            if isinstance(e.__cause__, OSError) and e.__cause__.errno == errno.EINVAL and start >= self.size(key):
+                return b""
+            raise
 
     def read(self, key: str) -> bytes:
         return self._call("reading", key, self.fs.cat_file, self._path(key))
 
     def size(self, key: str) -> int:
         self.fs.invalidate_cache()
-        return int(self._call("looking up", key, self.fs.size, self._path(key)))
+        info = self._call("looking up", key, self.fs.info, self._path(key))
+        if info.get("type", "file") != "file":
+            raise FileNotFoundError(f"{self.url_of(key)}: no such object (a prefix of other objects)")
+        return int(info["size"])
 
     def exists(self, key: str) -> bool:
         self.fs.invalidate_cache()
-        return bool(self._call("looking up", key, self.fs.exists, self._path(key)))
+        return bool(self._call("looking up", key, self.fs.isfile, self._path(key)))
 
     def list(self, prefix: str = "") -> dict[str, int]:
         """``{key: size}`` of every object whose key starts with ``prefix`` (a ``dir/`` or ``""``)."""
         self.fs.invalidate_cache()
         base = self.root + "/"
         where = base + prefix
+        top = base + prefix.rpartition("/")[0]  # the deepest directory holding every match
         try:
-            found = self._call("listing", prefix, self.fs.find, where.rstrip("/") or base, detail=True)
+            found = self._call("listing", prefix, self.fs.find, top.rstrip("/") or base, detail=True)
         except FileNotFoundError:
             return {}
         return {
@@ -137,12 +150,28 @@ class Store:
     def delete(self, keys: Iterable[str]) -> None:
         """Delete these objects (a missing one is not an error), in one batch where the store has one."""
         keys = list(keys)
-        if keys:
-            try:
-                self._call("deleting", keys[0], self.fs.rm, [self._path(k) for k in keys])
-            except FileNotFoundError:
-                pass
-            self.fs.invalidate_cache()
+        paths = [self._path(k) for k in keys]  # never fs.rm: it expands glob characters
+        if self.s3:
+            for i in range(0, len(paths), 1000):
+                bucket = paths[i].partition("/")[0]
+                objs = [{"Key": p.partition("/")[2]} for p in paths[i : i + 1000]]
+                out = self._call(
+                    "deleting",
+                    keys[i],
+                    self.fs.call_s3,
+                    "delete_objects",
+                    Bucket=bucket,
+                    Delete={"Objects": objs, "Quiet": True},
+                )
+                if out.get("Errors"):
+                    raise StorageError(f"{self.url}: deleting failed: {out['Errors'][:3]}")
+        else:
+            for k, p in zip(keys, paths):
+                try:
+                    self._call("deleting", k, self.fs.rm_file, p)
+                except FileNotFoundError:
+                    pass
+        self.fs.invalidate_cache()
 
     def write(self, key: str, chunks: Iterable[Any], size: int, *, durable: bool = True) -> None:
         """Write an object from buffers holding ``size`` bytes in all; it appears whole or not at all.
@@ -154,7 +183,9 @@ class Store:
             else:
                 data = b"".join(memoryview(c).cast("B") for c in chunks)
                 self._call("writing", key, self.fs.pipe_file, self._path(key), data)
-        except StorageError as e:
+        except OSError as e:  # the store failing (StorageError, not found) or the chunks' source; not our SaveError
+            if isinstance(e, TensorkeepError) and not isinstance(e, StorageError):
+                raise
             raise SaveError(f"could not save {self.url_of(key)}: {e}. The previous object, if any, is untouched") from e
         self.fs.invalidate_cache()
 
