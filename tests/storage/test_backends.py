@@ -1,8 +1,8 @@
 """The storage conformance suite (conformance.py) on each backend: local disk, fsspec ``memory://`` and S3.
 
 S3 is moto's server on 127.0.0.1 (tests/s3server.py, one per module: the ``s3_server`` fixture in
-conftest.py); each test gets a fresh prefix of one bucket. Known bugs are strict xfails
-(``known_bugs``): fixing one turns its tests into failures that say to drop the entry.
+conftest.py); each test gets a fresh prefix of one bucket. No backend has known bugs today; a new
+one may list its own in ``known_bugs`` (strict xfails: fixing one makes its test say to drop the entry).
 """
 
 from __future__ import annotations
