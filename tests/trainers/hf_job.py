@@ -1,14 +1,13 @@
 """A tiny Hugging Face Trainer job for the crash tests: run, get killed, run again, compare.
 
-    python hf_job.py RUN_DIR OUT_FILE [--max-steps 20] [--resume] [--kill-after-chain STEP] [--slow-save STEP]
+    python hf_job.py RUN_DIR OUT_FILE [--max-steps 20] [--resume] [--kill-after-chain STEP]
 
 A 1-layer GPT-2 built from a config (no download), trained on CPU, pinned (one thread,
 deterministic algorithms), checkpointing every 5 steps through ``tensorkeep.transformers.protect``.
 Prints "SAVED <step>" after each checkpoint's save returned and "STAGING <step>" when the files of
 a save are all in its staging directory. ``--kill-after-chain STEP`` sends itself SIGKILL right there
-at that step (every file written, nothing committed); ``--slow-save STEP`` sleeps there instead, so
-that the parent can kill it at a moment of its choosing. At the end OUT_FILE (a tensorkeep file)
-holds the final weights and the step the run started from.
+at that step (every file written, nothing committed). At the end OUT_FILE (a tensorkeep file) holds
+the final weights and the step the run started from.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import time
 from typing import Any
 
 import torch
@@ -47,9 +45,8 @@ def tiny_gpt2() -> GPT2LMHeadModel:
 
 
 def arguments(run: str, max_steps: int, **kw: Any) -> TrainingArguments:
-    return TrainingArguments(
-        output_dir=run,
-        max_steps=max_steps,
+    """The job's arguments; ``kw`` adds or overrides some (``save_total_limit=2``, ``save_steps=10``)."""
+    base: dict[str, Any] = dict(
         save_steps=SAVE_STEPS,
         per_device_train_batch_size=4,
         use_cpu=True,
@@ -58,8 +55,8 @@ def arguments(run: str, max_steps: int, **kw: Any) -> TrainingArguments:
         seed=0,
         data_seed=0,
         disable_tqdm=True,
-        **kw,
     )
+    return TrainingArguments(output_dir=run, max_steps=max_steps, **{**base, **kw})
 
 
 class Started(TrainerCallback):
@@ -78,7 +75,6 @@ class Job(Trainer):
     """A user's Trainer subclass: its _save_checkpoint runs inside tensorkeep's staged save."""
 
     kill_at: int | None = None
-    slow_at: int | None = None
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
@@ -86,8 +82,6 @@ class Job(Trainer):
         print("STAGING", step, flush=True)
         if step == self.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-        if step == self.slow_at:
-            time.sleep(600)  # the parent kills it now
 
 
 def main() -> None:
@@ -97,12 +91,11 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=20)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--kill-after-chain", type=int)
-    ap.add_argument("--slow-save", type=int)
     a = ap.parse_args()
     determinism.pin()
     started = Started()
     trainer = Job(model=tiny_gpt2(), args=arguments(a.run, a.max_steps), train_dataset=Tokens(), callbacks=[started])
-    trainer.kill_at, trainer.slow_at = a.kill_after_chain, a.slow_save
+    trainer.kill_at = a.kill_after_chain
     protect(trainer)
     trainer.train(resume_from_checkpoint=True if a.resume else None)
     weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}

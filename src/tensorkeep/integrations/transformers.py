@@ -33,6 +33,7 @@ XLA/NPU/HPU/MLU/MUSA random states (stock ``rng_state.pth`` kept), several proce
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -40,7 +41,7 @@ import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 try:
     import safetensors.torch
@@ -63,9 +64,9 @@ except ImportError as e:  # pragma: no cover - the extra is missing
 from tensorkeep.checkpoint import rng
 from tensorkeep.checkpoint.manager import CheckpointManager
 from tensorkeep.checkpoint.policies import Record
-from tensorkeep.checkpoint.stage import Intact, Stage, latest_intact, load_verified
 from tensorkeep.checkpoint.run import open_run
-from tensorkeep.errors import CheckpointNotFoundError, FormatError, SaveError
+from tensorkeep.checkpoint.stage import Intact, Stage, latest_intact, load_verified
+from tensorkeep.errors import CheckpointNotFoundError, FormatError, SaveError, TensorkeepError
 
 __all__ = ["CrashProofMixin", "protect", "NAMING"]
 
@@ -74,7 +75,6 @@ NAMING = PREFIX_CHECKPOINT_DIR + "-{step}"
 _NAME_RE = re.compile(re.escape(PREFIX_CHECKPOINT_DIR) + r"-(\d+)")
 _STATE = "trainer_state.json"
 _MODEL = "model.safetensors"
-_STOCK_ONLY = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth", "training_args.bin")
 
 T = TypeVar("T", bound=Trainer)
 
@@ -104,7 +104,13 @@ class _TotalLimit:
         return kept | set(others[len(others) - room :] if room else [])
 
 
-class CrashProofMixin:
+if TYPE_CHECKING:  # the mixin is only ever combined with a Trainer: type-check it as one
+    _Base = Trainer
+else:
+    _Base = object
+
+
+class CrashProofMixin(_Base):
     """Makes a ``transformers.Trainer`` (sub)class write and resume tensorkeep checkpoints (see the module).
 
     >>> from transformers import Trainer
@@ -126,11 +132,11 @@ class CrashProofMixin:
     def _get_output_dir(self, trial: Any) -> str:
         if self._tk_stage is not None:
             return self._tk_stage.run_path
-        return super()._get_output_dir(trial)  # type: ignore[misc]
+        return super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        run_dir = super()._get_output_dir(trial)  # type: ignore[misc]
-        step = self.state.global_step  # type: ignore[attr-defined]
+        run_dir = super()._get_output_dir(trial)
+        step = self.state.global_step
         name = NAMING.format(step=step)
         final = os.path.join(run_dir, name)
         there = os.path.lexists(final)
@@ -139,24 +145,24 @@ class CrashProofMixin:
         with mgr.stage(step, subdir=name) as st, _safetensors_into(st):
             self._tk_stage = st
             try:
-                super()._save_checkpoint(model, trial)  # type: ignore[misc]
+                super()._save_checkpoint(model, trial)
             finally:
                 self._tk_stage = None
             if os.path.lexists(final) and not there:
                 raise SaveError(
-                    0,
+                    errno.EEXIST,
                     f"{final} was written in place, outside tensorkeep's staging directory: this version of "
                     "transformers builds checkpoint paths differently from 5.24. Fix: install the version "
                     "pinned by tensorkeep[transformers]",
                 )
             self._tk_finish(st, run_dir)
         if self._tk_push:  # stock pushes the folder it just wrote: now the committed one
-            super()._push_from_checkpoint(final)  # type: ignore[misc]
+            super()._push_from_checkpoint(final)
 
     def _tk_finish(self, st: Stage, run_dir: str) -> None:
         """Inside the staged save, after the Trainer's chain: paths that point into staging, the
         arguments as JSON instead of a pickle, and this step's logged metrics for the manifest."""
-        state, args = self.state, self.args  # type: ignore[attr-defined]
+        state, args = self.state, self.args
         best = state.best_model_checkpoint
         if best is not None and os.path.abspath(best).startswith(st.run_path + os.sep):
             state.best_model_checkpoint = os.path.join(run_dir, os.path.relpath(best, st.run_path))
@@ -177,22 +183,24 @@ class CrashProofMixin:
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         st = self._tk_stage
         if st is None or not self._tk_plain():
-            return super()._save_optimizer_and_scheduler(output_dir)  # type: ignore[misc]
-        if self.args.should_save:  # type: ignore[attr-defined]
-            st.write("optimizer.tk", self.optimizer.state_dict(), key="optimizer")  # type: ignore[attr-defined]
-            st.write("scheduler.tk", self.lr_scheduler.state_dict(), key="lr_scheduler")  # type: ignore[attr-defined]
+            return super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            optimizer, scheduler = self.optimizer, self.lr_scheduler
+            assert optimizer is not None and scheduler is not None  # the Trainer made both before training
+            st.write("optimizer.tk", optimizer.state_dict(), key="optimizer")
+            st.write("scheduler.tk", scheduler.state_dict(), key="lr_scheduler")
         if _overridden_below(self, "_save_optimizer_and_scheduler"):  # a subclass adds its own files
-            super()._save_optimizer_and_scheduler(output_dir)  # type: ignore[misc]
+            super()._save_optimizer_and_scheduler(output_dir)
             _unlink(output_dir, "optimizer.pt", "scheduler.pt")  # the base's pickles: ours are written
 
     def _save_scaler(self, output_dir: str) -> None:
-        st, scaler = self._tk_stage, getattr(self.accelerator, "scaler", None)  # type: ignore[attr-defined]
+        st, scaler = self._tk_stage, getattr(self.accelerator, "scaler", None)
         if st is None or scaler is None or is_torch_xla_available():
-            return super()._save_scaler(output_dir)  # type: ignore[misc]
-        if self.args.should_save:  # type: ignore[attr-defined]
+            return super()._save_scaler(output_dir)
+        if self.args.should_save:
             st.write("scaler.tk", scaler.state_dict(), key="scaler")
         if _overridden_below(self, "_save_scaler"):
-            super()._save_scaler(output_dir)  # type: ignore[misc]
+            super()._save_scaler(output_dir)
             _unlink(output_dir, "scaler.pt")
 
     def _save_rng_state(self, output_dir: str) -> None:
@@ -203,17 +211,17 @@ class CrashProofMixin:
                     "this machine has an accelerator whose random state tensorkeep does not capture: "
                     "the stock rng_state.pth (a pickle) is kept in the checkpoint"
                 )
-            return super()._save_rng_state(output_dir)  # type: ignore[misc]
+            return super()._save_rng_state(output_dir)
         st.write(self._tk_rng_name(), rng.capture(), key="rng")
         if _overridden_below(self, "_save_rng_state"):
-            super()._save_rng_state(output_dir)  # type: ignore[misc]
-            _unlink(output_dir, "rng_state.pth", f"rng_state_{self.args.process_index}.pth")  # type: ignore[attr-defined]
+            super()._save_rng_state(output_dir)
+            _unlink(output_dir, "rng_state.pth", f"rng_state_{self.args.process_index}.pth")
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         if self._tk_stage is not None:
             self._tk_push = True  # replayed with the committed folder once it exists
             return
-        super()._push_from_checkpoint(checkpoint_folder)  # type: ignore[misc]
+        super()._push_from_checkpoint(checkpoint_folder)
 
     # ------------------------------------------------------------------ resume
 
@@ -231,10 +239,10 @@ class CrashProofMixin:
         """
         try:
             if resume_from_checkpoint is True:
-                resume_from_checkpoint = self._tk_newest(self.args.output_dir)  # type: ignore[attr-defined]
+                resume_from_checkpoint = self._tk_newest(str(self.args.output_dir))
             elif isinstance(resume_from_checkpoint, (str, os.PathLike)):
                 resume_from_checkpoint = self._tk_verify(os.fspath(resume_from_checkpoint))
-            return super().train(  # type: ignore[misc]
+            return super().train(
                 resume_from_checkpoint=resume_from_checkpoint,
                 trial=trial,
                 ignore_keys_for_eval=ignore_keys_for_eval,
@@ -265,10 +273,13 @@ class CrashProofMixin:
     def _tk_verify(self, path: str) -> str:
         path = os.path.abspath(path)
         run_dir, name = os.path.split(path)
+        names = os.listdir(path) if os.path.isdir(path) else []
+        if "manifest.json" not in names and not any(n.endswith(".tk") for n in names):
+            return path  # written without tensorkeep: transformers reads it as it always did
         m = _NAME_RE.fullmatch(name)
-        if m is None or not os.path.isfile(os.path.join(path, "manifest.json")):
-            return path  # not a tensorkeep checkpoint: transformers reads it as it always did
         try:
+            if m is None:
+                raise FormatError(f"a tensorkeep checkpoint is read under its name checkpoint-<step>, not {name!r}")
             self._tk_resumed = load_verified(open_run(run_dir, naming=NAMING), int(m.group(1)))
         except (FormatError, OSError) as e:
             raise CheckpointNotFoundError(
@@ -277,39 +288,42 @@ class CrashProofMixin:
             ) from None
         return path
 
-    def _tk_loaded(self, checkpoint: str | None, name: str) -> Any:
-        """A verified file of the checkpoint being resumed (None if it is not one of tensorkeep's)."""
+    def _tk_take(self, checkpoint: str | None, name: str) -> Any:
+        """A verified file of the tensorkeep checkpoint being resumed, handed over once (so that its
+        memory goes when the Trainer has applied it); None if ``checkpoint`` is not one."""
         found = self._tk_resumed
         if checkpoint is None or found is None or os.path.abspath(checkpoint) != found.path:
             return None
-        return found.loaded.get(name)
+        return found.loaded.pop(name, None)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-        weights = self._tk_loaded(resume_from_checkpoint, _MODEL)
-        if weights is None or not self._tk_plain():
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
-        result = (self.model if model is None else model).load_state_dict(weights, False)  # type: ignore[attr-defined]
-        self._issue_warnings_after_load(result)  # type: ignore[attr-defined]
+        weights = self._tk_take(resume_from_checkpoint, _MODEL)
+        if weights is None or not self._tk_plain():  # sharded weights, adapters: transformers reads them (verified)
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        target = self.model if model is None else model
+        assert target is not None
+        self._issue_warnings_after_load(target.load_state_dict(weights, False))  # as stock: strict=False
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        optimizer = self._tk_loaded(checkpoint, "optimizer.tk")
-        if optimizer is not None:
-            self.optimizer.load_state_dict(optimizer)  # type: ignore[attr-defined]
-            self.lr_scheduler.load_state_dict(self._tk_loaded(checkpoint, "scheduler.tk"))  # type: ignore[attr-defined]
-        super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]  # subclass extras; else no .pt: a no-op
+        optimizer, scheduler = self._tk_take(checkpoint, "optimizer.tk"), self._tk_take(checkpoint, "scheduler.tk")
+        if optimizer is not None and self.optimizer is not None:
+            self.optimizer.load_state_dict(optimizer)
+        if scheduler is not None and self.lr_scheduler is not None:
+            self.lr_scheduler.load_state_dict(scheduler)
+        super()._load_optimizer_and_scheduler(checkpoint)  # subclass extras; else no .pt: a no-op
 
     def _load_scaler(self, checkpoint: str | None) -> None:
-        scaler = self._tk_loaded(checkpoint, "scaler.tk")
+        scaler = self._tk_take(checkpoint, "scaler.tk")
         if scaler is not None:
-            self.accelerator.scaler.load_state_dict(scaler)  # type: ignore[attr-defined]
-        super()._load_scaler(checkpoint)  # type: ignore[misc]
+            self.accelerator.scaler.load_state_dict(scaler)
+        super()._load_scaler(checkpoint)
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
-        states = self._tk_loaded(checkpoint, self._tk_rng_name())
+        states = self._tk_take(checkpoint, self._tk_rng_name())
         if states is not None:
             rng.restore(states)
             return
-        super()._load_rng_state(checkpoint)  # type: ignore[misc]
+        super()._load_rng_state(checkpoint)
 
     # ------------------------------------------------------------------ helpers
 
@@ -319,27 +333,30 @@ class CrashProofMixin:
             self._tk_managers = {}
         run_dir = os.path.abspath(run_dir)
         if run_dir not in self._tk_managers:
-            limit = self.args.save_total_limit  # type: ignore[attr-defined]
+            if self.args.world_size > 1:
+                raise TensorkeepError(
+                    f"tensorkeep.transformers: this Trainer runs {self.args.world_size} processes; protect() "
+                    "supports one process for now (staged checkpoints are not collective yet). Fix: train "
+                    "without protect() on several processes, or on one process with it"
+                )
+            limit = self.args.save_total_limit
             policies = [_TotalLimit(limit, self._tk_best_step)] if limit and limit > 0 else []
             self._tk_managers[run_dir] = CheckpointManager(run_dir, naming=NAMING, policies=policies)
         return self._tk_managers[run_dir]
 
     def _tk_best_step(self) -> int | None:
-        best = self.state.best_model_checkpoint  # type: ignore[attr-defined]
+        best = self.state.best_model_checkpoint
         m = _NAME_RE.fullmatch(os.path.basename(os.path.normpath(best))) if best else None
         return int(m.group(1)) if m else None
 
     def _tk_plain(self) -> bool:
         """No DeepSpeed, FSDP, XLA or SageMaker: the branch where stock pickles whole state dicts."""
         return not (
-            self.is_deepspeed_enabled  # type: ignore[attr-defined]
-            or self.is_fsdp_enabled  # type: ignore[attr-defined]
-            or is_torch_xla_available()
-            or is_sagemaker_mp_enabled()
+            self.is_deepspeed_enabled or self.is_fsdp_enabled or is_torch_xla_available() or is_sagemaker_mp_enabled()
         )
 
     def _tk_rng_name(self) -> str:
-        args = self.args  # type: ignore[attr-defined]
+        args = self.args
         return "rng_state.tk" if args.world_size <= 1 else f"rng_state_{args.process_index}.tk"
 
 
@@ -357,12 +374,13 @@ def protect(trainer: T) -> T:
     if not isinstance(trainer, Trainer):
         raise TypeError(f"protect() takes a transformers.Trainer (or a subclass's instance), not {type(trainer)!r}")
     if not isinstance(trainer, CrashProofMixin):
-        trainer.__class__ = _protected(type(trainer))
+        cls: Any = type(trainer)
+        trainer.__class__ = _protected(cls)
     return trainer
 
 
 @functools.cache
-def _protected(cls: type) -> type:
+def _protected(cls: Any) -> type:
     return type(f"CrashProof{cls.__name__}", (CrashProofMixin, cls), {"__module__": cls.__module__})
 
 
@@ -427,7 +445,9 @@ def _safetensors_into(st: Stage) -> Iterator[None]:
     Any other target gets the real function."""
     originals = (_modeling.safe_save_file, safetensors.torch.save_file)
 
-    def save_file(tensors: dict[str, Any], filename: str, metadata: dict[str, str] | None = None) -> None:
+    def save_file(
+        tensors: dict[str, Any], filename: str | os.PathLike[Any], metadata: dict[str, str] | None = None
+    ) -> None:
         folder, name = os.path.split(os.path.abspath(os.fspath(filename)))
         if folder != st.path:
             return originals[1](tensors, filename, metadata=metadata)

@@ -1,0 +1,263 @@
+"""tensorkeep.transformers with the real Hugging Face Trainer (the pinned transformers), offline, on CPU.
+
+The model is a 1-layer GPT-2 built from a config (tests/trainers/hf_job.py). In-process tests check
+the layout, retention, subclasses and resume choices; the kill tests run hf_job.py in subprocesses
+(killed with SIGKILL mid-save, resumed, compared bit for bit with an uninterrupted run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+
+if sys.version_info < (3, 11):  # transformers 5 needs Python 3.11
+    pytest.skip("tensorkeep[transformers] needs Python >= 3.11", allow_module_level=True)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import hf_job  # noqa: E402
+import safetensors.torch  # noqa: E402
+import torch  # noqa: E402
+from transformers import GPT2LMHeadModel, Trainer  # noqa: E402
+
+import tensorkeep as tk  # noqa: E402
+from tensorkeep.checkpoint.determinism import PINNED_ENV  # noqa: E402
+from tensorkeep.checkpoint.stage import latest_intact  # noqa: E402
+from tensorkeep.transformers import NAMING, CrashProofMixin, protect  # noqa: E402
+from tensorkeep.verification import verify  # noqa: E402
+
+JOB = os.path.join(HERE, "hf_job.py")
+PICKLES = (".pt", ".pth", ".bin", ".pkl")
+
+
+def trainer(run: str, max_steps: int, cls: type = Trainer, **kw: Any) -> Any:
+    started = hf_job.Started()
+    eval_dataset = torch.utils.data.Subset(hf_job.Tokens(), range(8)) if kw.get("eval_strategy") else None
+    t = cls(
+        model=hf_job.tiny_gpt2(),
+        args=hf_job.arguments(run, max_steps, **kw),
+        train_dataset=hf_job.Tokens(),
+        eval_dataset=eval_dataset,
+        callbacks=[started],
+    )
+    t.started = started
+    return protect(t)
+
+
+def statuses(run: str) -> dict[int, str]:
+    """Each committed checkpoint's status after reading every byte ("ok" or "damaged: ...")."""
+    return {c.step: c.status for c in tk.list_checkpoints(run, verify=True, naming=NAMING)}
+
+
+def read_json(*parts: str) -> Any:
+    with open(os.path.join(*parts), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def entries(run: str) -> list[str]:
+    return sorted(n for n in os.listdir(run) if n != ".tensorkeep.lock")
+
+
+class Extras(Trainer):
+    """What TRL's trainers do: GRPO writes a file into the checkpoint after super()._save_checkpoint,
+    BCO adds a file in _save_optimizer_and_scheduler and reads it back when resuming."""
+
+    loaded_extra: Any = None
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        with open(os.path.join(folder, "entropy_ctrl_state.json"), "w") as f:
+            json.dump({"step": self.state.global_step}, f)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        with open(os.path.join(output_dir, "running.json"), "w") as f:
+            json.dump({"mean": 0.5}, f)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            with open(os.path.join(checkpoint, "running.json")) as f:
+                self.loaded_extra = json.load(f)
+
+
+def test_checkpoints_are_atomic_checksummed_pickle_free_and_loadable(tmp_path: Any) -> None:
+    run = str(tmp_path / "run")
+    t = trainer(run, 15, cls=Extras, save_total_limit=2)
+    assert isinstance(t, Extras) and isinstance(t, CrashProofMixin)
+    t.train()
+    assert entries(run) == ["checkpoint-10", "checkpoint-15"]  # 5 rotated out after 15 was committed; no leftovers
+    ck = os.path.join(run, "checkpoint-15")
+    names = sorted(os.listdir(ck))
+    assert not [n for n in names if n.endswith(PICKLES)], names
+    for n in ("optimizer.tk", "scheduler.tk", "rng_state.tk", "model.safetensors", "training_args.json"):
+        assert n in names
+    assert "entropy_ctrl_state.json" in names and "running.json" in names  # subclass files, staged with the rest
+    manifest = read_json(ck, "manifest.json")
+    assert sorted(manifest["files"]) == sorted(n for n in names if n != "manifest.json")
+    assert (
+        manifest["files"]["config.json"]["kind"] == "file" and manifest["files"]["model.safetensors"]["kind"] != "file"
+    )
+    assert verify(ck).ok and statuses(run) == {10: "ok", 15: "ok"}
+    found = latest_intact(run, naming=NAMING)
+    assert found is not None and found.step == 15
+    assert read_json(ck, "training_args.json")["output_dir"] == run
+    assert read_json(ck, "trainer_state.json")["global_step"] == 15
+    weights = t.model.state_dict()
+    loaded = GPT2LMHeadModel.from_pretrained(ck).state_dict()  # a tensorkeep file is a safetensors file
+    assert all(torch.equal(v, weights[k]) for k, v in loaded.items())
+    plain = safetensors.torch.load_file(os.path.join(ck, "model.safetensors"))
+    assert all(torch.equal(v, weights[k]) for k, v in plain.items())
+
+
+class FailsAt10(Trainer):
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.state.global_step == 10:
+            raise OSError(28, "No space left on device (injected)")
+
+
+def test_a_failed_save_publishes_nothing_and_deletes_nothing(tmp_path: Any) -> None:
+    run = str(tmp_path / "run")
+    t = trainer(run, 10, cls=FailsAt10, save_total_limit=1)
+    with pytest.raises(OSError, match="injected"):
+        t.train()
+    assert entries(run) == ["checkpoint-5"]  # stock deletes checkpoint-5 only after a complete checkpoint-10
+    assert verify(os.path.join(run, "checkpoint-5")).ok
+
+
+def test_save_total_limit_keeps_the_best_checkpoint(tmp_path: Any) -> None:
+    run = str(tmp_path / "run")
+    kw = dict(save_total_limit=2, eval_strategy="steps", eval_steps=5, metric_for_best_model="loss")
+    t = trainer(run, 15, greater_is_better=True, **kw)  # "best" = the highest loss: an early checkpoint
+    t.train()
+    evals = {e["step"]: e["eval_loss"] for e in t.state.log_history if "eval_loss" in e}
+    best = max(evals, key=lambda s: evals[s])
+    assert best < 15, evals  # else this test shows nothing
+    assert t.state.best_model_checkpoint == os.path.join(run, f"checkpoint-{best}")
+    assert entries(run) == sorted({f"checkpoint-{best}", "checkpoint-15"})  # the best kept, not the 2 newest
+    state = read_json(run, "checkpoint-15", "trainer_state.json")
+    assert state["best_model_checkpoint"] == os.path.join(run, f"checkpoint-{best}")  # not the staging path
+
+
+def test_resume_skips_damaged_and_half_written_checkpoints(tmp_path: Any) -> None:
+    run = str(tmp_path / "run")
+    trainer(run, 10, cls=Extras).train()
+    opt = tmp_path / "run" / "checkpoint-10" / "optimizer.tk"
+    data = bytearray(opt.read_bytes())
+    data[len(data) // 2] ^= 0x01  # a flipped bit in the optimizer's tensors
+    opt.write_bytes(bytes(data))
+    (tmp_path / "run" / "checkpoint-15").mkdir()  # a stock Trainer killed mid-save leaves this
+    (tmp_path / "run" / "checkpoint-15" / "config.json").write_text("{}")
+
+    t = trainer(run, 10, cls=Extras)
+    with pytest.raises(tk.CheckpointNotFoundError, match="checkpoint-10"):
+        t.train(resume_from_checkpoint=os.path.join(run, "checkpoint-10"))  # a named one: never another
+    shutil.copytree(os.path.join(run, "checkpoint-5"), str(tmp_path / "copy"))
+    with pytest.raises(tk.CheckpointNotFoundError, match="checkpoint-<step>"):  # its files cannot be told apart
+        t.train(resume_from_checkpoint=str(tmp_path / "copy"))
+    with pytest.warns(UserWarning, match=r"skipping damaged checkpoint .*checkpoint-10"):
+        t.train(resume_from_checkpoint=True)
+    assert t.started.started_at == 5 and t.loaded_extra == {"mean": 0.5}  # the subclass's own load ran
+    assert verify(os.path.join(run, "checkpoint-10")).ok  # saved again: the damaged one was replaced
+    assert os.listdir(os.path.join(run, "checkpoint-15")) == ["config.json"]  # not ours: never deleted
+
+    with pytest.raises(ValueError, match="No valid checkpoint"):
+        trainer(str(tmp_path / "empty"), 10).train(resume_from_checkpoint=True)  # stock's error
+
+
+def test_resume_from_a_stock_checkpoint(tmp_path: Any) -> None:
+    run = str(tmp_path / "run")
+    stock = Trainer(
+        model=hf_job.tiny_gpt2(), args=hf_job.arguments(run, 10, save_steps=10), train_dataset=hf_job.Tokens()
+    )
+    stock.train()
+    assert "optimizer.pt" in os.listdir(os.path.join(run, "checkpoint-10"))
+    t = trainer(run, 15)
+    with pytest.warns(UserWarning, match="written without tensorkeep"):
+        t.train(resume_from_checkpoint=True)
+    assert t.started.started_at == 10
+    assert verify(os.path.join(run, "checkpoint-15")).ok
+
+
+def test_import_tensorkeep_does_not_import_transformers() -> None:
+    code = "import sys, tensorkeep; assert 'transformers' not in sys.modules, 'transformers imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ------------------------------------------------------------------ kill -9, resume, compare
+
+
+def job(run: str, out: str, *flags: str) -> subprocess.Popen:
+    env = {**os.environ, **PINNED_ENV, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, JOB, run, out, *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def finish(p: subprocess.Popen) -> tuple[int, str]:
+    out, _ = p.communicate(timeout=600)
+    return p.returncode, out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: Any) -> dict[str, torch.Tensor]:
+    d = tmp_path_factory.mktemp("reference")
+    rc, log = finish(job(str(d / "run"), str(d / "final.tk")))
+    assert rc == 0, log
+    return tk.load(str(d / "final.tk"))["weights"]
+
+
+def resume_and_compare(run: str, out: str, reference: dict[str, torch.Tensor]) -> int:
+    rc, log = finish(job(run, out, "--resume"))
+    assert rc == 0, log
+    final = tk.load(out)
+    assert final["weights"].keys() == reference.keys()
+    for k, v in reference.items():
+        assert torch.equal(final["weights"][k], v), k  # bit-identical to the run that was never killed
+    assert [n for n in entries(run) if n.startswith(".")] == []  # the crashed save's staging is gone
+    return final["started_at"]
+
+
+def test_kill_between_the_last_file_and_the_commit(tmp_path: Any, reference: dict[str, torch.Tensor]) -> None:
+    run = str(tmp_path / "run")
+    rc, log = finish(job(run, str(tmp_path / "a.tk"), "--kill-after-chain", "10"))
+    assert rc == -signal.SIGKILL, log
+    assert "STAGING 10" in log and "SAVED 10" not in log
+    names = entries(run)
+    assert "checkpoint-5" in names and "checkpoint-10" not in names  # stock: a checkpoint-10 without manifest
+    assert any(n.startswith(".checkpoint-10.") for n in names), names  # every file of step 10 was in staging
+    assert resume_and_compare(run, str(tmp_path / "b.tk"), reference) == 5
+
+
+def test_sigkill_from_outside_while_the_checkpoint_is_written(
+    tmp_path: Any, reference: dict[str, torch.Tensor]
+) -> None:
+    """A truly asynchronous kill: as soon as the staging directory of step 10 appears."""
+    run = str(tmp_path / "run")
+    p = job(run, str(tmp_path / "a.tk"))
+    while p.poll() is None and not any(n.startswith(".checkpoint-10.") or n == "checkpoint-10" for n in _listdir(run)):
+        time.sleep(0.001)
+    p.send_signal(signal.SIGKILL)
+    rc, log = finish(p)
+    assert rc == -signal.SIGKILL, log
+    started = resume_and_compare(run, str(tmp_path / "b.tk"), reference)
+    assert started in (5, 10)  # 10 only if the kill landed after the commit
+
+
+def _listdir(d: str) -> list[str]:
+    try:
+        return os.listdir(d)
+    except FileNotFoundError:
+        return []
