@@ -98,7 +98,9 @@ def main() -> None:
     trainer.kill_at = a.kill_after_chain
     protect(trainer)
     trainer.train(resume_from_checkpoint=True if a.resume else None)
-    weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    model = trainer.model
+    assert model is not None
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     tk.save({"weights": weights, "started_at": started.started_at}, a.out)
 
 

@@ -114,6 +114,7 @@ def test_checkpoints_are_atomic_checksummed_pickle_free_and_loadable(tmp_path: A
     assert found is not None and found.step == 15
     assert read_json(ck, "training_args.json")["output_dir"] == run
     assert read_json(ck, "trainer_state.json")["global_step"] == 15
+    assert t.model is not None
     weights = t.model.state_dict()
     loaded = GPT2LMHeadModel.from_pretrained(ck).state_dict()  # a tensorkeep file is a safetensors file
     assert all(torch.equal(v, weights[k]) for k, v in loaded.items())
@@ -139,8 +140,15 @@ def test_a_failed_save_publishes_nothing_and_deletes_nothing(tmp_path: Any) -> N
 
 def test_save_total_limit_keeps_the_best_checkpoint(tmp_path: Any) -> None:
     run = str(tmp_path / "run")
-    kw = dict(save_total_limit=2, eval_strategy="steps", eval_steps=5, metric_for_best_model="loss")
-    t = trainer(run, 15, greater_is_better=True, **kw)  # "best" = the highest loss: an early checkpoint
+    t = trainer(  # "best" = the highest loss: an early checkpoint
+        run,
+        15,
+        save_total_limit=2,
+        eval_strategy="steps",
+        eval_steps=5,
+        metric_for_best_model="loss",
+        greater_is_better=True,
+    )
     t.train()
     evals = {e["step"]: e["eval_loss"] for e in t.state.log_history if "eval_loss" in e}
     best = max(evals, key=lambda s: evals[s])
