@@ -43,6 +43,7 @@ def state_of(seed: int) -> dict:
         "tag": f"run-α-{seed}",
         "np_rng": ("MT19937", np.arange(4, dtype=np.uint32) + seed, seed, 0, 0.5),  # a tuple holding an array
         "schedule": {"milestones": [1, 2, seed], "gamma": 0.1 * seed},
+        "best": np.float32(0.25 * seed),  # a NumPy scalar
     }
 
 

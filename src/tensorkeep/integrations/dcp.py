@@ -59,12 +59,12 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
+from tensorkeep import knobs
 from tensorkeep.core.dtypes import name_of_numpy, name_of_torch, torch_dtype
 from tensorkeep.core.tree import flatten, unflatten
 from tensorkeep.distributed.load import Checkpoint
 from tensorkeep.distributed.manifest import (
     MANIFEST,
-    Ref,
     Stored,
     assemble_manifest,
     is_shard_file,
@@ -116,6 +116,10 @@ def _value(fqn: str, obj: Any) -> tuple[Any, dict[str, Any]]:
             "instead of a set, the fields of an object as a dict), or leave it out of the state"
         ) from None
     return tree["d"][0][1], dict(arrays)
+
+
+def _dtype_name(a: Any) -> str | None:
+    return name_of_numpy(a.dtype) if isinstance(a, np.ndarray) else name_of_torch(a.dtype)
 
 
 def _own_bytes(tensors: dict[str, Any]) -> dict[str, Any]:
@@ -197,9 +201,9 @@ class Writer(StorageWriter):
             fqn = item.index.fqn
             if item.type == WriteItemType.BYTE_IO:
                 node, arrays = _value(fqn, self._object(planner, item))
-                tensors.update(arrays)
-                shapes = {k: [name_of_numpy(a.dtype) if isinstance(a, np.ndarray) else name_of_torch(a.dtype),
-                              list(a.shape)] for k, a in arrays.items()}  # fmt: skip
+                for k, a in arrays.items():  # a 0-d NumPy array as a tensor: distributed.load cannot read one yet
+                    tensors[k] = torch.as_tensor(a) if isinstance(a, np.ndarray) and a.ndim == 0 else a
+                shapes = {k: [_dtype_name(a), list(a.shape)] for k, a in arrays.items()}
                 done.append((item, 0, {"value": node, "arrays": shapes}))
                 continue
             if fqn in tensors:
@@ -311,6 +315,8 @@ def _manifest(metadata: Metadata, results: list[list[WriteResult]]) -> dict[str,
             if "value" in info:
                 values[r.index.fqn] = info["value"]
                 for key, (dtype, shape) in info["arrays"].items():
+                    if key in inner:
+                        raise ValueError(f"cannot save: two values hold an array named {key!r}")
                     inner[key] = Stored(dtype, tuple(shape), [Chunk((0,) * len(shape), tuple(shape), rank)])
             else:
                 writer[(r.index.fqn, tuple(r.index.offset or ()))] = rank
@@ -325,13 +331,36 @@ def _manifest(metadata: Metadata, results: list[list[WriteResult]]) -> dict[str,
                     raise SaveError(f"no rank reported writing the chunk at {list(c.offsets)} of {fqn!r}")
                 chunks.append(Chunk(tuple(c.offsets), tuple(c.sizes), writer[(fqn, tuple(c.offsets))]))
             stored[fqn] = Stored(dtype, tuple(md.size), chunks)
-    clash = set(inner) & set(metadata.state_dict_metadata)
+    clash = set(inner) & set(stored)
     if clash:
         raise ValueError(f"cannot save: {sorted(clash)[0]!r} names both a DCP item and an array inside another one")
     paths = {fqn: _path(metadata.planner_data, fqn) for fqn in metadata.state_dict_metadata}
+    lost = [fqn for fqn in paths if fqn not in stored and fqn not in values]
+    if lost:
+        raise SaveError(f"no rank reported writing the value of {lost[0]!r}")
     nodes = {fqn: {"t": fqn} if fqn in stored else values[fqn] for fqn in paths}
     dcp = {"version": metadata.version, "paths": {k: list(p) for k, p in paths.items()}, "bytes": sorted(values)}
     return assemble_manifest(len(results), files, {**stored, **inner}, _nest(paths, nodes), {"dcp": dcp})
+
+
+def _nodes(tree: Any) -> dict[tuple[str | int, ...], Any]:
+    """Every node of a tensorkeep tree (checked by ``read_manifest``) by its path: dict keys, list indices."""
+    out: dict[tuple[str | int, ...], Any] = {}
+    stack: list[tuple[tuple[str | int, ...], Any]] = [((), tree)]
+    while stack:
+        path, n = stack.pop()
+        out[path] = n
+        if type(n) is dict and len(path) <= knobs.MAX_DEPTH:
+            for tag, v in n.items():
+                if tag in ("d", "o") and type(v) is list:
+                    stack.extend(
+                        (path + (kv[0],), kv[1])
+                        for kv in v
+                        if type(kv) is list and len(kv) == 2 and type(kv[0]) in (str, int)
+                    )
+                elif tag in ("l", "u") and type(v) is list:
+                    stack.extend((path + (i,), x) for i, x in enumerate(v))
+    return out
 
 
 def _refuse_stock(path: str) -> None:
@@ -358,6 +387,7 @@ class Reader(StorageReader):
         super().__init__()
         self.path = _abspath(path)
         self._ck: Checkpoint | None = None
+        self._nodes: dict[tuple[str | int, ...], Any] = {}  # the stored structure's nodes by path
         if self.path is not None:
             _refuse_stock(self.path)
 
@@ -377,17 +407,22 @@ class Reader(StorageReader):
                 )
             _refuse_stock(self.path)
             ck = Checkpoint(self.path)
-            self._check_dcp(ck)
+            try:
+                self._nodes = _nodes(ck.manifest["tree"])
+                self._check_dcp(ck, self._nodes)
+            except BaseException:
+                ck.close()
+                raise
             self._ck = ck
         return self._ck
 
     def _close(self) -> None:
         if self._ck is not None:
             self._ck.close()
-            self._ck = None
+            self._ck, self._nodes = None, {}
 
     @staticmethod
-    def _check_dcp(ck: Checkpoint) -> None:
+    def _check_dcp(ck: Checkpoint, nodes: Mapping[tuple[str | int, ...], Any]) -> None:
         d = ck.manifest.get("dcp")
         where = os.path.join(ck.path, MANIFEST)
         if d is None:
@@ -401,8 +436,11 @@ class Reader(StorageReader):
         for fqn, p in paths.items():
             if type(p) is not list or not p or any(type(k) not in (str, int) for k in p):
                 raise FormatError(f"{where}: the path of {fqn!r} must be a non-empty list of str and int")
-            if fqn not in nbytes and fqn not in ck.tensors:
-                raise FormatError(f"{where}: {fqn!r} is neither a tensor nor a value of this checkpoint")
+            node = nodes.get(tuple(p))
+            if node is None and tuple(p) not in nodes:
+                raise FormatError(f"{where}: the structure has nothing at {p} ({fqn!r})")
+            if fqn not in nbytes and not (isinstance(node, dict) and node.get("t") == fqn):
+                raise FormatError(f"{where}: the structure holds {node!r:.60} at {p}, not the tensor {fqn!r}")
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if kwargs.get("rank") is not None:
@@ -439,16 +477,12 @@ class Reader(StorageReader):
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         ck = self._open()
         try:
-            saved = unflatten(ck.manifest["tree"], lambda name, kind: Ref(name, kind), ck.path)
             paths = ck.manifest["dcp"]["paths"]
             for item in plan.items:
                 fqn = item.storage_index.fqn
                 if item.type == LoadItemType.BYTE_IO:
-                    value = saved
-                    for k in paths[fqn]:
-                        value = value[k]
-                    buf = io.BytesIO()
-                    torch.save(ck.materialize(value), buf)  # plain data this process just read and checked
+                    buf = io.BytesIO()  # plain data this process just read and checked, for the planner's torch.load
+                    torch.save(unflatten(self._nodes[tuple(paths[fqn])], ck.full, ck.path), buf)
                     buf.seek(0)
                     planner.load_bytes(item, buf)
                     continue
