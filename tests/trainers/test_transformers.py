@@ -148,6 +148,7 @@ def test_save_total_limit_keeps_the_best_checkpoint(tmp_path: Any) -> None:
         eval_steps=5,
         metric_for_best_model="loss",
         greater_is_better=True,
+        load_best_model_at_end=True,
     )
     t.train()
     evals = {e["step"]: e["eval_loss"] for e in t.state.log_history if "eval_loss" in e}
@@ -157,6 +158,10 @@ def test_save_total_limit_keeps_the_best_checkpoint(tmp_path: Any) -> None:
     assert entries(run) == sorted({f"checkpoint-{best}", "checkpoint-15"})  # the best kept, not the 2 newest
     state = read_json(run, "checkpoint-15", "trainer_state.json")
     assert state["best_model_checkpoint"] == os.path.join(run, f"checkpoint-{best}")  # not the staging path
+    assert t.model is not None
+    weights = t.model.state_dict()  # load_best_model_at_end read the best one's tensorkeep-written weights
+    saved = safetensors.torch.load_file(os.path.join(run, f"checkpoint-{best}", "model.safetensors"))
+    assert all(torch.equal(v, weights[k]) for k, v in saved.items())
 
 
 def test_resume_skips_damaged_and_half_written_checkpoints(tmp_path: Any) -> None:
