@@ -70,6 +70,7 @@ def scenario_ranks(rank: int, world: int, data: str, out: dict) -> None:
     model, opt = model_and_optimizer(seed=2)
     state = {
         "rows": distribute_tensor(rows(2), mesh, [Shard(0)]),
+        "one_row": distribute_tensor(rows(2)[:1], mesh, [Shard(0)]),  # rank 1's shard is empty
         "model": model.state_dict(),
         "optim": opt.state_dict(),
         "step": 2,
@@ -80,6 +81,7 @@ def scenario_ranks(rank: int, world: int, data: str, out: dict) -> None:
     model3, opt3 = model_and_optimizer(seed=3)
     back = {
         "rows": distribute_tensor(torch.zeros(6, 4), mesh, [Shard(1)]),
+        "one_row": distribute_tensor(torch.zeros(1, 4), mesh, [Shard(0)]),
         "model": model3.state_dict(),
         "optim": opt3.state_dict(),
         "step": 0,
@@ -87,6 +89,7 @@ def scenario_ranks(rank: int, world: int, data: str, out: dict) -> None:
     }
     dcp.load(back, checkpoint_id=os.path.join(data, "ck2"), storage_reader=tk_dcp.Reader())
     out["ck2_rows"] = torch.equal(back["rows"].full_tensor(), rows(2))
+    out["ck2_one_row"] = torch.equal(back["one_row"].full_tensor(), rows(2)[:1])
     out["ck2_model"] = same(model3.state_dict(), model.state_dict())
     out["ck2_momentum"] = all(
         torch.equal(opt3.state_dict()["state"][i]["momentum_buffer"], opt.state_dict()["state"][i]["momentum_buffer"])

@@ -193,16 +193,24 @@ def test_two_gloo_ranks_save_load_reshard_async(tmp):
     out = ranks.run(WORKER, "ranks", 2, tmp)
     for r in out:  # 1 process -> 2 ranks; 2 ranks -> 2 ranks resharded (Shard(0) -> Shard(1))
         assert r["ck1_rows"] and r["ck1_local_rows"] == 3 and r["ck1_model"] and r["ck1_step"] == 1
-        assert r["ck2_rows"] and r["ck2_model"] and r["ck2_momentum"] and r["ck2_values"] == [2, "two ranks", 0.9]
+        assert (
+            r["ck2_rows"]
+            and r["ck2_one_row"]
+            and r["ck2_model"]
+            and r["ck2_momentum"]
+            and r["ck2_values"] == [2, "two ranks", 0.9]
+        )
     for name in ("ck2", "ck2async"):  # 2 ranks -> this one process, into plain tensors
         path = os.path.join(tmp, name)
         assert sorted(os.listdir(path)) == ["distributed.json", "rank-00000-of-00002.tk", "rank-00001-of-00002.tk"]
         model2, _ = model_and_optimizer(seed=2)
-        target = {"rows": torch.zeros(6, 4), "model": nn.Linear(4, 3).state_dict(), "step": 0}
+        target = {"rows": torch.zeros(6, 4), "one_row": torch.zeros(1, 4), "model": nn.Linear(4, 3).state_dict()}
+        target["step"] = 0
         dcp.load(target, checkpoint_id=path, storage_reader=tk_dcp.Reader())
-        assert torch.equal(target["rows"], rows(2)) and target["step"] == 2
+        assert torch.equal(target["rows"], rows(2)) and torch.equal(target["one_row"], rows(2)[:1])
+        assert target["step"] == 2
         assert_same(target["model"], model2.state_dict())
-        assert torch.equal(tk.load(path)["rows"], rows(2))
+        assert torch.equal(tk.load(path)["rows"], rows(2)) and verify(path).ok
     assert not temps(tmp)
 
 
