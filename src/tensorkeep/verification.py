@@ -275,7 +275,8 @@ class _Verifier:
                 )
 
     def listed(self, d: str, files: dict[str, dict], toc: str) -> dict[str, dict[str, TensorInfo] | None]:
-        """Each file a manifest lists exists with its recorded size and header checksum; then verified."""
+        """Each file a manifest lists exists with its recorded size and header checksum; then verified
+        (a file of kind ``"file"``, which tensorkeep did not encode, against its whole-file CRC-32)."""
         heads = {}
         for name, info in files.items():
             if not self.regular(os.path.join(d, name)):
@@ -285,7 +286,13 @@ class _Verifier:
             except (ValueError, OSError) as e:
                 self.bad(os.path.join(d, name), f"{e} ({toc})")
                 continue
-            if not name.endswith(".json"):
+            if info.get("kind") == layout.FILE_KIND:  # another program's file: check_files read it whole
+                self.res.files.append(os.path.join(d, name))
+                self.res.checked_files += 1
+                self.res.checked_bytes += info["size"]
+                if self.progress:
+                    self.progress(info["size"])
+            elif not name.endswith(".json"):
                 heads[name] = self.file(os.path.join(d, name))
         return heads
 

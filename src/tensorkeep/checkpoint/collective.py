@@ -168,7 +168,7 @@ def open_run(g: Group) -> None:
     if comm.rank == 0:
         try:
             g.run.lock.acquire()
-            layout.clean_run(g.directory)  # unfinished saves of a crashed run: only its own
+            g.run.clean()  # unfinished saves of a crashed run: only its own
         except Exception as e:
             error = e
     what = f"opening {g.directory}"
@@ -228,7 +228,7 @@ def save(g: Group, step: int, state: Mapping[str, Any], metrics: dict[str, Any])
     try:
         payload, kinds, rng_state = _payload(state)
         if comm.rank == 0:
-            tmp = os.path.join(g.directory, f".step_{step:08d}{_io.TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}")
+            tmp = _io.tmp_path(g.run.step_path(step))
             _io.mkdir(tmp)
     except Exception as e:
         error = e
@@ -250,7 +250,7 @@ def save(g: Group, step: int, state: Mapping[str, Any], metrics: dict[str, Any])
         except Exception as e:
             error = e
         rngs = comm.check(error, f"{what}: writing the RNG states", outcome, info)
-        final = layout.step_dir(g.directory, step)
+        final = g.run.step_path(step)
         comm.on_rank0(
             lambda: _publish(g, step, tmp, final, metrics, kinds, rngs),
             f"{what}: publishing",
@@ -367,7 +367,9 @@ def _load_shards(state: Mapping[str, Any], d: str, m: layout.Manifest, comm: Com
 def _load_plain(g: Group, state: Mapping[str, Any], d: str, m: layout.Manifest) -> None:
     """A checkpoint saved by one process, restored on every rank (replicated state, e.g. DDP);
     its RNG states are one process's, so they are not restored."""
-    loaded = {name: load(os.path.join(d, name)) for name in m.files}  # verified before anything is applied
+    loaded = {  # verified before anything is applied (kind "file" entries: checked whole by check_files)
+        name: load(os.path.join(d, name)) for name, i in m.files.items() if i.get("kind") != layout.FILE_KIND
+    }
     loaded.update(packs.load_parts(m.parts, packs.locate_local(g.directory, m.packs, d), d))
     files = {n: i for n, i in m.files.items() if i.get("kind") != "rng"}
     apply(state, dataclasses.replace(m, files=files), loaded)
@@ -382,7 +384,7 @@ def _load_plain(g: Group, state: Mapping[str, Any], d: str, m: layout.Manifest) 
 def restore(g: Group, state: Mapping[str, Any], step: int | None) -> int | None:
     """Collective: every rank restores the same step (the newest one intact on every rank)."""
     comm, directory = g.comm, g.directory
-    steps = _gather(comm, layout.list_steps(directory), f"restoring from {directory}")
+    steps = _gather(comm, g.run.steps(), f"restoring from {directory}")
     if any(s != steps[0] for s in steps):
         raise TensorkeepError(
             f"restoring from {directory}: the ranks see different checkpoints {steps}. Every "
@@ -390,7 +392,7 @@ def restore(g: Group, state: Mapping[str, Any], step: int | None) -> int | None:
         )
     touched = False
     for s in [step] if step is not None else sorted(steps[0], reverse=True):
-        d = layout.step_dir(directory, s)
+        d = g.run.step_path(s)
         what = f"restoring checkpoint step {s} from {directory}"
         error, m, mine = None, None, None
         try:

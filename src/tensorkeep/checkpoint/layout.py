@@ -7,22 +7,28 @@
       .step_00002000.tk-tmp-…/  a save in progress (or the leftovers of a crashed one)
 
 A checkpoint is published by renaming its finished, fsynced temporary directory; a
-directory without a valid manifest is not a checkpoint.
+directory without a valid manifest is not a checkpoint. The names of the step directories follow
+the run's :class:`Naming` (``step_{step:08d}`` by default; ``checkpoint-{step}`` for a Hugging Face
+run, ``checkpoint_{step}`` for Accelerate). A temporary directory that holds :data:`STAGING_MARKER`
+was made by :mod:`~tensorkeep.checkpoint.stage`: it is tensorkeep's entirely and removed whole.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import math
 import numbers
 import os
 import re
+import string
 import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tensorkeep.core.crc import crc32
 from tensorkeep.core.format import dumps, seal, unseal
 from tensorkeep.errors import FormatError, SaveError
 from tensorkeep.file import stored
@@ -33,13 +39,17 @@ MANIFEST = "manifest.json"
 FORMAT = "tensorkeep-checkpoint"
 VERSION = 1
 VERSION_INCREMENTAL = 2  # tensors live in run/packs (see packs.py); version-1 readers must refuse it
-_STEP_RE = re.compile(r"^step_(\d{8,})$")
 PACK_RE = re.compile(r"^\d{8,}-[0-9a-f]{8}\.tk$")
 _HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
-def step_dir(run: str, step: int) -> str:
-    return os.path.join(run, f"step_{step:08d}")
+DEFAULT_NAMING = "step_{step:08d}"
+#: The manifest kind of a file tensorkeep did not encode (written by other code into a staged
+#: checkpoint): its ``crc32`` is the CRC-32 of the whole file, checked by reading it all.
+FILE_KIND = "file"
+#: The first file of a staged checkpoint's temporary directory (see stage.py): proves it is ours.
+STAGING_MARKER = ".tk-staging.json"
+STAGING_FORMAT = "tensorkeep-staging"
 
 
 @dataclass
@@ -214,6 +224,66 @@ def plain_name(name: object) -> bool:
     )
 
 
+class Naming:
+    """How the step directories of a run are named: a format with one ``{step}`` field.
+
+    >>> n = Naming("checkpoint-{step}")
+    >>> n.name(7), n.step_of("checkpoint-7"), n.step_of("checkpoint-07"), n.step_of("checkpoint-x")
+    ('checkpoint-7', 7, None, None)
+    >>> Naming().name(5), Naming().step_of("step_00000005")
+    ('step_00000005', 5)
+    """
+
+    def __init__(self, fmt: str = DEFAULT_NAMING) -> None:
+        try:
+            parts = list(string.Formatter().parse(fmt))
+        except ValueError as e:
+            raise ValueError(f"naming={fmt!r} is not a format string: {e}") from None
+        fields = [(f, spec, conv) for _, f, spec, conv in parts if f is not None]
+        width = re.fullmatch(r"(0?(\d*))d?", fields[0][1] or "") if len(fields) == 1 else None
+        if len(fields) != 1 or fields[0][0] != "step" or fields[0][2] or width is None:
+            raise ValueError(
+                f"naming={fmt!r}: it needs exactly one field '{{step}}' (optionally with a width such "
+                "as '{step:08d}'), e.g. 'step_{step:08d}', 'checkpoint-{step}'"
+            )
+        digits = rf"(\d{{{int(width.group(2))},}})" if width.group(1).startswith("0") and width.group(2) else r"(\d+)"
+        self.fmt = fmt
+        self._re = re.compile("".join(re.escape(lit) + (digits if f is not None else "") for lit, f, _, _ in parts))
+        sample = self.name(0)
+        if not plain_name(sample) or sample.startswith(".") or _io.TMP_MARK in sample:
+            raise ValueError(f"naming={fmt!r} gives {sample!r}: not a plain, visible directory name")
+
+    def name(self, step: int) -> str:
+        return self.fmt.format(step=step)
+
+    def number(self, name: str) -> int | None:
+        """The number in a name shaped like a checkpoint's (``step_000000007`` too, whose canonical
+        name has 8 digits); None for any other name."""
+        m = self._re.fullmatch(name)
+        return int(m.group(1)) if m else None
+
+    def step_of(self, name: str) -> int | None:
+        """The step of a checkpoint's directory name; None unless it is exactly ``name(step)``."""
+        m = self._re.fullmatch(name)
+        return int(m.group(1)) if m and self.name(int(m.group(1))) == name else None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Naming) and other.fmt == self.fmt
+
+    def __hash__(self) -> int:
+        return hash(self.fmt)
+
+    def __repr__(self) -> str:
+        return f"Naming({self.fmt!r})"
+
+
+DEFAULT = Naming()
+
+
+def step_dir(run: str, step: int, naming: Naming = DEFAULT) -> str:
+    return os.path.join(run, naming.name(step))
+
+
 def _validate_parts(parts: Any, packs: Any, where: str) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """Shape checks of a manifest's ``parts``/``packs`` (the JSON is untrusted); returns them, checked."""
     if not isinstance(parts, dict) or not isinstance(packs, dict):
@@ -255,14 +325,55 @@ def write_manifest(directory: str, m: Manifest, durable: bool = True) -> None:
 
 def check_files(directory: str, m: Manifest) -> None:
     """Every file the manifest lists exists with its recorded size and header checksum (the cheap
-    check: it reads a few bytes per file; ``tk.load`` verifies the data itself)."""
+    check: it reads a few bytes per file; ``tk.load`` verifies the data itself). A file of kind
+    :data:`FILE_KIND` (not a tensorkeep file) is read whole and checked against its CRC-32."""
     b = DiskBackend(directory)
     for name, info in m.files.items():
-        stored.check(b, name, info, directory)
+        if info.get("kind") == FILE_KIND:
+            check_whole(directory, name, info)
+        else:
+            stored.check(b, name, info, directory)
 
 
-def list_steps(run: str) -> list[int]:
-    """Steps of the directories that look committed (named step_N with a manifest), ascending.
+def file_crc(path: str, durable: bool = False) -> tuple[int, str]:
+    """``(size, CRC-32 as 8 hex digits)`` of a whole regular file; ``durable``: fsync it too.
+
+    >>> open("/tmp/tk-doc-crc.txt", "wb").write(b"hello"); file_crc("/tmp/tk-doc-crc.txt")
+    5
+    (5, '3610a686')
+    """
+    fd = _io.open_regular(path)  # a FIFO would block forever
+    try:
+        crc, size = 0, 0
+        buf = memoryview(bytearray(1 << 23))
+        while n := os.readv(fd, [buf]):
+            crc = crc32(buf[:n], crc)
+            size += n
+        if durable:
+            _io.fsync(fd)
+    finally:
+        os.close(fd)
+    return size, f"{crc:08x}"
+
+
+def check_whole(directory: str, name: str, want: Mapping[str, Any]) -> None:
+    """A file of kind :data:`FILE_KIND` has the size and whole-file CRC-32 its manifest records."""
+    p = os.path.join(directory, name)
+    if not os.path.lexists(p):
+        raise FormatError(f"{directory}: {name} is missing")
+    if not _io.is_regular_file(p):
+        raise FormatError(f"{p} is not a regular file")
+    size, crc = file_crc(p)
+    if size != want["size"] or crc != want.get("crc32"):
+        raise FormatError(
+            f"{directory}: {name} is {size} bytes with CRC-32 {crc}, the manifest says {want['size']} bytes with "
+            f"CRC-32 {want.get('crc32')}: it is not the file this checkpoint wrote (truncated, replaced or damaged). "
+            "Fix: restore the previous checkpoint (tensorkeep does so by itself) or put back a good copy"
+        )
+
+
+def list_steps(run: str, naming: Naming = DEFAULT) -> list[int]:
+    """Steps of the directories that look committed (named by ``naming`` with a manifest), ascending.
     A symlink named like a step is not one of this run's checkpoints: never read, never deleted."""
     try:
         names = os.listdir(run)
@@ -270,9 +381,13 @@ def list_steps(run: str) -> list[int]:
         return []
     steps = []
     for n in names:
-        m = _STEP_RE.match(n)
-        if m and _io.is_real_dir(os.path.join(run, n)) and _io.is_regular_file(os.path.join(run, n, MANIFEST)):
-            steps.append(int(m.group(1)))
+        s = naming.step_of(n)
+        if (
+            s is not None
+            and _io.is_real_dir(os.path.join(run, n))
+            and _io.is_regular_file(os.path.join(run, n, MANIFEST))
+        ):
+            steps.append(s)
     return sorted(steps)
 
 
@@ -331,23 +446,26 @@ def replaceable(directory: str) -> set[str]:
     return ours
 
 
-def leftovers(run: str) -> list[str]:
+def leftovers(run: str, naming: Naming = DEFAULT) -> list[str]:
     """Temporary directories of unfinished saves (and of interrupted deletions) in ``run``: only
-    tensorkeep's own temporary names, real directories, never symlinks."""
+    tensorkeep's own temporary names of checkpoints, real directories, never symlinks."""
     try:
         names = os.listdir(run)
     except FileNotFoundError:
         return []
-    return sorted(
-        os.path.join(run, n)
-        for n in names
-        if (_io.temp_of(n) or ("",))[0].startswith("step_") and _io.is_real_dir(os.path.join(run, n))
-    )
+    out = []
+    for n in names:
+        base = (_io.temp_of(n) or ("",))[0]
+        if base.endswith(_io.REPLACED):
+            base = base[: -len(_io.REPLACED)]
+        if naming.number(base) is not None and _io.is_real_dir(os.path.join(run, n)):
+            out.append(os.path.join(run, n))
+    return sorted(out)
 
 
-def strangers(run: str) -> list[str]:
-    """Entries named like checkpoints that are not (a ``step_N`` symlink, or a directory with no
-    manifest): tensorkeep neither reads nor deletes them, it only says so."""
+def strangers(run: str, naming: Naming = DEFAULT) -> list[str]:
+    """Entries named like checkpoints that are not (a symlink, or a directory with no manifest):
+    tensorkeep neither reads nor deletes them, it only says so."""
     try:
         names = os.listdir(run)
     except FileNotFoundError:
@@ -355,16 +473,45 @@ def strangers(run: str) -> list[str]:
     out = []
     for n in names:
         p = os.path.join(run, n)
-        if _STEP_RE.match(n) and not (_io.is_real_dir(p) and _io.is_regular_file(os.path.join(p, MANIFEST))):
+        if naming.number(n) is not None and not (_io.is_real_dir(p) and _io.is_regular_file(os.path.join(p, MANIFEST))):
             out.append(p)
     return sorted(out)
 
 
-def _put_back(run: str, parked: str, name: str) -> bool:
+def is_staged(directory: str) -> bool:
+    """Whether a temporary directory holds the marker :mod:`~tensorkeep.checkpoint.stage` writes first
+    into every directory it makes: then all of it is tensorkeep's (what other code wrote into it too)."""
+    p = os.path.join(directory, STAGING_MARKER)
+    if not _io.is_regular_file(p):
+        return False
+    try:
+        with open(p, "rb") as f:
+            raw = f.read(4096)
+        return b'"' + STAGING_FORMAT.encode() + b'"' in raw and json.loads(raw).get("format") == STAGING_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def remove_leftover(p: str) -> list[str]:
+    """Remove a temporary directory of an unfinished save: whole if it is staged (:func:`is_staged`),
+    else tensorkeep's own names in it (those its manifest lists, ``*.tk``, temporary names). Returns
+    what it kept."""
+    if is_staged(p):
+        _io.rmtree(p)
+        return []
+    try:
+        listed = set(read_manifest(p).files)
+    except FormatError:
+        listed = set()
+    names = {n for n in os.listdir(p) if n in listed or _OWN_FILE_RE.match(n) or _io.temp_of(n)}
+    return _io.remove_own_dir(p, names)
+
+
+def _put_back(run: str, parked: str, name: str, naming: Naming = DEFAULT) -> bool:
     """A committed step that a re-save of it had moved aside (no RENAME_EXCHANGE, see
     ``_io.replace_dir``) when the process died: renamed back if its name is free and it is whole."""
     final = os.path.join(run, name)
-    if os.path.lexists(final) or not _STEP_RE.match(name):
+    if os.path.lexists(final) or naming.step_of(name) is None:
         return False
     try:
         check_files(parked, read_manifest(parked))
@@ -376,18 +523,17 @@ def _put_back(run: str, parked: str, name: str) -> bool:
     return True
 
 
-def clean_run(run: str) -> list[str]:
+def clean_run(run: str, naming: Naming = DEFAULT) -> list[str]:
     """What a writer of ``run`` does when it opens it: remove tensorkeep's own leftovers (temporary
     directories of crashed saves or interrupted deletions, stale temporary files, unreferenced packs)
     and warn about — never delete — anything else named like a checkpoint. Returns what it removed."""
     removed = []
-    for p in leftovers(run):
+    for p in leftovers(run, naming):
         base = (_io.temp_of(os.path.basename(p)) or ("",))[0]
-        if base.endswith(_io.REPLACED) and _put_back(run, p, base[: -len(_io.REPLACED)]):
+        if base.endswith(_io.REPLACED) and _put_back(run, p, base[: -len(_io.REPLACED)], naming):
             continue
         warnings.warn(f"removing the leftovers of an unfinished save: {p}", stacklevel=3)
-        names = {n for n in os.listdir(p) if _OWN_FILE_RE.match(n) or _io.temp_of(n)}
-        left = _io.remove_own_dir(p, names)
+        left = remove_leftover(p)
         if left:
             warnings.warn(f"{p}: kept {left}, which tensorkeep did not write", stacklevel=3)
         removed.append(p)
@@ -395,7 +541,7 @@ def clean_run(run: str) -> list[str]:
         if _io.is_stale_temp(n, run) and _io.is_regular_file(os.path.join(run, n)):
             _io.unlink(os.path.join(run, n))
             removed.append(os.path.join(run, n))
-    for p in strangers(run):
+    for p in strangers(run, naming):
         why = (
             "a symbolic link"
             if os.path.islink(p)
@@ -409,13 +555,13 @@ def clean_run(run: str) -> list[str]:
     return removed
 
 
-def remove_checkpoint(run: str, step: int, durable: bool = True) -> bool:
+def remove_checkpoint(run: str, step: int, durable: bool = True, naming: Naming = DEFAULT) -> bool:
     """Delete a checkpoint; False (with a warning, nothing deleted) if it holds what tensorkeep did not write.
 
     It is first renamed to a temporary name (a crash from then on leaves a recognizable leftover,
     removed when the run is next opened, never a checkpoint with missing files), then its own
     files are deleted by name."""
-    d = step_dir(run, step)
+    d = step_dir(run, step, naming)
     if not _io.is_real_dir(d):
         warnings.warn(f"{d} is not a directory of this run (a symlink?): not deleted", stacklevel=3)
         return False

@@ -9,20 +9,15 @@ directory looks); incremental checkpoints keep their tensors in shared packs
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
 from tensorkeep.checkpoint import layout, packs
 from tensorkeep.checkpoint.info import CheckpointInfo
-from tensorkeep.checkpoint.layout import Manifest
+from tensorkeep.checkpoint.layout import Manifest, Naming
 from tensorkeep.checkpoint.lock import RunLock
-from tensorkeep.checkpoint.steps import is_distributed, read_whole
-from tensorkeep.errors import FormatError, TensorkeepError
-from tensorkeep.file.reader import read_file
-from tensorkeep.file.writer import FileImage, write, write_image
+from tensorkeep.checkpoint.stage import Stage, read_dir
+from tensorkeep.errors import FormatError
 from tensorkeep.storage import local as _io
-
-_ANY_STEP = re.compile(r"^\.?step_(\d+)")
 
 
 class LocalRun:
@@ -31,8 +26,9 @@ class LocalRun:
     local = True
     builds_images = True  # a small file is built in memory and written with one pwrite
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, naming: Naming = layout.DEFAULT) -> None:
         self.url = self.directory = directory
+        self.naming = naming  #: how its step directories are named (step_00000100, checkpoint-100, ...)
         self.lock = RunLock(directory)
 
     def prepare(self, durable: bool) -> None:
@@ -44,14 +40,14 @@ class LocalRun:
         _io.makedirs(self.directory, durable)
 
     def clean(self) -> None:
-        layout.clean_run(self.directory)  # unfinished saves and deletions of a crashed run: only its own
+        layout.clean_run(self.directory, self.naming)  # unfinished saves and deletions of a crashed run: only its own
         packs.collect(self.directory)  # packs of crashed saves or of an interrupted cleanup
 
     def steps(self) -> list[int]:
-        return layout.list_steps(self.directory)
+        return layout.list_steps(self.directory, self.naming)
 
     def step_path(self, step: int) -> str:
-        return layout.step_dir(self.directory, step)
+        return layout.step_dir(self.directory, step, self.naming)
 
     def read_manifest(self, step: int) -> Manifest:
         d = self.step_path(step)
@@ -70,68 +66,40 @@ class LocalRun:
 
     def load(self, step: int, m: Manifest) -> tuple[Manifest, dict[str, Any]]:
         d = self.step_path(step)
-        layout.check_files(d, m)
-        if is_distributed(m):  # saved by several ranks: read whole into this process
-            m, loaded = read_whole(d, m)
-        else:
-            loaded = {name: read_file(os.path.join(d, name)) for name in m.files}  # verified, nothing applied yet
+        m, loaded = read_dir(d, m)  # verified, nothing applied yet
         loaded.update(packs.load_parts(m.parts, packs.locate_local(self.directory, m.packs, d), d))
         return m, loaded
 
     def commit(
         self, step: int, payload: dict[str, tuple[str, str, Any]], m: Manifest, *, incremental: bool, durable: bool
     ) -> str:
-        """Everything into a temporary directory, fsynced, the manifest last, published by rename."""
-        tmp = os.path.join(self.directory, f".step_{step:08d}{_io.TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}")
-        _io.mkdir(tmp)
-        try:
-            if incremental:
+        """Everything into a temporary directory, fsynced, the manifest last, published by rename
+        (:class:`~tensorkeep.checkpoint.stage.Stage`: the one commit path of a local checkpoint)."""
+        with Stage(self.step_path(step), m, durable=durable, metrics=m.metrics) as st:
+            if incremental:  # the tensors go to the run's packs, the manifest names them
                 known = packs.index(packs.committed(self.directory) or [])
                 m.parts, m.packs, m.bytes_written, m.bytes_held = packs.save_parts(
                     self.directory, step, payload, known, durable
                 )
             else:
                 for name, (key, kind, obj) in payload.items():
-                    p = os.path.join(tmp, name)
-                    if isinstance(obj, FileImage):
-                        size, crc = write_image(obj, p, durable, in_place=True)
-                    else:
-                        size, crc = write(obj, p, {}, durable, in_place=True)  # the directory is published by rename
-                    m.files[name] = {"size": size, "crc32": crc, "key": key, "kind": kind}
-            layout.write_manifest(tmp, m, durable)
-            if durable:
-                _io.fsync_dir(tmp)
-            final = layout.step_dir(self.directory, step)
-            _io.replace_dir(tmp, final, durable, layout.replaceable(final))
-            return final
-        except BaseException as e:
-            if os.path.isdir(tmp):
-                try:
-                    _io.rmtree(tmp)
-                except OSError:
-                    pass
-            if isinstance(e, TensorkeepError) and isinstance(e, OSError):
-                raise type(e)(
-                    e.errno, f"checkpoint step {step} was not saved: {e} Every committed checkpoint is intact."
-                ) from e
-            raise
+                    st.write(name, obj, key=key, kind=kind)
+        return st.final
 
     def remove(self, step: int, durable: bool) -> bool:
-        return layout.remove_checkpoint(self.directory, step, durable)
+        return layout.remove_checkpoint(self.directory, step, durable, self.naming)
 
     def collect(self) -> list[str]:
         return packs.collect(self.directory)
 
     def list_checkpoints(self, verify: bool) -> list[CheckpointInfo]:
         run, out = self.directory, []
-        for p in layout.leftovers(run):
-            m = _ANY_STEP.match(os.path.basename(p))
-            size = _du(p)
-            out.append(
-                CheckpointInfo(int(m.group(1)) if m else -1, p, "uncommitted", bytes_held=size, bytes_written=size)
-            )
-        for s in layout.list_steps(run):
-            d = layout.step_dir(run, s)
+        for p in layout.leftovers(run, self.naming):
+            base = (_io.temp_of(os.path.basename(p)) or ("",))[0].removesuffix(_io.REPLACED)
+            n, size = self.naming.number(base), _du(p)
+            out.append(CheckpointInfo(-1 if n is None else n, p, "uncommitted", bytes_held=size, bytes_written=size))
+        for s in layout.list_steps(run, self.naming):
+            d = layout.step_dir(run, s, self.naming)
             size = _du(d)
             info = CheckpointInfo(s, d, "ok", bytes_held=size, bytes_written=size)
             try:

@@ -7,9 +7,9 @@ import os
 import signal
 import sys
 import time
-import warnings
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from tensorkeep.checkpoint.background import Background
 from tensorkeep.checkpoint.policies import BestN, EveryNSteps, LatestN, Policy, to_keep
 from tensorkeep.checkpoint.records import Records
 from tensorkeep.checkpoint.run import open_run
+from tensorkeep.checkpoint.stage import Stage, latest_intact, load_verified
 from tensorkeep.checkpoint.state import Payload, apply, check_rng, payload
 from tensorkeep.errors import CheckpointNotFoundError, FormatError, StorageError, TensorkeepError
 
@@ -38,6 +39,10 @@ class CheckpointManager:
     leftovers of crashed saves (its temporary names only): anything else in the directory is
     never deleted. ``read_only=True`` takes no lock and changes nothing: restore, list, or plan
     ``prune(..., dry_run=True)``.
+
+    ``naming``: how step directories are named, a format with one ``{step}`` field
+    (``"checkpoint-{step}"`` is a Hugging Face ``Trainer``'s, ``"checkpoint_{step}"`` Accelerate's).
+    :meth:`stage` lets other code write a checkpoint's files (see :mod:`tensorkeep.checkpoint.stage`).
     """
 
     def __init__(
@@ -54,11 +59,14 @@ class CheckpointManager:
         async_save: bool | str = False,
         incremental: bool = False,
         read_only: bool = False,
+        naming: str = layout.DEFAULT_NAMING,
     ) -> None:
         if async_save not in (True, False, "lazy"):
             raise ValueError(f"async_save must be True, False or 'lazy', got {async_save!r}")
+        if incremental and naming != layout.DEFAULT_NAMING:
+            raise ValueError(f"incremental=True keeps the default naming {layout.DEFAULT_NAMING!r}, got {naming!r}")
         self._pid = os.getpid()  # the process it belongs to: a forked child gets an error, not a hang
-        self._run = open_run(directory)
+        self._run = open_run(directory, naming)
         self.directory = self._run.url
         self.read_only, self.durable, self.incremental, self.async_save = read_only, durable, incremental, async_save
         self.save_interval_steps = save_interval_steps
@@ -182,6 +190,46 @@ class CheckpointManager:
             self._exit_after_preemption()
         return final
 
+    @contextmanager
+    def stage(
+        self,
+        step: int,
+        *,
+        subdir: str | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        by: str = "tensorkeep",
+    ) -> Iterator[Stage]:
+        """A checkpoint of ``step`` that any code writes into ``st.path``; published atomically when
+        the block ends without an exception, then retention runs (see :mod:`tensorkeep.checkpoint.stage`).
+
+        >>> import torch, tensorkeep as tk
+        >>> with tk.CheckpointManager("/tmp/tk-doc-stage-run", naming="checkpoint-{step}") as mgr:
+        ...     with mgr.stage(5, metrics={"loss": 0.5}) as st:
+        ...         _ = st.write("optimizer.tk", {"lr": 0.1})
+        ...         _ = open(os.path.join(st.path, "config.json"), "w").write("{}")
+        ...     mgr.path(5).endswith("checkpoint-5"), mgr.metrics(5)
+        (True, {'loss': 0.5})
+
+        ``subdir``: for code that appends the checkpoint's name itself: it is given ``st.run_path``
+        and writes ``st.run_path/<subdir>`` (``st.path``), which is what gets published.
+        """
+        self._check_open(writing=True)
+        if type(step) is not int or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        if self._dist is not None or not self._run.local:
+            raise TensorkeepError(
+                f"{self.directory}: stage() writes a checkpoint directory on this machine from one process; "
+                "with torch.distributed or on object storage use save()"
+            )
+        self.wait()  # at most one save in flight
+        self._env = determinism.capture()
+        st = Stage(
+            self.path(step), self._manifest(step, {}), durable=self.durable, subdir=subdir, by=by, metrics=metrics
+        )
+        with st:
+            yield st
+        self._after_commit(step, st.manifest.metrics)
+
     def _commit(self, step: int, files: Payload, metrics: dict[str, Any]) -> str:
         final = self._run.commit(
             step, files, self._manifest(step, metrics), incremental=self.incremental, durable=self.durable
@@ -255,35 +303,21 @@ class CheckpointManager:
         return found
 
     def _restore(self, state: Mapping[str, Any], step: int | None) -> int | None:
-        candidates = [step] if step is not None else sorted(self._run.steps(), reverse=True)
-        skipped: list[int] = []
-        for s in candidates:
-            where = self.path(s)
+        if step is None:  # the newest intact one: damaged ones skipped with a warning, and forgotten
+            found = latest_intact(self._run, check=check_rng, on_damaged=self._records.drop)
+            if found is None:
+                return None
+        else:
             try:
-                m, loaded = self._run.load(s, self._run.read_manifest(s))  # verified before anything is applied
-                check_rng(m, loaded, where)  # nothing is applied before everything that can be checked is
+                found = load_verified(self._run, step, check_rng)  # verified before anything is applied
             except StorageError:
-                raise  # the store is unreachable: that says nothing about the checkpoint, do not skip it
+                raise  # the store is unreachable: that says nothing about the checkpoint
             except (FormatError, OSError) as e:
-                if step is not None:
-                    raise CheckpointNotFoundError(
-                        f"cannot restore step {step} from {self.directory}: {e}. Steps that exist: {self.steps()}"
-                    ) from None
-                warnings.warn(f"skipping damaged checkpoint {where}: {e}; trying the previous one", stacklevel=3)
-                self._records.drop(s)
-                skipped.append(s)
-                continue
-            apply(state, m, loaded)
-            return s
-        if skipped:
-            warnings.warn(
-                f"{self.directory}: ALL {len(skipped)} checkpoint(s) are damaged (steps {sorted(skipped)}): "
-                "nothing was restored, so restore() returns None and training would start from scratch. "
-                f"Fix: run `tensorkeep verify {self.directory}`, put back a good copy, or pass step= to "
-                "see the error",
-                stacklevel=3,
-            )
-        return None
+                raise CheckpointNotFoundError(
+                    f"cannot restore step {step} from {self.directory}: {e}. Steps that exist: {self.steps()}"
+                ) from None
+        apply(state, found.manifest, found.loaded)
+        return found.step
 
     # ------------------------------------------------------------------ preemption
 

@@ -18,7 +18,7 @@ import os
 from typing import Any, Protocol
 
 from tensorkeep.checkpoint.info import CheckpointInfo
-from tensorkeep.checkpoint.layout import Manifest
+from tensorkeep.checkpoint.layout import DEFAULT_NAMING, Manifest, Naming
 from tensorkeep.checkpoint.localrun import LocalRun
 from tensorkeep.checkpoint.objects import ObjectRun
 from tensorkeep.storage import backend
@@ -80,14 +80,21 @@ class Run(Protocol):
     def list_checkpoints(self, verify: bool) -> list[CheckpointInfo]: ...
 
 
-def open_run(directory: str | os.PathLike[str]) -> Run:
+def open_run(directory: str | os.PathLike[str], naming: str | Naming = DEFAULT_NAMING) -> Run:
     """The run at ``directory``: a path (or ``file://``) is a directory, an object-store URL a prefix.
+    ``naming``: how a directory's checkpoints are named (:class:`~tensorkeep.checkpoint.layout.Naming`).
 
     >>> open_run("memory://tk-doc-runs/mlp").url, type(open_run("/tmp/tk-doc-runs/mlp")).__name__
     ('memory://tk-doc-runs/mlp', 'LocalRun')
     """
+    naming = naming if isinstance(naming, Naming) else Naming(naming)
     b = backend(directory)
     if b.local:
-        return LocalRun(b.url)
+        return LocalRun(b.url, naming)
+    if naming != Naming():
+        raise ValueError(
+            f"{b.url}: naming={naming.fmt!r} is for run directories; a run in an object store names its "
+            f"checkpoints {DEFAULT_NAMING!r}. Fix: leave naming at its default"
+        )
     assert isinstance(b, Store)  # the only backend that is not local
     return ObjectRun(b)

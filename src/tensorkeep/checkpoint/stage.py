@@ -1,0 +1,341 @@
+"""Staged checkpoints: let any code write into a checkpoint directory, then publish it atomically.
+
+The one commit path of local checkpoints (``CheckpointManager.save`` uses it too), open to the code
+of other libraries, so a trainer's own ``save_*`` functions can write *into* a checkpoint that
+appears only when it is complete::
+
+    import tensorkeep as tk
+
+    mgr = tk.CheckpointManager("out", naming="checkpoint-{step}", keep_last=2)
+    with mgr.stage(step) as st:                     # st.path: a temporary directory inside "out"
+        st.write("optimizer.tk", opt.state_dict())  # a tensorkeep file, recorded in the manifest
+        model.save_pretrained(st.path)              # anything other code writes into st.path ...
+        st.metrics["loss"] = 0.25
+    # ... leaving the block without an exception: every file in st.path that st.write did not write
+    # is fsynced and recorded in the manifest as kind "file" (its size and whole-file CRC-32);
+    # manifest.json is written last and fsynced, the directory renamed to mgr.path(step) (the run's
+    # naming: "out/checkpoint-7"), the run directory fsynced, and only then retention runs.
+    # On an exception: nothing is published, the temporary directory is removed, the error propagates.
+
+    with mgr.stage(step, subdir="checkpoint-7") as st:  # for code that appends the name itself:
+        hf_save(st.run_path)                         # it writes st.run_path/checkpoint-7 == st.path
+
+    found = latest_intact("out", naming="checkpoint-{step}")  # resume: newest checkpoint that verifies
+    if found:                                        # (damaged newer ones skipped with a warning)
+        found.step, found.path, found.loaded["optimizer.tk"]  # every tensorkeep file read and verified
+
+Without a manager (no run lock, no retention): ``with stage("ckpt/final", step) as st: ...``.
+
+A staged directory holds only files (a subdirectory or a symlink in ``st.path`` fails the save with
+:class:`~tensorkeep.SaveError`). Its first file, :data:`~tensorkeep.checkpoint.layout.STAGING_MARKER`,
+proves the temporary directory is tensorkeep's: after a crash it is removed whole when the run is
+next opened (or by the next ``stage`` of the same final directory). :func:`~tensorkeep.verify`,
+``restore`` and :func:`latest_intact` check each kind-"file" entry by reading it whole.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+
+from tensorkeep._version import __version__
+from tensorkeep.checkpoint import determinism, layout
+from tensorkeep.checkpoint.layout import FILE_KIND, MANIFEST, STAGING_FORMAT, STAGING_MARKER, Manifest
+from tensorkeep.checkpoint.steps import is_distributed, read_whole
+from tensorkeep.errors import FormatError, SaveError, StorageError, TensorkeepError
+from tensorkeep.file.reader import read_file
+from tensorkeep.file.writer import FileImage, write, write_image
+from tensorkeep.storage import local as _io
+
+__all__ = ["Stage", "stage", "Intact", "latest_intact", "load_verified", "read_dir"]
+
+
+class Stage:
+    """A checkpoint being written into a temporary directory (see the module's docstring).
+
+    ``path``: where its files go; ``run_path``: the temporary directory (``path`` itself, or its
+    parent with ``subdir``); ``final``: where it is published; ``metrics``: recorded in its manifest.
+    Use it as a context manager (``with Stage(...) as st``), or through :meth:`CheckpointManager.stage`
+    or :func:`stage`.
+    """
+
+    def __init__(
+        self,
+        final: str,
+        manifest: Manifest,
+        *,
+        durable: bool = True,
+        subdir: str | None = None,
+        by: str = "tensorkeep",
+        metrics: Mapping[str, Any] | None = None,
+    ) -> None:
+        if subdir is not None and not (layout.plain_name(subdir) and not subdir.startswith(".")):
+            raise ValueError(f"subdir={subdir!r} must be a plain directory name such as 'checkpoint-7'")
+        self.final = os.path.abspath(final)
+        self.step = manifest.step
+        self.metrics: dict[str, Any] = dict(metrics or {})
+        self.durable, self.by, self._subdir, self._m = durable, by, subdir, manifest
+        self.run_path = self.path = ""
+        self._files: dict[str, dict[str, Any]] = {}
+        self.committed = False
+
+    # ------------------------------------------------------------------ inside the block
+
+    def write(
+        self, name: str, obj: Any, *, key: str = "", kind: str = "data", metadata: dict[str, str] | None = None
+    ) -> str:
+        """Write ``obj`` (tensors, a ``state_dict()``, nested values) as the tensorkeep file ``name``
+        in :attr:`path`, fsynced, recorded in the manifest with ``key`` and ``kind``; returns its path.
+
+        ``metadata``: the safetensors header's string metadata (e.g. ``{"format": "pt"}``, which
+        ``transformers`` looks for in ``model.safetensors``).
+        """
+        if not self.path:
+            raise TensorkeepError("Stage.write: use the stage in a with block (with mgr.stage(step) as st: ...)")
+        if not layout.plain_name(name) or name in (MANIFEST, STAGING_MARKER) or name in self._files:
+            raise ValueError(
+                f"Stage.write: {name!r} is not a free plain file name in checkpoint step {self.step} (no "
+                f"separator, not {MANIFEST!r}, not written twice)"
+            )
+        p = os.path.join(self.path, name)
+        if isinstance(obj, FileImage):
+            size, crc = write_image(obj, p, self.durable, in_place=True)
+        else:
+            size, crc = write(obj, p, dict(metadata or {}), self.durable, in_place=True)
+        self._files[name] = {"size": size, "crc32": crc, "key": key, "kind": kind}
+        return p
+
+    @property
+    def manifest(self) -> Manifest:
+        """The manifest this stage publishes (its ``files`` filled in at the commit)."""
+        return self._m
+
+    # ------------------------------------------------------------------ open, commit, abort
+
+    def __enter__(self) -> Stage:
+        if os.path.lexists(self.final):
+            layout.replaceable(self.final)  # refuses (SaveError) before anything is written
+        self.run_path = _io.tmp_path(self.final)
+        _io.mkdir(self.run_path)
+        try:
+            marker = {"format": STAGING_FORMAT, "by": self.by, "pid": os.getpid(), "host": socket.gethostname()}
+            marker.update(time=time.time(), final=os.path.basename(self.final), step=self.step)
+            with _io.atomic_file(os.path.join(self.run_path, STAGING_MARKER), durable=False, in_place=True) as fd:
+                _io.pwrite_all(fd, memoryview(json.dumps(marker).encode()), 0)
+            self.path = self.run_path
+            if self._subdir is not None:
+                self.path = os.path.join(self.run_path, self._subdir)
+                _io.mkdir(self.path)
+        except BaseException:
+            self._abort()
+            raise
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        failed = exc
+        if exc is None:
+            try:
+                self._commit()
+                return
+            except BaseException as e:
+                failed = e
+        self._abort()
+        if isinstance(failed, TensorkeepError) and isinstance(failed, OSError):
+            raise type(failed)(
+                failed.errno,
+                f"checkpoint step {self.step} was not saved: {failed} Every committed checkpoint is intact.",
+            ) from failed
+        if failed is not None and failed is not exc:
+            raise failed
+
+    def _commit(self) -> None:
+        for n in sorted(os.listdir(self.path)):
+            if n in self._files or (n == STAGING_MARKER and self.path == self.run_path):
+                continue
+            p = os.path.join(self.path, n)
+            if n == MANIFEST or not layout.plain_name(n) or not _io.is_regular_file(p):
+                what = "a file named like tensorkeep's manifest" if n == MANIFEST else "not a plain regular file"
+                raise SaveError(
+                    errno.EINVAL,
+                    f"{p}: {what} (a subdirectory, a symlink?). A staged checkpoint holds only regular "
+                    f"files, each recorded in its {MANIFEST}. Fix: write files only, directly into st.path",
+                )
+            size, crc = layout.file_crc(p, self.durable)  # fsynced, then its CRC-32 recorded
+            self._files[n] = {"size": size, "crc32": crc, "key": "", "kind": FILE_KIND}
+        m = self._m
+        m.files = dict(self._files)
+        m.metrics = layout.clean_metrics(self.metrics, self.step)
+        layout.write_manifest(self.path, m, self.durable)  # last: it makes the checkpoint exist
+        if self.path == self.run_path:
+            _io.unlink(os.path.join(self.path, STAGING_MARKER))  # the manifest now says what is ours
+        if self.durable:
+            _io.fsync_dir(self.path)
+        _io.replace_dir(self.path, self.final, self.durable, layout.replaceable(self.final))
+        self.committed = True
+        if self.path != self.run_path:
+            _io.rmtree(self.run_path)  # the marker and whatever else was written beside subdir
+
+    def _abort(self) -> None:
+        """Nothing is published: the temporary directory goes (whole when the marker proves it is ours)."""
+        if self.run_path and _io.is_real_dir(self.run_path) and not self.committed:
+            try:
+                layout.remove_leftover(self.run_path)
+            except OSError:
+                pass  # removed when the run is next opened
+
+
+def new_manifest(step: int, metrics: Mapping[str, Any] | None = None) -> Manifest:
+    """A manifest for ``step`` with this process's versions and environment (files filled in at the commit)."""
+    if type(step) is not int or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    return Manifest(
+        step,
+        layout.now(),
+        dict(metrics or {}),
+        {},
+        {"tensorkeep": __version__, "torch": torch.__version__.split("+")[0]},
+        environment=determinism.capture(),
+    )
+
+
+def stage(
+    final: str | os.PathLike[str],
+    step: int,
+    *,
+    durable: bool = True,
+    subdir: str | None = None,
+    by: str = "tensorkeep",
+) -> Stage:
+    """A staged checkpoint published as ``final`` (a directory), without a manager: no run lock, no
+    retention. An existing ``final`` is replaced atomically only if it is a tensorkeep checkpoint
+    holding nothing else. Leftovers of crashed stages of ``final`` (dead processes) are removed first.
+
+    >>> import torch
+    >>> with stage("/tmp/tk-doc-stage/ckpt", 3) as st:
+    ...     _ = st.write("w.tk", {"w": torch.ones(2)})
+    ...     _ = open(f"{st.path}/notes.txt", "w").write("hi")
+    >>> sorted(os.listdir("/tmp/tk-doc-stage/ckpt"))
+    ['manifest.json', 'notes.txt', 'w.tk']
+    """
+    final = os.path.abspath(os.fspath(final))
+    _io.makedirs(os.path.dirname(final), durable)
+    _remove_stale(final)
+    return Stage(final, new_manifest(step), durable=durable, subdir=subdir, by=by)
+
+
+def _remove_stale(final: str) -> None:
+    """Temporary directories of ``final`` left by dead processes: removed (or a parked one put back)."""
+    d, base = os.path.split(final)
+    for n in sorted(os.listdir(d), key=lambda n: _io.REPLACED not in n):
+        t, p = _io.temp_of(n), os.path.join(d, n)
+        if t is None or t[0] not in (base, base + _io.REPLACED) or not _io.is_stale_temp(n) or not _io.is_real_dir(p):
+            continue
+        try:
+            if t[0] != base and not os.path.lexists(final) and _io.is_regular_file(os.path.join(p, MANIFEST)):
+                _io.rename(p, final)  # a replace that died half-way: the committed one goes back
+                _io.fsync_dir(d)
+            else:
+                warnings.warn(f"removing the leftovers of an unfinished save: {p}", stacklevel=4)
+                layout.remove_leftover(p)
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------------------- resume
+
+
+class Intact(NamedTuple):
+    """A checkpoint that verified: its step, directory, manifest, and every tensorkeep file it holds,
+    read and checksummed, by file name (files of kind ``"file"`` were checked whole, not loaded)."""
+
+    step: int
+    path: str
+    manifest: Manifest
+    loaded: dict[str, Any]
+
+
+Check = Callable[[Manifest, dict[str, Any], str], None]
+
+
+def read_dir(directory: str, m: Manifest | None = None) -> tuple[Manifest, dict[str, Any]]:
+    """A checkpoint directory checked against its manifest (``m``, else its ``manifest.json``) and every
+    tensorkeep file read and verified, by file name; :class:`FormatError` (or :class:`OSError`) when
+    damaged. Files of kind ``"file"`` are checked whole, not loaded; an incremental checkpoint's packs
+    are read by its run (``LocalRun.load``).
+
+    >>> import torch
+    >>> with stage("/tmp/tk-doc-read-dir", 1) as st: _ = st.write("a.tk", {"t": torch.ones(1)})
+    >>> read_dir("/tmp/tk-doc-read-dir")[1]["a.tk"]["t"]
+    tensor([1.])
+    """
+    if m is None:
+        m = layout.read_manifest(directory)
+    layout.check_files(directory, m)
+    if is_distributed(m):  # saved by several ranks: read whole into this process
+        return read_whole(directory, m)
+    return m, {
+        name: read_file(os.path.join(directory, name)) for name, i in m.files.items() if i.get("kind") != FILE_KIND
+    }
+
+
+def load_verified(run: Any, step: int, check: Check | None = None) -> Intact:
+    """Checkpoint ``step`` of ``run`` (a :class:`~tensorkeep.checkpoint.run.Run`) read and verified,
+    then ``check(manifest, loaded, where)``; :class:`FormatError`/:class:`OSError` when damaged."""
+    where = run.step_path(step)
+    m, loaded = run.load(step, run.read_manifest(step))
+    if check is not None:
+        check(m, loaded, where)
+    return Intact(step, where, m, loaded)
+
+
+def latest_intact(
+    run: Any,
+    *,
+    naming: str = layout.DEFAULT_NAMING,
+    check: Check | None = None,
+    on_damaged: Callable[[int], None] | None = None,
+) -> Intact | None:
+    """The newest checkpoint of ``run`` that verifies, or None. A damaged newer one is skipped with a
+    warning naming the damage (and reported to ``on_damaged``); nothing is changed on disk.
+
+    ``run``: a run directory (read without taking its lock, ``naming`` says how its checkpoints are
+    named) or a :class:`~tensorkeep.checkpoint.run.Run`. ``check(manifest, loaded, where)`` may raise
+    :class:`FormatError` to reject one more (e.g. RNG states that cannot be set).
+
+    >>> import tensorkeep as tk
+    >>> with tk.CheckpointManager("/tmp/tk-doc-intact") as mgr: _ = mgr.save(4, {"x": 1})
+    >>> latest_intact("/tmp/tk-doc-intact").step
+    4
+    """
+    if isinstance(run, (str, os.PathLike)):
+        from tensorkeep.checkpoint.run import open_run
+
+        run = open_run(run, naming=naming)
+    skipped: list[int] = []
+    for s in sorted(run.steps(), reverse=True):
+        try:
+            return load_verified(run, s, check)
+        except StorageError:
+            raise  # the store is unreachable: that says nothing about the checkpoint, do not skip it
+        except (FormatError, OSError) as e:
+            warnings.warn(f"skipping damaged checkpoint {run.step_path(s)}: {e}; trying the previous one", stacklevel=2)
+            skipped.append(s)
+            if on_damaged is not None:
+                on_damaged(s)
+    if skipped:
+        warnings.warn(
+            f"{run.url}: ALL {len(skipped)} checkpoint(s) are damaged (steps {sorted(skipped)}): "
+            "nothing was restored, so restore() returns None and training would start from scratch. "
+            f"Fix: run `tensorkeep verify {run.url}`, put back a good copy, or pass step= to "
+            "see the error",
+            stacklevel=2,
+        )
+    return None
