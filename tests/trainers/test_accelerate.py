@@ -1,0 +1,261 @@
+"""tensorkeep.accelerate on the real Accelerate (pinned in the extra): a tiny model on CPU.
+
+Also a script (the kill test runs it in child processes):
+``python test_accelerate.py {reference|train|resume} PROJECT_DIR``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+from torch.utils.data import DataLoader, TensorDataset
+
+import tensorkeep as tk
+from tensorkeep import accelerate as tk_acc
+from tensorkeep.checkpoint import layout
+from tensorkeep.checkpoint.determinism import PINNED_ENV
+from tensorkeep.checkpoint.stage import Stage
+from tensorkeep.errors import CheckpointNotFoundError
+
+STEPS, SAVE_EVERY = 14, 4  # 6 batches an epoch: saves land mid-epoch (steps 4, 8, 12)
+KILL_ENV = "TK_TEST_KILL_IN_SAVE"
+
+
+class Counter:
+    """The training step, saved with the checkpoint (register_for_checkpointing)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.step = sd["step"]
+
+
+def build(project_dir: str, total_limit: int | None = 2, seed: int = 0) -> tuple:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    acc = Accelerator(
+        cpu=True,
+        project_config=ProjectConfiguration(
+            project_dir=project_dir, automatic_checkpoint_naming=True, total_limit=total_limit
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, use_stateful_dataloader=True),
+    )
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 4, generator=g)
+    dl = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=4, shuffle=True)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Dropout(0.2), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.7)
+    counter = Counter()
+    model, opt, dl, sched = acc.prepare(model, opt, dl, sched)
+    acc.register_for_checkpointing(counter)
+    tk_acc.protect(acc)  # the two lines of the README: the import, and this
+    return acc, model, opt, dl, sched, counter
+
+
+def train(acc, model, opt, dl, sched, counter, stop: int = STEPS) -> None:
+    """Dropout (torch), NumPy and Python draws, a shuffling loader, saves every SAVE_EVERY steps."""
+    while counter.step < stop:
+        it = iter(dl)
+        while counter.step < stop:
+            with tk.keep_rng():  # fetching a batch must not move the global RNG (a loader iterator draws a seed)
+                batch = next(it, None)
+            if batch is None:
+                break
+            x, y = batch
+            noise = 1e-3 * (np.random.rand() + random.random())
+            acc.backward(F.mse_loss(model(x), y) + noise)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            counter.step += 1
+            if counter.step % SAVE_EVERY == 0:
+                acc.save_state()
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _names(project_dir: str) -> list[str]:
+    return sorted(n for n in os.listdir(os.path.join(project_dir, "checkpoints")) if n != ".tensorkeep.lock")
+
+
+# ---------------------------------------------------------------------------------------------- tests
+
+
+def test_round_trip_continues_bit_identically(tmp):
+    full = build(os.path.join(tmp, "full"))
+    train(*full)
+    assert _names(os.path.join(tmp, "full")) == ["checkpoint_1", "checkpoint_2"]
+
+    first = build(os.path.join(tmp, "split"))
+    train(*first, stop=8)  # checkpoint_0 at step 4, checkpoint_1 at step 8
+    d = os.path.join(tmp, "split", "checkpoints", "checkpoint_1")
+    assert sorted(os.listdir(d)) == [
+        "custom_checkpoint_0.tk",
+        "dataloader.tk",
+        "manifest.json",
+        "model.safetensors",
+        "optimizer.tk",
+        "random_states_0.tk",
+        "scheduler.tk",
+    ]
+    from safetensors.torch import load_model  # external readers load the weights file
+
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Dropout(0.2), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    load_model(plain, os.path.join(d, "model.safetensors"))
+    assert _same(plain.state_dict(), weights(first[1]))
+
+    shutil.copytree(os.path.join(tmp, "split"), os.path.join(tmp, "resumed"))  # a new process would see this
+    second = build(os.path.join(tmp, "resumed"), seed=123)  # fresh objects, other RNG states
+    assert tk_acc.load_state(second[0]) == os.path.join(tmp, "resumed", "checkpoints", "checkpoint_1")
+    assert second[5].step == 8 and second[0].project_configuration.iteration == 2
+    train(*second)
+    assert _same(weights(second[1]), weights(full[1]))
+    assert _same(second[2].state_dict()["state"][0], full[2].state_dict()["state"][0])
+
+
+def test_total_limit_deletes_only_after_the_commit(tmp):
+    acc, model, *_ = build(tmp, total_limit=1)
+    seen: list[list[str]] = []
+    acc.register_save_state_pre_hook(lambda models, weights, out: seen.append(_names(tmp)))
+    tk_acc.save_state(acc)
+    tk_acc.save_state(acc)
+    assert "checkpoint_0" in seen[1]  # still there while checkpoint_1 was written (stock deleted it first)
+    assert _names(tmp) == ["checkpoint_1"]
+
+    def fail(models, weights, out):
+        with open(os.path.join(out, "extra.txt"), "w") as f:
+            f.write("a hook's file")
+        raise RuntimeError("disk trouble")
+
+    handle = acc.register_save_state_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="disk trouble"):
+        tk_acc.save_state(acc)
+    assert _names(tmp) == ["checkpoint_1"]  # the only checkpoint survives, no temp dir
+    handle.remove()
+
+    def extra(models, weights, out):
+        with open(os.path.join(out, "extra.txt"), "w") as f:
+            f.write("a hook's file")
+
+    acc.register_save_state_pre_hook(extra)
+    final = tk_acc.save_state(acc)  # iteration 2: the failed save did not count
+    assert os.path.basename(final) == "checkpoint_2" and _names(tmp) == ["checkpoint_2"]
+    assert layout.read_manifest(final).files["extra.txt"]["kind"] == "file"
+
+
+def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp):
+    run = build(os.path.join(tmp, "a"), total_limit=None)
+    train(*run, stop=8)
+    ck = os.path.join(tmp, "a", "checkpoints")
+    with open(os.path.join(ck, "checkpoint_1", "optimizer.tk"), "r+b") as f:
+        f.seek(-3, os.SEEK_END)
+        f.write(b"\xff\xff\xff")
+    shutil.copytree(os.path.join(tmp, "a"), os.path.join(tmp, "b"))
+    acc, model, opt, dl, sched, counter = build(os.path.join(tmp, "b"), total_limit=None)
+    with pytest.warns(UserWarning, match=r"skipping damaged checkpoint .*checkpoint_1"):
+        assert tk_acc.load_state(acc).endswith("checkpoint_0")
+    assert counter.step == 4 and acc.project_configuration.iteration == 2  # the next save does not collide
+    with pytest.raises(CheckpointNotFoundError, match="optimizer.tk"):
+        tk_acc.load_state(acc, os.path.join(tmp, "b", "checkpoints", "checkpoint_1"))
+    os.remove(os.path.join(tmp, "b", "checkpoints", "checkpoint_0", "random_states_0.tk"))
+    with warnings.catch_warnings(record=True) as seen:  # a missing RNG file is damage, not silently skipped
+        warnings.simplefilter("always")
+        assert tk_acc.load_state(acc) is None
+    assert any("random_states_0.tk is missing" in str(w.message) for w in seen)
+
+
+def test_stock_folders_and_unsupported_state_are_refused(tmp):
+    acc, model, opt, *_ = build(tmp)
+    acc.project_configuration.automatic_checkpoint_naming = False  # explicit folders from here on
+    stock = os.path.join(tmp, "stock")
+    Accelerator.save_state(acc, stock)  # pickles
+    with pytest.raises(CheckpointNotFoundError, match="no manifest.json"):
+        tk_acc.load_state(acc, stock)
+
+    class Odd:
+        def state_dict(self):
+            return {"fn": print}
+
+        def load_state_dict(self, sd):
+            pass
+
+    acc.register_for_checkpointing(Odd())
+    with pytest.raises(TypeError, match=r"custom_checkpoint_1.tk cannot be saved without pickle"):
+        tk_acc.save_state(acc, os.path.join(tmp, "explicit"))
+    assert not os.path.exists(os.path.join(tmp, "explicit"))
+
+
+def test_kill9_mid_save_then_resume_is_bit_identical(tmp):
+    def run(phase: str, out: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        e = {**os.environ, **PINNED_ENV, **(env or {})}
+        return subprocess.run([sys.executable, __file__, phase, out], env=e, capture_output=True, timeout=300)
+
+    ref, out = os.path.join(tmp, "ref"), os.path.join(tmp, "run")
+    p = run("reference", ref)
+    assert p.returncode == 0, p.stderr.decode()[-3000:]
+    p = run("train", out, {KILL_ENV: "1"})  # killed while writing checkpoint_1 (step 8)
+    assert p.returncode == -signal.SIGKILL, p.stderr.decode()[-3000:]
+    left = glob.glob(os.path.join(out, "checkpoints", ".checkpoint_1.tk-tmp-*"))
+    assert len(left) == 1 and {"model.safetensors", "optimizer.tk"} <= set(os.listdir(left[0]))
+    assert _names(out) == [os.path.basename(left[0]), "checkpoint_0"]  # no checkpoint_1: never half-written
+    p = run("resume", out)
+    assert p.returncode == 0, p.stderr.decode()[-3000:]
+    assert b"resumed from checkpoint_0 at step 4" in p.stdout
+    assert _same(tk.load(os.path.join(out, "final.tk")), tk.load(os.path.join(ref, "final.tk")))
+    assert _names(out) == ["checkpoint_1", "checkpoint_2"]
+
+
+# --------------------------------------------------------------------------------------------- script
+
+
+def _arm_kill() -> None:
+    """SIGKILL this process right after optimizer.tk of the second checkpoint is written."""
+    real = Stage.write
+
+    def write(self, name, obj, **kw):
+        path = real(self, name, obj, **kw)
+        if self.step == 1 and name == "optimizer.tk":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return path
+
+    Stage.write = write
+
+
+def main(phase: str, out: str) -> None:
+    acc, model, opt, dl, sched, counter = build(out)
+    if phase == "resume":
+        where = acc.load_state()
+        print(f"resumed from {os.path.basename(where)} at step {counter.step}", flush=True)
+    if os.environ.get(KILL_ENV):
+        _arm_kill()
+    train(acc, model, opt, dl, sched, counter)
+    tk.save(weights(model), os.path.join(out, "final.tk"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
