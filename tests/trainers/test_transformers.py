@@ -173,6 +173,9 @@ def test_resume_skips_damaged_and_half_written_checkpoints(tmp_path: Any) -> Non
     opt.write_bytes(bytes(data))
     (tmp_path / "run" / "checkpoint-15").mkdir()  # a stock Trainer killed mid-save leaves this
     (tmp_path / "run" / "checkpoint-15" / "config.json").write_text("{}")
+    os.makedirs(os.path.join(run, "checkpoint-20"))  # what a kill during stock's end-of-training rmtree may leave
+    for n in ("config.json", "trainer_state.json"):
+        shutil.copy(os.path.join(run, "checkpoint-5", n), os.path.join(run, "checkpoint-20", n))
 
     t = trainer(run, 10, cls=Extras)
     with pytest.raises(tk.CheckpointNotFoundError, match="checkpoint-10"):
@@ -185,6 +188,7 @@ def test_resume_skips_damaged_and_half_written_checkpoints(tmp_path: Any) -> Non
     assert t.started.started_at == 5 and t.loaded_extra == {"mean": 0.5}  # the subclass's own load ran
     assert verify(os.path.join(run, "checkpoint-10")).ok  # saved again: the damaged one was replaced
     assert os.listdir(os.path.join(run, "checkpoint-15")) == ["config.json"]  # not ours: never deleted
+    assert sorted(os.listdir(os.path.join(run, "checkpoint-20"))) == ["config.json", "trainer_state.json"]
 
     with pytest.raises(ValueError, match="No valid checkpoint"):
         trainer(str(tmp_path / "empty"), 10).train(resume_from_checkpoint=True)  # stock's error
@@ -266,6 +270,7 @@ def test_sigkill_from_outside_while_the_checkpoint_is_written(
     rc, log = finish(p)
     assert rc == -signal.SIGKILL, log
     started = resume_and_compare(run, str(tmp_path / "b.tk"), reference)
+    print(f"the kill landed {'before' if started == 5 else 'after'} the commit of checkpoint-10")
     assert started in (5, 10)  # 10 only if the kill landed after the commit
 
 

@@ -26,8 +26,9 @@ What changes in ``args.output_dir``:
 Not covered (the save then fails or keeps the stock files, still inside an atomic directory):
 DeepSpeed and sharded-FSDP checkpoints (they write subdirectories, which a staged checkpoint refuses),
 XLA/NPU/HPU/MLU/MUSA random states (stock ``rng_state.pth`` kept), several processes (not yet),
-``trainer.save_model()`` outside checkpoints (stock), and the end-of-training deletion that stock
-``Trainer`` does itself for ``save_total_limit=1`` with ``load_best_model_at_end``.
+``trainer.save_model()`` outside checkpoints and Ray Tune's checkpoints (stock), and the deletion that
+stock ``Trainer`` does itself at the end of training with ``save_total_limit=1`` and a best checkpoint
+(``shutil.rmtree``: a kill during it leaves a partly deleted directory, which resume skips as damaged).
 """
 
 from __future__ import annotations
@@ -364,9 +365,11 @@ def protect(trainer: T) -> T:
     """Make ``trainer`` (a ``transformers.Trainer``, or a subclass's instance such as TRL's
     ``SFTTrainer``) save crash-proof checkpoints and resume from the newest intact one; returns it.
 
-    >>> from tensorkeep.transformers import protect                  # doctest: +SKIP
-    >>> trainer = protect(Trainer(model=model, args=args, train_dataset=ds))
-    >>> trainer.train(resume_from_checkpoint=True)
+    Example::
+
+        from tensorkeep.transformers import protect
+        trainer = protect(Trainer(model=model, args=args, train_dataset=ds))
+        trainer.train(resume_from_checkpoint=True)
 
     Its class becomes ``CrashProof<Class>`` (``CrashProofMixin`` first, then the original class), so
     ``isinstance(trainer, SFTTrainer)`` still holds.
@@ -417,8 +420,9 @@ def _unlink(directory: str, *names: str) -> None:
 
 
 def _newest_stock(run_dir: str) -> tuple[int, str] | None:
-    """The newest ``checkpoint-N`` written by a stock Trainer that looks complete (no manifest, no
-    tensorkeep file, a ``trainer_state.json`` that parses: stock writes it last)."""
+    """The newest ``checkpoint-N`` written by a stock Trainer that looks complete: its pickled
+    ``training_args.bin`` (which tensorkeep's checkpoints never hold, even partly deleted) and a
+    ``trainer_state.json`` that parses (stock writes it last); no manifest, no tensorkeep file."""
     found: list[tuple[int, str]] = []
     for n in os.listdir(run_dir):
         m = _NAME_RE.fullmatch(n)
@@ -426,8 +430,8 @@ def _newest_stock(run_dir: str) -> tuple[int, str] | None:
         if m is None or os.path.islink(p) or not os.path.isdir(p):
             continue
         names = os.listdir(p)
-        if "manifest.json" in names or any(x.endswith(".tk") for x in names):
-            continue  # tensorkeep's (intact or damaged): never read as a stock one
+        if "training_args.bin" not in names or "manifest.json" in names or any(x.endswith(".tk") for x in names):
+            continue
         try:
             with open(os.path.join(p, _STATE), encoding="utf-8") as f:
                 json.load(f)
