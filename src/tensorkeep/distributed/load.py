@@ -70,7 +70,7 @@ class Checkpoint:
                     rows = f.get_slice(key)[item.src[0] : item.src[0] + item.sizes[0]]
                     piece = rows[(slice(None), *_index(item.src[1:], item.sizes[1:]))]
                 if isinstance(piece, np.ndarray):
-                    piece = torch.from_numpy(np.ascontiguousarray(piece))
+                    piece = torch.from_numpy(np.ascontiguousarray(piece).reshape(piece.shape))  # 0-d stays 0-d
                 out[_index(item.dst, item.sizes)].copy_(piece)
 
     def full(self, key: str, kind: str) -> Any:
@@ -102,7 +102,8 @@ class Checkpoint:
     def materialize(self, v: Any) -> Any:
         """``v`` from the saved structure with every :class:`Ref` read whole."""
         if isinstance(v, Ref):
-            return self.full(v.name, v.kind)
+            x = self.full(v.name, v.kind)
+            return x[()] if v.scalar else x
         if isinstance(v, dict):
             for k in v:
                 v[k] = self.materialize(v[k])
@@ -124,7 +125,9 @@ def _without_flags(n: Any, depth: int = 0) -> Any:
     if type(n) is list:
         return [_without_flags(x, depth + 1) for x in n]
     if type(n) is dict:
-        return {"t": n["t"]} if "t" in n else {k: _without_flags(v, depth + 1) for k, v in n.items()}
+        if "t" in n:
+            return {"t": n["t"]}
+        return {k: _without_flags(v, depth + 1) for k, v in n.items()}
     return n
 
 

@@ -88,6 +88,13 @@ class Ref:
 
     name: str
     kind: str  # 't' torch, 'n' NumPy
+    scalar: bool = False  # a NumPy scalar, stored as a 0-d array
+
+    def __getitem__(self, index: tuple[()]) -> Ref:
+        """``ref[()]``: what ``unflatten`` does to a stored NumPy scalar, deferred until it is read."""
+        if index != ():
+            raise TypeError(f"a Ref is indexed only with (), not {index!r}")
+        return Ref(self.name, self.kind, True)
 
 
 def build_manifest(plan: SavePlan, tree: Any, files: list[dict]) -> dict[str, Any]:

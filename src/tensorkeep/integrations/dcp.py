@@ -201,8 +201,7 @@ class Writer(StorageWriter):
             fqn = item.index.fqn
             if item.type == WriteItemType.BYTE_IO:
                 node, arrays = _value(fqn, self._object(planner, item))
-                for k, a in arrays.items():  # a 0-d NumPy array as a tensor: distributed.load cannot read one yet
-                    tensors[k] = torch.as_tensor(a) if isinstance(a, np.ndarray) and a.ndim == 0 else a
+                tensors.update(arrays)
                 shapes = {k: [_dtype_name(a), list(a.shape)] for k, a in arrays.items()}
                 done.append((item, 0, {"value": node, "arrays": shapes}))
                 continue
