@@ -180,15 +180,17 @@ def test_resume_skips_damaged_and_half_written_checkpoints(tmp_path: Any) -> Non
     t = trainer(run, 10, cls=Extras)
     with pytest.raises(tk.CheckpointNotFoundError, match="checkpoint-10"):
         t.train(resume_from_checkpoint=os.path.join(run, "checkpoint-10"))  # a named one: never another
-    shutil.copytree(os.path.join(run, "checkpoint-5"), str(tmp_path / "copy"))
-    with pytest.raises(tk.CheckpointNotFoundError, match="checkpoint-<step>"):  # its files cannot be told apart
-        t.train(resume_from_checkpoint=str(tmp_path / "copy"))
+    shutil.copytree(os.path.join(run, "checkpoint-5"), str(tmp_path / "copy"))  # verified under any name
     with pytest.warns(UserWarning, match=r"skipping damaged checkpoint .*checkpoint-10"):
         t.train(resume_from_checkpoint=True)
     assert t.started.started_at == 5 and t.loaded_extra == {"mean": 0.5}  # the subclass's own load ran
     assert verify(os.path.join(run, "checkpoint-10")).ok  # saved again: the damaged one was replaced
     assert os.listdir(os.path.join(run, "checkpoint-15")) == ["config.json"]  # not ours: never deleted
     assert sorted(os.listdir(os.path.join(run, "checkpoint-20"))) == ["config.json", "trainer_state.json"]
+
+    t = trainer(str(tmp_path / "other"), 10, cls=Extras)
+    t.train(resume_from_checkpoint=str(tmp_path / "copy"))
+    assert t.started.started_at == 5 and t.loaded_extra == {"mean": 0.5}
 
     with pytest.raises(ValueError, match="No valid checkpoint"):
         trainer(str(tmp_path / "empty"), 10).train(resume_from_checkpoint=True)  # stock's error

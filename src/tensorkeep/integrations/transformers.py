@@ -65,8 +65,7 @@ except ImportError as e:  # pragma: no cover - the extra is missing
 from tensorkeep.checkpoint import rng
 from tensorkeep.checkpoint.manager import CheckpointManager
 from tensorkeep.checkpoint.policies import Record
-from tensorkeep.checkpoint.run import open_run
-from tensorkeep.checkpoint.stage import Intact, Stage, latest_intact, load_verified
+from tensorkeep.checkpoint.stage import Intact, Stage, latest_intact, read_dir
 from tensorkeep.errors import CheckpointNotFoundError, FormatError, SaveError, TensorkeepError
 
 __all__ = ["CrashProofMixin", "protect", "NAMING"]
@@ -273,20 +272,17 @@ class CrashProofMixin(_Base):
 
     def _tk_verify(self, path: str) -> str:
         path = os.path.abspath(path)
-        run_dir, name = os.path.split(path)
         names = os.listdir(path) if os.path.isdir(path) else []
         if "manifest.json" not in names and not any(n.endswith(".tk") for n in names):
             return path  # written without tensorkeep: transformers reads it as it always did
-        m = _NAME_RE.fullmatch(name)
         try:
-            if m is None:
-                raise FormatError(f"a tensorkeep checkpoint is read under its name checkpoint-<step>, not {name!r}")
-            self._tk_resumed = load_verified(open_run(run_dir, naming=NAMING), int(m.group(1)))
+            m, loaded = read_dir(path)
         except (FormatError, OSError) as e:
             raise CheckpointNotFoundError(
                 f"cannot resume from {path}: {e}. Fix: pass resume_from_checkpoint=True (the newest checkpoint "
-                f"that verifies), or another checkpoint; `tensorkeep verify {run_dir}` lists them"
+                f"that verifies), or another checkpoint; `tensorkeep verify {os.path.dirname(path)}` lists them"
             ) from None
+        self._tk_resumed = Intact(m.step, path, m, loaded)
         return path
 
     def _tk_take(self, checkpoint: str | None, name: str) -> Any:
