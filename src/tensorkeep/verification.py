@@ -428,6 +428,8 @@ class _Verifier:
         for s in steps:
             self.step(s, d, sorted(os.listdir(s)))
         strangers, temps = layout.strangers(d), layout.leftovers(d)
+        staged = [os.path.join(d, n) for n in names if _io.temp_of(n) and layout.is_staged(os.path.join(d, n))]
+        temps = sorted(set(temps) | set(staged))  # a staged save of any naming (checkpoint-N, checkpoint_N)
         for p in strangers:
             if _io.is_real_dir(p):
                 self.bad(

@@ -60,7 +60,8 @@ def build(project_dir: str, total_limit: int | None = 2, seed: int = 0) -> tuple
     )
     g = torch.Generator().manual_seed(1)
     x = torch.randn(24, 4, generator=g)
-    dl = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=4, shuffle=True)
+    # its own generator: a loader's iterator then draws its seed from it, not from the global RNG
+    dl = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=4, shuffle=True, generator=g)
     model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Dropout(0.2), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.7)
@@ -74,13 +75,7 @@ def build(project_dir: str, total_limit: int | None = 2, seed: int = 0) -> tuple
 def train(acc, model, opt, dl, sched, counter, stop: int = STEPS) -> None:
     """Dropout (torch), NumPy and Python draws, a shuffling loader, saves every SAVE_EVERY steps."""
     while counter.step < stop:
-        it = iter(dl)
-        while counter.step < stop:
-            with tk.keep_rng():  # fetching a batch must not move the global RNG (a loader iterator draws a seed)
-                batch = next(it, None)
-            if batch is None:
-                break
-            x, y = batch
+        for x, y in dl:  # after a resume: from the saved position in the saved epoch
             noise = 1e-3 * (np.random.rand() + random.random())
             acc.backward(F.mse_loss(model(x), y) + noise)
             opt.step()
@@ -89,6 +84,8 @@ def train(acc, model, opt, dl, sched, counter, stop: int = STEPS) -> None:
             counter.step += 1
             if counter.step % SAVE_EVERY == 0:
                 acc.save_state()
+            if counter.step == stop:
+                return
 
 
 def weights(model) -> dict[str, torch.Tensor]:

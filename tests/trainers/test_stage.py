@@ -172,6 +172,8 @@ def test_kill9_mid_stage_leftover_is_removed_whole_on_open(tmp):
     assert p.returncode == -signal.SIGKILL, p.stderr.decode()[-2000:]
     left = [n for n in _entries(tmp) if n.startswith(".checkpoint-2.tk-tmp-")]
     assert len(left) == 1 and "foreign.bin" in os.listdir(os.path.join(tmp, left[0]))
+    res = verify(tmp)  # an unfinished save is a note, not damage
+    assert res.ok and any("an unfinished save" in n for n in res.notes), res
     assert latest_intact(tmp, naming="checkpoint-{step}").step == 1  # reading changes nothing
     with pytest.warns(UserWarning, match="removing the leftovers of an unfinished save"):
         with tk.CheckpointManager(tmp, naming="checkpoint-{step}") as mgr:
