@@ -181,7 +181,10 @@ class Stage:
         _io.replace_dir(self.path, self.final, self.durable, layout.replaceable(self.final))
         self.committed = True
         if self.path != self.run_path:
-            _io.rmtree(self.run_path)  # the marker and whatever else was written beside subdir
+            try:
+                _io.rmtree(self.run_path)  # the marker and whatever else was written beside subdir
+            except OSError:
+                pass  # committed all the same; the leftover goes when the run is next opened
 
     def _abort(self) -> None:
         """Nothing is published: the temporary directory goes (whole when the marker proves it is ours)."""
