@@ -6,6 +6,13 @@ from hypothesis import settings
 
 from tensorkeep.file.audit import reading
 
+# The tests live in folders by layer (core, file, checkpoint, distributed, cli, crash, integration);
+# the helper scripts they share (ranks.py, crashsim.py, train_job.py, ... and support.py, which
+# says where they are) stay here, in tests/, which is put on sys.path for every folder.
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+if TESTS_DIR not in sys.path:
+    sys.path.insert(0, TESTS_DIR)
+
 settings.register_profile("ci", max_examples=int(os.environ.get("TK_HYPOTHESIS_EXAMPLES", "100")), deadline=None)
 settings.load_profile("ci")
 
@@ -30,6 +37,12 @@ def loading_audit():
     del _events[:]
     yield
     assert not _events, f"code ran while loading: {_events}"
+
+
+@pytest.fixture
+def audit_events() -> list[tuple[str, str]]:
+    """The watched audit events seen while loading, so far in this test (tests/file/test_audit.py)."""
+    return _events
 
 
 @pytest.fixture

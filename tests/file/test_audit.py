@@ -8,14 +8,13 @@ import sys
 import torch
 
 import tensorkeep as tk
-
-HERE = os.path.dirname(__file__)
+from support import TESTS_DIR
 
 
 def test_audit_hook_would_catch_an_unsafe_load(tmp):
     code = f"""
 import sys, pickle, os
-sys.path.insert(0, {HERE!r})
+sys.path.insert(0, {TESTS_DIR!r})
 import conftest
 from tensorkeep.file.audit import audited
 audited(lambda: pickle.loads(pickle.dumps(os.path.join)))()  # find_class runs, as if inside a read
@@ -25,9 +24,7 @@ print(conftest._events)
     assert "pickle.find_class" in out
 
 
-def test_loads_of_every_kind_raise_no_audit_event(tmp):
-    from conftest import _events
-
+def test_loads_of_every_kind_raise_no_audit_event(tmp, audit_events):
     sd = {"w": torch.randn(3, 3)}
     paths = {"tk": os.path.join(tmp, "a.tk"), "pt": os.path.join(tmp, "a.pt")}
     tk.save(sd, paths["tk"])
@@ -44,4 +41,4 @@ def test_loads_of_every_kind_raise_no_audit_event(tmp):
         tk.load(evil)
     except tk.FormatError:
         pass
-    assert _events == []
+    assert audit_events == []

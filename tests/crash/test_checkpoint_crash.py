@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import tensorkeep as tk
+from support import script
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 TRIALS = int(os.environ.get("TK_KILL_TRIALS", "20"))
 PY = sys.executable
 
@@ -41,14 +41,13 @@ def _wait_for_commit(p, n_at_least: int, timeout: float = 120) -> list[int]:
 
 
 def test_kill9_at_random_moments_never_loses_a_committed_checkpoint(tmp):
-    sys.path.insert(0, HERE)
     from save_loop_job import expected
 
     rnd = random.Random(int(os.environ.get("TK_KILL_SEED", "1234")))
     run = os.path.join(tmp, "run")
     last_committed = 0
     for trial in range(TRIALS):
-        p = _spawn([os.path.join(HERE, "save_loop_job.py"), run, "--mb", "4"])
+        p = _spawn([script("save_loop_job.py"), run, "--mb", "4"])
         seen = _wait_for_commit(p, 1)
         time.sleep(rnd.uniform(0.0, 0.4))  # land somewhere inside a later save
         os.kill(p.pid, signal.SIGKILL)
@@ -72,7 +71,7 @@ def _final(path):
 
 @pytest.mark.parametrize("recipe,kill_after", [("epoch", 2), ("mid", 3)])
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp, recipe, kill_after):
-    job = os.path.join(HERE, "train_job.py")
+    job = script("train_job.py")
     ref_out = os.path.join(tmp, "ref.tk")
     r = subprocess.run([PY, job, os.path.join(tmp, "ref-run"), ref_out, "--recipe", recipe],
                        capture_output=True, text=True, timeout=300)

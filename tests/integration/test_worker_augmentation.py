@@ -26,10 +26,8 @@ import tensorkeep as tk
 from tensorkeep.storage import local as _io
 from tensorkeep.checkpoint import determinism, rng
 from tensorkeep.checkpoint.seeding import sample_seed
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from worker_job import Augmented  # noqa: E402
+from support import script
+from worker_job import Augmented
 
 TRIALS = int(os.environ.get("TK_WORKER_KILL_TRIALS", "3"))
 HANG = 120  # seconds: only to turn a hang into a failure
@@ -208,7 +206,7 @@ class Jobs:
     """worker_job.py's jobs, forked from one process that imported torch once (see its serve())."""
 
     def __init__(self) -> None:
-        self.p = subprocess.Popen([sys.executable, os.path.join(HERE, "worker_job.py"), "--serve"],
+        self.p = subprocess.Popen([sys.executable, script("worker_job.py"), "--serve"],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                   env={**os.environ, **determinism.PINNED_ENV})
 

@@ -161,9 +161,6 @@ def test_torch_files_weights_only(tmp):
 
 
 def test_whole_pickled_model_refused_with_teaching_message(tmp):
-    import sys
-
-    sys.path.insert(0, os.path.dirname(__file__))
     from models_for_tests import MLP
 
     p = os.path.join(tmp, "net.pt")

@@ -14,8 +14,8 @@ import torch
 import tensorkeep as tk
 from tensorkeep import knobs
 from tensorkeep.storage import local as _io
+from support import script
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 TRIALS = int(os.environ.get("TK_ASYNC_KILL_TRIALS", "8"))
 
 
@@ -133,13 +133,12 @@ mgr.save(7, {{"w": torch.ones(2_000_000)}})
 
 
 def test_kill9_during_async_saves(tmp):
-    sys.path.insert(0, HERE)
     from save_loop_job import expected
 
     rnd = random.Random(7)
     run = os.path.join(tmp, "run")
     for _ in range(TRIALS):
-        p = subprocess.Popen([sys.executable, os.path.join(HERE, "save_loop_job.py"), run, "--mb", "4",
+        p = subprocess.Popen([sys.executable, script("save_loop_job.py"), run, "--mb", "4",
                               "--async-save"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = p.stdout.readline()
         assert line.startswith("COMMITTED"), p.stderr.read()[-2000:]

@@ -14,6 +14,7 @@ import pytest
 
 import crashsim
 from crashsim import Log, Op
+from support import ROOT
 
 
 def _run(name: str, **kw) -> tuple[crashsim.Report, Log]:
@@ -77,7 +78,7 @@ def test_monkeypatching_reaches_every_caller():
     import pathlib
     import re
 
-    src = pathlib.Path(crashsim.__file__).parent.parent / "src" / "tensorkeep"
+    src = pathlib.Path(ROOT) / "src" / "tensorkeep"
     local = src / "storage" / "local.py"
     for f in src.rglob("*.py"):
         text = f.read_text()

@@ -10,9 +10,7 @@ from torch import nn
 
 import tensorkeep as tk
 import tensorkeep.architecture
-
-sys.path.insert(0, os.path.dirname(__file__))
-from models_for_tests import MLP, MLPFull, MLPPart, TiedLM  # noqa: E402
+from models_for_tests import MLP, MLPFull, MLPPart, TiedLM
 
 
 @pytest.fixture

@@ -19,9 +19,9 @@ import torch
 import ranks
 import tensorkeep as tk
 from tensorkeep.checkpoint import collective
+from support import script
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-WORKER = os.path.join(HERE, "ckpt_dist_worker.py")
+WORKER = script("ckpt_dist_worker.py")
 SCENARIO_TIMEOUT_S = 90  # each collective also times out after 30 s (init_process_group in the worker)
 
 
@@ -115,7 +115,6 @@ def test_two_ranks_restart_resharded(ran_two):
 
 
 def test_one_process_restores_what_several_ranks_saved(data, ran_four, ran_two):
-    sys.path.insert(0, HERE)
     from ckpt_dist_worker import build, differences, draws, whole
 
     run = os.path.join(data, "run")

@@ -19,6 +19,7 @@ from tensorkeep.storage import local as _io
 from tensorkeep.checkpoint import layout
 from tensorkeep.cli import main as cli
 from tensorkeep.core.format import seal
+from support import ROOT
 
 
 def _state(v: float) -> dict:
@@ -200,7 +201,7 @@ def test_restore_says_loudly_when_every_checkpoint_is_damaged(tmp):
 
 
 def test_the_readme_says_which_writes_a_lazy_snapshot_cannot_see():
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     part = readme[readme.index("**Lazy snapshots**"):][:1500]
     assert ".data" in part and "mgr.wait()" in part and "untyped_storage()" in part
 

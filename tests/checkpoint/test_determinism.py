@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tensorkeep.checkpoint import determinism as det
+from support import script
 
 
 def test_capture_is_plain_json_and_matches_itself():
@@ -120,7 +121,7 @@ def test_the_resume_tests_training_job_computes_the_same_bits_on_one_cpu_and_on_
     process on all of them end with the same weights (unpinned, their thread counts differ, and so do they)."""
     import tensorkeep as tk
 
-    job = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_job.py")
+    job = script("train_job.py")
     env = {k: v for k, v in os.environ.items() if k not in det.ENV_VARS}
     outs = []
     for i, cpus in enumerate([{min(os.sched_getaffinity(0))}, None]):

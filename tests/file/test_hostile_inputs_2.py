@@ -140,7 +140,7 @@ def child(tmp_path_factory):
         f.write(head + DEEP_TUPLE_KEY)  # a legacy (non-zip) torch file: four pickles in a row
     blob = io.BytesIO()
     torch.save(dag(), blob)
-    from test_dcp_hostile import meta, write_dir
+    from dcp_files import meta, write_dir
 
     P["dcp"] = write_dir(str(d / "dcp"), meta(values=[("v", ("data", 0, len(blob.getvalue())))]),
                          {"data": blob.getvalue()})
@@ -385,7 +385,7 @@ def test_sizes_and_devices_still_round_trip(tmp_path):
 
 
 def test_a_dcp_raw_chunk_of_odd_length_is_a_format_error(tmp_path):
-    from test_dcp_hostile import meta, write_dir
+    from dcp_files import meta, write_dir
 
     d = write_dir(str(tmp_path / "d"), meta([("w", (2,), [((0,), (2,), ("data", 0, 9))])]), {"data": bytes(9)})
     with pytest.raises(tk.FormatError, match=r"chunk \[0\] of 'w' is not a \w+ tensor of \[2\]"):

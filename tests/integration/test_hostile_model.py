@@ -17,8 +17,7 @@ import torch
 import tensorkeep as tk
 import tensorkeep.core.dtypes
 from tensorkeep.core.format import TK_KEY, TK_PREFIX, header_crc
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from support import TESTS_DIR
 
 
 def forge(path: str, edit: Callable[[dict, dict], None]) -> None:
@@ -40,7 +39,7 @@ def forge(path: str, edit: Callable[[dict, dict], None]) -> None:
 
 def run_python(code: str, timeout: float = 300) -> str:
     """Run ``code`` in a fresh interpreter (with tests/ on the path); its stdout."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")])}
     p = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                        timeout=timeout, env=env)
     assert p.returncode == 0, p.stderr[-3000:]

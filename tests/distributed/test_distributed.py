@@ -20,9 +20,9 @@ from tensorkeep.core.boxes import shard_box
 from tensorkeep.distributed.plan import Chunk, Held, ReadItem, plan_read, plan_save
 from tensorkeep.distributed import manifest as distributed
 from tensorkeep.distributed.manifest import MANIFEST
+from support import script
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-WORKER = os.path.join(HERE, "dist_worker.py")
+WORKER = script("dist_worker.py")
 SCENARIO_TIMEOUT_S = 120  # each collective also times out after 30 s (init_process_group in the worker)
 
 

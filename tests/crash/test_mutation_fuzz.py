@@ -22,6 +22,7 @@ import fuzz_mutation as fm
 import tensorkeep as tk
 from fuzz_inputs import Case, make_seeds
 from tensorkeep.file import reader as files
+from support import TESTS_DIR
 
 INPUTS = int(os.environ.get("TK_MUTATION_INPUTS", "200000"))
 STREAM = int(os.environ.get("TK_MUTATION_STREAM", "0"))
@@ -110,8 +111,7 @@ def test_failure_kinds(harness, monkeypatch, fault, expected):
 
 def test_memory_limit_is_real():
     """The workers' limit: an allocation past it is a MemoryError (which check_case reports), not an OOM kill."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    code = (f"import sys, numpy; sys.path.insert(0, {here!r}); import fuzz_mutation as fm; fm.limit_memory(64 << 20)\n"
+    code = (f"import sys, numpy; sys.path.insert(0, {TESTS_DIR!r}); import fuzz_mutation as fm; fm.limit_memory(64 << 20)\n"
             "try:\n    numpy.ones(256 << 20, numpy.uint8)\nexcept MemoryError:\n    print('MemoryError')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "MemoryError", r.stdout + r.stderr
@@ -144,8 +144,7 @@ def test_seeds_load_exactly():
 
 def test_inputs_are_reproducible(tmp):
     """STREAM:INDEX names one input: the seeds, hence every input, are the same bytes in every process."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    code = (f"import hashlib, sys, tempfile; sys.path.insert(0, {here!r}); import fuzz_inputs as fi\n"
+    code = (f"import hashlib, sys, tempfile; sys.path.insert(0, {TESTS_DIR!r}); import fuzz_inputs as fi\n"
             "print(*[hashlib.sha256(s.data).hexdigest() for s in fi.make_seeds(tempfile.mkdtemp())])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -9,7 +9,6 @@ import io
 import itertools
 import json
 import os
-import pickle
 import struct
 import subprocess
 import sys
@@ -24,9 +23,7 @@ import tensorkeep as tk
 from tensorkeep import knobs
 from tensorkeep.core import boxes as dist_plan
 from tensorkeep.layouts.dcp import read_metadata
-from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex,
-                                                   TensorProperties, TensorStorageMetadata)
+from dcp_files import meta, write_dir
 
 EXE = os.path.join(os.path.dirname(sys.executable), "tensorkeep")
 MD = "torch.distributed.checkpoint.metadata"
@@ -44,16 +41,6 @@ def glob(module: str, name: str) -> bytes:
 
 def get(i: int) -> bytes:
     return b"j" + struct.pack("<I", i)  # LONG_BINGET
-
-
-def write_dir(path: str, metadata: bytes, files: dict | None = None) -> str:
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, ".metadata"), "wb") as f:
-        f.write(metadata)
-    for name, data in (files or {}).items():
-        with open(os.path.join(path, name), "wb") as f:
-            f.write(data)
-    return path
 
 
 def in_child(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -198,24 +185,6 @@ def test_opcodes_and_sizes_are_bounded(tmp, monkeypatch):
 
 DATA = torch.arange(4.0).numpy().tobytes()  # the raw bytes of DCP's safetensors format
 W = [((0,), (2,), ("data", 0, 8)), ((2,), (2,), ("data", 8, 8))]
-
-
-def meta(tensors=(), values=(), planner=None, dtype=torch.float32) -> bytes:
-    """A DCP .metadata pickled from torch's own classes. tensors: (fqn, size, [(offsets, sizes,
-    (file, start, length) or None for no storage entry)]); values: (fqn, (file, start, length))."""
-    sdm, storage = {}, {}
-    for fqn, size, chunks in tensors:
-        size = torch.Size(size) if all(type(d) is int for d in size) else size
-        sdm[fqn] = TensorStorageMetadata(TensorProperties(dtype=dtype), size,
-                                         [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s, _ in chunks])
-        for o, _, where in chunks:
-            if where:
-                storage[MetadataIndex(fqn, o)] = _StorageInfo(*where)
-    for fqn, where in values:
-        sdm[fqn] = BytesStorageMetadata()
-        if where:
-            storage[MetadataIndex(fqn)] = _StorageInfo(*where)
-    return pickle.dumps(Metadata(sdm, planner_data=planner, storage_data=storage), protocol=4)
 
 
 @pytest.fixture
