@@ -4,10 +4,8 @@ Imported by the tests (the model, data and trainer) and run as a script:
 
 ``python lightning_job.py train DIR NAME:N``: train from scratch with checkpoints in DIR/checkpoints and
 kill this process with SIGKILL just before the N-th rename onto NAME (the temporary file is written
-and fsynced, not yet published).
-``python lightning_job.py resume OUT DIR...``: for each DIR, ``fit(ckpt_path="last")`` to the end,
-then an uninterrupted run in OUT/reference; each writes final.tk (its weights) and OUT/resume.json
-the steps the runs resumed from.
+and fsynced, not yet published). It first writes DIR/imports.json: whether ``import tensorkeep``
+imported Lightning (it must not).
 ``python lightning_job.py ddp OUT``: ``fit(ckpt_path="last")`` on OUT/checkpoints with 2 gloo ranks
 (Lightning starts rank 1 by running this script again); each rank writes OUT/rank{R}.json.
 
@@ -75,14 +73,18 @@ def model(**hparams: object) -> Lit:
     return Lit(**hparams)
 
 
-def trainer(run: str, *, epochs: int = EPOCHS, plugin: object = None, callbacks=(), **kw) -> pl.Trainer:
+def trainer(
+    run: str, *, epochs: int = EPOCHS, plugin: object = None, callbacks=(), epoch_checkpoints: bool = True, **kw
+) -> pl.Trainer:
+    """A CPU trainer with the plugin; ``epoch_checkpoints``: a ``ModelCheckpoint`` writing
+    ``run/checkpoints/ck-step=N.ckpt`` at every epoch end, and ``last.ckpt``."""
     ck = ModelCheckpoint(
         dirpath=os.path.join(run, "checkpoints"), filename="ck-{step}", every_n_epochs=1, save_top_k=-1, save_last=True
     )
     return pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
-        callbacks=[*callbacks, ck],
+        callbacks=[*callbacks, ck] if epoch_checkpoints else list(callbacks),
         plugins=[plugin if plugin is not None else TensorkeepCheckpointIO()],
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -109,23 +111,14 @@ def kill_before_rename(name: str, nth: int) -> None:
 def main() -> None:
     phase, out = sys.argv[1], sys.argv[2]
     if phase == "train":
+        os.makedirs(out)
+        with open(os.path.join(out, "imports.json"), "w") as f:
+            json.dump({"lightning_imported_by_tensorkeep": LIGHTNING_BEFORE}, f)
         name, nth = sys.argv[3].split(":")
         kill_before_rename(name, int(nth))
         trainer(out).fit(model(), loader())
         sys.exit("the kill hook did not fire")
-    if phase == "resume":
-        started = {}
-        for run in sys.argv[3:]:
-            cb, m = StartedAt(), model()
-            trainer(run, callbacks=[cb]).fit(m, loader(), ckpt_path="last")
-            tk.save(m.state_dict(), os.path.join(run, "final.tk"))
-            started[run] = cb.step
-        m = model()
-        trainer(os.path.join(out, "reference")).fit(m, loader())
-        tk.save(m.state_dict(), os.path.join(out, "reference", "final.tk"))
-        with open(os.path.join(out, "resume.json"), "w") as f:
-            json.dump({"started": started, "lightning_imported_by_tensorkeep": LIGHTNING_BEFORE}, f)
-    elif phase == "ddp":
+    if phase == "ddp":
         plugin, cb, m = TensorkeepCheckpointIO(), StartedAt(), model()
         saves: list[str] = []
         save = plugin.save_checkpoint

@@ -100,7 +100,7 @@ def _unsupported(x: Any, path: tuple = ()) -> list[tuple[tuple, str]]:
         except Exception:
             shown = "?"
         shown = shown if len(shown) <= 80 else shown[:77] + "..."
-        return [(path, f"a {t.__module__}.{t.__qualname__} ({shown})")]
+        return [(path, f"of type {t.__module__}.{t.__qualname__} ({shown})")]
     return []
 
 
@@ -108,7 +108,7 @@ def _refusal(path: str, bad: list[tuple[tuple, str]], hparams: bool) -> TypeErro
     lines = "\n".join(f"  {_key_path(p)} is {what}" for p, what in bad[:10])
     more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
     if hparams:
-        names = sorted({str(p[1]) for p in bad if len(p) > 1})
+        names = sorted({str(p[1]) for p, _ in bad if len(p) > 1})
         fix = (
             f"Fix: leave them out with self.save_hyperparameters(ignore={names!r}); or pass a plain value "
             "(e.g. a class's import path as a string, a dict for a config object) and build the object in "
@@ -231,8 +231,8 @@ class TensorkeepCheckpointIO(CheckpointIO):
         self.unsupported, self.resolve_last, self.durable = unsupported, resolve_last, durable
         self._lock = threading.Lock()
         self._writer: int | None = None  # thread of the latest save (another thread: AsyncCheckpointIO)
-        self._committed = self._failed = 0  # saves that committed / failed so far
-        self._pending: dict[str, tuple[int, int]] = {}  # deferred removals: path -> (committed, failed) then
+        self._last: tuple[str, bool] | None = None  # the latest save: (path, committed)
+        self._pending: set[str] = set()  # removals waiting for a later save (see _settle)
         self._warned: set[str] = set()
         atexit.register(_flush_at_exit, weakref.ref(self))
 
@@ -251,7 +251,16 @@ class TensorkeepCheckpointIO(CheckpointIO):
         path = os.fspath(path)
         with self._lock:
             self._writer = threading.get_ident()
-            self._pending.pop(path, None)  # saving a path again supersedes a removal requested for it
+        ok = False
+        try:
+            self._write(checkpoint, path)
+            ok = True
+        finally:
+            with self._lock:
+                self._last = (path, ok)
+            self._settle(path, ok)
+
+    def _write(self, checkpoint: dict[str, Any], path: str) -> None:
         state, skipped = self._storable(checkpoint, path)
         meta = {
             MARK: FORMAT,
@@ -261,24 +270,15 @@ class TensorkeepCheckpointIO(CheckpointIO):
         }
         if skipped:
             meta[SKIPPED] = json.dumps(skipped)
+        backend, key = resolve(path)
+        if backend.local:
+            _io.makedirs(os.path.dirname(backend.path(key)), self.durable)
         try:
-            backend, key = resolve(path)
-            if backend.local:
-                _io.makedirs(os.path.dirname(backend.path(key)), self.durable)
             save(state, path, metadata=meta, durable=self.durable)
         except (TypeError, ValueError) as e:
-            with self._lock:
-                self._failed += 1
             if not str(e).startswith("cannot save"):
                 raise
             raise _refusal(path, _unsupported(state) or [((), str(e))], hparams=False) from None
-        except BaseException:
-            with self._lock:
-                self._failed += 1
-            raise
-        with self._lock:
-            self._committed += 1
-        self._flush()
 
     def _storable(self, checkpoint: dict[str, Any], path: str) -> tuple[dict[str, Any], list[str]]:
         """The checkpoint to write, and the key paths left out under ``unsupported="skip"``."""
@@ -391,14 +391,16 @@ class TensorkeepCheckpointIO(CheckpointIO):
     def remove_checkpoint(self, path: Any) -> None:
         """Delete a checkpoint this plugin wrote (``save_top_k`` rotation); anything else is kept,
         with a warning. Under ``AsyncCheckpointIO`` (saves on another thread) the deletion waits until
-        the next save has committed, so the old checkpoint never goes before the new one is there.
+        a newer save has committed (see :meth:`_settle`): the old checkpoint never goes before a newer
+        one is there.
 
         >>> TensorkeepCheckpointIO().remove_checkpoint("ck/old.ckpt")  # doctest: +SKIP
         """
         path = os.fspath(path)
         with self._lock:
-            if self._writer is not None and self._writer != threading.get_ident():
-                self._pending[path] = (self._committed, self._failed)
+            # saves on another thread (AsyncCheckpointIO), or none yet and this one missing (its save is queued)
+            if self._writer not in (None, threading.get_ident()) or (self._writer is None and not _exists(path)):
+                self._pending.add(path)
                 return
         self._remove(path)
 
@@ -430,34 +432,48 @@ class TensorkeepCheckpointIO(CheckpointIO):
         if self.durable:
             _io.fsync_dir(os.path.dirname(local))
 
-    def _flush(self, at_exit: bool = False) -> None:
-        """Carry out deferred removals whose newer save has committed (``at_exit`` / teardown: every
-        one requested after the last save it waited for, unless a save failed since)."""
+    def _settle(self, path: str, ok: bool) -> None:
+        """After a save of ``path``: the removals waiting for it.
+
+        Under ``AsyncCheckpointIO`` saves queue up on one thread, and Lightning asks to remove the old
+        checkpoint right after queueing the new one, maybe before the old one's own save has run. A
+        removal of P is therefore carried out at the end of the first save of another path that ends
+        once P exists: that save was queued after P's, so it is newer. If it failed, P is kept."""
         with self._lock:
-            due = [
-                p
-                for p, (committed, failed) in self._pending.items()
-                if self._committed > committed or (at_exit and self._failed == failed)
-            ]
-            for p in due:
-                del self._pending[p]
+            due = [p for p in self._pending if p != path and _exists(p)]
+            self._pending.difference_update(due)
         for p in due:
-            try:
+            if ok:
                 self._remove(p)
-            except OSError as e:
-                if not at_exit:
-                    raise
-                warnings.warn(f"TensorkeepCheckpointIO could not remove {p}: {e}", stacklevel=2)
+            else:
+                warnings.warn(f"TensorkeepCheckpointIO keeps {p}: the save after its removal failed", stacklevel=2)
 
     def teardown(self) -> None:
-        """End of ``fit``: carry out the removals still waiting (see :meth:`remove_checkpoint`)."""
-        self._flush(at_exit=True)
+        """End of ``fit``, and interpreter exit (``AsyncCheckpointIO`` does not call its plugin's
+        ``teardown``): the removals still waiting. No save ended after them, so they followed the
+        latest save: they are carried out if that save committed a newer checkpoint, else kept."""
+        with self._lock:
+            due, last = [p for p in self._pending if _exists(p)], self._last
+            self._pending.clear()
+        for p in due:
+            try:
+                if last is not None and last[1] and last[0] != p:
+                    self._remove(p)
+                else:
+                    warnings.warn(f"TensorkeepCheckpointIO keeps {p}: no newer checkpoint was saved", stacklevel=2)
+            except OSError as e:
+                warnings.warn(f"TensorkeepCheckpointIO could not remove {p}: {e}", stacklevel=2)
 
 
 def _flush_at_exit(ref: weakref.ref[TensorkeepCheckpointIO]) -> None:
     plugin = ref()
     if plugin is not None:
-        plugin._flush(at_exit=True)
+        plugin.teardown()
+
+
+def _exists(path: str) -> bool:
+    backend, key = resolve(path)
+    return os.path.lexists(backend.path(key)) if backend.local else backend.exists(key)
 
 
 def _as_int(x: Any) -> int:

@@ -1,0 +1,273 @@
+"""TensorkeepCheckpointIO with the real Lightning (pinned in the extra), on a tiny model on the CPU.
+
+The model, data and trainer are lightning_job.py's; the kill and DDP cases run it as a script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import tensorkeep as tk
+from tensorkeep.checkpoint.determinism import PINNED_ENV
+from tensorkeep.file.reader import open_reader
+from tensorkeep.integrations import lightning as tkl
+from tensorkeep.verification import verify
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import lightning_job  # (tests/trainers/, next to this file)
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+from tensorkeep.lightning import TensorkeepCheckpointIO, load_from_checkpoint
+
+JOB = os.path.abspath(lightning_job.__file__)
+ENV = {**os.environ, **PINNED_ENV, "GLOO_SOCKET_IFNAME": "lo"}
+
+
+def ckpts(run: str) -> list[str]:
+    return sorted(os.listdir(os.path.join(run, "checkpoints")))
+
+
+def path(run: str, name: str) -> str:
+    return os.path.join(run, "checkpoints", name)
+
+
+def same(a, b) -> bool:
+    """Equal structure, types and values; tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        return type(a) is type(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return type(a) is type(b) and list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def flip_last_byte(p: str) -> None:
+    """Damage the last tensor's last byte, as bit rot would."""
+    with open(p, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+def train(run: str, epochs: int = 2, **kw):
+    m = lightning_job.model(**kw.pop("hparams", {}))
+    t = lightning_job.trainer(run, epochs=epochs, **kw)
+    t.fit(m, lightning_job.loader())
+    return t, m
+
+
+def test_round_trip_of_a_real_checkpoint(tmp):
+    plugin = TensorkeepCheckpointIO()
+    saved = {}
+    save = plugin.save_checkpoint
+
+    def spy(ck, p, storage_options=None):
+        saved[os.path.basename(p)] = copy.deepcopy(ck)  # its tensors are the live ones, trained further
+        save(ck, p)
+
+    plugin.save_checkpoint = spy
+    _, m = train(tmp, plugin=plugin, hparams={"cfg": {"depth": 2, 3: ("a", None)}, "dtype": torch.float64})
+    assert ckpts(tmp) == ["ck-step=10.ckpt", "ck-step=5.ckpt", "last.ckpt"]
+    for name in ckpts(tmp):
+        p = path(tmp, name)
+        r = open_reader(p)
+        assert not r.torch_pickle and r.metadata[tkl.MARK] == tkl.FORMAT, name
+        r.close()
+        assert verify(p).ok, name
+        loaded = plugin.load_checkpoint(p)
+        assert same(loaded, saved[name]), name  # every key, type and value Lightning produced
+    last = plugin.load_checkpoint(path(tmp, "last.ckpt"), map_location=torch.device("cpu"))
+    assert last["global_step"] == 10 and last["hyper_parameters"]["cfg"] == {"depth": 2, 3: ("a", None)}
+    assert set(last) >= {"state_dict", "optimizer_states", "lr_schedulers", "loops", "callbacks"}
+    assert same(plugin.load_checkpoint(path(tmp, "last.ckpt"), map_location=lambda s, loc: s), last)
+    again = load_from_checkpoint(lightning_job.Lit, path(tmp, "last.ckpt"))
+    assert again.hparams["dtype"] is torch.float64
+    assert same(again.state_dict(), m.state_dict())
+
+
+def test_unrepresentable_hyper_parameter_is_refused_with_the_fix(tmp):
+    hparams = {"act": torch.nn.Tanh, "opts": argparse.Namespace(depth=2)}
+    with pytest.raises(TypeError) as e:
+        train(tmp, hparams=hparams)
+    msg = str(e.value)
+    assert "checkpoint['hyper_parameters']['act'] is of type builtins.type" in msg
+    assert "checkpoint['hyper_parameters']['opts'] is of type argparse.Namespace (Namespace(depth=2))" in msg
+    assert "save_hyperparameters(ignore=['act', 'opts'])" in msg and 'unsupported="skip"' in msg
+    assert not os.path.exists(os.path.join(tmp, "checkpoints"))  # refused before anything was written
+
+    run = os.path.join(tmp, "skip")
+    with pytest.warns(UserWarning, match=r"checkpoint\['hyper_parameters'\]\['act'\] is of type builtins.type"):
+        train(run, plugin=TensorkeepCheckpointIO(unsupported="skip"), hparams=hparams)
+    with tk.open(path(run, "last.ckpt")) as f:
+        assert json.loads(f.metadata[tkl.SKIPPED]) == [
+            "checkpoint['hyper_parameters']['act']",
+            "checkpoint['hyper_parameters']['opts']",
+        ]
+    assert tk.load(path(run, "last.ckpt"))["hyper_parameters"] == {"lr": 0.05}
+
+
+def test_other_unstorable_values_are_always_refused(tmp):
+    plugin = TensorkeepCheckpointIO(unsupported="skip")
+    with pytest.raises(TypeError, match=r"(?s)checkpoint\[.extra.\]\[1\] is of type builtins.set .*on_save_checkpoint"):
+        plugin.save_checkpoint({"state_dict": {}, "extra": [1, {2}]}, os.path.join(tmp, "x.ckpt"))
+    assert os.listdir(tmp) == []
+
+
+def test_damaged_file_raises_checksum_error(tmp):
+    train(tmp)
+    p = path(tmp, "ck-step=10.ckpt")
+    flip_last_byte(p)
+    with pytest.raises(tk.ChecksumError, match="ck-step=10.ckpt"):
+        TensorkeepCheckpointIO().load_checkpoint(p)
+    with pytest.raises(tk.ChecksumError):
+        lightning_job.trainer(tmp, epochs=3).fit(lightning_job.model(), lightning_job.loader(), ckpt_path=p)
+
+
+def test_stale_last_resumes_from_the_newest_intact_checkpoint(tmp):
+    train(tmp)
+    shutil.copyfile(path(tmp, "ck-step=5.ckpt"), path(tmp, "last.ckpt"))  # as if killed before last.ckpt's rename
+    plugin = TensorkeepCheckpointIO()
+    with pytest.warns(UserWarning, match=r"resuming from .*ck-step=10.ckpt \(step 10\): it was saved after"):
+        assert plugin.load_checkpoint(path(tmp, "last.ckpt"))["global_step"] == 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asked for a step checkpoint: that one, silently
+        assert plugin.load_checkpoint(path(tmp, "ck-step=5.ckpt"))["global_step"] == 5
+
+    started = lightning_job.StartedAt()
+    with pytest.warns(UserWarning, match="resuming from"):
+        lightning_job.trainer(tmp, epochs=3, callbacks=[started]).fit(
+            lightning_job.model(), lightning_job.loader(), ckpt_path="last"
+        )
+    assert started.step == 10
+
+    flip_last_byte(path(tmp, "ck-step=15.ckpt"))  # the newest is damaged: skipped, the next newest is used
+    shutil.copyfile(path(tmp, "ck-step=5.ckpt"), path(tmp, "last.ckpt"))
+    with pytest.warns(UserWarning, match=r"skipping damaged checkpoint .*ck-step=15.ckpt"):
+        assert plugin.load_checkpoint(path(tmp, "last.ckpt"))["global_step"] == 10
+
+
+def test_save_top_k_removes_only_files_the_plugin_wrote(tmp):
+    ck = ModelCheckpoint(
+        dirpath=os.path.join(tmp, "top"),
+        filename="ck-{step}",
+        every_n_train_steps=2,
+        save_top_k=1,
+        monitor="step",
+        mode="max",
+    )
+    plugin = TensorkeepCheckpointIO()
+    train(tmp, plugin=plugin, callbacks=[ck])
+    assert sorted(os.listdir(os.path.join(tmp, "top"))) == ["ck-step=10.ckpt"]
+
+    foreign = os.path.join(tmp, "foreign.ckpt")
+    torch.save({"w": torch.ones(2)}, foreign)
+    with pytest.warns(UserWarning, match="not a checkpoint this plugin wrote"):
+        plugin.remove_checkpoint(foreign)
+    assert os.path.exists(foreign)
+    plugin.remove_checkpoint(os.path.join(tmp, "top", "ck-step=10.ckpt"))
+    plugin.remove_checkpoint(os.path.join(tmp, "top", "missing.ckpt"))  # nothing there: nothing to do
+    assert os.listdir(os.path.join(tmp, "top")) == []
+
+
+def test_async_checkpoint_io(tmp, monkeypatch):
+    def top1(d: str) -> ModelCheckpoint:
+        return ModelCheckpoint(
+            dirpath=d, filename="ck-{step}", every_n_train_steps=2, save_top_k=1, monitor="step", mode="max"
+        )
+
+    d = os.path.join(tmp, "top")
+    _, m = train(tmp, plugin=AsyncCheckpointIO(TensorkeepCheckpointIO()), callbacks=[top1(d)])
+    assert sorted(os.listdir(d)) == ["ck-step=10.ckpt"]
+    assert same(tk.load(os.path.join(d, "ck-step=10.ckpt"))["state_dict"], m.state_dict())
+
+    # the write of step 10 fails on the writer thread after Lightning asked to remove step 8:
+    # step 8 stays (a removal waits for a later save to commit), and the error reaches fit
+    save = tkl.save
+
+    def failing(obj, p, **kw):
+        if p.endswith(os.path.join("top2", "ck-step=10.ckpt")):
+            raise tk.SaveError(28, "injected: disk full")
+        return save(obj, p, **kw)
+
+    monkeypatch.setattr(tkl, "save", failing)
+    d = os.path.join(tmp, "top2")
+    plugin = TensorkeepCheckpointIO()
+    with pytest.raises(tk.SaveError, match="injected"):
+        train(tmp, plugin=AsyncCheckpointIO(plugin), callbacks=[top1(d)], epoch_checkpoints=False)
+    plugin.teardown()  # what interpreter exit does (AsyncCheckpointIO does not call it)
+    assert os.listdir(d) == ["ck-step=8.ckpt"]
+    assert tk.load(os.path.join(d, "ck-step=8.ckpt"))["global_step"] == 8
+
+
+def run_job(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, JOB, *args], env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def test_kill_mid_save_then_resume_last_is_bit_exact(tmp):
+    """SIGKILL just before the rename that publishes a checkpoint (its temporary file written and
+    fsynced): (a) ck-step=10.ckpt, so the run resumes from step 5; (b) last.ckpt at step 10, after
+    ck-step=10.ckpt was published: a stale last.ckpt (ckpt-chaos' LOST_WORK), resumed from step 10.
+    Both resumed runs end bit-identical to an uninterrupted one."""
+    runs = {"a": ("ck-step=10.ckpt:1", 5), "b": ("last.ckpt:2", 10)}
+    procs = {
+        k: subprocess.Popen([sys.executable, JOB, "train", os.path.join(tmp, k), kill], env=ENV, stderr=subprocess.PIPE)
+        for k, (kill, _) in runs.items()
+    }
+    for k, p in procs.items():
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == -9, (k, p.returncode, err.decode()[-3000:])  # killed, not exited
+    a, b = os.path.join(tmp, "a"), os.path.join(tmp, "b")
+    assert [n for n in ckpts(a) if n.startswith(".")][0].startswith(".ck-step=10.ckpt.tk-tmp-")
+    assert [n for n in ckpts(b) if n.startswith(".")][0].startswith(".last.ckpt.tk-tmp-")
+    assert (
+        tk.load(path(b, "last.ckpt"))["global_step"] == 5 and tk.load(path(b, "ck-step=10.ckpt"))["global_step"] == 10
+    )
+
+    finals = {}  # each run resumed here, in another process than the killed one
+    for run, (_, resumed_from) in zip((a, b), runs.values()):
+        with open(os.path.join(run, "imports.json")) as f:
+            assert json.load(f) == {"lightning_imported_by_tensorkeep": False}  # `import tensorkeep` imports none
+        started, m = lightning_job.StartedAt(), lightning_job.model()
+        lightning_job.trainer(run, callbacks=[started]).fit(m, lightning_job.loader(), ckpt_path="last")
+        assert started.step == resumed_from, run
+        finals[run] = m.state_dict()
+        assert not [n for n in ckpts(run) if n.startswith(".")], run  # the killed save's temporary file was cleaned
+    _, reference = train(os.path.join(tmp, "reference"), epochs=lightning_job.EPOCHS)  # uninterrupted
+    for run, final in finals.items():
+        assert list(final) == list(reference.state_dict()), run
+        assert all(torch.equal(final[k], v) for k, v in reference.state_dict().items()), run
+
+
+def test_ddp_two_gloo_ranks_resume_from_the_same_newest_checkpoint(tmp):
+    train(tmp)  # ck-step=5, ck-step=10, last.ckpt; then last.ckpt goes stale
+    shutil.copyfile(path(tmp, "ck-step=5.ckpt"), path(tmp, "last.ckpt"))
+    r = run_job("ddp", tmp)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = []
+    for i in range(2):
+        with open(os.path.join(tmp, f"rank{i}.json")) as f:
+            ranks.append(json.load(f))
+    assert [x["started"] for x in ranks] == [10, 10]  # rank 0 chose, both loaded the same file
+    assert ranks[0]["saves"] == ["ck-step=15.ckpt", "last.ckpt"] and ranks[1]["saves"] == []  # only rank 0 writes
+    w0, w1 = (tk.load(os.path.join(tmp, f"final_rank{i}.tk")) for i in range(2))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert tk.load(path(tmp, "last.ckpt"))["global_step"] == 15
+
+
+def test_import_tensorkeep_lightning_alias():
+    import tensorkeep.lightning as alias
+
+    assert alias.TensorkeepCheckpointIO is tkl.TensorkeepCheckpointIO
