@@ -11,7 +11,8 @@ import torch
 
 import tensorkeep as tk
 from tensorkeep.checkpoint import layout
-from tensorkeep.checkpoint.policies import BestN, EveryNSteps, LatestN, Record, to_keep
+from tensorkeep.checkpoint import BestN, EveryNSteps, LatestN, Record
+from tensorkeep.checkpoint.policies import to_keep
 
 
 def _model():

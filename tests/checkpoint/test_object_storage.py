@@ -19,7 +19,7 @@ import torch
 
 import tensorkeep as tk
 from tensorkeep import knobs
-from tensorkeep.storage import objects as storage
+from tensorkeep.storage import backend, objects
 
 s3fs = pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -72,8 +72,8 @@ def server(loopback_only):
 
 @pytest.fixture
 def small_parts(monkeypatch):
-    monkeypatch.setattr(storage, "PART_BYTES", 5 << 20)  # S3's smallest part: multipart from 5 MiB on
-    monkeypatch.setattr(storage, "THREADS", 4)
+    monkeypatch.setattr(objects, "PART_BYTES", 5 << 20)  # S3's smallest part: multipart from 5 MiB on
+    monkeypatch.setattr(objects, "THREADS", 4)
 
 
 @pytest.fixture(params=["s3", "memory"])
@@ -192,7 +192,7 @@ def test_manager_save_list_restore_retention(base):
     infos = tk.list_checkpoints(run, verify=True)
     assert [(c.step, c.status) for c in infos] == [(2, "ok"), (4, "ok"), (5, "ok")]
     assert infos[0].metrics == {"loss": 0.1} and infos[0].bytes_held > 0
-    listing = storage.Store(run).list("")
+    listing = backend(run).list("")
     assert {k.split("/")[0] for k in listing} == {".tensorkeep.owner", "step_00000002", "step_00000004", "step_00000005"}
 
     net2, opt2, state2 = _train_state()
@@ -218,7 +218,7 @@ def test_resaving_a_step_replaces_it_whole(base):
         _train(net, opt)
         after = _snapshot(net, opt)
         mgr.save(1, state)  # the old objects stay until the new manifest is in place
-        names = {k.split("/")[-1] for k in storage.Store(run).list("step_00000001/")}
+        names = {k.split("/")[-1] for k in backend(run).list("step_00000001/")}
         assert len(names) == 5  # manifest + the 4 objects it lists, none of the first save's
     net2, opt2, state2 = _train_state()
     with tk.CheckpointManager(run) as mgr:
@@ -253,7 +253,7 @@ def test_incremental_checkpoints(base):
         assert mgr.steps() == [2, 3]
     infos = tk.list_checkpoints(run, verify=True)
     assert [c.status for c in infos] == ["ok", "ok"] and infos[1].bytes_written < infos[1].bytes_held
-    packs = storage.Store(run).list("packs/")
+    packs = backend(run).list("packs/")
     assert len(packs) == 3  # the first save's pack still holds the frozen tensor both kept steps need
     net2, _, _ = _train_state()
     state2 = {"model": net2, "frozen": None}
@@ -269,7 +269,7 @@ def test_prefix_without_manifest_is_not_a_checkpoint_and_is_cleaned(base):
     with tk.CheckpointManager(run) as mgr:
         mgr.save(1, state)
     tk.save(torch.ones(3), f"{run}/step_00000002/model.0badf00d.tk")  # an upload that never got its manifest
-    store = storage.Store(run)
+    store = backend(run)
     tk.save(torch.ones(3), f"{run}/step_00000001/model.deadbeef.tk")  # an orphan beside a committed one
     assert [(c.step, c.status) for c in tk.list_checkpoints(run)] == [(1, "ok"), (2, "uncommitted")]
     with pytest.warns(UserWarning, match="step_00000002"):
@@ -323,7 +323,7 @@ def test_server_stopped_mid_upload_commits_nothing(server, small_parts):
         assert mgr.steps() == [1]
         assert mgr.restore(state2) == 1
         assert all(torch.equal(v, committed[k]) for k, v in net2.state_dict().items())
-        store = storage.Store(run)
+        store = backend(run)
         assert not store.list("step_00000002/")
         bucket_uploads = fsspec.filesystem("s3").call_s3("list_multipart_uploads", Bucket=BUCKET, Prefix="outage/")
         assert not bucket_uploads.get("Uploads")

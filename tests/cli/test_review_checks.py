@@ -21,7 +21,7 @@ import torch
 
 import tensorkeep as tk
 from tensorkeep import inspection
-from tensorkeep.storage import objects as storage
+from tensorkeep.storage import backend
 from tensorkeep.checkpoint import packs
 
 
@@ -127,7 +127,7 @@ def test_object_storage_does_not_reuse_a_damaged_or_missing_pack(damage):
     run, net = f"memory://tk-tests/{uuid.uuid4().hex[:8]}", _net()
     with tk.CheckpointManager(run, keep_last=2, incremental=True) as mgr:
         mgr.save(1, {"model": net})
-    store = storage.Store(run)
+    store = backend(run)
     (key,) = store.list("packs/")
     if damage == "deleted":
         store.delete([key])

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 import tensorkeep as tk
 from tensorkeep.storage import local as _io
 from tensorkeep.checkpoint import determinism, rng
-from tensorkeep.checkpoint.seeding import sample_seed
+from tensorkeep.checkpoint import sample_seed
 from support import script
 from worker_job import Augmented
 
