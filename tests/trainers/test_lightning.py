@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ from tensorkeep.verification import verify
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lightning_job  # (tests/trainers/, next to this file)
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.plugins.io import AsyncCheckpointIO
+from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 
 from tensorkeep.lightning import TensorkeepCheckpointIO, load_from_checkpoint
 
@@ -159,6 +160,18 @@ def test_stale_last_resumes_from_the_newest_intact_checkpoint(tmp):
         assert plugin.load_checkpoint(path(tmp, "last.ckpt"))["global_step"] == 10
 
 
+def test_stock_checkpoint_io_resumes_from_a_stale_last(tmp):
+    """The same stale last.ckpt with Lightning's own TorchCheckpointIO: it resumes from step 5 and the
+    work of steps 6..10, saved in ck-step=10.ckpt, is redone (ckpt-chaos' LOST_WORK)."""
+    train(tmp, plugin=TorchCheckpointIO())
+    shutil.copyfile(path(tmp, "ck-step=5.ckpt"), path(tmp, "last.ckpt"))
+    started = lightning_job.StartedAt()
+    lightning_job.trainer(tmp, epochs=3, plugin=TorchCheckpointIO(), callbacks=[started]).fit(
+        lightning_job.model(), lightning_job.loader(), ckpt_path="last"
+    )
+    assert started.step == 5
+
+
 def test_save_top_k_removes_only_files_the_plugin_wrote(tmp):
     ck = ModelCheckpoint(
         dirpath=os.path.join(tmp, "top"),
@@ -180,6 +193,16 @@ def test_save_top_k_removes_only_files_the_plugin_wrote(tmp):
     plugin.remove_checkpoint(os.path.join(tmp, "top", "ck-step=10.ckpt"))
     plugin.remove_checkpoint(os.path.join(tmp, "top", "missing.ckpt"))  # nothing there: nothing to do
     assert os.listdir(os.path.join(tmp, "top")) == []
+
+
+def test_object_store_url():
+    plugin, url = TensorkeepCheckpointIO(), "memory://tk-lightning-test/run/ck-step=3.ckpt"
+    ck = {"global_step": 3, "epoch": 0, "state_dict": OrderedDict(w=torch.arange(3.0))}
+    plugin.save_checkpoint(ck, url)
+    assert same(plugin.load_checkpoint(url, map_location="cpu"), ck)
+    plugin.remove_checkpoint(url)
+    with pytest.raises(FileNotFoundError):
+        plugin.load_checkpoint(url)
 
 
 def test_async_checkpoint_io(tmp, monkeypatch):

@@ -109,11 +109,11 @@ def _refusal(path: str, bad: list[tuple[tuple, str]], hparams: bool) -> TypeErro
     more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
     if hparams:
         names = sorted({str(p[1]) for p, _ in bad if len(p) > 1})
+        ignore = f"leave them out with self.save_hyperparameters(ignore={names!r}); or " if names else ""
         fix = (
-            f"Fix: leave them out with self.save_hyperparameters(ignore={names!r}); or pass a plain value "
-            "(e.g. a class's import path as a string, a dict for a config object) and build the object in "
-            '__init__; or let the plugin drop them: TensorkeepCheckpointIO(unsupported="skip") (then pass '
-            "them to load_from_checkpoint yourself)"
+            f"Fix: {ignore}save plain values (a class's import path as a string, a dict instead of a config "
+            "object, e.g. OmegaConf.to_container(cfg)) and build the objects in __init__; or let the plugin "
+            'drop them: TensorkeepCheckpointIO(unsupported="skip") (then pass them to load_from_checkpoint yourself)'
         )
     else:
         fix = (
@@ -373,9 +373,9 @@ class TensorkeepCheckpointIO(CheckpointIO):
                 continue
             if c.path != path:
                 why = (
-                    f"it was saved after {path} (step {asked.step if asked else '?'}) and is further along: the run stopped "
+                    f"it was saved after {path} (step {asked.step}) and is further along: the run stopped "
                     f"between saving it and saving {os.path.basename(path)}"
-                    if c in newer
+                    if asked is not None and c in newer
                     else f"{path} is damaged"
                 )
                 warnings.warn(f"resuming from {c.path} (step {c.step}): {why}", stacklevel=3)
