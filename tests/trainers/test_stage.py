@@ -15,6 +15,7 @@ import torch
 
 import tensorkeep as tk
 from tensorkeep.checkpoint import layout
+from tensorkeep.checkpoint.naming import Naming
 from tensorkeep.checkpoint.stage import latest_intact, stage
 from tensorkeep.errors import CheckpointNotFoundError, SaveError
 from tensorkeep.verification import verify
@@ -139,7 +140,7 @@ def test_naming(tmp):
         tk.CheckpointManager(tmp, naming="checkpoint")
     with pytest.raises(ValueError, match="incremental"):
         tk.CheckpointManager(tmp, naming="ck-{step}", incremental=True)
-    n = layout.Naming("checkpoint-{step}")
+    n = Naming("checkpoint-{step}")
     assert (n.step_of("checkpoint-10"), n.step_of("checkpoint-010"), n.step_of("checkpoint-1x")) == (10, None, None)
     with tk.CheckpointManager(tmp, naming="ck-{step}", keep_last=2) as mgr:
         net = torch.nn.Linear(2, 2)

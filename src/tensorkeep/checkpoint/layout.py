@@ -21,13 +21,13 @@ import math
 import numbers
 import os
 import re
-import string
 import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tensorkeep.checkpoint.naming import DEFAULT, Naming, plain_name
 from tensorkeep.core.crc import crc32
 from tensorkeep.core.format import dumps, seal, unseal
 from tensorkeep.errors import FormatError, SaveError
@@ -43,7 +43,6 @@ PACK_RE = re.compile(r"^\d{8,}-[0-9a-f]{8}\.tk$")
 _HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
-DEFAULT_NAMING = "step_{step:08d}"
 #: The manifest kind of a file tensorkeep did not encode (written by other code into a staged
 #: checkpoint): its ``crc32`` is the CRC-32 of the whole file, checked by reading it all.
 FILE_KIND = "file"
@@ -204,80 +203,6 @@ def parse_manifest(raw: bytes, path: str) -> Manifest:
 
 
 _MAX_TIME = 253402300799  # 9999-12-31T23:59:59Z: the last second datetime can show
-
-
-def plain_name(name: object) -> bool:
-    """A name that stays inside its directory: no separator, no NUL or other control character, not
-    ``.`` / ``..``, at most 255 bytes.
-
-    >>> plain_name("model.tk"), plain_name("../x"), plain_name("a\\x00b"), plain_name("..")
-    (True, False, False, False)
-    """
-    return (
-        type(name) is str
-        and 0 < len(name) <= 255
-        and name not in (".", "..")
-        and "/" not in name
-        and "\\" not in name
-        and not any(ord(c) < 32 or ord(c) == 127 for c in name)
-        and len(name.encode("utf-8", "surrogatepass")) <= 255
-    )
-
-
-class Naming:
-    """How the step directories of a run are named: a format with one ``{step}`` field.
-
-    >>> n = Naming("checkpoint-{step}")
-    >>> n.name(7), n.step_of("checkpoint-7"), n.step_of("checkpoint-07"), n.step_of("checkpoint-x")
-    ('checkpoint-7', 7, None, None)
-    >>> Naming().name(5), Naming().step_of("step_00000005")
-    ('step_00000005', 5)
-    """
-
-    def __init__(self, fmt: str = DEFAULT_NAMING) -> None:
-        try:
-            parts = list(string.Formatter().parse(fmt))
-        except ValueError as e:
-            raise ValueError(f"naming={fmt!r} is not a format string: {e}") from None
-        fields = [(f, spec, conv) for _, f, spec, conv in parts if f is not None]
-        width = re.fullmatch(r"(0?(\d*))d?", fields[0][1] or "") if len(fields) == 1 else None
-        if len(fields) != 1 or fields[0][0] != "step" or fields[0][2] or width is None:
-            raise ValueError(
-                f"naming={fmt!r}: it needs exactly one field '{{step}}' (optionally with a width such "
-                "as '{step:08d}'), e.g. 'step_{step:08d}', 'checkpoint-{step}'"
-            )
-        digits = rf"(\d{{{int(width.group(2))},}})" if width.group(1).startswith("0") and width.group(2) else r"(\d+)"
-        self.fmt = fmt
-        self._re = re.compile("".join(re.escape(lit) + (digits if f is not None else "") for lit, f, _, _ in parts))
-        sample = self.name(0)
-        if not plain_name(sample) or sample.startswith(".") or _io.TMP_MARK in sample:
-            raise ValueError(f"naming={fmt!r} gives {sample!r}: not a plain, visible directory name")
-
-    def name(self, step: int) -> str:
-        return self.fmt.format(step=step)
-
-    def number(self, name: str) -> int | None:
-        """The number in a name shaped like a checkpoint's (``step_000000007`` too, whose canonical
-        name has 8 digits); None for any other name."""
-        m = self._re.fullmatch(name)
-        return int(m.group(1)) if m else None
-
-    def step_of(self, name: str) -> int | None:
-        """The step of a checkpoint's directory name; None unless it is exactly ``name(step)``."""
-        m = self._re.fullmatch(name)
-        return int(m.group(1)) if m and self.name(int(m.group(1))) == name else None
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Naming) and other.fmt == self.fmt
-
-    def __hash__(self) -> int:
-        return hash(self.fmt)
-
-    def __repr__(self) -> str:
-        return f"Naming({self.fmt!r})"
-
-
-DEFAULT = Naming()
 
 
 def step_dir(run: str, step: int, naming: Naming = DEFAULT) -> str:

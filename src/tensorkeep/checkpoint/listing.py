@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from tensorkeep.checkpoint.info import CheckpointInfo
-from tensorkeep.checkpoint.layout import DEFAULT_NAMING
+from tensorkeep.checkpoint.naming import DEFAULT_NAMING
 from tensorkeep.checkpoint.run import open_run
 
 __all__ = ["CheckpointInfo", "list_checkpoints"]

@@ -17,6 +17,7 @@ import torch
 from tensorkeep._version import __version__
 from tensorkeep.checkpoint import collective, determinism, layout
 from tensorkeep.checkpoint.background import Background
+from tensorkeep.checkpoint.naming import DEFAULT_NAMING
 from tensorkeep.checkpoint.policies import BestN, EveryNSteps, LatestN, Policy, to_keep
 from tensorkeep.checkpoint.records import Records
 from tensorkeep.checkpoint.run import open_run
@@ -59,12 +60,12 @@ class CheckpointManager:
         async_save: bool | str = False,
         incremental: bool = False,
         read_only: bool = False,
-        naming: str = layout.DEFAULT_NAMING,
+        naming: str = DEFAULT_NAMING,
     ) -> None:
         if async_save not in (True, False, "lazy"):
             raise ValueError(f"async_save must be True, False or 'lazy', got {async_save!r}")
-        if incremental and naming != layout.DEFAULT_NAMING:
-            raise ValueError(f"incremental=True keeps the default naming {layout.DEFAULT_NAMING!r}, got {naming!r}")
+        if incremental and naming != DEFAULT_NAMING:
+            raise ValueError(f"incremental=True keeps the default naming {DEFAULT_NAMING!r}, got {naming!r}")
         self._pid = os.getpid()  # the process it belongs to: a forked child gets an error, not a hang
         self._run = open_run(directory, naming)
         self.directory = self._run.url

@@ -18,8 +18,9 @@ import os
 from typing import Any, Protocol
 
 from tensorkeep.checkpoint.info import CheckpointInfo
-from tensorkeep.checkpoint.layout import DEFAULT_NAMING, Manifest, Naming
+from tensorkeep.checkpoint.layout import Manifest
 from tensorkeep.checkpoint.localrun import LocalRun
+from tensorkeep.checkpoint.naming import DEFAULT_NAMING, Naming
 from tensorkeep.checkpoint.objects import ObjectRun
 from tensorkeep.storage import backend
 from tensorkeep.storage.objects import Store
@@ -82,7 +83,7 @@ class Run(Protocol):
 
 def open_run(directory: str | os.PathLike[str], naming: str | Naming = DEFAULT_NAMING) -> Run:
     """The run at ``directory``: a path (or ``file://``) is a directory, an object-store URL a prefix.
-    ``naming``: how a directory's checkpoints are named (:class:`~tensorkeep.checkpoint.layout.Naming`).
+    ``naming``: how a directory's checkpoints are named (:class:`~tensorkeep.checkpoint.naming.Naming`).
 
     >>> open_run("memory://tk-doc-runs/mlp").url, type(open_run("/tmp/tk-doc-runs/mlp")).__name__
     ('memory://tk-doc-runs/mlp', 'LocalRun')

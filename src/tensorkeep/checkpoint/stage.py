@@ -49,6 +49,7 @@ import torch
 from tensorkeep._version import __version__
 from tensorkeep.checkpoint import determinism, layout
 from tensorkeep.checkpoint.layout import FILE_KIND, MANIFEST, STAGING_FORMAT, STAGING_MARKER, Manifest
+from tensorkeep.checkpoint.naming import DEFAULT_NAMING
 from tensorkeep.checkpoint.steps import is_distributed, read_whole
 from tensorkeep.errors import FormatError, SaveError, StorageError, TensorkeepError
 from tensorkeep.file.reader import read_file
@@ -302,7 +303,7 @@ def load_verified(run: Any, step: int, check: Check | None = None) -> Intact:
 def latest_intact(
     run: Any,
     *,
-    naming: str = layout.DEFAULT_NAMING,
+    naming: str = DEFAULT_NAMING,
     check: Check | None = None,
     on_damaged: Callable[[int], None] | None = None,
 ) -> Intact | None:

@@ -41,6 +41,7 @@ from typing import Any
 
 from tensorkeep.checkpoint import layout, rng
 from tensorkeep.checkpoint.manager import CheckpointManager
+from tensorkeep.checkpoint.naming import Naming
 from tensorkeep.checkpoint.stage import Intact, Stage, latest_intact, read_dir, stage
 from tensorkeep.errors import CheckpointNotFoundError, FormatError, MismatchError
 
@@ -123,7 +124,7 @@ def load_state(
     _apply(accelerator, found, bool(load_model_func_kwargs.get("strict", True)))
     if pc.automatic_checkpoint_naming:
         names = os.listdir(_manager(accelerator).directory)
-        pc.iteration = 1 + max((n for n in map(layout.Naming(NAMING).number, names) if n is not None), default=-1)
+        pc.iteration = 1 + max((n for n in map(Naming(NAMING).number, names) if n is not None), default=-1)
     return found.path
 
 
