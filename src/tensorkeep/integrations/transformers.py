@@ -67,6 +67,7 @@ from tensorkeep.checkpoint.manager import CheckpointManager
 from tensorkeep.checkpoint.policies import Record
 from tensorkeep.checkpoint.stage import Intact, Stage, latest_intact, read_dir
 from tensorkeep.errors import CheckpointNotFoundError, FormatError, SaveError, TensorkeepError
+from tensorkeep.storage import local as _io
 
 __all__ = ["CrashProofMixin", "protect", "NAMING"]
 
@@ -171,7 +172,7 @@ class CrashProofMixin(_Base):
         if os.path.exists(os.path.join(st.path, _STATE)):  # again, with the committed path of the best one
             state.save_to_json(os.path.join(st.path, _STATE))
         if os.path.exists(os.path.join(st.path, "training_args.bin")):
-            os.unlink(os.path.join(st.path, "training_args.bin"))
+            _io.unlink(os.path.join(st.path, "training_args.bin"))
             with open(os.path.join(st.path, "training_args.json"), "w", encoding="utf-8") as f:
                 f.write(args.to_json_string())
         for entry in state.log_history:
@@ -412,7 +413,7 @@ def _unlink(directory: str, *names: str) -> None:
     for n in names:
         p = os.path.join(directory, n)
         if os.path.lexists(p):
-            os.unlink(p)
+            _io.unlink(p)
 
 
 def _newest_stock(run_dir: str) -> tuple[int, str] | None:
