@@ -17,31 +17,50 @@ from __future__ import annotations
 
 import errno
 import json
-import math
-import numbers
 import os
 import re
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
-from tensorkeep.checkpoint.naming import DEFAULT, Naming, plain_name
+from tensorkeep.checkpoint.manifest import (  # re-exported: the manifest is part of the layout
+    FORMAT as FORMAT,
+)
+from tensorkeep.checkpoint.manifest import (
+    MANIFEST as MANIFEST,
+)
+from tensorkeep.checkpoint.manifest import (
+    PACK_RE as PACK_RE,
+)
+from tensorkeep.checkpoint.manifest import (
+    VERSION as VERSION,
+)
+from tensorkeep.checkpoint.manifest import (
+    VERSION_INCREMENTAL as VERSION_INCREMENTAL,
+)
+from tensorkeep.checkpoint.manifest import (
+    Manifest as Manifest,
+)
+from tensorkeep.checkpoint.manifest import (
+    clean_metrics as clean_metrics,
+)
+from tensorkeep.checkpoint.manifest import (
+    parse_manifest as parse_manifest,
+)
+from tensorkeep.checkpoint.manifest import (
+    read_manifest as read_manifest,
+)
+from tensorkeep.checkpoint.manifest import (
+    write_manifest as write_manifest,
+)
+from tensorkeep.checkpoint.naming import DEFAULT, Naming
+from tensorkeep.checkpoint.naming import plain_name as plain_name
 from tensorkeep.core.crc import crc32
-from tensorkeep.core.format import dumps, seal, unseal
 from tensorkeep.errors import FormatError, SaveError
 from tensorkeep.file import stored
 from tensorkeep.storage import local as _io
 from tensorkeep.storage.disk import DiskBackend
-
-MANIFEST = "manifest.json"
-FORMAT = "tensorkeep-checkpoint"
-VERSION = 1
-VERSION_INCREMENTAL = 2  # tensors live in run/packs (see packs.py); version-1 readers must refuse it
-PACK_RE = re.compile(r"^\d{8,}-[0-9a-f]{8}\.tk$")
-_HASH_RE = re.compile(r"^[0-9a-f]{64}$")
-
 
 #: The manifest kind of a file tensorkeep did not encode (written by other code into a staged
 #: checkpoint): its ``crc32`` is the CRC-32 of the whole file, checked by reading it all.
@@ -51,201 +70,8 @@ STAGING_MARKER = ".tk-staging.json"
 STAGING_FORMAT = "tensorkeep-staging"
 
 
-@dataclass
-class Manifest:
-    step: int
-    time: float
-    metrics: dict[str, Any] = field(default_factory=dict)
-    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"size", "crc32", "key"}
-    versions: dict[str, str] = field(default_factory=dict)
-    # incremental checkpoints (packs.py): name -> {"key", "kind", "tree", "tensors": {leaf: [hash, pack]}}
-    parts: dict[str, dict[str, Any]] = field(default_factory=dict)
-    packs: dict[str, dict[str, Any]] = field(default_factory=dict)  # pack -> {"size", "crc32"}
-    bytes_written: int | None = None  # tensor bytes this checkpoint wrote (None: it wrote all it holds)
-    bytes_held: int | None = None  # tensor bytes it restores
-    environment: Any = None  # what bit-exact resume depends on (determinism.capture()); untrusted JSON
-
-    def to_json(self) -> str:
-        metrics = {
-            k: ({"$float": repr(v)} if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in self.metrics.items()
-        }  # JSON has no NaN/Infinity: a diverged loss is tagged
-        d = {
-            "format": FORMAT,
-            "version": VERSION,
-            "step": self.step,
-            "time": self.time,
-            "metrics": metrics,
-            "files": self.files,
-            "versions": self.versions,
-        }
-        if self.environment:
-            d["environment"] = self.environment
-        if self.parts:
-            d.update(
-                version=VERSION_INCREMENTAL,
-                parts=self.parts,
-                packs=self.packs,
-                bytes={"written": self.bytes_written, "held": self.bytes_held},
-            )
-        return dumps(d)
-
-
-def clean_metrics(metrics: Mapping[str, Any] | None, step: int) -> dict[str, Any]:
-    """Metrics as plain Python scalars (NumPy and one-element tensor values unwrapped).
-
-    >>> import numpy as np; clean_metrics({"acc": np.float32(0.5), "loss": float("nan")}, 1)
-    {'acc': 0.5, 'loss': nan}
-    """
-    out: dict[str, Any] = {}
-    for k, v in (metrics or {}).items():
-        if type(k) is not str or not _utf8(k):
-            raise TypeError(f"checkpoint step {step}: metric names must be str (UTF-8, no lone surrogate), got {k!r}")
-        if type(v) not in (str, bool, int, float) and callable(getattr(v, "item", None)):
-            try:
-                v = v.item()  # a NumPy scalar, a 0-d array, a one-element tensor
-            except (ValueError, RuntimeError):
-                pass
-        if isinstance(v, str) and not _utf8(v):
-            raise ValueError(f"checkpoint step {step}: metric {k!r} holds a lone surrogate, which UTF-8 cannot store")
-        if v is not None and not isinstance(v, (str, bool, numbers.Real)):
-            raise TypeError(
-                f"checkpoint step {step}: metric {k!r} must be a number or a string, got "
-                f"{type(v).__name__}; pass e.g. float(value)"
-            )
-        out[k] = v if v is None or isinstance(v, (str, bool, int, float)) else float(v)
-    return out
-
-
-def _utf8(s: str) -> bool:
-    try:
-        s.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
-def _untag(v: Any) -> Any:
-    if isinstance(v, dict) and set(v) == {"$float"} and v["$float"] in ("nan", "inf", "-inf"):
-        return float(v["$float"])
-    return v
-
-
-def read_manifest(directory: str) -> Manifest:
-    """Read and validate a checkpoint's manifest; :class:`FormatError` if it is missing or bad."""
-    path = os.path.join(directory, MANIFEST)
-    if os.path.lexists(path) and not _io.is_regular_file(path):  # a FIFO would block open() forever
-        raise FormatError(f"{path}: not a regular file")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(10_000_001)
-    except FileNotFoundError:
-        raise FormatError(f"{directory}: no {MANIFEST} (the save did not finish)") from None
-    return parse_manifest(raw, path)
-
-
-def parse_manifest(raw: bytes, path: str) -> Manifest:
-    """Validate a manifest's bytes (``path`` names it in errors); :class:`FormatError` if bad.
-
-    The JSON is untrusted: any value of the wrong kind (a NUL in a file name, ``"time": "soon"``,
-    a number too large for a float) makes the checkpoint damaged, never another exception."""
-    if len(raw) > 10_000_000:
-        raise FormatError(f"{path}: manifest larger than 10 MB")
-    d = unseal(raw, path)  # a flipped bit anywhere is damage, not a wrong restore
-    if not isinstance(d, dict) or d.get("format") != FORMAT:
-        raise FormatError(f"{path}: not a tensorkeep checkpoint manifest")
-    if d.get("version") not in (VERSION, VERSION_INCREMENTAL) or type(d.get("version")) is not int:
-        raise FormatError(
-            f"{path}: manifest version {d.get('version')!r}; this tensorkeep reads versions "
-            f"{VERSION} and {VERSION_INCREMENTAL}: upgrade tensorkeep"
-        )
-    step, files = d.get("step"), d.get("files")
-    if type(step) is not int or step < 0 or not isinstance(files, dict) or not isinstance(d.get("metrics"), dict):
-        raise FormatError(f"{path}: manifest needs an int step, a files object and a metrics object")
-    for name, info in files.items():
-        if (
-            not plain_name(name)
-            or not isinstance(info, dict)
-            or type(info.get("size")) is not int
-            or info["size"] < 0
-            or not all(isinstance(info.get(k, ""), str) for k in ("crc32", "key", "kind"))
-        ):
-            raise FormatError(
-                f"{path}: bad file entry {name!r} (expected a plain file name and "
-                '{"size": int, "crc32": str, "key": str, "kind": str})'
-            )
-    t = d.get("time", 0)
-    if type(t) not in (int, float) or not (0 <= t < _MAX_TIME):  # 10**400 cannot become a float
-        raise FormatError(f"{path}: 'time' must be seconds since 1970, found {str(t)[:40]!r}")
-    for k, v in d["metrics"].items():
-        if not (
-            v is None
-            or type(v) in (str, bool, float)
-            or (type(v) is int and abs(v) < 2**63)
-            or (isinstance(v, dict) and set(v) == {"$float"} and v["$float"] in ("nan", "inf", "-inf"))
-        ):
-            raise FormatError(f"{path}: metric {k!r} must be a number, a string or null, found {str(v)[:40]!r}")
-    versions = d.get("versions") or {}
-    if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
-        raise FormatError(f"{path}: 'versions' must map names to version strings")
-    env = d.get("environment")  # informational: determinism.differences() copes with any value
-    metrics = {k: _untag(v) for k, v in d["metrics"].items()}
-    m = Manifest(step, float(t), metrics, files, versions, environment=env)
-    if d["version"] == VERSION_INCREMENTAL:
-        m.parts, m.packs = _validate_parts(d.get("parts"), d.get("packs"), path)
-        b = d.get("bytes")
-        if not isinstance(b, dict):
-            b = {}
-        m.bytes_written, m.bytes_held = b.get("written"), b.get("held")
-        if not all(v is None or (type(v) is int and v >= 0) for v in (m.bytes_written, m.bytes_held)):
-            raise FormatError(f"{path}: 'bytes' must hold non-negative ints")
-    return m
-
-
-_MAX_TIME = 253402300799  # 9999-12-31T23:59:59Z: the last second datetime can show
-
-
 def step_dir(run: str, step: int, naming: Naming = DEFAULT) -> str:
     return os.path.join(run, naming.name(step))
-
-
-def _validate_parts(parts: Any, packs: Any, where: str) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """Shape checks of a manifest's ``parts``/``packs`` (the JSON is untrusted); returns them, checked."""
-    if not isinstance(parts, dict) or not isinstance(packs, dict):
-        raise FormatError(f"{where}: 'parts' and 'packs' must be objects")
-    for pack, info in packs.items():
-        if (
-            not PACK_RE.match(pack)
-            or not isinstance(info, dict)
-            or type(info.get("size")) is not int
-            or info["size"] < 0
-            or not isinstance(info.get("crc32"), str)
-        ):
-            raise FormatError(f"{where}: bad pack entry {pack!r}")
-    for name, part in parts.items():
-        refs = part.get("tensors") if isinstance(part, dict) else None
-        good = (
-            plain_name(name)
-            and isinstance(refs, dict)
-            and isinstance(part.get("key"), str)
-            and isinstance(part.get("kind"), str)
-            and all(
-                type(r) is list and len(r) == 2 and isinstance(r[0], str) and _HASH_RE.match(r[0]) and r[1] in packs
-                for r in refs.values()
-            )
-        )
-        if not good:
-            raise FormatError(
-                f"{where}: bad part entry {name!r} (each tensor must be [sha256, pack listed in 'packs'])"
-            )
-    return parts, packs
-
-
-def write_manifest(directory: str, m: Manifest, durable: bool = True) -> None:
-    with _io.atomic_file(
-        os.path.join(directory, MANIFEST), durable=durable, in_place=True
-    ) as fd:  # published with its directory
-        _io.pwrite_all(fd, memoryview(seal(m.to_json())), 0)
 
 
 def check_files(directory: str, m: Manifest) -> None:
