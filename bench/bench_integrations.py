@@ -2,44 +2,39 @@
 
     .venv/bin/python bench/bench_integrations.py [--targets dcp_ddp,...] [--ranks 1,2]
         [--modes before,torn,term] [--variants stock,tensorkeep] [--jobs 1] [--work DIR] [--out FILE]
+        [--tensorkeep HEAD|REV|worktree] [--check] [--diff-only]
 
 For each target (``lightning_trainer``, ``hf_trainer``, ``accelerate_loop``, ``dcp_ddp``,
-``loop_ddp``) it runs the *stock* target (the installed module, exactly what ``ckpt-chaos bench``
-runs) and a *tensorkeep* copy: the installed source with the lines of :data:`PATCHES` applied (the
-lines the README tells users to add), written under ``--work``, never into the repository. The
-variant ``copy`` (the installed source unchanged, run as a copy) shows that copying changes nothing.
+``loop_ddp``) it runs the *stock* target (the installed module, what ``ckpt-chaos bench`` runs) and a
+*tensorkeep* copy: the installed source with the lines of :data:`PATCHES` applied (what the README
+tells users to add), written under ``--work``. Variant ``copy`` (the source unchanged, run as a copy)
+shows that copying changes nothing. The runs import a snapshot of ``src/tensorkeep`` taken at start
+(``git archive HEAD`` unless ``--tensorkeep`` says otherwise), so edits made meanwhile change nothing.
 
-Each cell (target x variant x ranks) is ckpt-chaos' own matrix: an uninterrupted reference run, a
-dry run that logs every file event of the save of step 10, then one crashed training run + one
-resume per crash point: every event in mode ``before`` (killed before the operation), every
-*tornable* event in mode ``torn`` (a native writer's file cut in half), and, with ``term``, every
-event in mode ``term`` (SIGTERM, then a kill 5 s later; ``ckpt-chaos bench`` has no ``term``, so
-its points go through ``runner._run_point`` like the others). Verdicts are ckpt-chaos'
-(``invariants.classify``): HARD_FAIL (the resume raised), SILENT_DIVERGENCE (final weights differ
-from the reference, or the ranks disagree), LOST_WORK (resumed from older than the newest complete
-checkpoint), PASS; CONTROL_FAIL (the run without a crash failed). tensorkeep writes with
-``os.pwrite`` on its own file descriptors, so nothing of it is tornable: its variants have fewer
-crash points, and the table shows the count per mode next to the verdicts.
+Each cell (target x variant x ranks) is ckpt-chaos' own matrix: a reference run, a dry run logging
+every file event of the save of step 10, then per crash point one crashed training run and one
+resume: every event in mode ``before`` (killed before the operation), every *tornable* event in
+``torn`` (a native writer's file cut in half), every event in ``term`` (SIGTERM, a kill 5 s later;
+``ckpt-chaos bench`` has no ``term``, so the points go through ``runner._run_point`` here).
+Verdicts are ckpt-chaos' ``invariants.classify``: HARD_FAIL (the resume raised), SILENT_DIVERGENCE
+(final weights differ from the reference's, or the ranks disagree), LOST_WORK (resumed from older than
+the newest complete checkpoint), PASS; CONTROL_FAIL (the run without a crash failed).
 
-"Newest complete checkpoint" (what LOST_WORK compares with) is measured before each resume. The
-stock variants keep ckpt-chaos' definitions (``checkpoint-N`` whose files have the dry run's names and
-sizes; for Lightning, the highest ``global_step`` of a ``.ckpt`` that ``torch.load`` reads). For a
-tensorkeep copy it is **the highest step whose checkpoint verifies** with
-:func:`tensorkeep.verification.verify` (what ``tensorkeep verify`` says: table of contents present,
-every file it lists there with every checksum right, at least one file checked): for Lightning the
-``global_step`` in the header of each verified ``.ckpt``, for HF, Accelerate and DCP the ``N`` of each
-verified ``checkpoint-N`` directory, for ``loop_ddp`` the steps :func:`tensorkeep.list_checkpoints`
-reports ``ok`` with ``verify=True``. tensorkeep publishes only by rename, so "under its final name
-and verifies" is "committed".
+NEWEST, the "newest complete checkpoint" LOST_WORK compares with, is measured before each resume. The
+stock variants keep ckpt-chaos' definitions. For a tensorkeep copy it is **the highest step whose
+checkpoint verifies** with :func:`tensorkeep.verification.verify` (what ``tensorkeep verify`` says:
+its table of contents present, every file it lists there with every checksum right, at least one
+file checked): for Lightning the ``global_step`` in the header of each verified ``.ckpt``; for HF,
+Accelerate and DCP the ``N`` of each verified ``checkpoint-N``; for ``loop_ddp`` the steps
+:func:`tensorkeep.list_checkpoints` reports ``ok`` with ``verify=True``. tensorkeep publishes only by
+rename, so "under its final name and verifies" is "committed".
 
 ckpt-chaos flags ``[PLAN DRIFT]`` when the event at a crash index differs from the dry run's;
 tensorkeep's temporary names (``.NAME.tk-tmp-<pid>-<hex>``) differ in every run, so the drift is
-recomputed here with those names normalised (and, for ``term``, on the event at the crash index, not
-the last one: a job with a SIGTERM handler runs on).
+recomputed with them normalised, on the event at the crash index (a ``term`` job may run on).
 
-Uses private functions of ``ckpt_chaos.runner`` (``_launch``, ``_run_point``, ``_judge``, ...):
-needs ckpt-chaos==0.1.8 exactly. About 20-35 s per crash point on 2 cores (``hf_trainer``: ~35 s);
-the whole matrix takes 1-1.5 h at ``--jobs 1``.
+Uses private functions of ``ckpt_chaos.runner``: needs ckpt-chaos==0.1.8 exactly. About 20-35 s per
+crash point on 2 cores; the whole matrix takes 1-1.5 h at ``--jobs 1``.
 """
 
 from __future__ import annotations
@@ -52,6 +47,8 @@ import json
 import os
 import re
 import shlex
+import shutil
+import subprocess
 import sys
 import time
 import traceback
@@ -126,6 +123,20 @@ PATCHES: dict[str, list[Edit]] = {
     ],
 }
 TARGETS = list(PATCHES)
+NOTES = """
+
+- PASS counts the control run (no crash). Crash points: per mode, over every rank; tensorkeep's writes
+  are never tornable (`os.pwrite` on its own descriptors), so its variants have no `torn` points.
+- `term` = SIGTERM, then a kill after 5 s. Only Lightning has a SIGTERM handler: its train phase
+  stops after the save of step 10 anyway, so it exits cleanly ("did not crash"); elsewhere `term`
+  kills like `before`.
+- "newest ok" (what LOST_WORK compares with) of the stock `checkpoint-N` targets is ckpt-chaos' size
+  profile of the dry run's `checkpoint-10`: it reads 0 for stock `dcp_ddp` (`.metadata` is one
+  byte longer at step 10 than at step 5) and is unreliable for stock `accelerate_loop` (pickled RNG
+  states change size), so LOST_WORK cannot show there. tensorkeep copies: the newest checkpoint that
+  verifies (see the script's docstring).
+
+"""
 ONE_RANK_ONLY = {"accelerate_loop"}  # arms every process and writes only rank 0's outcome (design §1.5)
 MODES = ("before", "torn", "term")
 VARIANTS = ("stock", "copy", "tensorkeep")
@@ -184,6 +195,21 @@ def diff(target: str) -> tuple[str, int, int]:
     added = sum(1 for line in lines if line.startswith("+") and not line.startswith("+++"))
     removed = sum(1 for line in lines if line.startswith("-") and not line.startswith("---"))
     return "".join(lines), added, removed
+
+
+def snapshot_tensorkeep(src: Path, rev: str) -> str:
+    """Puts the ``tensorkeep`` package the runs import into ``src``: ``git archive`` of ``rev``, or
+    with ``rev == "worktree"`` a copy of the working tree as it is now (other edits while the bench
+    runs then change nothing). Returns what it took (commit id, "+ uncommitted changes" for the tree)."""
+    repo = Path(__file__).resolve().parent.parent
+    git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], check=True, capture_output=True).stdout
+    if rev == "worktree":
+        shutil.copytree(repo / "src" / "tensorkeep", src / "tensorkeep", ignore=shutil.ignore_patterns("__pycache__"))
+        dirty = git("status", "--porcelain", "--", "src/tensorkeep").strip()
+        return git("rev-parse", "--short", "HEAD").decode().strip() + (" + uncommitted changes" if dirty else "")
+    tar = git("archive", "--format=tar", rev, "src/tensorkeep")
+    subprocess.run(["tar", "-x", "--strip-components=1", "-C", str(src)], input=tar, check=True)
+    return git("rev-parse", "--short", rev).decode().strip()
 
 
 def write_copies(src: Path, targets: list[str]) -> None:
@@ -259,7 +285,7 @@ class Cell:
     variant: str
     ranks: int
     points: Counter = field(default_factory=Counter)  # mode -> crash points run
-    rows: list = field(default_factory=list)  # (mode, runner.Row) per point, control first
+    rows: list = field(default_factory=list)  # ((rank, event, mode), runner.Row) per point, control first
     errors: list[str] = field(default_factory=list)
     wall: float = 0.0
     note: str = ""
@@ -277,7 +303,7 @@ def _tail(log: Path, n: int = 3) -> str:
     return " / ".join(lines[-n:])[-300:]
 
 
-def run_cell(runner, cell: Cell, name: str, work: Path, modes: list[str], jobs: int) -> None:
+def run_cell(runner, cell: Cell, name: str, work: Path, modes: list[str], jobs: int, check: bool = False) -> None:
     t0 = time.monotonic()
     work.mkdir(parents=True, exist_ok=False)
     base = {"CKPT_CHAOS_STRATEGY": "direct"}
@@ -289,22 +315,23 @@ def run_cell(runner, cell: Cell, name: str, work: Path, modes: list[str], jobs: 
         cell.note = f"reference run failed: {_tail(ref.parent / 'reference_rank0.log')}"
         cell.wall = time.monotonic() - t0
         return
+    if check:
+        cell.note = "reference run ok (--check, no crash points)"
+        cell.wall = time.monotonic() - t0
+        return
     dry = work / "dry" / "out"
     log = work / "dry" / "events.log"
     rc = runner._launch(name, "train", dry, dict(base, CKPT_CHAOS_WATCH=str(dry), CKPT_CHAOS_LOG=str(log)), cell.ranks)
     if rc:
         cell.errors.append(f"dry run exited {rc}: {_tail(dry.parent / 'train_rank0.log')}")
-    healthy = (
-        {}
-        if name in runner.NEWEST
-        else runner._profile(next((dry / d for d in ("checkpoint-10", "checkpoint-10.tmp") if (dry / d).exists()), dry))
-    )
-    plan = {
-        (r, n): ev
-        for r in range(cell.ranks)
-        for ev in runner._events(work / "dry" / f"events.log.rank{r}")
-        for n in [ev[0]]
-    }
+    healthy = {}  # ckpt-chaos' size profile of a complete checkpoint, for targets without a NEWEST function
+    if name not in runner.NEWEST:
+        ten = next((dry / d for d in ("checkpoint-10", "checkpoint-10.tmp") if (dry / d).is_dir()), None)
+        if ten is None:
+            cell.errors.append("the dry run left no checkpoint-10: 'newest ok' counts every checkpoint complete")
+        else:
+            healthy = runner._profile(ten)
+    plan = {(r, ev[0]): ev for r in range(cell.ranks) for ev in runner._events(work / "dry" / f"events.log.rank{r}")}
     points: list = [None] + [(r, n, m) for m in modes for (r, n), ev in plan.items() if m != "torn" or ev[3]]
     cell.points = Counter(p[2] for p in points if p)
     print(f"{name}, {cell.ranks} rank(s): {len(plan)} save events -> {len(points)} runs (incl. control)", flush=True)
@@ -338,7 +365,7 @@ def run_cell(runner, cell: Cell, name: str, work: Path, modes: list[str], jobs: 
 
     with ThreadPoolExecutor(jobs) as ex:
         done = list(ex.map(one, enumerate(points)))
-    cell.rows = [("control" if p is None else p[2], row) for p, row in done if row is not None]
+    cell.rows = [(p or (0, 0, "control"), row) for p, row in done if row is not None]
     cell.wall = time.monotonic() - t0
 
 
@@ -346,55 +373,49 @@ def run_cell(runner, cell: Cell, name: str, work: Path, modes: list[str], jobs: 
 
 
 def summary(cells: list[Cell], modes: list[str]) -> str:
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for c in cells:
         counts = Counter(row.verdict for _, row in c.rows)
         flags = []
         if c.note:
-            flags.append(c.note)
-        if k := sum(1 for m, r in c.rows if m != "control" and not r.crashed):
+            flags.append(c.note.split(": ")[0])
+        if k := sum(1 for p, r in c.rows if p[2] != "control" and not r.crashed):
             flags.append(f"{k} did not crash")
         if k := sum(1 for _, r in c.rows if r.drift):
             flags.append(f"{k} plan drift")
         if c.errors:
             flags.append(f"{len(c.errors)} harness error(s)")
         pts = " / ".join(str(c.points.get(m, 0)) for m in modes) if not c.note else "-"
-        rows.append(
-            (
-                c.target,
-                c.variant,
-                str(c.ranks),
-                pts,
-                *(str(counts.get(v, 0)) for v in VERDICTS),
-                f"{c.wall:.0f} s",
-                "; ".join(flags),
-            )
-        )
+        verdicts = [str(counts.get(v, 0)) for v in VERDICTS]
+        rows.append((c.target, c.variant, str(c.ranks), pts, *verdicts, f"{c.wall:.0f} s", "; ".join(flags)))
     header = ("target", "variant", "ranks", f"crash points ({'/'.join(modes)})", *VERDICTS, "wall", "notes")
     return table(rows, header)
 
 
 def details(c: Cell) -> str:
-    rows = []
-    for mode, r in c.rows:
+    rows: list[tuple[str, ...]] = []
+    for (rank, n, mode), r in c.rows:
         o = r.outcome
         result = f"RAISED {o.raised}" if o.raised else f"resumed from step {o.resumed_from_step}"
         if not o.raised and not o.ranks_agree:
             result += " (ranks differ)"
         flags = ("" if r.crashed or mode == "control" else "did not crash ") + ("plan drift" if r.drift else "")
         wdiff = "-" if o.weights_diff is None else f"{o.weights_diff:.2e}"
-        rows.append((r.label.replace("|", "/"), str(o.newest_complete_step), result, wdiff, r.verdict, flags.strip()))
+        event = "-" if mode == "control" else f"r{rank} #{n}"
+        rows.append(
+            (event, r.label.replace("|", "/"), str(o.newest_complete_step), result, wdiff, r.verdict, flags.strip())
+        )
     out = f"#### {c.target}, {c.variant}, {c.ranks} rank(s)\n\n"
     if rows:
-        out += table(rows, ("crash point", "newest ok", "resume result", "weights diff", "verdict", "flags")) + "\n"
-    for e in [c.note, *c.errors]:
-        if e:
-            out += f"\n- {e}\n"
-    return out
+        header = ("event", "crash point", "newest ok", "resume result", "weights diff", "verdict", "flags")
+        out += table(rows, header) + "\n"
+    notes = [e for e in [c.note, *c.errors] if e]
+    return out + ("\n" if rows and notes else "") + "".join(f"- {e}\n" for e in notes)
 
 
 def lines_changed(targets: list[str]) -> str:
-    rows, blocks = [], []
+    rows: list[tuple[str, ...]] = []
+    blocks = []
     for t in targets:
         text, added, removed = diff(t)
         rows.append((t, str(added), str(removed), "yes" if added <= 5 else "NO"))
@@ -425,6 +446,12 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="crash points run at a time")
     ap.add_argument("--work", default=None, help="run directory (default /tmp/tk-bench-integrations-<time>)")
     ap.add_argument("--out", default=None, help="write the markdown tables to this file too")
+    ap.add_argument(
+        "--tensorkeep",
+        default="HEAD",
+        help="the tensorkeep the runs import: a git revision of src/tensorkeep (default HEAD), or 'worktree'",
+    )
+    ap.add_argument("--check", action="store_true", help="run only each cell's reference run (does it work?)")
     ap.add_argument("--diff-only", action="store_true", help="print the diffs and line counts, run nothing")
     a = ap.parse_args()
     targets = _list(a.targets, TARGETS, "target")
@@ -441,8 +468,15 @@ def main() -> None:
     from ckpt_chaos import runner
 
     work = Path(a.work or time.strftime("/tmp/tk-bench-integrations-%Y%m%d-%H%M%S")).resolve()
+    if work.exists() and any(work.iterdir()):
+        raise SystemExit(f"--work {work} is not empty: give a new directory")
     work.mkdir(parents=True, exist_ok=True)
     write_copies(work / "src", targets)
+    tk_rev = snapshot_tensorkeep(work / "src", a.tensorkeep)
+    sys.path.insert(0, str(work / "src"))  # this process verifies checkpoints with the same tensorkeep
+    import tensorkeep
+
+    assert Path(tensorkeep.__file__).is_relative_to(work / "src"), tensorkeep.__file__
     for k in [k for k in os.environ if k.startswith("CKPT_CHAOS_")]:
         del os.environ[k]  # e.g. CKPT_CHAOS_PATCH=skip_incomplete would change the stock hf_trainer
     os.environ["CKPT_CHAOS_PREPEND_PYTHONPATH"] = str(work / "src")
@@ -455,22 +489,22 @@ def main() -> None:
                 cell = Cell(t, v, r)
                 cells.append(cell)
                 if t in ONE_RANK_ONLY and r > 1:
-                    cell.note = "not run: the built-in target supports 1 process only"
+                    cell.note = "not run (the built-in target supports 1 process only)"
                     continue
-                run_cell(runner, cell, names[v], work / f"{t}-{v}-r{r}", modes, a.jobs)
+                run_cell(runner, cell, names[v], work / f"{t}-{v}-r{r}", modes, a.jobs, a.check)
                 print(
                     f"{t} {v} {r} rank(s): {dict(Counter(row.verdict for _, row in cell.rows))} in {cell.wall:.0f} s\n",
                     flush=True,
                 )
 
     md = (
-        f"### ckpt-chaos {CHAOS_VERSION}: stock vs tensorkeep\n\n`{cmd}` (work: `{work}`)\n\n"
+        f"### ckpt-chaos {CHAOS_VERSION}: stock vs tensorkeep\n\n`{cmd}`\n\ntensorkeep {tk_rev}, work directory `{work}`\n\n"
         + summary(cells, modes)
-        + "\n\nPASS counts the control run (no crash). Crash points: per mode, over every rank.\n\n"
+        + NOTES
         + "### Lines changed per integration\n\n"
         + lines_changed(targets)
         + "\n### Every crash point\n\n"
-        + "\n".join(details(c) for c in cells if c.rows or c.errors)
+        + "\n".join(details(c) for c in cells if c.rows or c.errors or "failed" in c.note)
     )
     print(md)
     if a.out:
