@@ -27,7 +27,7 @@ import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -35,7 +35,6 @@ from tensorkeep import errors
 from tensorkeep.checkpoint import layout, packs, rng
 from tensorkeep.checkpoint.policies import Policy
 from tensorkeep.checkpoint.records import Records
-from tensorkeep.checkpoint.run import Run
 from tensorkeep.checkpoint.state import apply, has_state
 from tensorkeep.checkpoint.steps import KINDS, LAYOUT, is_distributed, layout_entry, rng_file
 from tensorkeep.core.dtypes import torch_dtype
@@ -43,10 +42,15 @@ from tensorkeep.distributed.comm import Comm, dtensor_type
 from tensorkeep.distributed.load import load_distributed
 from tensorkeep.distributed.manifest import read_manifest as read_layout
 from tensorkeep.distributed.save import write_distributed
-from tensorkeep.errors import CheckpointNotFoundError, FormatError, SaveError, TensorkeepError
+from tensorkeep.errors import CheckpointNotFoundError, FormatError, SaveError, StorageError, TensorkeepError
 from tensorkeep.file.reader import read_file as load
 from tensorkeep.file.writer import write
 from tensorkeep.storage import local as _io
+
+if TYPE_CHECKING:  # run.py imports localrun, stage, and stage this module
+    from tensorkeep.checkpoint.run import Run
+
+T = TypeVar("T")
 
 
 def _timeout() -> Any:
@@ -62,8 +66,15 @@ def _timeout() -> Any:
     return None
 
 
-def _gather(comm: Comm, value: Any, what: str) -> list[Any]:
-    """Every rank's ``value``; :class:`TensorkeepError` when another rank is gone."""
+def gather(comm: Comm | None, value: Any, what: str) -> list[Any]:
+    """Every rank's ``value`` (JSON), in rank order (``[value]`` without ``comm``); :class:`TensorkeepError`
+    when another rank is gone.
+
+    >>> gather(None, {"step": 3}, "x")
+    [{'step': 3}]
+    """
+    if comm is None:
+        return [value]
     try:
         return comm.all_gather(value)
     except Exception as e:
@@ -73,28 +84,51 @@ def _gather(comm: Comm, value: Any, what: str) -> list[Any]:
         ) from e
 
 
-def _status(error: BaseException | None) -> dict[str, Any]:
-    """One rank's outcome as JSON; ``damage``: the checkpoint is bad (skip it), not the state or the code."""
+def is_damage(error: BaseException) -> bool:
+    """A damaged or missing checkpoint (skip it), not an unreachable store, the state or the code."""
+    return isinstance(error, (FormatError, OSError)) and not isinstance(error, StorageError)
+
+
+def status(error: BaseException | None) -> dict[str, Any]:
+    """One rank's outcome as JSON, for :func:`gather`."""
     if error is None:
         return {"error": None, "damage": False}
-    damage = isinstance(error, (FormatError, OSError))
-    return {"error": f"{type(error).__name__}: {error}", "type": type(error).__name__, "damage": damage}
+    return {"error": f"{type(error).__name__}: {error}", "type": type(error).__name__, "damage": is_damage(error)}
 
 
-def _raise_first(comm: Comm, statuses: list[dict], error: BaseException | None, what: str) -> None:
+def raise_first(comm: Comm, statuses: list[dict], error: BaseException | None, what: str) -> None:
     """If any rank failed: this rank's own error, or the same kind of error naming the failing rank
     (a damaged checkpoint counts only when nothing worse happened)."""
     failed = [(r, s) for r, s in enumerate(statuses) if s["error"]]
     if not failed:
         return
     worse = [(r, s) for r, s in failed if not s["damage"]]
-    if error is not None and (not worse or not _status(error)["damage"]):
+    if error is not None and (not worse or not is_damage(error)):
         raise error
     r, s = (worse or failed)[0]
     cls = vars(errors).get(s["type"])
     if not (isinstance(cls, type) and issubclass(cls, TensorkeepError)):
         cls = TensorkeepError
     raise cls(f"{what} failed on rank {r} of {comm.world}: {s['error']}")
+
+
+def collectively(comm: Comm | None, fn: Callable[[], T], what: str) -> T:
+    """``fn()`` on every rank of ``comm`` (a collective); when it raised anywhere, every rank raises:
+    its own error, or the same kind of error naming the failing rank. Without ``comm``: ``fn()``.
+
+    >>> collectively(None, lambda: 3, "reading")
+    3
+    """
+    if comm is None or comm.world == 1:
+        return fn()
+    result: Any = None
+    error: BaseException | None = None
+    try:
+        result = fn()
+    except Exception as e:
+        error = e
+    raise_first(comm, gather(comm, status(error), what), error, what)
+    return result
 
 
 def _tag(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -136,7 +170,7 @@ def join(directory: str, *, async_save: bool | str, incremental: bool, local: bo
         return None
     comm = Comm(dist.new_group(backend="gloo", timeout=_timeout()))  # status traffic apart from training's
     mine = {"directory": directory, "async_save": async_save, "incremental": incremental, "remote": not local}
-    every = _gather(comm, mine, f"opening {directory}")
+    every = gather(comm, mine, f"opening {directory}")
     first = every[0]
     if first["async_save"]:
         raise ValueError(
@@ -172,10 +206,10 @@ def open_run(g: Group) -> None:
         except Exception as e:
             error = e
     what = f"opening {g.directory}"
-    _raise_first(comm, _gather(comm, _status(error), what), error, what)
+    raise_first(comm, gather(comm, status(error), what), error, what)
     for s, m in g.run.manifests().items():
         g.records.set(s, m.metrics)
-    seen = _gather(comm, g.records.steps(), what)
+    seen = gather(comm, g.records.steps(), what)
     for r, steps in enumerate(seen):
         if steps != seen[0]:
             raise TensorkeepError(
@@ -187,7 +221,7 @@ def open_run(g: Group) -> None:
 def should_save(comm: Comm, due: bool, signalled: int | None) -> tuple[bool, int | None]:
     """Whether any rank wants a checkpoint now (clocks and signals differ between ranks), and the
     signal to exit with: one that reached one rank counts for all, so every rank exits after it."""
-    every = _gather(comm, {"due": due, "signal": signalled}, "should_save")
+    every = gather(comm, {"due": due, "signal": signalled}, "should_save")
     signals = [s["signal"] for s in every if s["signal"] is not None]
     return any(s["due"] for s in every), signalled if signalled is not None else (signals[0] if signals else None)
 
@@ -384,7 +418,7 @@ def _load_plain(g: Group, state: Mapping[str, Any], d: str, m: layout.Manifest) 
 def restore(g: Group, state: Mapping[str, Any], step: int | None) -> int | None:
     """Collective: every rank restores the same step (the newest one intact on every rank)."""
     comm, directory = g.comm, g.directory
-    steps = _gather(comm, g.run.steps(), f"restoring from {directory}")
+    steps = gather(comm, g.run.steps(), f"restoring from {directory}")
     if any(s != steps[0] for s in steps):
         raise TensorkeepError(
             f"restoring from {directory}: the ranks see different checkpoints {steps}. Every "
@@ -402,7 +436,7 @@ def restore(g: Group, state: Mapping[str, Any], step: int | None) -> int | None:
             layout.check_files(d, m)
         except Exception as e:
             error = e
-        bad = _outcome(comm, error, what)
+        bad = damaged_anywhere(comm, error, what)
         if not bad:
             error = None
             try:
@@ -412,7 +446,7 @@ def restore(g: Group, state: Mapping[str, Any], step: int | None) -> int | None:
                     _load_plain(g, state, d, m)  # type: ignore[arg-type]
             except Exception as e:
                 error = e
-            bad = _outcome(comm, error, what)
+            bad = damaged_anywhere(comm, error, what)
             touched = touched or bad is not None
         if bad is None:
             if mine is not None:
@@ -441,14 +475,14 @@ def restore(g: Group, state: Mapping[str, Any], step: int | None) -> int | None:
     return None
 
 
-def _outcome(comm: Comm, error: BaseException | None, what: str) -> str | None:
-    """Every rank's outcome: None if all succeeded, a description if a checkpoint is damaged
-    somewhere; any other error (a state that does not fit) is raised on every rank."""
-    every = _gather(comm, _status(error), what)
+def damaged_anywhere(comm: Comm, error: BaseException | None, what: str) -> str | None:
+    """Every rank's outcome (a collective): None if all succeeded, a description if a checkpoint is
+    damaged somewhere; any other error (a state that does not fit) is raised on every rank."""
+    every = gather(comm, status(error), what)
     failed = [(r, s) for r, s in enumerate(every) if s["error"]]
     if not failed:
         return None
     if not all(s["damage"] for _, s in failed):
-        _raise_first(comm, every, error, what)
+        raise_first(comm, every, error, what)
     r, s = failed[0]
     return f"rank {r}: {s['error']}"

@@ -23,6 +23,7 @@ from tensorkeep.checkpoint.records import Records
 from tensorkeep.checkpoint.run import open_run
 from tensorkeep.checkpoint.stage import Stage, latest_intact, load_verified
 from tensorkeep.checkpoint.state import Payload, apply, check_rng, payload
+from tensorkeep.distributed.comm import Comm
 from tensorkeep.errors import CheckpointNotFoundError, FormatError, StorageError, TensorkeepError
 
 
@@ -135,6 +136,12 @@ class CheckpointManager:
     def metrics(self, step: int) -> dict[str, Any]:
         return self._records.metrics(step)
 
+    @property
+    def comm(self) -> Comm | None:
+        """The status group of this manager's ranks under torch.distributed (2+ ranks), else None:
+        pass it to :func:`~tensorkeep.checkpoint.stage.latest_intact` so every rank picks the same step."""
+        return None if self._dist is None else self._dist.comm
+
     def path(self, step: int) -> str:
         """The directory of a checkpoint (its ``model.tk`` etc. can be read with ``tk.load``, except
         in an incremental run, whose tensors live in shared packs: use :meth:`restore`); on object
@@ -213,23 +220,34 @@ class CheckpointManager:
 
         ``subdir``: for code that appends the checkpoint's name itself: it is given ``st.run_path``
         and writes ``st.run_path/<subdir>`` (``st.path``), which is what gets published.
+
+        With torch.distributed (2+ ranks) it is a collective: every rank enters the block at the same
+        step and writes its own files into the same ``st.path``; rank 0 commits once every rank's files
+        are durable, every rank returns after that commit, and a failure on any rank raises
+        :class:`~tensorkeep.SaveError` on every rank with nothing published.
         """
         self._check_open(writing=True)
         if type(step) is not int or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
-        if self._dist is not None or not self._run.local:
+        if not self._run.local:
             raise TensorkeepError(
-                f"{self.directory}: stage() writes a checkpoint directory on this machine from one process; "
-                "with torch.distributed or on object storage use save()"
+                f"{self.directory}: stage() writes a checkpoint directory on a local file system; on object "
+                "storage use save()"
             )
         self.wait()  # at most one save in flight
         self._env = determinism.capture()
         st = Stage(
-            self.path(step), self._manifest(step, {}), durable=self.durable, subdir=subdir, by=by, metrics=metrics
+            self.path(step),
+            self._manifest(step, {}),
+            durable=self.durable,
+            subdir=subdir,
+            by=by,
+            metrics=metrics,
+            comm=self.comm,
         )
         with st:
             yield st
-        self._after_commit(step, st.manifest.metrics)
+        self._after_commit(step, st.manifest.metrics)  # rank 0's metrics, on every rank
 
     def _commit(self, step: int, files: Payload, metrics: dict[str, Any]) -> str:
         final = self._run.commit(

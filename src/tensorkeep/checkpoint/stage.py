@@ -26,6 +26,16 @@ appears only when it is complete::
 
 Without a manager (no run lock, no retention): ``with stage("ckpt/final", step) as st: ...``.
 
+Under torch.distributed (a manager of 2+ ranks, or ``stage(..., comm=Comm())``) a stage is a
+collective: every rank enters and leaves the block at the same point. Rank 0 makes the temporary
+directory and every rank gets its name (``st.path`` is the same everywhere); each rank writes its own
+files into it (names that differ between ranks, e.g. ``f"rng_state_{rank}.tk"``: a second ``st.write``
+of a name fails) and fsyncs them; once every rank has left its block, the ranks' manifest entries are all-gathered, rank 0
+records the remaining files, writes the manifest and renames; every rank returns only after that
+commit. An exception on any rank (or a rank that dies) publishes nothing, and every rank raises
+:class:`~tensorkeep.SaveError` naming the failing rank. ``latest_intact(..., comm=)`` makes every rank
+resume from the same step.
+
 A staged directory holds only files (a subdirectory or a symlink in ``st.path`` fails the save with
 :class:`~tensorkeep.SaveError`). Its first file, :data:`~tensorkeep.checkpoint.layout.STAGING_MARKER`,
 proves the temporary directory is tensorkeep's: after a crash it is removed whole when the run is
@@ -48,10 +58,12 @@ import torch
 
 from tensorkeep._version import __version__
 from tensorkeep.checkpoint import determinism, layout
+from tensorkeep.checkpoint.collective import damaged_anywhere, gather, is_damage
 from tensorkeep.checkpoint.layout import FILE_KIND, MANIFEST, STAGING_FORMAT, STAGING_MARKER, Manifest
 from tensorkeep.checkpoint.naming import DEFAULT_NAMING
 from tensorkeep.checkpoint.steps import is_distributed, read_whole
-from tensorkeep.errors import FormatError, SaveError, StorageError, TensorkeepError
+from tensorkeep.distributed.comm import Comm
+from tensorkeep.errors import SaveError, TensorkeepError
 from tensorkeep.file.reader import read_file
 from tensorkeep.file.writer import FileImage, write, write_image
 from tensorkeep.storage import local as _io
@@ -63,9 +75,11 @@ class Stage:
     """A checkpoint being written into a temporary directory (see the module's docstring).
 
     ``path``: where its files go; ``run_path``: the temporary directory (``path`` itself, or its
-    parent with ``subdir``); ``final``: where it is published; ``metrics``: recorded in its manifest.
-    Use it as a context manager (``with Stage(...) as st``), or through :meth:`CheckpointManager.stage`
-    or :func:`stage`.
+    parent with ``subdir``); ``final``: where it is published; ``metrics``: recorded in its manifest
+    (rank 0's, with several ranks). Use it as a context manager (``with Stage(...) as st``), or through
+    :meth:`CheckpointManager.stage` or :func:`stage`. ``comm``: the ranks that stage it together (a
+    :class:`~tensorkeep.distributed.comm.Comm` of 2+ ranks; None or one rank: this process alone).
+    ``clean``: first create the parent of ``final`` and remove leftovers of crashed stages of it.
     """
 
     def __init__(
@@ -77,13 +91,17 @@ class Stage:
         subdir: str | None = None,
         by: str = "tensorkeep",
         metrics: Mapping[str, Any] | None = None,
+        comm: Comm | None = None,
+        clean: bool = False,
     ) -> None:
         if subdir is not None and not (layout.plain_name(subdir) and not subdir.startswith(".")):
             raise ValueError(f"subdir={subdir!r} must be a plain directory name such as 'checkpoint-7'")
         self.final = os.path.abspath(final)
         self.step = manifest.step
         self.metrics: dict[str, Any] = dict(metrics or {})
-        self.durable, self.by, self._subdir, self._m = durable, by, subdir, manifest
+        self.durable, self.by, self._subdir, self._m, self._clean = durable, by, subdir, manifest, clean
+        self._comm = comm if comm is not None and comm.world > 1 else None
+        self.rank = 0 if self._comm is None else self._comm.rank  #: this process's rank (0 alone)
         self.run_path = self.path = ""
         self._files: dict[str, dict[str, Any]] = {}
         self.committed = False
@@ -122,29 +140,52 @@ class Stage:
     # ------------------------------------------------------------------ open, commit, abort
 
     def __enter__(self) -> Stage:
+        error: BaseException | None = None
+        if self.rank == 0:
+            try:
+                self._open()
+            except BaseException as e:
+                self._abort()
+                if self._comm is None:
+                    raise
+                error = e
+        if self._comm is not None:  # every rank writes into rank 0's directory
+            try:
+                what = f"checkpoint step {self.step}: making its temporary directory"
+                first = self._agree(error, what, {"path": self.path, "run": self.run_path})
+            except BaseException:
+                self._abort()
+                raise
+            self.path, self.run_path = first[0]["path"], first[0]["run"]
+        return self
+
+    def _open(self) -> None:
+        if self._clean:
+            _io.makedirs(os.path.dirname(self.final), self.durable)
+            _remove_stale(self.final)
         if os.path.lexists(self.final):
             layout.replaceable(self.final)  # refuses (SaveError) before anything is written
         self.run_path = _io.tmp_path(self.final)
         _io.mkdir(self.run_path)
-        try:
-            marker = {"format": STAGING_FORMAT, "by": self.by, "pid": os.getpid(), "host": socket.gethostname()}
-            marker.update(time=time.time(), final=os.path.basename(self.final), step=self.step)
-            with _io.atomic_file(os.path.join(self.run_path, STAGING_MARKER), durable=False, in_place=True) as fd:
-                _io.pwrite_all(fd, memoryview(json.dumps(marker).encode()), 0)
-            self.path = self.run_path
-            if self._subdir is not None:
-                self.path = os.path.join(self.run_path, self._subdir)
-                _io.mkdir(self.path)
-        except BaseException:
-            self._abort()
-            raise
-        return self
+        marker = {"format": STAGING_FORMAT, "by": self.by, "pid": os.getpid(), "host": socket.gethostname()}
+        marker.update(time=time.time(), final=os.path.basename(self.final), step=self.step)
+        # renamed into place whole: a kill while it is written leaves a temporary name, also removed as ours
+        with _io.atomic_file(os.path.join(self.run_path, STAGING_MARKER), durable=False) as fd:
+            _io.pwrite_all(fd, memoryview(json.dumps(marker).encode()), 0)
+        self.path = self.run_path
+        if self._subdir is not None:
+            self.path = os.path.join(self.run_path, self._subdir)
+            _io.mkdir(self.path)
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if self._comm is not None:
+            self._exit_ranks(exc)
+            return
         failed = exc
         if exc is None:
             try:
-                self._commit()
+                self._settle()
+                self._publish()
                 return
             except BaseException as e:
                 failed = e
@@ -157,7 +198,59 @@ class Stage:
         if failed is not None and failed is not exc:
             raise failed
 
-    def _commit(self) -> None:
+    def _exit_ranks(self, exc: BaseException | None) -> None:
+        """Several ranks: once every rank left its block, the files are settled on every rank (rank 0
+        records them), rank 0 publishes, and every rank returns after that (or raises, none published)."""
+        what = f"checkpoint step {self.step}"
+        try:
+            every = self._agree(exc, f"{what}: writing its files", {"files": self._files})
+            for s in every:  # st.write creates each file exclusively: two ranks never record one name
+                self._files.update(s["files"])
+            error: BaseException | None = None
+            try:
+                self._settle()
+            except Exception as e:
+                error = e
+            self._agree(error, f"{what}: syncing its files")
+            text = ""
+            if self.rank == 0:
+                try:
+                    self._publish()
+                    text = self._m.to_json()
+                except Exception as e:
+                    error = e
+            done = self._agree(
+                error,
+                f"{what}: publishing",
+                {"manifest": text},
+                "Rank 0 could not publish it: the previous checkpoints are intact, and this one is either "
+                f"whole or absent ({self.final}).",
+            )
+        except BaseException:
+            self._abort()
+            raise
+        self.committed = True
+        if self.rank != 0:  # rank 0's manifest (its metrics), as published
+            self._m = layout.parse_manifest(done[0]["manifest"].encode(), os.path.join(self.final, MANIFEST))
+            self.metrics = dict(self._m.metrics)
+
+    def _agree(
+        self, error: BaseException | None, what: str, extra: dict | None = None, outcome: str = ""
+    ) -> list[dict]:
+        """Every rank's outcome (and ``extra``); :class:`SaveError` on every rank if any rank failed (an
+        interrupt such as ``KeyboardInterrupt`` is raised as itself on its rank)."""
+        assert self._comm is not None
+        outcome = outcome or f"Nothing was published: every committed checkpoint beside {self.final} is intact."
+        try:
+            return self._comm.check(error, what, outcome, extra)
+        except SaveError:
+            if error is not None and not isinstance(error, Exception):
+                raise error from None
+            raise
+
+    def _settle(self) -> None:
+        """The files other code wrote into :attr:`path`, checked (regular files only) and fsynced; on
+        rank 0 (or alone) recorded as kind "file" with their size and whole-file CRC-32."""
         for n in sorted(os.listdir(self.path)):
             if n in self._files or (n == STAGING_MARKER and self.path == self.run_path):
                 continue
@@ -169,8 +262,20 @@ class Stage:
                     f"{p}: {what} (a subdirectory, a symlink?). A staged checkpoint holds only regular "
                     f"files, each recorded in its {MANIFEST}. Fix: write files only, directly into st.path",
                 )
-            size, crc = layout.file_crc(p, self.durable)  # fsynced, then its CRC-32 recorded
-            self._files[n] = {"size": size, "crc32": crc, "key": "", "kind": FILE_KIND}
+            if self.rank == 0:
+                size, crc = layout.file_crc(p, self.durable)  # fsynced, then its CRC-32 recorded
+                self._files[n] = {"size": size, "crc32": crc, "key": "", "kind": FILE_KIND}
+            elif self.durable:  # it may be this rank's: only the writer's fsync counts on some file systems
+                fd = _io.open_regular(p)
+                try:
+                    _io.fsync(fd)
+                finally:
+                    os.close(fd)
+        if self.rank != 0 and self.durable:
+            _io.fsync_dir(self.path)
+
+    def _publish(self) -> None:
+        """Rank 0 (or alone), every file settled: the manifest last, then the rename that commits."""
         m = self._m
         m.files = dict(self._files)
         m.metrics = layout.clean_metrics(self.metrics, self.step)
@@ -188,8 +293,8 @@ class Stage:
                 pass  # committed all the same; the leftover goes when the run is next opened
 
     def _abort(self) -> None:
-        """Nothing is published: the temporary directory goes (whole when the marker proves it is ours)."""
-        if self.run_path and _io.is_real_dir(self.run_path) and not self.committed:
+        """Nothing is published: rank 0 removes the temporary directory (whole when the marker proves it is ours)."""
+        if self.rank == 0 and self.run_path and _io.is_real_dir(self.run_path) and not self.committed:
             try:
                 layout.remove_leftover(self.run_path)
             except OSError:
@@ -217,10 +322,13 @@ def stage(
     durable: bool = True,
     subdir: str | None = None,
     by: str = "tensorkeep",
+    comm: Comm | None = None,
 ) -> Stage:
     """A staged checkpoint published as ``final`` (a directory), without a manager: no run lock, no
     retention. An existing ``final`` is replaced atomically only if it is a tensorkeep checkpoint
     holding nothing else. Leftovers of crashed stages of ``final`` (dead processes) are removed first.
+    ``comm``: the ranks that stage it together, e.g. ``Comm()`` (the default process group): then every
+    rank must enter the block (see the module's docstring).
 
     >>> import torch
     >>> with stage("/tmp/tk-doc-stage/ckpt", 3) as st:
@@ -230,9 +338,7 @@ def stage(
     ['manifest.json', 'notes.txt', 'w.tk']
     """
     final = os.path.abspath(os.fspath(final))
-    _io.makedirs(os.path.dirname(final), durable)
-    _remove_stale(final)
-    return Stage(final, new_manifest(step), durable=durable, subdir=subdir, by=by)
+    return Stage(final, new_manifest(step), durable=durable, subdir=subdir, by=by, comm=comm, clean=True)
 
 
 def _remove_stale(final: str) -> None:
@@ -247,7 +353,7 @@ def _remove_stale(final: str) -> None:
                 _io.rename(p, final)  # a replace that died half-way: the committed one goes back
                 _io.fsync_dir(d)
             else:
-                warnings.warn(f"removing the leftovers of an unfinished save: {p}", stacklevel=4)
+                warnings.warn(f"removing the leftovers of an unfinished save: {p}", stacklevel=5)
                 layout.remove_leftover(p)
         except OSError:
             pass
@@ -306,13 +412,16 @@ def latest_intact(
     naming: str = DEFAULT_NAMING,
     check: Check | None = None,
     on_damaged: Callable[[int], None] | None = None,
+    comm: Comm | None = None,
 ) -> Intact | None:
     """The newest checkpoint of ``run`` that verifies, or None. A damaged newer one is skipped with a
     warning naming the damage (and reported to ``on_damaged``); nothing is changed on disk.
 
     ``run``: a run directory (read without taking its lock, ``naming`` says how its checkpoints are
     named) or a :class:`~tensorkeep.checkpoint.run.Run`. ``check(manifest, loaded, where)`` may raise
-    :class:`FormatError` to reject one more (e.g. RNG states that cannot be set).
+    :class:`FormatError` to reject one more (e.g. RNG states that cannot be set). ``comm`` (2+ ranks):
+    a collective; every rank tries rank 0's list of steps, newest first, and every rank returns the
+    same step: the newest one that verified on every rank (each rank reads it whole).
 
     >>> import tensorkeep as tk
     >>> with tk.CheckpointManager("/tmp/tk-doc-intact") as mgr: _ = mgr.save(4, {"x": 1})
@@ -323,18 +432,32 @@ def latest_intact(
         from tensorkeep.checkpoint.run import open_run
 
         run = open_run(run, naming=naming)
+    ranks = comm if comm is not None and comm.world > 1 else None
+    steps = gather(ranks, sorted(run.steps(), reverse=True), f"listing the checkpoints of {run.url}")[0]
     skipped: list[int] = []
-    for s in sorted(run.steps(), reverse=True):
+    for s in steps:
+        found: Intact | None = None
+        bad: BaseException | str | None = None
         try:
-            return load_verified(run, s, check)
-        except StorageError:
-            raise  # the store is unreachable: that says nothing about the checkpoint, do not skip it
-        except (FormatError, OSError) as e:
-            warnings.warn(f"skipping damaged checkpoint {run.step_path(s)}: {e}; trying the previous one", stacklevel=2)
-            skipped.append(s)
-            if on_damaged is not None:
-                on_damaged(s)
-    if skipped:
+            found = load_verified(run, s, check)
+        except Exception as e:
+            if ranks is None and not is_damage(e):
+                raise  # e.g. the store is unreachable: that says nothing about the checkpoint, do not skip it
+            bad = e
+        if ranks is not None:  # every rank skips it if it is damaged on any rank
+            bad = damaged_anywhere(
+                ranks, bad if isinstance(bad, BaseException) else None, f"reading {run.step_path(s)}"
+            )
+        if bad is None:
+            return found
+        if ranks is None or ranks.rank == 0:
+            warnings.warn(
+                f"skipping damaged checkpoint {run.step_path(s)}: {bad}; trying the previous one", stacklevel=2
+            )
+        skipped.append(s)
+        if on_damaged is not None:
+            on_damaged(s)
+    if skipped and (ranks is None or ranks.rank == 0):
         warnings.warn(
             f"{run.url}: ALL {len(skipped)} checkpoint(s) are damaged (steps {sorted(skipped)}): "
             "nothing was restored, so restore() returns None and training would start from scratch. "
