@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import warnings
@@ -29,6 +30,7 @@ from tensorkeep.checkpoint import layout
 from tensorkeep.checkpoint.determinism import PINNED_ENV
 from tensorkeep.checkpoint.stage import Stage
 from tensorkeep.errors import CheckpointNotFoundError
+from tensorkeep.verification import verify
 
 STEPS, SAVE_EVERY = 14, 4  # 6 batches an epoch: saves land mid-epoch (steps 4, 8, 12)
 KILL_ENV = "TK_TEST_KILL_IN_SAVE"
@@ -227,6 +229,53 @@ def test_kill9_mid_save_then_resume_is_bit_identical(tmp):
     assert _names(out) == ["checkpoint_1", "checkpoint_2"]
 
 
+def test_two_processes_save_and_resume_bit_identically(tmp):
+    """2 gloo processes started as torchrun would: one commit per checkpoint with each process's RNG
+    and dataloader files; resumed on 2 processes from checkpoint_1, bit-identical to the full run."""
+
+    def run(phase: str) -> list[str]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, **PINNED_ENV, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "GLOO_SOCKET_IFNAME": "lo"}
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs = [
+            subprocess.Popen(
+                [sys.executable, __file__, phase, tmp],
+                env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            for r in range(2)
+        ]
+        logs = [p.communicate(timeout=300)[0].decode() for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], [log[-3000:] for log in logs]
+        return logs
+
+    run("reference")
+    assert _names(tmp) == ["checkpoint_1", "checkpoint_2"]  # total_limit=2, applied after each commit
+    d = os.path.join(tmp, "checkpoints", "checkpoint_1")
+    assert sorted(os.listdir(d)) == [
+        "custom_checkpoint_0.tk",
+        "dataloader_rank0.tk",
+        "dataloader_rank1.tk",
+        "manifest.json",
+        "model.safetensors",
+        "optimizer.tk",
+        "random_states_0.tk",
+        "random_states_1.tk",
+        "scheduler.tk",
+    ]
+    full = [tk.load(os.path.join(tmp, f"final_rank{r}.tk")) for r in range(2)]
+    assert _same(full[0], full[1])  # DDP keeps the replicas equal
+    shutil.rmtree(os.path.join(tmp, "checkpoints", "checkpoint_2"))
+    for log in run("resume"):  # both processes from the same checkpoint
+        assert "resumed from checkpoint_1 at step 8" in log, log[-3000:]
+    for r in range(2):
+        assert _same(tk.load(os.path.join(tmp, f"final_rank{r}.tk")), full[0]), r
+    assert _names(tmp) == ["checkpoint_1", "checkpoint_2"] and verify(os.path.join(tmp, "checkpoints")).ok
+
+
 # --------------------------------------------------------------------------------------------- script
 
 
@@ -240,10 +289,12 @@ def _arm_kill() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return path
 
-    Stage.write = write
+    Stage.write = write  # type: ignore[method-assign]
 
 
 def main(phase: str, out: str) -> None:
+    """``reference``/``train``/``resume`` in one process, or as one of several (torchrun's variables):
+    then each process writes its own ``final_rank{i}.tk``."""
     acc, model, opt, dl, sched, counter = build(out)
     if phase == "resume":
         where = acc.load_state()
@@ -251,7 +302,8 @@ def main(phase: str, out: str) -> None:
     if os.environ.get(KILL_ENV):
         _arm_kill()
     train(acc, model, opt, dl, sched, counter)
-    tk.save(weights(model), os.path.join(out, "final.tk"))
+    name = "final.tk" if acc.num_processes == 1 else f"final_rank{acc.process_index}.tk"
+    tk.save(weights(model), os.path.join(out, name))
 
 
 if __name__ == "__main__":

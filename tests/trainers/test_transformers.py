@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -281,3 +282,52 @@ def _listdir(d: str) -> list[str]:
         return os.listdir(d)
     except FileNotFoundError:
         return []
+
+
+# ------------------------------------------------------------------ two processes (DDP, gloo)
+
+
+def ddp_jobs(run: str, outs: list[str], *flags: str) -> list[tuple[int, str]]:
+    """hf_job.py on 2 gloo ranks, started as torchrun would (RANK, WORLD_SIZE, MASTER_ADDR, ...)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {**os.environ, **PINNED_ENV, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    base.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, JOB, run, out, *flags],
+            env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r, out in enumerate(outs)
+    ]
+    return [finish(p) for p in procs]
+
+
+def test_two_ranks_save_and_resume_bit_identically(tmp_path: Any) -> None:
+    """Every checkpoint-N is one commit holding both ranks' RNG files; resumed on 2 ranks from
+    checkpoint-10, the final weights are those of the uninterrupted 2-rank run."""
+    run = str(tmp_path / "run")
+    for rc, log in ddp_jobs(run, [str(tmp_path / f"full{r}.tk") for r in range(2)]):
+        assert rc == 0, log
+    assert entries(run) == ["checkpoint-10", "checkpoint-15", "checkpoint-20", "checkpoint-5"]
+    ck = os.path.join(run, "checkpoint-10")
+    names = sorted(os.listdir(ck))
+    assert {"rng_state_0.tk", "rng_state_1.tk", "model.safetensors", "optimizer.tk"} <= set(names), names
+    assert "rng_state.tk" not in names and not [n for n in names if n.endswith(PICKLES)]
+    assert sorted(read_json(ck, "manifest.json")["files"]) == [n for n in names if n != "manifest.json"]
+    assert statuses(run) == {5: "ok", 10: "ok", 15: "ok", 20: "ok"}
+    full = tk.load(str(tmp_path / "full0.tk"))["weights"]
+
+    for n in ("checkpoint-15", "checkpoint-20"):
+        shutil.rmtree(os.path.join(run, n))
+    for rc, log in ddp_jobs(run, [str(tmp_path / f"resumed{r}.tk") for r in range(2)], "--resume"):
+        assert rc == 0, log
+    for r in range(2):
+        resumed = tk.load(str(tmp_path / f"resumed{r}.tk"))
+        assert resumed["started_at"] == 10  # both ranks resumed from the same checkpoint
+        assert all(torch.equal(resumed["weights"][k], v) for k, v in full.items()), r  # bit-identical
+    assert statuses(run)[20] == "ok" and [n for n in entries(run) if n.startswith(".")] == []

@@ -17,6 +17,13 @@ name, only once every file and its ``manifest.json`` are fsynced. What changes f
   ``scheduler.tk``, ``dataloader.tk`` (epoch, seedable sampler, stateful dataloader position),
   ``scaler.tk``, ``custom_checkpoint_0.tk``, ``random_states_0.tk`` (Python, NumPy, torch, CUDA
   RNGs and ``accelerator.step``): no pickle is written or read. Index ``_1``, ``_2`` as stock.
+* several processes (DDP): a save is a collective (:mod:`tensorkeep.checkpoint.stage`): the main
+  process writes the models, optimizers, schedulers, scaler and custom objects, every process its
+  ``random_states_{i}.tk`` and its own dataloader positions (``dataloader_rank{i}.tk``); rank 0
+  commits once every process's files are durable, and a failure anywhere raises
+  :class:`~tensorkeep.SaveError` everywhere with nothing published. ``load_state`` loads the same
+  checkpoint on every process (the newest intact on every process) and resumes with the same number
+  of processes. The directory must be on a file system every process sees.
 * ``ProjectConfiguration(automatic_checkpoint_naming=True, total_limit=N)``: ``checkpoint_{i}``
   under ``project_dir/checkpoints``; old ones are deleted only *after* the new one is committed;
   ``load_state()`` picks the newest checkpoint that verifies (a damaged one is skipped with a
@@ -25,9 +32,11 @@ name, only once every file and its ``manifest.json`` are fsynced. What changes f
   folder (pickles) is refused: load it once with ``Accelerator.load_state(accelerator, path)``.
 * ``load_state`` returns the directory it loaded (None when automatic naming finds none).
 
-Not supported (refused with :class:`NotImplementedError`): several processes, FSDP, DeepSpeed,
-Megatron-LM, XLA. Files written into the checkpoint by a save pre-hook must be plain files (no
-subdirectories). ``safe_serialization``, ``load_kwargs``, ``map_location`` are accepted and ignored.
+Not supported (refused with :class:`NotImplementedError`): FSDP, DeepSpeed, Megatron-LM, XLA, and
+``save_on_each_node=True`` with several processes. Files written into the checkpoint by a save
+pre-hook must be plain files (no subdirectories); with several processes a hook runs on every process,
+so only one of them may write a given file name. ``safe_serialization``, ``load_kwargs``,
+``map_location`` are accepted and ignored.
 """
 
 from __future__ import annotations
@@ -40,9 +49,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from tensorkeep.checkpoint import layout, rng
+from tensorkeep.checkpoint.collective import collectively, gather
 from tensorkeep.checkpoint.manager import CheckpointManager
 from tensorkeep.checkpoint.naming import Naming
 from tensorkeep.checkpoint.stage import Intact, Stage, latest_intact, read_dir, stage
+from tensorkeep.distributed.comm import Comm
 from tensorkeep.errors import CheckpointNotFoundError, FormatError, MismatchError
 
 try:
@@ -89,7 +100,7 @@ def save_state(
     else:
         if output_dir is None:
             raise ValueError("save_state needs output_dir, or ProjectConfiguration(automatic_checkpoint_naming=True)")
-        with stage(os.path.expanduser(os.fspath(output_dir)), it, by=_BY) as st:
+        with stage(os.path.expanduser(os.fspath(output_dir)), it, by=_BY, comm=_comm(accelerator)) as st:
             _write(accelerator, st)
     pc.iteration += 1
     return st.final
@@ -110,21 +121,24 @@ def load_state(
     ``load_model_func_kwargs``: ``strict=False`` is passed to the models' ``load_state_dict``.
     """
     _check(accelerator)
-    pc = accelerator.project_configuration
+    pc, comm = accelerator.project_configuration, _comm(accelerator)
     if input_dir is not None:
-        found = _read(os.path.expanduser(os.fspath(input_dir)))
+        d = os.path.expanduser(os.fspath(input_dir))
+        found = collectively(comm, lambda: _read(d), f"loading {d}")  # damaged on any process: all raise
     elif pc.automatic_checkpoint_naming:
         mgr = _manager(accelerator)  # takes the run and removes leftovers of crashed saves first
-        maybe = latest_intact(mgr.directory, naming=NAMING)
+        maybe = latest_intact(mgr.directory, naming=NAMING, comm=mgr.comm)  # the same one on every process
         if maybe is None:
             return None
         found = maybe
     else:
         raise ValueError("No input_dir provided and automatic checkpoint naming is disabled.")
-    _apply(accelerator, found, bool(load_model_func_kwargs.get("strict", True)))
+    strict = bool(load_model_func_kwargs.get("strict", True))
+    collectively(comm, lambda: _apply(accelerator, found, strict), f"loading {found.path}")
     if pc.automatic_checkpoint_naming:
         names = os.listdir(_manager(accelerator).directory)
-        pc.iteration = 1 + max((n for n in map(Naming(NAMING).number, names) if n is not None), default=-1)
+        after = 1 + max((n for n in map(Naming(NAMING).number, names) if n is not None), default=-1)
+        pc.iteration = gather(comm, after, "load_state")[0]  # rank 0's: every process saves the same next
     return found.path
 
 
@@ -156,20 +170,28 @@ def _name(base: str, i: int, ext: str = ".tk") -> str:
     return f"{base}{ext}" if i == 0 else f"{base}_{i}{ext}"
 
 
+def _loader_name(acc: Accelerator, i: int) -> str:
+    """A dataloader's position: one file, or one per process (each process has its own position)."""
+    return _name("dataloader", i) if acc.num_processes == 1 else _name("dataloader", i, f"_rank{acc.process_index}.tk")
+
+
 def _write(acc: Accelerator, st: Stage) -> None:
-    """Every registered state into ``st``; no RNG stream moves (some ``state_dict()`` draw numbers)."""
+    """Every registered state into ``st`` (shared state by the main process, its own by every process);
+    no RNG stream moves (some ``state_dict()`` draw numbers)."""
     rng_state = rng.capture()
+    files: dict[str, Any] = {}
     try:
-        weights = [acc.get_state_dict(m, unwrap=False) for m in acc._models]
+        weights = [acc.get_state_dict(m, unwrap=False) for m in acc._models]  # on every process, as stock
         for hook in acc._save_model_state_pre_hook.values():  # they may save models themselves and pop them
             hook(acc._models, weights, st.path)
-        files: dict[str, Any] = {_name("model", i, ".safetensors"): sd for i, sd in enumerate(weights)}
-        files.update({_name("optimizer", i): o.state_dict() for i, o in enumerate(acc._optimizers)})
-        files.update({_name("scheduler", i): s.state_dict() for i, s in enumerate(acc._schedulers)})
-        files.update({_name("dataloader", i): _loader_state(d) for i, d in enumerate(acc._dataloaders)})
-        if acc.scaler is not None:
-            files["scaler.tk"] = acc.scaler.state_dict()
-        files.update({f"custom_checkpoint_{i}.tk": o.state_dict() for i, o in enumerate(acc._custom_objects)})
+        if acc.is_main_process:
+            files.update({_name("model", i, ".safetensors"): sd for i, sd in enumerate(weights)})
+            files.update({_name("optimizer", i): o.state_dict() for i, o in enumerate(acc._optimizers)})
+            files.update({_name("scheduler", i): s.state_dict() for i, s in enumerate(acc._schedulers)})
+            if acc.scaler is not None:
+                files["scaler.tk"] = acc.scaler.state_dict()
+            files.update({f"custom_checkpoint_{i}.tk": o.state_dict() for i, o in enumerate(acc._custom_objects)})
+        files.update({_loader_name(acc, i): _loader_state(d) for i, d in enumerate(acc._dataloaders)})
     finally:
         rng.restore(rng_state)
     files[f"random_states_{acc.process_index}.tk"] = {"step": acc.step, "rng": rng_state}
@@ -221,7 +243,7 @@ def _apply(acc: Accelerator, found: Intact, strict: bool) -> None:
     want = [_name("model", i, ".safetensors") for i in range(len(models))]
     want += [_name("optimizer", i) for i in range(len(acc._optimizers))]
     want += [_name("scheduler", i) for i in range(len(acc._schedulers))]
-    want += [_name("dataloader", i) for i in range(len(acc._dataloaders))]
+    want += [_loader_name(acc, i) for i in range(len(acc._dataloaders))]
     want += [f"random_states_{acc.process_index}.tk"] + (["scaler.tk"] if acc.scaler is not None else [])
     customs = sorted(n for n in loaded if n.startswith("custom_checkpoint_"))
     missing = [n for n in want if n not in loaded]
@@ -237,7 +259,8 @@ def _apply(acc: Accelerator, found: Intact, strict: bool) -> None:
         acc.scaler.load_state_dict(loaded["scaler.tk"])
     _each(acc._optimizers, "optimizer", loaded, lambda o, sd: o.load_state_dict(sd))
     _each(acc._schedulers, "scheduler", loaded, lambda s, sd: s.load_state_dict(sd))
-    _each(acc._dataloaders, "dataloader", loaded, _load_loader)
+    for i, dl in enumerate(acc._dataloaders):
+        _load_loader(dl, loaded[_loader_name(acc, i)])
     for i, obj in enumerate(acc._custom_objects):
         obj.load_state_dict(loaded[f"custom_checkpoint_{i}.tk"])
     states = loaded[f"random_states_{acc.process_index}.tk"]
@@ -265,11 +288,17 @@ def _load_loader(dl: Any, saved: Mapping[str, Any]) -> None:
 
 def _check(acc: Accelerator) -> None:
     unsupported = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM, DistributedType.XLA)
-    if acc.num_processes > 1 or acc.distributed_type in unsupported:
+    if acc.distributed_type in unsupported:
         raise NotImplementedError(
-            f"tensorkeep.accelerate saves single-process runs; this Accelerator runs {acc.num_processes} "
+            f"tensorkeep.accelerate saves single-process and DDP runs; this Accelerator runs {acc.num_processes} "
             f"process(es) with {acc.distributed_type}. Use Accelerator.save_state for it, or tensorkeep's "
             "CheckpointManager (collective over ranks) for the state"
+        )
+    if acc.num_processes > 1 and acc.project_configuration.save_on_each_node:
+        raise NotImplementedError(
+            f"tensorkeep.accelerate: save_on_each_node=True (a file system per node) is not supported: the main "
+            f"process commits every checkpoint, which all {acc.num_processes} processes must see. Fix: save to a "
+            "shared file system with save_on_each_node=False"
         )
     if acc.device.type not in ("cpu", "cuda") and acc not in _WARNED:
         _WARNED.add(acc)
@@ -278,6 +307,11 @@ def _check(acc: Accelerator) -> None:
             "NumPy, torch CPU and CUDA): a resumed run may not be bit-identical",
             stacklevel=3,
         )
+
+
+def _comm(acc: Accelerator) -> Comm | None:
+    """The processes of ``acc`` (its default process group), or None for one process."""
+    return Comm() if acc.num_processes > 1 else None
 
 
 def _manager(acc: Accelerator) -> CheckpointManager:

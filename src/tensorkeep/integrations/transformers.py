@@ -23,9 +23,18 @@ What changes in ``args.output_dir``:
   checked against its manifest before anything is loaded); a damaged one is skipped with a warning.
   A stock checkpoint (no manifest) is used when it is the newest complete-looking one (migration).
 
+Several processes (DDP, ``torchrun``/``accelerate launch``): a save is a collective of every rank (see
+:mod:`tensorkeep.checkpoint.stage`). Rank 0 makes the staging directory, every rank writes into it
+what the Trainer has it write (the main process the model, optimizer, scheduler, trainer state; each
+process its ``rng_state_{i}.tk``), rank 0 commits once every rank's files are durable, and no rank goes
+on training before the commit; a failure on any rank raises :class:`~tensorkeep.SaveError` on every
+rank with nothing published. On resume every rank loads the same step (the newest intact on every
+rank) and its own ``rng_state_{i}.tk``. The output directory must be one file system that every rank
+sees (``save_on_each_node=True`` is refused).
+
 Not covered (the save then fails or keeps the stock files, still inside an atomic directory):
 DeepSpeed and sharded-FSDP checkpoints (they write subdirectories, which a staged checkpoint refuses),
-XLA/NPU/HPU/MLU/MUSA random states (stock ``rng_state.pth`` kept), several processes (not yet),
+XLA/NPU/HPU/MLU/MUSA random states (stock ``rng_state.pth`` kept),
 ``trainer.save_model()`` outside checkpoints and Ray Tune's checkpoints (stock), and the deletion that
 stock ``Trainer`` does itself at the end of training with ``save_total_limit=1`` and a best checkpoint
 (``shutil.rmtree``: a kill during it leaves a partly deleted directory, which resume skips as damaged).
@@ -63,9 +72,11 @@ except ImportError as e:  # pragma: no cover - the extra is missing
     ) from e
 
 from tensorkeep.checkpoint import rng
+from tensorkeep.checkpoint.collective import collectively, gather
 from tensorkeep.checkpoint.manager import CheckpointManager
 from tensorkeep.checkpoint.policies import Record
 from tensorkeep.checkpoint.stage import Intact, Stage, latest_intact, read_dir
+from tensorkeep.distributed.comm import Comm
 from tensorkeep.errors import CheckpointNotFoundError, FormatError, SaveError, TensorkeepError
 from tensorkeep.storage import local as _io
 
@@ -192,7 +203,8 @@ class CrashProofMixin(_Base):
             st.write("scheduler.tk", scheduler.state_dict(), key="lr_scheduler")
         if _overridden_below(self, "_save_optimizer_and_scheduler"):  # a subclass adds its own files
             super()._save_optimizer_and_scheduler(output_dir)
-            _unlink(output_dir, "optimizer.pt", "scheduler.pt")  # the base's pickles: ours are written
+            if self.args.should_save:  # the base's pickles (the main process's): ours are written
+                _unlink(output_dir, "optimizer.pt", "scheduler.pt")
 
     def _save_scaler(self, output_dir: str) -> None:
         st, scaler = self._tk_stage, getattr(self.accelerator, "scaler", None)
@@ -202,7 +214,8 @@ class CrashProofMixin(_Base):
             st.write("scaler.tk", scaler.state_dict(), key="scaler")
         if _overridden_below(self, "_save_scaler"):
             super()._save_scaler(output_dir)
-            _unlink(output_dir, "scaler.pt")
+            if self.args.should_save:
+                _unlink(output_dir, "scaler.pt")
 
     def _save_rng_state(self, output_dir: str) -> None:
         st = self._tk_stage
@@ -216,7 +229,7 @@ class CrashProofMixin(_Base):
         st.write(self._tk_rng_name(), rng.capture(), key="rng")
         if _overridden_below(self, "_save_rng_state"):
             super()._save_rng_state(output_dir)
-            _unlink(output_dir, "rng_state.pth", f"rng_state_{self.args.process_index}.pth")
+            _unlink(output_dir, self._tk_rng_name().replace(".tk", ".pth"))  # this process's own
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         if self._tk_stage is not None:
@@ -256,16 +269,16 @@ class CrashProofMixin(_Base):
             self._tk_managers = None
 
     def _tk_newest(self, run_dir: str) -> str:
-        self._tk_manager(run_dir)  # takes the run's lock, removes the leftovers of crashed saves
-        found = latest_intact(run_dir, naming=NAMING)
-        stock = _newest_stock(run_dir)
+        comm = self._tk_manager(run_dir).comm  # takes the run's lock, removes the leftovers of crashed saves
+        found = latest_intact(run_dir, naming=NAMING, comm=comm)  # the same step on every rank
+        stock = gather(comm, _newest_stock(run_dir), f"looking for stock checkpoints in {run_dir}")[0]  # rank 0's
         if stock is not None and (found is None or stock[0] > found.step):
             warnings.warn(
                 f"resuming from {stock[1]}, a checkpoint written without tensorkeep (no manifest.json): it is not "
                 "verified and its .pt files are read by transformers",
                 stacklevel=3,
             )
-            return stock[1]
+            return str(stock[1])
         if found is None:
             raise ValueError(f"No valid checkpoint found in output directory ({run_dir})")  # stock's message
         self._tk_resumed = found
@@ -276,14 +289,19 @@ class CrashProofMixin(_Base):
         names = os.listdir(path) if os.path.isdir(path) else []
         if "manifest.json" not in names and not any(n.endswith(".tk") for n in names):
             return path  # written without tensorkeep: transformers reads it as it always did
-        try:
-            m, loaded = read_dir(path)
-        except (FormatError, OSError) as e:
-            raise CheckpointNotFoundError(
-                f"cannot resume from {path}: {e}. Fix: pass resume_from_checkpoint=True (the newest checkpoint "
-                f"that verifies), or another checkpoint; `tensorkeep verify {os.path.dirname(path)}` lists them"
-            ) from None
-        self._tk_resumed = Intact(m.step, path, m, loaded)
+
+        def read() -> Intact:
+            try:
+                m, loaded = read_dir(path)
+            except (FormatError, OSError) as e:
+                raise CheckpointNotFoundError(
+                    f"cannot resume from {path}: {e}. Fix: pass resume_from_checkpoint=True (the newest checkpoint "
+                    f"that verifies), or another checkpoint; `tensorkeep verify {os.path.dirname(path)}` lists them"
+                ) from None
+            return Intact(m.step, path, m, loaded)
+
+        comm = Comm() if self.args.world_size > 1 else None  # damaged on any rank: every rank raises
+        self._tk_resumed = collectively(comm, read, f"verifying {path}")
         return path
 
     def _tk_take(self, checkpoint: str | None, name: str) -> Any:
@@ -331,11 +349,11 @@ class CrashProofMixin(_Base):
             self._tk_managers = {}
         run_dir = os.path.abspath(run_dir)
         if run_dir not in self._tk_managers:
-            if self.args.world_size > 1:
+            if self.args.world_size > 1 and self.args.save_on_each_node:
                 raise TensorkeepError(
-                    f"tensorkeep.transformers: this Trainer runs {self.args.world_size} processes; protect() "
-                    "supports one process for now (staged checkpoints are not collective yet). Fix: train "
-                    "without protect() on several processes, or on one process with it"
+                    f"tensorkeep.transformers: save_on_each_node=True (a file system per node) is not supported: "
+                    f"rank 0 commits every checkpoint of {run_dir}, which all {self.args.world_size} processes "
+                    "must see. Fix: save to a shared file system with save_on_each_node=False"
                 )
             limit = self.args.save_total_limit
             policies = [_TotalLimit(limit, self._tk_best_step)] if limit and limit > 0 else []
