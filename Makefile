@@ -29,6 +29,12 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest tests
 
+# The same tests with the long campaign sizes (pytest --long: 10x the kills, power cuts, fuzz inputs;
+# the option table is in tests/conftest.py); those campaigns run about ten times as long as in `make test`.
+.PHONY: test-long
+test-long: $(STAMP)
+	$(BIN)/python -m pytest tests --long
+
 bench: $(STAMP)
 	$(BIN)/python bench/bench_files.py
 

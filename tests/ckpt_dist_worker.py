@@ -1,4 +1,4 @@
-"""One rank of a CheckpointManager-with-torch.distributed scenario (tests/test_checkpoint_distributed.py).
+"""One rank of a CheckpointManager-with-torch.distributed scenario (tests/distributed/test_checkpoint_distributed.py).
 
     python ckpt_dist_worker.py SCENARIO RANK WORLD STORE_FILE OUT_DIR DATA_DIR
 

@@ -45,6 +45,7 @@ import torch
 from tensorkeep.storage import local as _io
 
 PAGE = 4096
+DEFAULT_SAMPLES = 2000  # crash states sampled per scenario (tests: --crash-samples; bench/reliability.py: --samples)
 NS_KINDS = {"create", "mkdir", "link", "rename", "exchange", "unlink", "rmdir"}
 DATA_KINDS = {"write", "truncate"}
 ROOT = 0
@@ -611,7 +612,7 @@ def check(name: str, log: Log, verdict: Callable[[str], str], *, had_old: bool =
     on every crash state of ``log``. Before the save returned, "old" or "new" is right ("none" only
     when there was no old version); after it returned, only "new"."""
     if samples is None:
-        samples = int(os.environ.get("TK_CRASH_SAMPLES", "2000"))
+        samples = DEFAULT_SAMPLES
     rep = Report(name, ops=len(log.ops))
     returned_at = log.returned_at if log.returned_at is not None else len(log.ops)
     cache: dict[bytes, str] = {}

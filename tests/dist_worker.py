@@ -1,4 +1,4 @@
-"""One rank of a distributed test scenario (started by tests/test_distributed.py).
+"""One rank of a distributed test scenario (started by tests/distributed/test_distributed.py).
 
     python dist_worker.py SCENARIO RANK WORLD STORE_FILE OUT_DIR DATA_DIR
 

@@ -1,6 +1,6 @@
 """Mutation fuzzer for ``tk.load`` / ``tk.open``: valid tensorkeep and safetensors files, damaged.
 
-Shared by ``tests/test_mutation_fuzz.py`` (N inputs in worker processes, each under a memory limit
+Shared by ``tests/crash/test_mutation_fuzz.py`` (N inputs in worker processes, each under a memory limit
 and a per-input alarm) and ``fuzz/fuzz_load.py`` (atheris). The inputs, valid files with a few
 mutations, come from ``tests/fuzz_inputs.py``.
 
@@ -407,7 +407,7 @@ def run(inputs: int, out: str, *, workers: int = 2, stream: int = 0, timeout: fl
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--inputs", type=int, default=int(os.environ.get("TK_MUTATION_INPUTS", "200000")))
+    ap.add_argument("--inputs", type=int, default=200_000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--stream", type=int, default=0, help="which sequence of inputs (the random stream)")
     ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "tk-mutation-failures"))

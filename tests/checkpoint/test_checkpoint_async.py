@@ -14,9 +14,7 @@ import torch
 import tensorkeep as tk
 from tensorkeep import knobs
 from tensorkeep.storage import local as _io
-from support import script
-
-TRIALS = int(os.environ.get("TK_ASYNC_KILL_TRIALS", "8"))
+from support import script, sizes
 
 
 @pytest.fixture(autouse=True)
@@ -132,12 +130,14 @@ mgr.save(7, {{"w": torch.ones(2_000_000)}})
         assert mgr.restore(st) == 7 and torch.equal(st["w"], torch.ones(2_000_000))
 
 
+@pytest.mark.crash
+@pytest.mark.slow
 def test_kill9_during_async_saves(tmp):
     from save_loop_job import expected
 
     rnd = random.Random(7)
     run = os.path.join(tmp, "run")
-    for _ in range(TRIALS):
+    for _ in range(sizes.async_kill_trials):
         p = subprocess.Popen([sys.executable, script("save_loop_job.py"), run, "--mb", "4",
                               "--async-save"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = p.stdout.readline()

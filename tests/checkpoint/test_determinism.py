@@ -101,6 +101,7 @@ def test_devices_of_a_state():
     assert det.devices({"epoch": 3}) == []
 
 
+@pytest.mark.slow
 def test_pin_and_the_pinned_environment_in_a_child():
     """A child started with PINNED_ENV runs one thread (whatever its CPUs); pin() sets the flags.
     The doctests run there too: they pin, which must not leak into this process."""
@@ -116,6 +117,7 @@ def test_pin_and_the_pinned_environment_in_a_child():
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to run with one and with two")
+@pytest.mark.slow
 def test_the_resume_tests_training_job_computes_the_same_bits_on_one_cpu_and_on_all(tmp):
     """tests/train_job.py (the bit-exact resume tests' job) runs pinned: a process on one CPU and a
     process on all of them end with the same weights (unpinned, their thread counts differ, and so do they)."""

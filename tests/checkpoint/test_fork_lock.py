@@ -91,6 +91,7 @@ PARENT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_forked_child_neither_keeps_nor_releases_the_lock_and_cannot_use_the_manager(tmp):
     run = os.path.join(tmp, "run")
     p = subprocess.Popen([PY, "-c", PARENT, run], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

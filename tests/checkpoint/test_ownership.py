@@ -4,7 +4,7 @@ the directory it was given.
 A property test (hypothesis) fills a directory with arbitrary foreign files, directories and
 symlinks (pointing inside and outside it, some named like tensorkeep's own files), runs every
 operation that deletes or replaces, and checks that every foreign path is byte-identical
-afterwards and that nothing outside was touched. TK_OWNERSHIP_EXAMPLES sets the example count.
+afterwards and that nothing outside was touched. --ownership-examples sets the example count.
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ import tensorkeep as tk
 from tensorkeep.storage import local as _io
 from tensorkeep.checkpoint import layout, packs
 from tensorkeep.cli import main as cli
-
-EXAMPLES = int(os.environ.get("TK_OWNERSHIP_EXAMPLES", "25"))
+from support import sizes
 
 # Names a user (or another tool) may well have in a model or run directory, many named like ours.
 NAMES = ["config.json", "tokenizer.json", "README.md", "notes.txt", ".hidden", "model-extra.safetensors",
@@ -169,8 +168,9 @@ def _crashed_temps(run: str) -> None:
         f.write(b"half a file")
 
 
+@pytest.mark.fuzz
 @pytest.mark.parametrize("op", ["save_sharded", "save_model", "convert", "manager", "prune", "save_distributed"])
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=sizes.ownership_examples, deadline=None, suppress_health_check=list(HealthCheck))
 @given(tree=foreign_trees())
 def test_only_what_tensorkeep_wrote_is_deleted_or_replaced(tmp_path_factory, op, tree):
     work = str(tmp_path_factory.mktemp("own"))

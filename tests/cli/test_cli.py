@@ -26,6 +26,7 @@ def sd():
             "output.weight": torch.randn(10, 256, generator=g), "steps": torch.tensor(7)}
 
 
+@pytest.mark.slow
 def test_help_on_every_command():
     for cmd in ([], ["inspect"], ["diff"], ["convert"], ["verify"], ["ls"], ["prune"]):
         r = run(*cmd, "--help")

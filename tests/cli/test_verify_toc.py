@@ -248,6 +248,7 @@ def _safetensors(path: str, names: list[str]) -> None:
         f.write(struct.pack("<Q", len(raw)) + raw + bytes(len(names)))
 
 
+@pytest.mark.slow
 def test_diff_of_200k_tensors_is_not_quadratic(tmp):
     n, shared = 200_000, 1000  # a quadratic diff needs hours for this; a linear one, seconds
     a, b = os.path.join(tmp, "a.safetensors"), os.path.join(tmp, "b.safetensors")

@@ -1,6 +1,6 @@
 """Strict header parsing: a hand-written corpus of malformed headers, then a fuzz test.
 
-TK_FUZZ_EXAMPLES (default 10000) sets the number of generated headers thrown at the parser.
+--fuzz-examples (default 10000) sets the number of generated headers thrown at the parser.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from hypothesis import strategies as st
 import tensorkeep as tk
 from tensorkeep.core import format as fmt
 from tensorkeep import knobs
-
-FUZZ_EXAMPLES = int(os.environ.get("TK_FUZZ_EXAMPLES", "10000"))
+from support import sizes
 
 
 def st_file(header, data: bytes = b"", *, raw: bool = False, length: int | None = None) -> bytes:
@@ -349,7 +348,9 @@ def check_accepted(data: bytes, h: fmt.Header) -> None:
     assert h.metadata is None or all(type(k) is str and type(v) is str for k, v in h.metadata.items())
 
 
-@settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
+@pytest.mark.fuzz
+@pytest.mark.slow
+@settings(max_examples=sizes.fuzz_examples, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 @given(data=headers)
 def test_fuzz_parse_header_only_raises_format_error(data):
@@ -360,7 +361,8 @@ def test_fuzz_parse_header_only_raises_format_error(data):
     check_accepted(data, h)
 
 
-@settings(max_examples=max(50, FUZZ_EXAMPLES // 50), deadline=None, database=None,
+@pytest.mark.fuzz
+@settings(max_examples=max(50, sizes.fuzz_examples // 50), deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=headers)
 def test_fuzz_files_load_or_raise_format_error(data):

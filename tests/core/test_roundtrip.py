@@ -1,7 +1,7 @@
 """Round-trip properties over random structures, every dtype and layout (hypothesis), exact types,
 tied storage, refusals, and cross-checks with safetensors and (malicious) pickles.
 
-Example counts: TK_HYPOTHESIS_EXAMPLES (conftest profile, default 100).
+Example counts: --property-examples (the hypothesis profile in conftest.py, default 100).
 """
 
 from __future__ import annotations

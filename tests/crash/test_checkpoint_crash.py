@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import tensorkeep as tk
-from support import script
+from support import script, sizes
 
-TRIALS = int(os.environ.get("TK_KILL_TRIALS", "20"))
+pytestmark = pytest.mark.crash
 PY = sys.executable
 
 
@@ -40,13 +40,14 @@ def _wait_for_commit(p, n_at_least: int, timeout: float = 120) -> list[int]:
     raise AssertionError(f"job did not commit {n_at_least} checkpoints: {p.stderr.read()[-2000:]}")
 
 
+@pytest.mark.slow
 def test_kill9_at_random_moments_never_loses_a_committed_checkpoint(tmp):
     from save_loop_job import expected
 
-    rnd = random.Random(int(os.environ.get("TK_KILL_SEED", "1234")))
+    rnd = random.Random(sizes.kill_seed)
     run = os.path.join(tmp, "run")
     last_committed = 0
-    for trial in range(TRIALS):
+    for trial in range(sizes.kill_trials):
         p = _spawn([script("save_loop_job.py"), run, "--mb", "4"])
         seen = _wait_for_commit(p, 1)
         time.sleep(rnd.uniform(0.0, 0.4))  # land somewhere inside a later save
@@ -70,6 +71,7 @@ def _final(path):
 
 
 @pytest.mark.parametrize("recipe,kill_after", [("epoch", 2), ("mid", 3)])
+@pytest.mark.slow
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp, recipe, kill_after):
     job = script("train_job.py")
     ref_out = os.path.join(tmp, "ref.tk")

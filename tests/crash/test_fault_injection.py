@@ -16,16 +16,17 @@ import pytest
 import torch
 
 import tensorkeep as tk
+from support import sizes
 
 STRACE = shutil.which("strace")
-pytestmark = pytest.mark.skipif(STRACE is None, reason="strace is not installed (the Makefile installs it on Debian)")
+pytestmark = [pytest.mark.crash,
+              pytest.mark.skipif(STRACE is None, reason="strace is not installed (the Makefile installs it on Debian)")]
 # Each traced run costs ~10 s here (ptrace stops on every syscall of the torch import; injection
 # does not fire under --seccomp-bpf with this strace), so CI injects at a few call sites:
-# TK_STRACE_POINTS=0 takes every one, TK_STRACE_FULL=1 adds every pwrite64 and EIO runs.
-MAX_POINTS = int(os.environ.get("TK_STRACE_POINTS", "2"))
-FULL = os.environ.get("TK_STRACE_FULL") == "1"
-SYSCALLS = ("pwrite64", "fsync", "rename") if FULL else ("fsync", "rename")
-ERRORS = ("ENOSPC", "EIO") if FULL else ("ENOSPC",)
+# --strace-points 0 takes every one, --strace-full adds every pwrite64 and EIO runs.
+MAX_POINTS = sizes.strace_points
+SYSCALLS = ("pwrite64", "fsync", "rename") if sizes.strace_full else ("fsync", "rename")
+ERRORS = ("ENOSPC", "EIO") if sizes.strace_full else ("ENOSPC",)
 
 SAVE_FILE = """
 import sys, torch, tensorkeep as tk
@@ -82,6 +83,7 @@ def _temps(d):
     return [f for f in os.listdir(d) if ".tk-tmp-" in f]
 
 
+@pytest.mark.slow
 def test_single_file_killed_or_failing_at_every_call(tmp):
     p = os.path.join(tmp, "x.tk")
     assert _run(SAVE_FILE, [p, "1"]).returncode == 0
@@ -117,6 +119,7 @@ def test_failed_fsync_is_not_retried(tmp):
     assert not re.search(r"\brename\(", calls) and not os.path.exists(p) and _temps(tmp) == []
 
 
+@pytest.mark.slow
 def test_checkpoint_killed_or_failing_at_every_call(tmp):
     run = os.path.join(tmp, "run")
     assert _run(SAVE_CKPT, [run, "1"]).returncode == 0

@@ -1,7 +1,7 @@
 """Mutation fuzzing of tk.load / tk.open at scale (harness: tests/fuzz_mutation.py, inputs: tests/fuzz_inputs.py).
 
-TK_MUTATION_INPUTS (default 200000) inputs run in 2 worker processes, each under RLIMIT_AS and a
-per-input alarm; TK_MUTATION_STREAM (default 0) picks another sequence of inputs. Failing inputs
+--mutation-inputs (default 200000) inputs run in 2 worker processes, each under RLIMIT_AS and a
+per-input alarm; --mutation-stream (default 0) picks another sequence of inputs. Failing inputs
 are saved, with how they were made, under the directory the failure message names.
 """
 
@@ -22,27 +22,29 @@ import fuzz_mutation as fm
 import tensorkeep as tk
 from fuzz_inputs import Case, make_seeds
 from tensorkeep.file import reader as files
-from support import TESTS_DIR
+from support import TESTS_DIR, sizes
 
-INPUTS = int(os.environ.get("TK_MUTATION_INPUTS", "200000"))
-STREAM = int(os.environ.get("TK_MUTATION_STREAM", "0"))
+pytestmark = pytest.mark.crash
 
 
+@pytest.mark.fuzz
+@pytest.mark.slow
 def test_mutated_files_are_refused_cleanly_or_load_exactly(tmp_path):
     out = tmp_path / "failures"
-    summary = fm.run(INPUTS, str(out), workers=2, stream=STREAM)
+    inputs = sizes.mutation_inputs
+    summary = fm.run(inputs, str(out), workers=2, stream=sizes.mutation_stream)
     print(json.dumps(summary))
     assert summary["failures"] == 0, (
         f"{summary['failures']} failing inputs; saved under {out} ({summary['saved'][:5]} ...; each with a .txt "
         f"saying how it was made); workers that died: {summary['dead']}. Reproduce one with "
         "`python tests/fuzz_mutation.py --check FILE`."
     )
-    assert summary["inputs"] == INPUTS
+    assert summary["inputs"] == inputs
     seen = summary["outcomes"]
     kinds = ("accepted:plain", "accepted:tk-forged", "refused:FormatError", "refused:ChecksumError")
-    if INPUTS >= 20_000:  # the oracle was not vacuous: every kind of verdict was reached
+    if inputs >= 20_000:  # the oracle was not vacuous: every kind of verdict was reached
         assert all(seen.get(k, 0) > 0 for k in kinds + ("accepted:tk-seed",)), seen
-    assert sum(seen.values()) == INPUTS
+    assert sum(seen.values()) == inputs
 
 
 # ---------------------------------------------------------------------------- the oracle has teeth

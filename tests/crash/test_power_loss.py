@@ -2,7 +2,7 @@
 save could leave loads the old or the new version, and the new one once the save returned.
 The harness is shown to catch protocols with an fsync removed.
 
-TK_CRASH_SAMPLES sets how many subsets are sampled per scenario where enumerating them all is
+--crash-samples sets how many subsets are sampled per scenario where enumerating them all is
 too much (default 2000; bench/reliability.py runs 10,000)."""
 
 from __future__ import annotations
@@ -14,10 +14,13 @@ import pytest
 
 import crashsim
 from crashsim import Log, Op
-from support import ROOT
+from support import ROOT, sizes
+
+pytestmark = pytest.mark.crash
 
 
 def _run(name: str, **kw) -> tuple[crashsim.Report, Log]:
+    kw.setdefault("samples", sizes.crash_samples)
     rep, log = crashsim.run(name, **kw)
     print(f"\n{rep.row()}  outcomes={dict(rep.outcomes)}")
     return rep, log
@@ -135,7 +138,7 @@ def test_incremental_checkpoint_and_pack_cleanup():
     "bug variant: checkpoint without the directory fsyncs",
 ])
 def test_harness_catches_a_missing_fsync(name):
-    rep, log = _run(name, samples=min(200, int(os.environ.get("TK_CRASH_SAMPLES", "2000"))), enum_limit=256)
+    rep, log = _run(name, samples=min(200, sizes.crash_samples), enum_limit=256)
     fs = "fsync_dir" if "directory" in name else "fsync"
     assert not any(op.kind == fs for op in log.ops), "the variant still fsyncs"
     assert rep.bad > 0, f"{name}: the harness found no bad state in {rep.explored}"

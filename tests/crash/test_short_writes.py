@@ -4,7 +4,7 @@ Every ``os.pwrite`` tensorkeep makes (all of its writes go through ``_io.pwrite_
 that it really writes only part of its buffer to the file, or fails with EIO; ``os.fsync`` fails
 with EIO. The file must come out complete and byte-identical to an undisturbed save, or the save
 must raise SaveError with the previous file byte-identical, no temp file left and the failed fsync
-not retried. (tests/test_durability.py covers ENOSPC, EFBIG and failed fsyncs at the _io level.)
+not retried. (tests/crash/test_durability.py covers ENOSPC, EFBIG and failed fsyncs at the _io level.)
 
 On an O_DIRECT descriptor a short write that stops mid-block leaves the rest unaligned, which the
 kernel refuses (EINVAL): the wrapper lets the kernel answer such requests itself.

@@ -69,6 +69,7 @@ def ran_two(data, after_kill):
     return run_ranks("two", 2, data)
 
 
+@pytest.mark.slow
 def test_four_ranks_save_retain_and_restore_their_own_rng(ran_four):
     for r in ran_four:
         assert r["steps"] == [[1], [1, 2], [2, 3], [3, 4]]  # keep_last=2, applied by rank 0, seen by all
@@ -78,6 +79,7 @@ def test_four_ranks_save_retain_and_restore_their_own_rng(ran_four):
     assert len({json.dumps(r["draws4"]) for r in ran_four}) == 4  # the ranks' streams differ
 
 
+@pytest.mark.slow
 def test_every_failure_reaches_every_rank_and_commits_nothing(ran_four):
     for r in ran_four:
         assert "checkpoint step 5" in r["enospc"] and "failed on rank 2 of 4" in r["enospc"]
@@ -92,6 +94,7 @@ def test_every_failure_reaches_every_rank_and_commits_nothing(ran_four):
     assert ran_four[0]["hidden_after_enospc"] == []  # rank 0 removed the temporary directory
 
 
+@pytest.mark.slow
 def test_a_killed_rank_commits_nothing(data, ran_four, after_kill):
     for r in ran_four[1:]:
         assert "lost contact with the other ranks" in r["killed"] and "Nothing was committed" in r["killed"]
@@ -99,6 +102,7 @@ def test_a_killed_rank_commits_nothing(data, ran_four, after_kill):
     assert [c.step for c in tk.list_checkpoints(os.path.join(data, "damaged")) if c.ok] == [4, 5]
 
 
+@pytest.mark.slow
 def test_two_ranks_restart_resharded(ran_two):
     for r in ran_two:
         assert r["damaged_restore"] == 4  # step 5 broke only on rank 1: both ranks took step 4
@@ -114,6 +118,7 @@ def test_two_ranks_restart_resharded(ran_two):
     assert ran_two[1]["warnings"] == []  # rank 0 speaks for the group
 
 
+@pytest.mark.slow
 def test_one_process_restores_what_several_ranks_saved(data, ran_four, ran_two):
     from ckpt_dist_worker import build, differences, draws, whole
 

@@ -120,6 +120,7 @@ def child(tmp_path_factory):
     return json.loads(r.stdout)
 
 
+@pytest.mark.slow
 def test_hash_bomb_hash_flood_and_a_fifo_end_in_format_errors(child):
     """Each of these killed or stalled the old reader (exponential hash, quadratic dict, blocking open)."""
     bomb, flood, fifo = child["hostile"]
@@ -128,6 +129,7 @@ def test_hash_bomb_hash_flood_and_a_fifo_end_in_format_errors(child):
     assert fifo.startswith("FormatError: ") and "data is not a regular file; the metadata stores 'w' in it" in fifo
 
 
+@pytest.mark.slow
 def test_reader_never_imports_what_a_file_names(child):
     """getattr(torch, name) imported torch._inductor / onnx / _dynamo on a name from the file."""
     assert [m for m in child["new_modules"] if m.startswith("torch")] == []
@@ -136,6 +138,7 @@ def test_reader_never_imports_what_a_file_names(child):
         assert e.startswith("FormatError: ") and f"refers to torch.{n}, which is not part of DCP's metadata" in e
 
 
+@pytest.mark.slow
 def test_check_cover_of_100k_chunks_is_not_quadratic(child):
     """Comparing every pair of 100,000 chunks takes hours; the child has minutes for it all."""
     grid, overlap, line = child["cover"]

@@ -244,6 +244,7 @@ def _hidden(data):
     return sorted(n for n in os.listdir(data) if n.startswith("."))
 
 
+@pytest.mark.slow
 def test_four_ranks_round_trip_and_every_failure_reaches_every_rank(ran_a):
     assert [r["ok"] for r in ran_a] == [True] * 4  # round trips and loads checked inside each rank
     for r in ran_a:
@@ -255,6 +256,7 @@ def test_four_ranks_round_trip_and_every_failure_reaches_every_rank(ran_a):
         assert "lost contact with the other ranks" in r["killed"] and "Nothing was committed" in r["killed"]
 
 
+@pytest.mark.slow
 def test_killed_rank_leaves_the_previous_checkpoint_whole(data, ran_a):
     path = os.path.join(data, "ck4")
     _check_full(tk.load(path), 2)  # 4 -> 1, no process group
@@ -262,6 +264,7 @@ def test_killed_rank_leaves_the_previous_checkpoint_whole(data, ran_a):
     assert sorted(os.listdir(path)) == [MANIFEST] + [f"rank-0000{r}-of-00004.tk" for r in range(4)]
 
 
+@pytest.mark.slow
 def test_replicated_tensors_are_on_disk_once(data, ran_a):
     path = os.path.join(data, "ck4")
     m = json.load(open(os.path.join(path, MANIFEST)))
@@ -277,6 +280,7 @@ def test_replicated_tensors_are_on_disk_once(data, ran_a):
     assert stored == unique
 
 
+@pytest.mark.slow
 def test_load_into_plain_tensors_without_process_group(data, ran_a):
     from dist_worker import full
 
@@ -286,6 +290,7 @@ def test_load_into_plain_tensors_without_process_group(data, ran_a):
     assert torch.equal(target["model"]["embed"], full("model.embed", (64, 32), 2))
 
 
+@pytest.mark.slow
 def test_eight_ranks_read_their_boxes(data, ran_a):
     """8 ranks on a 2x4 mesh with [Shard(1), Shard(0)]: each reads only its box (pure, one process)."""
     from dist_worker import full
@@ -302,6 +307,7 @@ def test_eight_ranks_read_their_boxes(data, ran_a):
         ck.close()
 
 
+@pytest.mark.slow
 def test_two_ranks_load_four_and_a_dead_rank_0_commits_nothing(data, ran_b):
     assert [r["ok"] for r in ran_b] == [True, True]  # 4 -> 2 resharded and a 2-rank round trip, inside the ranks
     assert "lost contact with the other ranks" in ran_b[1]["rank0_died"]
@@ -310,6 +316,7 @@ def test_two_ranks_load_four_and_a_dead_rank_0_commits_nothing(data, ran_b):
     assert len(hidden) == 1 and hidden[0].startswith(".ck2.tk-tmp-")
 
 
+@pytest.mark.slow
 def test_four_ranks_on_a_2d_mesh_load_two_and_save_shared_boxes_once(data, ran_c):
     assert [r["ok"] for r in ran_c] == [True] * 4
     path = os.path.join(data, "ck2")
@@ -335,6 +342,7 @@ def audited_convert(monkeypatch):
     return audited(dcp_module.convert_dcp)
 
 
+@pytest.mark.slow
 def test_convert_dcp_of_four_ranks(data, ran_a, audited_convert):
     from dist_worker import PLAIN, full
 

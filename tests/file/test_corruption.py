@@ -1,8 +1,8 @@
 """Every single flipped bit and every truncation of a tensorkeep file raises ChecksumError.
 
-TK_CORRUPTION_BITS: "all" (default) flips every bit of the small file (load checked for each; lazy
+--corruption-bits: "all" (default) flips every bit of the small file (load checked for each; lazy
 load, open().get and get_slice for one bit per byte), "byte" one bit per byte only.
-TK_CORRUPTION_SAMPLES (default 300): positions sampled in the large (multi-block, direct-I/O) file.
+--corruption-samples (default 300): positions sampled in the large (multi-block, direct-I/O) file.
 """
 
 from __future__ import annotations
@@ -17,9 +17,7 @@ import torch
 import tensorkeep as tk
 from tensorkeep.core import format as fmt
 from tensorkeep import knobs
-
-BITS = os.environ.get("TK_CORRUPTION_BITS", "all")
-SAMPLES = int(os.environ.get("TK_CORRUPTION_SAMPLES", "300"))
+from support import sizes
 
 
 def small_obj():
@@ -101,6 +99,7 @@ def good_bytes(p: str) -> dict:
         return {k: raw(f.get(k)) for k in f.keys()}
 
 
+@pytest.mark.fuzz
 def test_every_bit_flip_is_detected(small_file):
     p, data, h = small_file
     good = good_bytes(p)
@@ -108,7 +107,7 @@ def test_every_bit_flip_is_detected(small_file):
     assert max(t.nbytes for t in h.tensors.values()) > 3 * knobs.BLOCK_BYTES
     flips = 0
     for pos in range(len(data)):
-        bits = range(8) if BITS == "all" else [pos % 8]
+        bits = range(8) if sizes.corruption_bits == "all" else [pos % 8]
         for bit in bits:
             with open(p, "r+b") as f:
                 f.seek(pos)
@@ -151,6 +150,7 @@ def test_verify_false_reads_without_checking(small_file):
         tk.load(p)
 
 
+@pytest.mark.fuzz
 def test_large_file_sampled_flips_and_truncations(tmp, monkeypatch):
     """A multi-megabyte file written through the direct-I/O path, with 64 KiB checksum blocks."""
     monkeypatch.setattr(knobs, "BLOCK_BYTES", 64 << 10)
@@ -166,7 +166,7 @@ def test_large_file_sampled_flips_and_truncations(tmp, monkeypatch):
     h = fmt.parse_header(data, len(data), p)
     assert h.data_start % knobs.ALIGN == 0  # laid out for direct I/O
     rng = random.Random(0)
-    positions = sorted({rng.randrange(len(data)) for _ in range(SAMPLES)}
+    positions = sorted({rng.randrange(len(data)) for _ in range(sizes.corruption_samples)}
                        | set(range(0, h.data_start, max(1, h.data_start // 20)))
                        | {h.data_start + t.begin for t in h.tensors.values()}
                        | {h.data_start + t.end - 1 for t in h.tensors.values()} | {len(data) - 1})
@@ -188,7 +188,7 @@ def test_large_file_sampled_flips_and_truncations(tmp, monkeypatch):
             f.write(bytes([data[pos]]))
             f.flush()
     assert torch.equal(tk.load(p)["big"], obj["big"])
-    for n in sorted({rng.randrange(len(data)) for _ in range(SAMPLES // 10)} | {0, 7, 8, 9, h.data_start}):
+    for n in sorted({rng.randrange(len(data)) for _ in range(sizes.corruption_samples // 10)} | {0, 7, 8, 9, h.data_start}):
         q = os.path.join(tmp, "cut.tk")
         with open(q, "wb") as f:
             f.write(data[:n])

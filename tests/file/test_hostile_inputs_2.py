@@ -153,6 +153,7 @@ def child(tmp_path_factory):
 # ------------------------------------------------------------------ (7) .pt pickles: DAGs and depth
 
 
+@pytest.mark.slow
 def test_a_shared_dag_pt_is_refused_not_walked_forever(child):
     P, out = child
     *lib, cli = out["dag.pt"]
@@ -185,12 +186,14 @@ PICKLES = {  # each crashed (hash() of a deep tuple), hung, imported a module or
 
 
 @pytest.mark.parametrize("name", list(PICKLES))
+@pytest.mark.slow
 def test_pickles_torch_would_crash_hang_import_or_allocate_on_are_refused_first(child, name):
     P, out = child
     p = P["pickles"][name]
     assert all(o.startswith(f"FormatError {p}: ") for o in out[f"pickle {name}"]), out[f"pickle {name}"]
 
 
+@pytest.mark.slow
 def test_legacy_and_compressed_torch_files_are_scanned_too(child, tmp_path):
     P, out = child
     assert out["legacy"][0].startswith(f"FormatError {P['legacy']}: the pickle has a dict key"), out["legacy"]
@@ -221,6 +224,7 @@ def test_ordinary_pt_files_still_load(tmp_path):
     assert "0.weight" in rep.loaded
 
 
+@pytest.mark.slow
 def test_save_and_load_into_refuse_a_dag_or_a_deep_state_dict(child):
     P, out = child
     assert out["save"][0].startswith("ValueError cannot save: holds more than") and "MAX_JSON_VALUES" in out["save"][0]
@@ -228,6 +232,7 @@ def test_save_and_load_into_refuse_a_dag_or_a_deep_state_dict(child):
     assert dag_sd.startswith("LimitError <state dict>: ") and deep_sd.startswith("FormatError <state dict>: "), out
 
 
+@pytest.mark.slow
 def test_a_dcp_value_that_is_a_dag_is_refused(child):
     P, out = child
     assert out["dcp"][0].startswith(f"LimitError {P['dcp']}: 'v': holds more than"), out["dcp"]
@@ -395,6 +400,7 @@ def test_a_dcp_raw_chunk_of_odd_length_is_a_format_error(tmp_path):
 # --------------------------------------------------------------------- (14) a FIFO as the path
 
 
+@pytest.mark.slow
 def test_a_fifo_as_the_path_is_refused_not_waited_on(child):
     P, out = child
     *lib, verify_, inspect_, diff_ = out["fifo"]

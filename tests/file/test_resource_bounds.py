@@ -111,6 +111,7 @@ def test_a_million_empty_tensors_is_refused_before_parsing(big):
         refused(measure(big, how), big, "1000000 tensors", f"limit of {knobs.MAX_TENSORS}", "knobs.MAX_TENSORS")
 
 
+@pytest.mark.slow
 def test_as_many_tensors_as_allowed_load_in_bounded_memory_and_time(big):
     write_file(big, empty_tensors(knobs.MAX_TENSORS))
     assert measure(big)["tensors"] == knobs.MAX_TENSORS

@@ -10,6 +10,7 @@ from tensorkeep import demo
 from tensorkeep.checkpoint import determinism
 
 
+@pytest.mark.slow
 def test_demo_runs_and_resume_is_exact(tmp):
     r = subprocess.run([sys.executable, "-m", "tensorkeep.demo", "--dir", tmp], capture_output=True, text=True,
                        timeout=600)
@@ -21,6 +22,7 @@ def test_demo_runs_and_resume_is_exact(tmp):
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to run with one and with two")
+@pytest.mark.slow
 def test_the_training_computes_the_same_bits_on_one_cpu_and_on_all(tmp):
     """torch's thread count follows the CPUs a process may use, and it changes the rounding of sums;
     the demo's training pins it, so a process on one CPU and one on all of them agree bit for bit."""

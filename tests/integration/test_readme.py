@@ -16,6 +16,7 @@ def _blocks(name):
 
 
 @pytest.mark.parametrize("name", ["README.md", "README.zh-CN.md"])
+@pytest.mark.slow
 def test_readme_examples_run(name, tmp_path, monkeypatch, capsys):
     if not os.path.exists(os.path.join(ROOT, name)):
         pytest.skip(f"{name} not written yet")

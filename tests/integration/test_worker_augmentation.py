@@ -6,7 +6,7 @@ position, and a dataset's own state_dict, but not its workers' generators. Measu
 0 workers (the main process augments, its generators are checkpointed) a mid-epoch resume is
 exact; with 2 workers it diverges mid-epoch; with persistent workers at any resume. With
 SampleRNG all three are exact. A plain DataLoader with checkpoints at epoch ends is exact without
-help unless its workers are persistent. TK_WORKER_KILL_TRIALS sets the kills per real training run.
+help unless its workers are persistent. --worker-kill-trials sets the kills per real training run.
 """
 
 import json
@@ -26,10 +26,9 @@ import tensorkeep as tk
 from tensorkeep.storage import local as _io
 from tensorkeep.checkpoint import determinism, rng
 from tensorkeep.checkpoint import sample_seed
-from support import script
+from support import script, sizes
 from worker_job import Augmented
 
-TRIALS = int(os.environ.get("TK_WORKER_KILL_TRIALS", "3"))
 HANG = 120  # seconds: only to turn a hang into a failure
 LAYOUTS = {"0 workers": ["--workers", "0"], "2 workers": ["--workers", "2"],
            "2 persistent workers": ["--workers", "2", "--persistent"]}
@@ -289,6 +288,7 @@ def _run(jobs: Jobs, tmp: str, name: str, args: list[str], kills, rnd: random.Ra
     raise AssertionError("the job never finished")
 
 
+@pytest.mark.crash
 def test_sigkill_with_live_persistent_workers_then_restart_at_once(jobs, tmp):
     """The killed job's DataLoader workers outlive it for seconds: they must not hold the run's lock."""
     run, log = os.path.join(tmp, "run"), os.path.join(tmp, "job.log")
@@ -314,12 +314,13 @@ def _random_kill(resumed: int, rnd: random.Random):
     return (rnd.choice(["STEP", "SAVING"]), rnd.randint(resumed + 1, TOTAL - 1)) if resumed < TOTAL - 1 else None
 
 
+@pytest.mark.crash
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_killed_training_with_augmenting_workers_resumes_bit_exactly(jobs, tmp, layout):
     args = [*LAYOUTS[layout], "--seeding", "sample"]
     ref = _run(jobs, tmp, "ref", args, lambda resumed, rnd: None)
-    rnd = random.Random(int(os.environ.get("TK_KILL_SEED", "1234")) + len(layout))
-    left, landed = [TRIALS], []
+    rnd = random.Random(sizes.kill_seed + len(layout))
+    left, landed = [sizes.worker_kill_trials], []
 
     def kills(resumed, rnd):
         plan = _random_kill(resumed, rnd) if left[0] > 0 else None
