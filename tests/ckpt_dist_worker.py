@@ -23,8 +23,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor, init_device_mesh
 from torch.nn.parallel import DistributedDataParallel
 
-import tensorkeep as tk
 import ranks
+import tensorkeep as tk
 from ranks import save, worker_main
 
 _DDP: dict[int, DistributedDataParallel] = {}  # id(model) -> its DDP wrapper (the state holds the model)

@@ -36,8 +36,9 @@ import tempfile
 import threading
 import warnings
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -267,7 +268,7 @@ class Recorder:
     # patching ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def patched(self, *, builtin_open: bool = False, no_file_fsync: bool = False,
-                no_dir_fsync: bool = False, no_parent_fsync: bool = False) -> Iterator["Recorder"]:
+                no_dir_fsync: bool = False, no_parent_fsync: bool = False) -> Iterator[Recorder]:
         """Record tensorkeep's ``_io`` calls (and, with ``builtin_open``, Python's open/os.replace)."""
         real = {n: getattr(_io, n) for n in ("open_new", "open_lock_file", "pwrite_all", "ftruncate", "fsync",
                                              "fsync_dir", "replace", "rename", "unlink", "rmtree", "mkdir",
@@ -629,7 +630,7 @@ def check(name: str, log: Log, verdict: Callable[[str], str], *, had_old: bool =
                     warnings.simplefilter("ignore")
                     try:
                         cache[h] = verdict(into)
-                    except Exception as e:  # noqa: BLE001 - the verdict's own failure is a corrupt state
+                    except Exception as e:  # the verdict's own failure is a corrupt state
                         cache[h] = f"corrupt: {type(e).__name__}: {e}"
                 rep.distinct += 1
             got = cache[h]

@@ -18,8 +18,8 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh
 
-import tensorkeep as tk
 import ranks
+import tensorkeep as tk
 from ranks import save, worker_main
 
 S0, S1, R = Shard(0), Shard(1), Replicate()

@@ -19,8 +19,9 @@ import os
 import struct
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -119,7 +120,7 @@ def header_len(b: bytes | bytearray) -> int:
 def _pos(r: Any, b: bytearray) -> int:
     """A position, mostly in the length prefix and header, where the parser decides things."""
     end, n = len(b), header_len(b)
-    if 0 <= n and r.randrange(4):
+    if n >= 0 and r.randrange(4):
         end = min(len(b), 8 + n + 1)
     return r.randrange(max(end, 1))
 
@@ -215,7 +216,7 @@ def _mutate_record(r: Any, info: dict) -> str:
         n["n" if k == "t" else "t"] = n.pop(k)
     elif kind == "plain":
         node = _pick(r, nodes) if nodes else {}
-        for k, v in node.items():
+        for v in node.values():
             if type(v) is list and v:
                 i = r.randrange(len(v))
                 v[i] = _pick(r, [1, -1, "x", None, True, 2**70, {"f": "nan"}, {"f": "1e400"}, [], {}])

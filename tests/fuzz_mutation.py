@@ -38,7 +38,8 @@ import time
 import traceback
 import zlib
 from collections import Counter, OrderedDict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ from safetensors import safe_open
 import tensorkeep as tk
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script, or from fuzz/
-from fuzz_inputs import TK_PREFIX, Case, Seed, header_len, make_case, make_seeds  # noqa: E402
+from fuzz_inputs import TK_PREFIX, Case, Seed, header_len, make_case, make_seeds
 
 NUMPY = {"BOOL": "?", "U8": "u1", "I8": "i1", "I16": "<i2", "U16": "<u2", "F16": "<f2", "I32": "<i4", "U32": "<u4",
          "F32": "<f4", "I64": "<i8", "U64": "<u8", "F64": "<f8", "C64": "<c8"}
@@ -196,7 +197,7 @@ def verify_accepted(case: Case, got: Any, how: str, path: str, seeds: list[Seed]
         return "torch-file", None  # handed to torch.load(weights_only=True): only crash-freedom is checked
     try:
         ref = reference_tensors(path)
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+    except Exception as e:  # safetensors raises its own error types
         return "plain", f"tensorkeep accepted a file safetensors refuses ({type(e).__name__}: {e})"
     with tk.open(path) as f:
         flat = {k: f.get(k) for k in f.keys()}
@@ -229,7 +230,7 @@ def verify_accepted(case: Case, got: Any, how: str, path: str, seeds: list[Seed]
     for other, load in LOADERS.items():
         try:
             value = got if other == how else load(path)
-        except Exception:  # noqa: BLE001 - a tensorkeep error too: the loaders must agree
+        except Exception:  # a tensorkeep error too: the loaders must agree
             return label, f"{other} raised what {how} accepted: {traceback.format_exc(limit=-6)}"
         diff = deep_diff(value, expected, "obj", ordered)
         if diff:
@@ -297,7 +298,7 @@ def check_case(case: Case, path: str, seeds: list[Seed], how: str, timeout: floa
         return "hang", f"{how}: no answer within {timeout} s ({stage})"
     except MemoryError:
         return "memory", f"{how} ({stage}): {traceback.format_exc(limit=-6)}"
-    except Exception as e:  # noqa: BLE001 - anything else is the finding
+    except Exception as e:  # anything else is the finding
         kind = "harness" if stage == "checking" else "memory" if "allocate" in str(e) else "uncaught"
         return kind, f"{how} ({stage}): {traceback.format_exc(limit=-8)}"
     finally:

@@ -136,7 +136,7 @@ def serve() -> None:
                     os.close(fd)
                     main(cmd[1])
                     code = 0
-                except BaseException:  # noqa: BLE001 - reported in the log, and by the exit code
+                except BaseException:  # reported in the log, and by the exit code
                     traceback.print_exc()
                 finally:
                     print("EXITED", code, flush=True)

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import tensorkeep as tk
-from tensorkeep.checkpoint import layout
-from tensorkeep.checkpoint import BestN, EveryNSteps, LatestN, Record
+from tensorkeep.checkpoint import BestN, EveryNSteps, LatestN, Record, layout
 from tensorkeep.checkpoint.policies import to_keep
 
 
@@ -45,7 +44,7 @@ RECS = [Record(s, {"loss": l}) for s, l in [(100, 0.9), (200, 0.5), (300, 0.7), 
     ([LatestN(2)], {500, 1000}),
     ([LatestN(1)], {1000}),
     ([BestN("loss", "min", 1)], {400, 1000}),
-    ([BestN("loss", "max", 2)], {100, 1000, 1000}),
+    ([BestN("loss", "max", 2)], {100, 1000}),
     ([EveryNSteps(200)], {200, 400, 1000}),
     ([LatestN(1), BestN("loss", "min", 2), EveryNSteps(1000)], {200, 400, 1000}),
     ([], {1000}),

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import tensorkeep as tk
+from support import script, sizes
 from tensorkeep import knobs
 from tensorkeep.storage import local as _io
-from support import script, sizes
 
 
 @pytest.fixture(autouse=True)

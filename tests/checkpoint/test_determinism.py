@@ -10,8 +10,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tensorkeep.checkpoint import determinism as det
 from support import script
+from tensorkeep.checkpoint import determinism as det
 
 
 def test_capture_is_plain_json_and_matches_itself():

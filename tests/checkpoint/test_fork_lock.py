@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import tensorkeep as tk
-from tensorkeep.storage import local as _io
 from tensorkeep.checkpoint.lock import LOCK_NAME
+from tensorkeep.storage import local as _io
 
 PY = sys.executable
 HANG = 120  # seconds: only to turn a hang into a failure

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import tensorkeep as tk
+from tensorkeep.checkpoint import layout, packs
 from tensorkeep.core.format import seal
 from tensorkeep.storage import local as _io
-from tensorkeep.checkpoint import layout, packs
 
 
 def _net(seed: int = 0) -> torch.nn.Module:

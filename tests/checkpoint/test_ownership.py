@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tensorkeep as tk
-from tensorkeep.storage import local as _io
+from support import sizes
 from tensorkeep.checkpoint import layout, packs
 from tensorkeep.cli import main as cli
-from support import sizes
+from tensorkeep.storage import local as _io
 
 # Names a user (or another tool) may well have in a model or run directory, many named like ours.
 NAMES = ["config.json", "tokenizer.json", "README.md", "notes.txt", ".hidden", "model-extra.safetensors",

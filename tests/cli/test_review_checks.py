@@ -21,8 +21,8 @@ import torch
 
 import tensorkeep as tk
 from tensorkeep import inspection
-from tensorkeep.storage import backend
 from tensorkeep.checkpoint import packs
+from tensorkeep.storage import backend
 
 
 def _net() -> torch.nn.Module:

@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tensorkeep as tk
-from tensorkeep.core import format as fmt
-from tensorkeep import knobs
 from support import sizes
+from tensorkeep import knobs
+from tensorkeep.core import format as fmt
 
 
 def st_file(header, data: bytes = b"", *, raw: bool = False, length: int | None = None) -> bytes:

@@ -15,8 +15,8 @@ import torch
 
 import tensorkeep as tk
 from tensorkeep import knobs
-from tensorkeep.storage import local as _io
 from tensorkeep.file import writer
+from tensorkeep.storage import local as _io
 
 
 def state(seed: int = 0, n: int = 4) -> dict:

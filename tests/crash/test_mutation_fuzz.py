@@ -21,8 +21,8 @@ import torch
 import fuzz_mutation as fm
 import tensorkeep as tk
 from fuzz_inputs import Case, make_seeds
-from tensorkeep.file import reader as files
 from support import TESTS_DIR, sizes
+from tensorkeep.file import reader as files
 
 pytestmark = pytest.mark.crash
 

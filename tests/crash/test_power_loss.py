@@ -51,7 +51,7 @@ def test_model_unsynced_data_may_be_lost_torn_or_extended():
 def test_model_directory_ops_persist_in_order_until_a_directory_fsync():
     log = Log({0: {}}, {}, [Op("create", ino=1, path="a", parents=(0,)), Op("fsync", ino=1),
                             Op("rename", path="a", dst="b", parents=(0, 0)), Op("fsync_dir", ino=0)])
-    names = lambda k: {tuple(p for p, _ in s) for s in _states(log, k)}  # noqa: E731
+    names = lambda k: {tuple(p for p, _ in s) for s in _states(log, k)}
     assert names(2) == {(), ("a",)}  # a file fsync does not persist its name
     assert names(3) == {(), ("a",), ("b",)}  # a prefix: never "b" without "a" having existed
     assert names(4) == {("b",)}

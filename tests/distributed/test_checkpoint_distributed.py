@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import struct
-import sys
 
 import numpy as np
 import pytest
@@ -18,8 +17,8 @@ import torch
 
 import ranks
 import tensorkeep as tk
-from tensorkeep.checkpoint import collective
 from support import script
+from tensorkeep.checkpoint import collective
 
 WORKER = script("ckpt_dist_worker.py")
 SCENARIO_TIMEOUT_S = 90  # each collective also times out after 30 s (init_process_group in the worker)

@@ -20,10 +20,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import tensorkeep as tk
+from dcp_files import meta, write_dir
 from tensorkeep import knobs
 from tensorkeep.core import boxes as dist_plan
 from tensorkeep.layouts.dcp import read_metadata
-from dcp_files import meta, write_dir
 
 EXE = os.path.join(os.path.dirname(sys.executable), "tensorkeep")
 MD = "torch.distributed.checkpoint.metadata"

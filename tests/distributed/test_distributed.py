@@ -15,12 +15,12 @@ import torch
 
 import ranks
 import tensorkeep as tk
-from tensorkeep.distributed.load import Checkpoint
-from tensorkeep.core.boxes import shard_box
-from tensorkeep.distributed.plan import Chunk, Held, ReadItem, plan_read, plan_save
-from tensorkeep.distributed import manifest as distributed
-from tensorkeep.distributed.manifest import MANIFEST
 from support import script
+from tensorkeep.core.boxes import shard_box
+from tensorkeep.distributed import manifest as distributed
+from tensorkeep.distributed.load import Checkpoint
+from tensorkeep.distributed.manifest import MANIFEST
+from tensorkeep.distributed.plan import Chunk, Held, ReadItem, plan_read, plan_save
 
 WORKER = script("dist_worker.py")
 SCENARIO_TIMEOUT_S = 120  # each collective also times out after 30 s (init_process_group in the worker)
@@ -336,6 +336,7 @@ def test_four_ranks_on_a_2d_mesh_load_two_and_save_shared_boxes_once(data, ran_c
 def audited_convert(monkeypatch):
     """convert_dcp run under the loading audit of conftest.py: no pickle.find_class, exec, os.system."""
     import torch.utils.serialization.config  # noqa: F401 - torch.load imports it lazily: not the file's code
+
     from tensorkeep.file.audit import audited
     from tensorkeep.layouts import dcp as dcp_module
 

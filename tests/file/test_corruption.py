@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import tensorkeep as tk
-from tensorkeep.core import format as fmt
-from tensorkeep import knobs
 from support import sizes
+from tensorkeep import knobs
+from tensorkeep.core import format as fmt
 
 
 def small_obj():

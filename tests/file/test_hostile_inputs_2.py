@@ -28,6 +28,7 @@ from tensorkeep.file import writer
 from tensorkeep.inspection import verify
 from tensorkeep.layouts.sharded import ShardedOpen
 
+
 def pt_with_pickle(path: str, pkl: bytes, how: int = zipfile.ZIP_STORED) -> str:
     """A torch.save zip archive (right CRCs; stored entries, or ``how``) whose data.pkl is ``pkl``."""
     base = io.BytesIO()

@@ -255,7 +255,7 @@ def test_truncated_pt_raises(tmp, files):
     data = files["torch"]
     for n in sorted({4, 30, 100, len(data) // 2, len(data) - 200, len(data) - 60, len(data) - 23, len(data) - 1}):
         p = _write(tmp, data[:n])
-        for how, load in LOADERS.items():
+        for load in LOADERS.values():
             with pytest.raises(tk.FormatError):
                 load(p)
 

@@ -13,7 +13,7 @@ import os
 import struct
 import subprocess
 import sys
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pytest
@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 
 import tensorkeep as tk
 from fuzz_inputs import reseal
+from tensorkeep import knobs
 from tensorkeep.core import format as fmt
 from tensorkeep.errors import LimitError
-from tensorkeep import knobs
 
 MAX_RSS_MB = 2048
 MAX_SECONDS = 60

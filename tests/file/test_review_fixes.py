@@ -15,11 +15,11 @@ import torch
 from click.testing import CliRunner
 
 import tensorkeep as tk
-from tensorkeep.storage import local as _io
+from support import ROOT
 from tensorkeep.checkpoint import layout
 from tensorkeep.cli import main as cli
 from tensorkeep.core.format import seal
-from support import ROOT
+from tensorkeep.storage import local as _io
 
 
 def _state(v: float) -> dict:

@@ -100,7 +100,7 @@ def test_not_a_model_directory(tmp):
 def test_single_file_directory_leaves_no_open_files(tmp):
     d = os.path.join(tmp, "single")
     tk.save_sharded(_sd(2), d)
-    fds = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
+    fds = lambda: len(os.listdir("/proc/self/fd"))
     before = fds()
     for _ in range(3):
         assert set(tk.load(d)) == {"layer0.weight", "layer1.weight"}

@@ -9,15 +9,16 @@ import struct
 import subprocess
 import sys
 import textwrap
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 
 import tensorkeep as tk
 import tensorkeep.core.dtypes
-from tensorkeep.core.format import TK_KEY, TK_PREFIX, header_crc
 from support import TESTS_DIR
+from tensorkeep.core.format import TK_KEY, TK_PREFIX, header_crc
 
 
 def forge(path: str, edit: Callable[[dict, dict], None]) -> None:

@@ -1,7 +1,6 @@
 """load_into, the learner's mistakes and their messages, part-model reuse, save_model/load_model."""
 
 import os
-import sys
 import warnings
 
 import pytest
@@ -234,7 +233,6 @@ def test_load_model_on_params_only_file_explains(saved):
 
 
 def test_version_mismatch_warns_not_refuses(tmp, monkeypatch):
-    import tensorkeep.model as tm
 
     p = os.path.join(tmp, "mlp.tk")
     monkeypatch.setattr(tensorkeep.architecture, "_versions", lambda: {"torch": "1.8.0", "python": "3.8.0", "tensorkeep": "0.0.1"})

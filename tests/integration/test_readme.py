@@ -27,6 +27,6 @@ def test_readme_examples_run(name, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "__readme__", mod)
     ns = mod.__dict__
     for i, code in enumerate(blocks):
-        exec(compile(code, f"{name}[block {i}]", "exec"), ns)  # noqa: S102 - our own README
+        exec(compile(code, f"{name}[block {i}]", "exec"), ns)  # our own README
     out = capsys.readouterr().out
     assert "tensor([0, 1, 2, 3])" in out

@@ -23,10 +23,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import tensorkeep as tk
-from tensorkeep.storage import local as _io
-from tensorkeep.checkpoint import determinism, rng
-from tensorkeep.checkpoint import sample_seed
 from support import script, sizes
+from tensorkeep.checkpoint import determinism, rng, sample_seed
+from tensorkeep.storage import local as _io
 from worker_job import Augmented
 
 HANG = 120  # seconds: only to turn a hang into a failure
