@@ -43,8 +43,14 @@ def build(world: int | None) -> dict:
         mesh = init_device_mesh("cpu", (world,))
         table = distribute_tensor(table, mesh, [Shard(0)])
         fully_shard(fs, mesh=mesh)
-    return {"model": net, "optimizer": torch.optim.Adam(net.parameters(), lr=0.01), "table": table,
-            "fsdp": fs, "fsdp_opt": torch.optim.Adam(fs.parameters(), lr=0.1), "epoch": 0}
+    return {
+        "model": net,
+        "optimizer": torch.optim.Adam(net.parameters(), lr=0.01),
+        "table": table,
+        "fsdp": fs,
+        "fsdp_opt": torch.optim.Adam(fs.parameters(), lr=0.1),
+        "epoch": 0,
+    }
 
 
 def train(state: dict, step: int) -> None:
@@ -188,8 +194,9 @@ def scenario_two(rank: int, world: int, data: str, out: dict) -> None:
         mgr.close()
     out["damaged_warnings"] = [str(w.message) for w in caught]
     same_as(state, data, 4)
-    out["optimizer_state_sharded"] = all(isinstance(v, DTensor) for s in state["fsdp_opt"].state.values()
-                                         for k, v in s.items() if k != "step")
+    out["optimizer_state_sharded"] = all(
+        isinstance(v, DTensor) for s in state["fsdp_opt"].state.values() for k, v in s.items() if k != "step"
+    )
     state = build(world)
     before = torch.get_rng_state()
     with warnings.catch_warnings(record=True) as caught:

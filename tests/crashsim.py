@@ -88,6 +88,7 @@ class Log:
 
 # ------------------------------------------------------------------------------ namespace model
 
+
 def _split(rel: str) -> tuple[str, str]:
     d, n = os.path.split(rel)
     return d, n
@@ -151,6 +152,7 @@ def _copy_dirs(dirs: dict[int, dict[str, int]]) -> dict[int, dict[str, int]]:
 
 
 # ------------------------------------------------------------------------------ recorder
+
 
 class Recorder:
     """Records (and performs) the file-system operations made under ``root`` while active."""
@@ -267,12 +269,34 @@ class Recorder:
 
     # patching ---------------------------------------------------------------------------
     @contextlib.contextmanager
-    def patched(self, *, builtin_open: bool = False, no_file_fsync: bool = False,
-                no_dir_fsync: bool = False, no_parent_fsync: bool = False) -> Iterator[Recorder]:
+    def patched(
+        self,
+        *,
+        builtin_open: bool = False,
+        no_file_fsync: bool = False,
+        no_dir_fsync: bool = False,
+        no_parent_fsync: bool = False,
+    ) -> Iterator[Recorder]:
         """Record tensorkeep's ``_io`` calls (and, with ``builtin_open``, Python's open/os.replace)."""
-        real = {n: getattr(_io, n) for n in ("open_new", "open_lock_file", "pwrite_all", "ftruncate", "fsync",
-                                             "fsync_dir", "replace", "rename", "unlink", "rmtree", "mkdir",
-                                             "rmdir", "link", "_exchange")}
+        real = {
+            n: getattr(_io, n)
+            for n in (
+                "open_new",
+                "open_lock_file",
+                "pwrite_all",
+                "ftruncate",
+                "fsync",
+                "fsync_dir",
+                "replace",
+                "rename",
+                "unlink",
+                "rmtree",
+                "mkdir",
+                "rmdir",
+                "link",
+                "_exchange",
+            )
+        }
         rec = self
 
         def open_new(path, direct=False):
@@ -356,9 +380,22 @@ class Recorder:
                     rec.rename(a, b, "exchange")
                 return ok
 
-        patches = dict(open_new=open_new, open_lock_file=open_lock_file, pwrite_all=pwrite_all,
-                       ftruncate=ftruncate, fsync=fsync, fsync_dir=fsync_dir, replace=replace, rename=rename,
-                       unlink=unlink, rmtree=rmtree, mkdir=mkdir, rmdir=rmdir, link=link, _exchange=_exchange)
+        patches = dict(
+            open_new=open_new,
+            open_lock_file=open_lock_file,
+            pwrite_all=pwrite_all,
+            ftruncate=ftruncate,
+            fsync=fsync,
+            fsync_dir=fsync_dir,
+            replace=replace,
+            rename=rename,
+            unlink=unlink,
+            rmtree=rmtree,
+            mkdir=mkdir,
+            rmdir=rmdir,
+            link=link,
+            _exchange=_exchange,
+        )
         if no_parent_fsync:  # the bug variant: a new directory's parent is never fsynced
             real_makedirs = _io.makedirs
             patches["makedirs"] = lambda path, durable=True: real_makedirs(path, False)
@@ -413,9 +450,11 @@ class Recorder:
 
 # ------------------------------------------------------------------------------ crash states
 
+
 @dataclass
 class Item:
     """One unit that may or may not survive: a page of a write, or a truncate."""
+
     pos: int  # log index (items are applied in log order)
     ino: int
     offset: int = 0
@@ -459,8 +498,16 @@ def _ns_range(log: Log, k: int) -> tuple[list[Op], int]:
     return [op for _, op in ns], must
 
 
-def build_state(log: Log, ns: list[Op], prefix: int, durable: list[Item], loose: list[Item],
-                keep: list[bool], extend: bool, strict: bool = False) -> tuple[tuple, ...]:
+def build_state(
+    log: Log,
+    ns: list[Op],
+    prefix: int,
+    durable: list[Item],
+    loose: list[Item],
+    keep: list[bool],
+    extend: bool,
+    strict: bool = False,
+) -> tuple[tuple, ...]:
     """The directory tree after the crash: sorted (path, None for a directory | bytes).
     ``strict``: ``ns[:prefix]`` is any chosen subset (in log order), applied by directory identity."""
     dirs = _copy_dirs(log.dirs)
@@ -482,13 +529,13 @@ def build_state(log: Log, ns: list[Op], prefix: int, durable: list[Item], loose:
                 if it.ino != ino:
                     continue
                 if it.size >= 0:
-                    del buf[it.size:]
+                    del buf[it.size :]
                     buf.extend(bytes(it.size - len(buf)))
                     last_trunc = it.pos
                 else:
                     if len(buf) < it.offset:
                         buf.extend(bytes(it.offset - len(buf)))
-                    buf[it.offset: it.offset + len(it.data)] = it.data
+                    buf[it.offset : it.offset + len(it.data)] = it.data
             ends = [e for p, e in lost_ends.get(ino, []) if p > last_trunc]
             if ends and max(ends) > len(buf):
                 buf.extend(bytes(max(ends) - len(buf)))
@@ -535,8 +582,10 @@ def _ns_by_dir(log: Log, k: int) -> tuple[dict[int, list[Op]], dict[int, int]]:
     for i, op in enumerate(log.ops[:k]):
         if op.kind == "fsync_dir":
             last_dir_fsync[op.ino] = i
-    must = {d: max((j + 1 for j, (i, _) in enumerate(ops) if last_dir_fsync.get(d, -1) > i), default=0)
-            for d, ops in seqs.items()}
+    must = {
+        d: max((j + 1 for j, (i, _) in enumerate(ops) if last_dir_fsync.get(d, -1) > i), default=0)
+        for d, ops in seqs.items()
+    }
     return {d: [op for _, op in ops] for d, ops in seqs.items()}, must
 
 
@@ -550,16 +599,16 @@ def strict_crash_states(log: Log, samples: int, rng: random.Random) -> Iterator[
         seqs, must = _ns_by_dir(log, k)
         dirs = sorted(seqs)
         for s in range(samples):
-            cut = {d: (len(seqs[d]) if s == 0 else must[d] if s == 1 else rng.randint(must[d], len(seqs[d])))
-                   for d in dirs}
-            chosen = sorted((op for d in dirs for op in seqs[d][:cut[d]]), key=lambda op: order[id(op)])
+            cut = {
+                d: (len(seqs[d]) if s == 0 else must[d] if s == 1 else rng.randint(must[d], len(seqs[d]))) for d in dirs
+            }
+            chosen = sorted((op for d in dirs for op in seqs[d][: cut[d]]), key=lambda op: order[id(op)])
             p = 1.0 if s == 0 else 0.0 if s == 1 else rng.random()
             keep = [rng.random() < p for _ in loose]
             yield k, build_state(log, chosen, len(chosen), durable, loose, keep, rng.random() < 0.5, strict=True)
 
 
-def crash_states(log: Log, samples: int, rng: random.Random, enum_limit: int = 1024
-                 ) -> Iterator[tuple[int, tuple]]:
+def crash_states(log: Log, samples: int, rng: random.Random, enum_limit: int = 1024) -> Iterator[tuple[int, tuple]]:
     """Yield (cut point, state) for every cut k in 0..len(ops): every combination when there are at
     most ``enum_limit``, else ``samples`` spread over the cuts that need sampling (at least 8 each)."""
     n = len(log.ops)
@@ -576,7 +625,7 @@ def crash_states(log: Log, samples: int, rng: random.Random, enum_limit: int = 1
             for prefix in range(must, len(ns) + 1):
                 for mask in range(2 ** len(loose)):
                     keep = [bool(mask >> b & 1) for b in range(len(loose))]
-                    for extend in ((False, True) if loose else (False,)):
+                    for extend in (False, True) if loose else (False,):
                         yield k, build_state(log, ns, prefix, durable, loose, keep, extend)
         else:
             for s in range(per_cut):
@@ -587,6 +636,7 @@ def crash_states(log: Log, samples: int, rng: random.Random, enum_limit: int = 1
 
 
 # ------------------------------------------------------------------------------ verdicts
+
 
 @dataclass
 class Report:
@@ -607,8 +657,17 @@ class Report:
         return f"| {self.name} | {self.ops} | {self.explored} | {self.distinct} | {self.corrupt} | {self.lost} |"
 
 
-def check(name: str, log: Log, verdict: Callable[[str], str], *, had_old: bool = True,
-          samples: int | None = None, seed: int = 0, enum_limit: int = 1024, strict: int = 0) -> Report:
+def check(
+    name: str,
+    log: Log,
+    verdict: Callable[[str], str],
+    *,
+    had_old: bool = True,
+    samples: int | None = None,
+    seed: int = 0,
+    enum_limit: int = 1024,
+    strict: int = 0,
+) -> Report:
     """Run ``verdict`` (a fresh load of a built state -> "old" | "new" | "none" | "corrupt: ...")
     on every crash state of ``log``. Before the save returned, "old" or "new" is right ("none" only
     when there was no old version); after it returned, only "new"."""
@@ -619,8 +678,11 @@ def check(name: str, log: Log, verdict: Callable[[str], str], *, had_old: bool =
     cache: dict[bytes, str] = {}
     work = tempfile.mkdtemp(prefix="tk-crash-")
     try:
-        states = (strict_crash_states(log, strict, random.Random(seed)) if strict
-                  else crash_states(log, samples, random.Random(seed), enum_limit))
+        states = (
+            strict_crash_states(log, strict, random.Random(seed))
+            if strict
+            else crash_states(log, samples, random.Random(seed), enum_limit)
+        )
         for k, state in states:
             h = hashlib.blake2b(repr(state).encode(), digest_size=16).digest()
             if h not in cache:
@@ -646,8 +708,9 @@ def check(name: str, log: Log, verdict: Callable[[str], str], *, had_old: bool =
                 rep.lost += 1
                 bad = f"lost: got {got!r} after {'the save returned' if confirmed else 'a crash'}"
             if len(rep.examples) < 5:
-                rep.examples.append(f"cut {k} ({log.ops[k - 1] if k else 'start'}): {bad} "
-                                    f"[{', '.join(p for p, _ in state)}]")
+                rep.examples.append(
+                    f"cut {k} ({log.ops[k - 1] if k else 'start'}): {bad} [{', '.join(p for p, _ in state)}]"
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return rep
@@ -656,12 +719,23 @@ def check(name: str, log: Log, verdict: Callable[[str], str], *, had_old: bool =
 def same(a: Any, b: Any) -> bool:
     """Exact structural equality: tensors by dtype, shape and bits."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
-                and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8) if a.numel() else a,
-                                                       b.reshape(-1).view(torch.uint8) if b.numel() else b))
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and torch.equal(
+                a.reshape(-1).view(torch.uint8) if a.numel() else a, b.reshape(-1).view(torch.uint8) if b.numel() else b
+            )
+        )
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype
-                and a.shape == b.shape and a.tobytes() == b.tobytes())
+        return (
+            isinstance(a, np.ndarray)
+            and isinstance(b, np.ndarray)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and a.tobytes() == b.tobytes()
+        )
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
@@ -671,10 +745,15 @@ def same(a: Any, b: Any) -> bool:
 
 # ------------------------------------------------------------------------------ scenarios
 
+
 def payload(seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return {"w": torch.randn(40, 40, generator=g), "b": torch.arange(300, dtype=torch.int16) * (seed + 1),
-            "np": np.full(33, seed, dtype=np.float64), "step": seed}
+    return {
+        "w": torch.randn(40, 40, generator=g),
+        "b": torch.arange(300, dtype=torch.int16) * (seed + 1),
+        "np": np.full(33, seed, dtype=np.float64),
+        "step": seed,
+    }
 
 
 def _file_verdict(path: str, old: Any, new: Any, loader: Callable[[str], Any]) -> Callable[[str], str]:
@@ -742,8 +821,9 @@ def _sharded_verdict(path: str, old: Any, new: Any) -> Callable[[str], str]:
     return verdict
 
 
-def scenario_sharded(root: str, before: int | None = 4000, after: int = 4000, *,
-                     no_link: bool = False, **variant: bool) -> tuple[Log, Callable[[str], str]]:
+def scenario_sharded(
+    root: str, before: int | None = 4000, after: int = 4000, *, no_link: bool = False, **variant: bool
+) -> tuple[Log, Callable[[str], str]]:
     """``tk.save_sharded`` into a model directory holding a config.json (and, with ``before``, the
     old weights saved with that shard size: 4000 bytes makes 2 shards, 100000 one file). The same
     names again make the old index point at linked copies first (``no_link``: copied instead)."""
@@ -853,8 +933,11 @@ def _ckpt_verdict(states: dict[int, dict], sub: str = "") -> Callable[[str], str
         want = states.get(step)
         if want is None:
             return f"corrupt: restored step {step}, never saved"
-        ok = (same(target["model"].state_dict(), want["model"].state_dict()) and same(target["w"], want["w"])
-              and target["epoch"] == want["epoch"])
+        ok = (
+            same(target["model"].state_dict(), want["model"].state_dict())
+            and same(target["w"], want["w"])
+            and target["epoch"] == want["epoch"]
+        )
         if not ok:
             return f"corrupt: step {step} restored with wrong values"
         return "new" if step == max(states) else "old"
@@ -862,8 +945,9 @@ def _ckpt_verdict(states: dict[int, dict], sub: str = "") -> Callable[[str], str
     return verdict
 
 
-def scenario_checkpoint(root: str, *, async_save: bool = False, keep_last: int | None = None,
-                        incremental: bool = False, **variant: bool) -> tuple[Log, Callable[[str], str]]:
+def scenario_checkpoint(
+    root: str, *, async_save: bool = False, keep_last: int | None = None, incremental: bool = False, **variant: bool
+) -> tuple[Log, Callable[[str], str]]:
     """A committed step 1, then a recorded save of step 2 (for async: save() then wait()).
     Incremental: a frozen tensor of step 1's pack is reused by step 2."""
     import tensorkeep as tk
@@ -889,20 +973,21 @@ SCENARIOS: dict[str, Callable[[str], tuple[Log, Callable[[str], str]]]] = {
     "tk.save over the old file": scenario_tk_save,
     "tk.save over the old file, O_DIRECT path": scenario_tk_save_direct,
     "tk.save_sharded over old shards of the same names (old index points at links first)": scenario_sharded,
-    "tk.save_sharded over old shards of the same names, no hard links (copies)":
-        lambda r: scenario_sharded(r, no_link=True),
+    "tk.save_sharded over old shards of the same names, no hard links (copies)": lambda r: scenario_sharded(
+        r, no_link=True
+    ),
     "tk.save_sharded: 2 shards over one file": lambda r: scenario_sharded(r, before=100_000),
     "tk.save_sharded: one file over 2 shards": lambda r: scenario_sharded(r, after=100_000),
     "tk.save_sharded: 3 shards over 2": lambda r: scenario_sharded(r, after=500),
     "CheckpointManager.save (sync)": scenario_checkpoint,
     "CheckpointManager.save (async_save=True, then wait())": lambda r: scenario_checkpoint(r, async_save=True),
     "retention cleanup (keep_last=1)": lambda r: scenario_checkpoint(r, keep_last=1),
-    "incremental checkpoint + pack cleanup (keep_last=1)":
-        lambda r: scenario_checkpoint(r, keep_last=1, incremental=True),
+    "incremental checkpoint + pack cleanup (keep_last=1)": lambda r: scenario_checkpoint(
+        r, keep_last=1, incremental=True
+    ),
     "comparison: torch.save over the old file": scenario_torch_save,
     "comparison: torch.save to temp file + os.replace, no fsync": scenario_torch_tmp_rename,
-    "comparison: tk.save(durable=False) (temp file + rename, no fsync)":
-        lambda r: scenario_tk_save(r, durable=False),
+    "comparison: tk.save(durable=False) (temp file + rename, no fsync)": lambda r: scenario_tk_save(r, durable=False),
     "bug variant: tk.save without the file fsync": lambda r: scenario_tk_save(r, no_file_fsync=True),
     "bug variant: tk.save without the directory fsync": lambda r: scenario_tk_save(r, no_dir_fsync=True),
     "bug variant: checkpoint without the file fsyncs": lambda r: scenario_checkpoint(r, no_file_fsync=True),
@@ -913,8 +998,9 @@ SCENARIOS: dict[str, Callable[[str], tuple[Log, Callable[[str], str]]]] = {
 STRICT: dict[str, Callable[[str], tuple[Log, Callable[[str], str]]]] = {
     "strict POSIX: CheckpointManager creates runs/mlp, then save(1)": scenario_new_run,
     "strict POSIX: tk.save_sharded into a new directory": lambda r: scenario_sharded(r, before=None),
-    "strict POSIX bug variant: new directories' parents not fsynced":
-        lambda r: scenario_new_run(r, no_parent_fsync=True),
+    "strict POSIX bug variant: new directories' parents not fsynced": lambda r: scenario_new_run(
+        r, no_parent_fsync=True
+    ),
 }
 
 

@@ -36,8 +36,11 @@ def meta(tensors=(), values=(), planner=None, dtype=torch.float32) -> bytes:
     sdm, storage = {}, {}
     for fqn, size, chunks in tensors:
         size = torch.Size(size) if all(type(d) is int for d in size) else size
-        sdm[fqn] = TensorStorageMetadata(TensorProperties(dtype=dtype), size,
-                                         [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s, _ in chunks])
+        sdm[fqn] = TensorStorageMetadata(
+            TensorProperties(dtype=dtype),
+            size,
+            [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s, _ in chunks],
+        )
         for o, _, where in chunks:
             if where:
                 storage[MetadataIndex(fqn, o)] = _StorageInfo(*where)

@@ -43,7 +43,7 @@ def make_state(layout: str, version: int, zeros: bool = False) -> tuple[dict, nn
     """The training state of ``version`` in ``layout`` (``zeros``: a blank target to load into)."""
     lay = LAYOUTS[layout]
     if lay["mesh"] not in _MESHES:
-        names = ("replicate", "shard")[-len(lay["mesh"]):]  # a 2-D mesh: HSDP
+        names = ("replicate", "shard")[-len(lay["mesh"]) :]  # a 2-D mesh: HSDP
         _MESHES[lay["mesh"]] = init_device_mesh("cpu", lay["mesh"], mesh_dim_names=names)
     mesh = _MESHES[lay["mesh"]]
 
@@ -65,8 +65,10 @@ def make_state(layout: str, version: int, zeros: bool = False) -> tuple[dict, nn
         "rep": dt("rep", (6,), lay["rep"]),
         "fsdp": net.state_dict(),
         "optim": {
-            "state": {0: {"step": val("step0", ()), "exp_avg": dt("exp_avg0", (10, 6), lay["rows"])},
-                      1: {"step": val("step1", ()), "exp_avg": dt("exp_avg1", (5, 12), lay["cols"], torch.float64)}},
+            "state": {
+                0: {"step": val("step0", ()), "exp_avg": dt("exp_avg0", (10, 6), lay["rows"])},
+                1: {"step": val("step1", ()), "exp_avg": dt("exp_avg1", (5, 12), lay["cols"], torch.float64)},
+            },
             "param_groups": [{"lr": 0.0 if zeros else 0.01 * version, "betas": (0.9, 0.999), "params": [0, 1]}],
         },
         "step": 0 if zeros else 100 + version,
@@ -163,6 +165,10 @@ def scenario_c(rank: int, data: str, out: dict) -> None:
 
 
 if __name__ == "__main__":
-    worker_main({"A": lambda rank, world, data, out: scenario_a(rank, data, out),
-                 "B": lambda rank, world, data, out: scenario_b(rank, data, out),
-                 "C": lambda rank, world, data, out: scenario_c(rank, data, out)})
+    worker_main(
+        {
+            "A": lambda rank, world, data, out: scenario_a(rank, data, out),
+            "B": lambda rank, world, data, out: scenario_b(rank, data, out),
+            "C": lambda rank, world, data, out: scenario_c(rank, data, out),
+        }
+    )

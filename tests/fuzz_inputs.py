@@ -32,9 +32,27 @@ from tensorkeep import knobs
 
 # Written out here rather than imported, so the oracle does not share tensorkeep's code.
 TK_PREFIX = b'{"__metadata__":{"tensorkeep.crc32":"'
-ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1,
-            "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4,
-            "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+ITEMSIZE = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2": 1,
+    "F8_E5M2FNUZ": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+    "C64": 8,
+}
 
 
 @dataclass(frozen=True)
@@ -55,24 +73,42 @@ class Case:
 
 # ----------------------------------------------------------------------------- seeds
 
+
 def _tk_objects() -> list[tuple[str, Any, int]]:
     g = torch.Generator().manual_seed(0)
     w = torch.randn(2, 3, generator=g)
     mixed = {
-        "w": w, "tied": w, "b": torch.arange(3), "h": torch.tensor([1.5, -2.0], dtype=torch.float16),
-        "bf": torch.ones(1, 2, dtype=torch.bfloat16), "i8": torch.tensor([-1, 2, 3, 4], dtype=torch.int8),
-        "mask": torch.tensor([True, False, True]), "scalar": torch.tensor(7.0), "empty": torch.zeros(0, 4),
-        "np": np.arange(3, dtype=np.int16), "nps": np.float64(1.5), "plain": [1, 2.5, "x", None, True],
-        "meta": (torch.Size([2, 3]), torch.float16, torch.device("cpu")), "p": torch.nn.Parameter(torch.ones(2)),
+        "w": w,
+        "tied": w,
+        "b": torch.arange(3),
+        "h": torch.tensor([1.5, -2.0], dtype=torch.float16),
+        "bf": torch.ones(1, 2, dtype=torch.bfloat16),
+        "i8": torch.tensor([-1, 2, 3, 4], dtype=torch.int8),
+        "mask": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(7.0),
+        "empty": torch.zeros(0, 4),
+        "np": np.arange(3, dtype=np.int16),
+        "nps": np.float64(1.5),
+        "plain": [1, 2.5, "x", None, True],
+        "meta": (torch.Size([2, 3]), torch.float16, torch.device("cpu")),
+        "p": torch.nn.Parameter(torch.ones(2)),
     }
     nested = {
         "a": {"b": [torch.arange(10, dtype=torch.int64), {"c": torch.zeros(3, dtype=torch.complex64)}]},
-        "u8": torch.arange(20, dtype=torch.uint8), "f8": torch.ones(4).to(torch.float8_e4m3fn),
-        "od": OrderedDict(x=torch.ones(1, 1, 1)), 7: torch.ones(2, requires_grad=True), "e": np.zeros((3, 0)),
+        "u8": torch.arange(20, dtype=torch.uint8),
+        "f8": torch.ones(4).to(torch.float8_e4m3fn),
+        "od": OrderedDict(x=torch.ones(1, 1, 1)),
+        7: torch.ones(2, requires_grad=True),
+        "e": np.zeros((3, 0)),
     }
     # (name, object, checksum block size): 16-byte blocks give tensors several checksums each
-    return [("tk-mixed", mixed, 1 << 20), ("tk-nested", nested, 16), ("tk-list", [torch.ones(0), 1.5, None], 1 << 20),
-            ("tk-tensor", torch.arange(4, dtype=torch.int32), 8), ("tk-empty", {}, 1 << 20)]
+    return [
+        ("tk-mixed", mixed, 1 << 20),
+        ("tk-nested", nested, 16),
+        ("tk-list", [torch.ones(0), 1.5, None], 1 << 20),
+        ("tk-tensor", torch.arange(4, dtype=torch.int32), 8),
+        ("tk-empty", {}, 1 << 20),
+    ]
 
 
 def _plain_objects() -> list[tuple[str, dict[str, torch.Tensor], dict[str, str] | None]]:
@@ -80,12 +116,30 @@ def _plain_objects() -> list[tuple[str, dict[str, torch.Tensor], dict[str, str] 
     # from run to run, and an input must be the same bytes whenever its stream and index are replayed
     g = torch.Generator().manual_seed(1)
     return [
-        ("st-mixed", {"a": torch.randn(2, 2, generator=g), "b": torch.arange(3, dtype=torch.int8),
-                      "c": torch.tensor(2.5, dtype=torch.float64), "e": torch.zeros(0, 3)}, {"k": "v"}),
-        ("st-dtypes", {"x": torch.ones(2, 2, dtype=torch.bfloat16), "y": torch.tensor([1.0, -0.5, 2], dtype=torch.float16),
-                       "z": torch.tensor([[7], [-8]], dtype=torch.int32), "m": torch.tensor([True, False, True, True]),
-                       "u": torch.arange(5, dtype=torch.uint8), "l": torch.tensor([2**40]),
-                       "f8": torch.ones(2).to(torch.float8_e5m2), "c": torch.ones(1, dtype=torch.complex64)}, None),
+        (
+            "st-mixed",
+            {
+                "a": torch.randn(2, 2, generator=g),
+                "b": torch.arange(3, dtype=torch.int8),
+                "c": torch.tensor(2.5, dtype=torch.float64),
+                "e": torch.zeros(0, 3),
+            },
+            {"k": "v"},
+        ),
+        (
+            "st-dtypes",
+            {
+                "x": torch.ones(2, 2, dtype=torch.bfloat16),
+                "y": torch.tensor([1.0, -0.5, 2], dtype=torch.float16),
+                "z": torch.tensor([[7], [-8]], dtype=torch.int32),
+                "m": torch.tensor([True, False, True, True]),
+                "u": torch.arange(5, dtype=torch.uint8),
+                "l": torch.tensor([2**40]),
+                "f8": torch.ones(2).to(torch.float8_e5m2),
+                "c": torch.ones(1, dtype=torch.complex64),
+            },
+            None,
+        ),
         ("st-none", {}, None),
         ("st-one", {"only": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, {"format": "pt"}),
     ]
@@ -109,6 +163,7 @@ def make_seeds(tmpdir: str) -> list[Seed]:
 
 # ----------------------------------------------------------------------------- mutations
 
+
 def _pick(r: Any, seq: Any) -> Any:
     return seq[r.randrange(len(seq))]
 
@@ -125,8 +180,29 @@ def _pos(r: Any, b: bytearray) -> int:
     return r.randrange(max(end, 1))
 
 
-INTERESTING = [0, 1, 0x7F, 0x80, 0xFF, ord("{"), ord("}"), ord("["), ord("]"), ord('"'), ord(","), ord(":"), ord("0"),
-               ord("9"), ord("-"), ord(" "), ord("\\"), ord("e"), ord("."), 0xC0, 0xED]
+INTERESTING = [
+    0,
+    1,
+    0x7F,
+    0x80,
+    0xFF,
+    ord("{"),
+    ord("}"),
+    ord("["),
+    ord("]"),
+    ord('"'),
+    ord(","),
+    ord(":"),
+    ord("0"),
+    ord("9"),
+    ord("-"),
+    ord(" "),
+    ord("\\"),
+    ord("e"),
+    ord("."),
+    0xC0,
+    0xED,
+]
 
 
 def m_flip(r: Any, b: bytearray, seeds: list[Seed]) -> None:
@@ -157,11 +233,11 @@ def m_delete(r: Any, b: bytearray, seeds: list[Seed]) -> None:
 def m_splice(r: Any, b: bytearray, seeds: list[Seed]) -> None:
     other = _pick(r, seeds).data
     i = r.randrange(len(b) + 1)
-    b[i:] = other[r.randrange(len(other) + 1):]
+    b[i:] = other[r.randrange(len(other) + 1) :]
 
 
 def m_truncate(r: Any, b: bytearray, seeds: list[Seed]) -> None:
-    del b[r.randrange(len(b) + 1):]
+    del b[r.randrange(len(b) + 1) :]
 
 
 def m_extend(r: Any, b: bytearray, seeds: list[Seed]) -> None:
@@ -173,19 +249,66 @@ def m_length(r: Any, b: bytearray, seeds: list[Seed]) -> None:
     if len(b) < 8:
         return
     n = header_len(b)
-    new = _pick(r, [n + r.randrange(-9, 10), 0, 1, 2, len(b) - 8, len(b) - 7, n * 2, n // 2, 2**64 - 1, 2**63,
-                    knobs.MAX_HEADER_BYTES, knobs.MAX_HEADER_BYTES + 1, r.randrange(2**64)])
+    new = _pick(
+        r,
+        [
+            n + r.randrange(-9, 10),
+            0,
+            1,
+            2,
+            len(b) - 8,
+            len(b) - 7,
+            n * 2,
+            n // 2,
+            2**64 - 1,
+            2**63,
+            knobs.MAX_HEADER_BYTES,
+            knobs.MAX_HEADER_BYTES + 1,
+            r.randrange(2**64),
+        ],
+    )
     b[:8] = struct.pack("<Q", new % 2**64)
 
 
 BYTE_OPS: list[Callable[[Any, bytearray, list[Seed]], None]] = [
-    m_flip, m_flip, m_flip, m_set, m_set, m_insert, m_delete, m_splice, m_truncate, m_extend, m_length]
+    m_flip,
+    m_flip,
+    m_flip,
+    m_set,
+    m_set,
+    m_insert,
+    m_delete,
+    m_splice,
+    m_truncate,
+    m_extend,
+    m_length,
+]
 
 
 def _number(r: Any, v: Any) -> Any:
     v = v if type(v) is int else 0
-    return _pick(r, [v + 1, v - 1, v + 8, v - 8, v * 2, 0, -1, 2**31, 2**62, 2**63, 2**64, v + 2**64, float(v),
-                     str(v), True, None, [v]])
+    return _pick(
+        r,
+        [
+            v + 1,
+            v - 1,
+            v + 8,
+            v - 8,
+            v * 2,
+            0,
+            -1,
+            2**31,
+            2**62,
+            2**63,
+            2**64,
+            v + 2**64,
+            float(v),
+            str(v),
+            True,
+            None,
+            [v],
+        ],
+    )
 
 
 def _dict_nodes(tree: Any) -> list[dict]:
@@ -272,10 +395,26 @@ def json_mutation(r: Any, data: bytes) -> tuple[bytearray, str]:
     """Re-encode a seed's header with one semantic edit; the data area is kept as it is."""
     n = header_len(data)
     head = json.loads(data[8 : 8 + n])
-    body = data[8 + n:]
+    body = data[8 + n :]
     names = [k for k in head if k != "__metadata__"]
-    kind = _pick(r, ["offset", "shape", "dtype", "swap", "drop", "rename", "field", "reorder", "meta",
-                     "duplicate", "record", "record", "record"])
+    kind = _pick(
+        r,
+        [
+            "offset",
+            "shape",
+            "dtype",
+            "swap",
+            "drop",
+            "rename",
+            "field",
+            "reorder",
+            "meta",
+            "duplicate",
+            "record",
+            "record",
+            "record",
+        ],
+    )
     t = head[_pick(r, names)] if names else None
     if kind == "offset" and t:
         i = r.randrange(2)
@@ -317,7 +456,9 @@ def json_mutation(r: Any, data: bytes) -> tuple[bytearray, str]:
         record = json.dumps(info, separators=(",", ":"), ensure_ascii=False)
         if type(info.get("tree")) is dict and DEEP in info["tree"]:
             depth = info["tree"][DEEP]
-            record = record.replace(json.dumps({DEEP: depth}, separators=(",", ":")), '{"l":[' * depth + "1" + "]}" * depth)
+            record = record.replace(
+                json.dumps({DEEP: depth}, separators=(",", ":")), '{"l":[' * depth + "1" + "]}" * depth
+            )
         head["__metadata__"]["tensorkeep"] = record
     text = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode()
     if kind == "duplicate":  # json cannot write a duplicate key: splice one in by hand

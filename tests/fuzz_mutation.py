@@ -50,13 +50,27 @@ import tensorkeep as tk
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script, or from fuzz/
 from fuzz_inputs import TK_PREFIX, Case, Seed, header_len, make_case, make_seeds
 
-NUMPY = {"BOOL": "?", "U8": "u1", "I8": "i1", "I16": "<i2", "U16": "<u2", "F16": "<f2", "I32": "<i4", "U32": "<u4",
-         "F32": "<f4", "I64": "<i8", "U64": "<u8", "F64": "<f8", "C64": "<c8"}
+NUMPY = {
+    "BOOL": "?",
+    "U8": "u1",
+    "I8": "i1",
+    "I16": "<i2",
+    "U16": "<u2",
+    "F16": "<f2",
+    "I32": "<i4",
+    "U32": "<u4",
+    "F32": "<f4",
+    "I64": "<i8",
+    "U64": "<u8",
+    "F64": "<f8",
+    "C64": "<c8",
+}
 WATCHED = {"pickle.find_class", "exec", "os.system", "subprocess.Popen", "os.exec", "os.posix_spawn", "os.spawn"}
 FAILURES = ("uncaught", "hang", "memory", "wrong", "audit", "harness")
 
 
 # ----------------------------------------------------------------------------- oracle
+
 
 def _raw(x: Any) -> tuple[str, tuple[int, ...], bytes]:
     """(dtype, shape, bytes) of a tensor or NumPy array, for comparisons."""
@@ -86,6 +100,7 @@ def _as_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
 def ref_build(tree: Any, tensors: dict[str, torch.Tensor], dtypes: dict[str, str]) -> Any:
     """The object a structure record describes (see tensorkeep/tree.py's docstring), built from
     the tensors safetensors read."""
+
     def build(n: Any) -> Any:
         if n is None or type(n) in (bool, int, str):
             return n
@@ -187,7 +202,10 @@ def _open_all(path: str) -> Any:
 
 
 LOADERS: dict[str, Callable[[str], Any]] = {
-    "load": lambda p: tk.load(p), "lazy": lambda p: tk.load(p, lazy=True), "open": _open_all}
+    "load": lambda p: tk.load(p),
+    "lazy": lambda p: tk.load(p, lazy=True),
+    "open": _open_all,
+}
 
 
 def verify_accepted(case: Case, got: Any, how: str, path: str, seeds: list[Seed]) -> tuple[str, str | None]:
@@ -239,6 +257,7 @@ def verify_accepted(case: Case, got: Any, how: str, path: str, seeds: list[Seed]
 
 
 # ----------------------------------------------------------------------------- running inputs
+
 
 class InputTimeout(BaseException):
     """Raised by the per-input alarm (a BaseException, so no ``except Exception`` swallows it)."""
@@ -330,8 +349,9 @@ def limit_memory(extra_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (vm + extra_bytes, resource.RLIM_INFINITY))
 
 
-def worker(wid: int, stream: int, start: int, count: int, input_path: str, out: str, timeout: float,
-           mem_bytes: int) -> dict:
+def worker(
+    wid: int, stream: int, start: int, count: int, input_path: str, out: str, timeout: float, mem_bytes: int
+) -> dict:
     """Run inputs ``start .. start+count-1`` of ``stream`` in this process; a summary of outcomes."""
     setup_process()
     with tempfile.TemporaryDirectory(dir=os.path.dirname(input_path)) as d:
@@ -349,27 +369,59 @@ def worker(wid: int, stream: int, start: int, count: int, input_path: str, out: 
         outcomes[outcome] += 1
         if outcome in FAILURES and outcomes[outcome] <= 20:
             saved.append(_save_failure(out, f"{stream}-{index}", case, outcome, detail, seeds))
-    return {"worker": wid, "inputs": count, "seconds": time.perf_counter() - t0, "outcomes": dict(outcomes),
-            "saved": saved, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "worker": wid,
+        "inputs": count,
+        "seconds": time.perf_counter() - t0,
+        "outcomes": dict(outcomes),
+        "saved": saved,
+        "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def _scratch_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
 
 
-def _start_worker(w: int, scratch: str, out: str, stream: int, per: int, inputs: int, timeout: float,
-                  mem_mb: int) -> tuple[int, str, subprocess.Popen]:
+def _start_worker(
+    w: int, scratch: str, out: str, stream: int, per: int, inputs: int, timeout: float, mem_mb: int
+) -> tuple[int, str, subprocess.Popen]:
     start, count = w * per, max(0, min(per, inputs - w * per))
     inp = os.path.join(scratch, f"input-{w}.safetensors")
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", str(w), "--stream", str(stream), "--start",
-           str(start), "--inputs", str(count), "--input-path", inp, "--out", out, "--timeout", str(timeout),
-           "--mem-mb", str(mem_mb)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        str(w),
+        "--stream",
+        str(stream),
+        "--start",
+        str(start),
+        "--inputs",
+        str(count),
+        "--input-path",
+        inp,
+        "--out",
+        out,
+        "--timeout",
+        str(timeout),
+        "--mem-mb",
+        str(mem_mb),
+    ]
     with open(inp + ".out", "w") as log:  # a file, not a pipe: a chatty worker must not block on a full pipe
         return w, inp, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
-def run(inputs: int, out: str, *, workers: int = 2, stream: int = 0, timeout: float = 2.0, mem_mb: int = 1024,
-        stall_s: float = 60.0) -> dict:
+def run(
+    inputs: int,
+    out: str,
+    *,
+    workers: int = 2,
+    stream: int = 0,
+    timeout: float = 2.0,
+    mem_mb: int = 1024,
+    stall_s: float = 60.0,
+) -> dict:
     """Fuzz ``inputs`` inputs in ``workers`` processes; a summary with failures saved under ``out``.
 
     A worker that dies (a crash, or killed after ``stall_s`` seconds without finishing an input:
@@ -377,8 +429,10 @@ def run(inputs: int, out: str, *, workers: int = 2, stream: int = 0, timeout: fl
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tk-mutation-", dir=_scratch_dir()) as scratch:
-        procs = [_start_worker(w, scratch, out, stream, -(-inputs // workers), inputs, timeout, mem_mb)
-                 for w in range(workers)]
+        procs = [
+            _start_worker(w, scratch, out, stream, -(-inputs // workers), inputs, timeout, mem_mb)
+            for w in range(workers)
+        ]
         results, dead = [], []
         for w, inp, p in procs:
             while p.poll() is None:
@@ -387,7 +441,9 @@ def run(inputs: int, out: str, *, workers: int = 2, stream: int = 0, timeout: fl
                     p.kill()
             stdout = open(inp + ".out").read()
             if p.returncode == 0:
-                results.append(json.loads(next(ln for ln in reversed(stdout.splitlines()) if ln.startswith('{"worker"'))))
+                results.append(
+                    json.loads(next(ln for ln in reversed(stdout.splitlines()) if ln.startswith('{"worker"')))
+                )
                 continue
             kept = os.path.join(out, f"died-worker{w}.safetensors")
             if os.path.exists(inp):
@@ -399,9 +455,14 @@ def run(inputs: int, out: str, *, workers: int = 2, stream: int = 0, timeout: fl
     seconds = time.perf_counter() - t0
     done = sum(r["inputs"] for r in results)
     return {
-        "inputs": done, "seconds": round(seconds, 1), "inputs_per_s": round(done / seconds),
-        "outcomes": dict(sorted(outcomes.items())), "failures": sum(outcomes[k] for k in FAILURES) + len(dead),
-        "saved": [p for r in results for p in r["saved"]], "dead": dead, "out": out,
+        "inputs": done,
+        "seconds": round(seconds, 1),
+        "inputs_per_s": round(done / seconds),
+        "outcomes": dict(sorted(outcomes.items())),
+        "failures": sum(outcomes[k] for k in FAILURES) + len(dead),
+        "saved": [p for r in results for p in r["saved"]],
+        "dead": dead,
+        "out": out,
         "worker_maxrss_mb": [round(r["maxrss_mb"]) for r in results],
     }
 
@@ -421,8 +482,7 @@ def main() -> None:
     ap.add_argument("--input-path", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker is not None:
-        print(json.dumps(worker(a.worker, a.stream, a.start, a.inputs, a.input_path, a.out, a.timeout,
-                                a.mem_mb << 20)))
+        print(json.dumps(worker(a.worker, a.stream, a.start, a.inputs, a.input_path, a.out, a.timeout, a.mem_mb << 20)))
         return
     if a.repro or a.check:
         setup_process()
@@ -434,8 +494,13 @@ def main() -> None:
             else:
                 cases = [(Case(open(a.check, "rb").read(), 0, ["file"], True), how) for how in LOADERS]
             for case, how in cases:
-                print(how, seeds[case.seed].name, case.ops, "forged" if case.forged else "",
-                      *check_case(case, os.path.join(d, "input"), seeds, how, a.timeout))
+                print(
+                    how,
+                    seeds[case.seed].name,
+                    case.ops,
+                    "forged" if case.forged else "",
+                    *check_case(case, os.path.join(d, "input"), seeds, how, a.timeout),
+                )
         return
     summary = run(a.inputs, a.out, workers=a.workers, stream=a.stream, timeout=a.timeout, mem_mb=a.mem_mb)
     print(json.dumps(summary, indent=1))

@@ -27,8 +27,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 _out_dir = ""
 
 
-def run(worker: str, scenario: str, world: int, data: str, exits: dict[int, int] | None = None,
-        timeout_s: float = 120) -> list[dict]:
+def run(
+    worker: str, scenario: str, world: int, data: str, exits: dict[int, int] | None = None, timeout_s: float = 120
+) -> list[dict]:
     """Run ``world`` ranks of ``worker``; return each rank's results. ``exits``: rank -> expected exit code."""
     exits = exits or {}
     out = os.path.join(data, f"out-{scenario}")
@@ -74,8 +75,9 @@ def worker_main(scenarios: dict[str, Callable[[int, int, str, dict], None]]) -> 
     scenario, rank, world, store, _out_dir, data = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:]
     out: dict = {}
     try:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=30))
+        dist.init_process_group(
+            "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30)
+        )
         scenarios[scenario](rank, world, data, out)
         save(out, rank)
     except BaseException:

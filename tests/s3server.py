@@ -17,9 +17,13 @@ import time
 from typing import Any
 
 ENV = {
-    "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-    "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
 }
 
 
@@ -137,7 +141,10 @@ class S3Server:
         self.server_port = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.server_port)],
-            env={**os.environ, **ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            env={**os.environ, **ENV},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -154,10 +161,17 @@ class S3Server:
     def fsspec_config(self) -> dict[str, Any]:
         """s3fs options: this endpoint, dummy keys, no botocore retries and short timeouts (errors come
         fast; s3fs's own retries are the class attribute ``S3FileSystem.retries``)."""
-        return {"endpoint_url": self.endpoint, "key": ENV["AWS_ACCESS_KEY_ID"], "secret": ENV["AWS_SECRET_ACCESS_KEY"],
-                "client_kwargs": {"region_name": "us-east-1"},
-                "config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"},
-                                  "connect_timeout": 2, "read_timeout": 20}}
+        return {
+            "endpoint_url": self.endpoint,
+            "key": ENV["AWS_ACCESS_KEY_ID"],
+            "secret": ENV["AWS_SECRET_ACCESS_KEY"],
+            "client_kwargs": {"region_name": "us-east-1"},
+            "config_kwargs": {
+                "retries": {"max_attempts": 1, "mode": "standard"},
+                "connect_timeout": 2,
+                "read_timeout": 20,
+            },
+        }
 
     def close(self) -> None:
         self.proxy.close()

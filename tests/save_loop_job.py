@@ -1,6 +1,6 @@
 """Saves checkpoints in a loop until killed; each step's tensors are a function of the step.
 
-    python save_loop_job.py RUN_DIR [--keep-last N] [--mb SIZE]
+python save_loop_job.py RUN_DIR [--keep-last N] [--mb SIZE]
 """
 
 import argparse

@@ -79,8 +79,7 @@ def main(argv: list[str]) -> None:
     model = nn.Sequential(nn.Linear(16, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, 2))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.9)  # stepped every batch
-    loader = StatefulDataLoader(ds, batch_size=32, shuffle=True, num_workers=a.workers,
-                                persistent_workers=a.persistent)
+    loader = StatefulDataLoader(ds, batch_size=32, shuffle=True, num_workers=a.workers, persistent_workers=a.persistent)
     loss_fn = nn.CrossEntropyLoss()
     state = {"model": model, "optimizer": opt, "scheduler": sched, "loader": loader}
     with tk.CheckpointManager(a.run, keep_last=2) as mgr:

@@ -40,15 +40,18 @@ def _train(state, n=3):
 RECS = [Record(s, {"loss": l}) for s, l in [(100, 0.9), (200, 0.5), (300, 0.7), (400, 0.2), (500, 0.6), (1000, 0.8)]]
 
 
-@pytest.mark.parametrize("policies,keep", [
-    ([LatestN(2)], {500, 1000}),
-    ([LatestN(1)], {1000}),
-    ([BestN("loss", "min", 1)], {400, 1000}),
-    ([BestN("loss", "max", 2)], {100, 1000}),
-    ([EveryNSteps(200)], {200, 400, 1000}),
-    ([LatestN(1), BestN("loss", "min", 2), EveryNSteps(1000)], {200, 400, 1000}),
-    ([], {1000}),
-])
+@pytest.mark.parametrize(
+    "policies,keep",
+    [
+        ([LatestN(2)], {500, 1000}),
+        ([LatestN(1)], {1000}),
+        ([BestN("loss", "min", 1)], {400, 1000}),
+        ([BestN("loss", "max", 2)], {100, 1000}),
+        ([EveryNSteps(200)], {200, 400, 1000}),
+        ([LatestN(1), BestN("loss", "min", 2), EveryNSteps(1000)], {200, 400, 1000}),
+        ([], {1000}),
+    ],
+)
 def test_policy_table(policies, keep):
     assert to_keep(RECS, policies) == keep
 
@@ -79,7 +82,8 @@ def test_round_trip_everything(tmp):
     so, fo = st["optimizer"].state_dict(), fresh["optimizer"].state_dict()
     assert so["param_groups"] == fo["param_groups"]
     assert so["state"].keys() == fo["state"].keys() and all(
-        torch.equal(so["state"][k]["exp_avg"], fo["state"][k]["exp_avg"]) for k in so["state"])
+        torch.equal(so["state"][k]["exp_avg"], fo["state"][k]["exp_avg"]) for k in so["state"]
+    )
     assert fresh["scheduler"].state_dict() == st["scheduler"].state_dict()
     assert fresh["epoch"] == 5 and torch.equal(fresh["best"], st["best"])
 
@@ -108,6 +112,7 @@ def test_rng_saved_compactly_and_old_checkpoints_still_restore(tmp):
         want = [random.random(), random.gauss(0, 1)]
         old = dict(tk.load(rng_file), python=(version, internal.tolist(), gauss))  # the earlier layout
         from tensorkeep.checkpoint import rng
+
         rng.restore(old)
         assert [random.random(), random.gauss(0, 1)] == want
 
@@ -162,7 +167,9 @@ def _corrupt_manifest_garbage(d):
     open(os.path.join(d, "manifest.json"), "w").write('{"format": "tensorkeep-checkpoint", "version": 1, "step": NaN}')
 
 
-@pytest.mark.parametrize("damage", [_corrupt_truncate, _corrupt_flip, _corrupt_manifest_missing, _corrupt_manifest_garbage])
+@pytest.mark.parametrize(
+    "damage", [_corrupt_truncate, _corrupt_flip, _corrupt_manifest_missing, _corrupt_manifest_garbage]
+)
 def test_damaged_newest_falls_back(tmp, damage):
     st = _state()
     with tk.CheckpointManager(tmp) as mgr:

@@ -138,8 +138,12 @@ def test_kill9_during_async_saves(tmp):
     rnd = random.Random(7)
     run = os.path.join(tmp, "run")
     for _ in range(sizes.async_kill_trials):
-        p = subprocess.Popen([sys.executable, script("save_loop_job.py"), run, "--mb", "4",
-                              "--async-save"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p = subprocess.Popen(
+            [sys.executable, script("save_loop_job.py"), run, "--mb", "4", "--async-save"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         line = p.stdout.readline()
         assert line.startswith("COMMITTED"), p.stderr.read()[-2000:]
         time.sleep(rnd.uniform(0, 0.3))

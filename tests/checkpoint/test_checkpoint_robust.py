@@ -29,8 +29,10 @@ def test_lock_left_by_a_dead_job_with_our_pid_is_taken_over(tmp):
 
 
 def test_lock_is_released_when_its_owner_is_killed(tmp):
-    code = (f"import sys, tensorkeep as tk\nm = tk.CheckpointManager({tmp!r})\nprint('HELD', flush=True)\n"
-            "sys.stdin.read()\n")
+    code = (
+        f"import sys, tensorkeep as tk\nm = tk.CheckpointManager({tmp!r})\nprint('HELD', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
     p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "HELD"

@@ -58,15 +58,26 @@ def test_a_damaged_manifest_is_a_damaged_checkpoint(tmp, what):
 
 
 @settings(max_examples=60, deadline=None)
-@given(value=st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-                          lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
-                          max_leaves=6),
-       key=st.sampled_from(["time", "step", "files", "metrics", "versions", "format", "version", "environment",
-                            "parts", "packs", "bytes"]))
+@given(
+    value=st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+        lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
+        max_leaves=6,
+    ),
+    key=st.sampled_from(
+        ["time", "step", "files", "metrics", "versions", "format", "version", "environment", "parts", "packs", "bytes"]
+    ),
+)
 def test_any_value_in_any_field_gives_a_manifest_or_a_format_error(key, value):
-    m = {"format": "tensorkeep-checkpoint", "version": 1, "step": 3, "time": 1.5, "metrics": {},
-         "files": {"model.tk": {"size": 10, "crc32": "0badcafe", "key": "model", "kind": "state_dict"}},
-         "versions": {}}
+    m = {
+        "format": "tensorkeep-checkpoint",
+        "version": 1,
+        "step": 3,
+        "time": 1.5,
+        "metrics": {},
+        "files": {"model.tk": {"size": 10, "crc32": "0badcafe", "key": "model", "kind": "state_dict"}},
+        "versions": {},
+    }
     m[key] = value
     try:
         layout.parse_manifest(json.dumps(m).encode(), "manifest.json")

@@ -47,8 +47,15 @@ def test_a_changed_thread_count_and_flag_are_named():
 
 def test_versions_devices_and_environment_are_named():
     now = det.capture(["cpu"])
-    saved = {**now, "torch": "2.0.0", "numpy": "1.26.4", "cpu_capability": "AVX512", "devices": ["cuda"],
-             "gpus": ["NVIDIA H100"], "env": {**now["env"], "OMP_NUM_THREADS": "1", "MKL_DYNAMIC": None}}
+    saved = {
+        **now,
+        "torch": "2.0.0",
+        "numpy": "1.26.4",
+        "cpu_capability": "AVX512",
+        "devices": ["cuda"],
+        "gpus": ["NVIDIA H100"],
+        "env": {**now["env"], "OMP_NUM_THREADS": "1", "MKL_DYNAMIC": None},
+    }
     current = {**now, "gpus": ["NVIDIA A100"], "env": {**now["env"], "OMP_NUM_THREADS": None, "MKL_DYNAMIC": "FALSE"}}
     assert det.differences(saved, current) == [
         f"torch version: saved with 2.0.0, now {torch.__version__}",
@@ -65,10 +72,20 @@ def test_missing_and_malformed_records():
     assert det.differences(None) == []  # recorded by a tensorkeep that recorded nothing
     assert det.differences({}) == []  # nothing recorded: nothing to compare
     assert det.differences({"env": "x"}) == []
-    assert det.differences([1, 2]) == ["the checkpoint's record of its settings is unreadable (a JSON list, not an object)"]
+    assert det.differences([1, 2]) == [
+        "the checkpoint's record of its settings is unreadable (a JSON list, not an object)"
+    ]
     now = det.capture()
-    lines = det.differences({"threads": "two", "torch": 10**5000, "numpy": {"a": 1}, "gpus": [1, 2],
-                             "env": {"OMP_NUM_THREADS": [1], "MKL_NUM_THREADS": "\x1b]0;owned\x07"}}, now)
+    lines = det.differences(
+        {
+            "threads": "two",
+            "torch": 10**5000,
+            "numpy": {"a": 1},
+            "gpus": [1, 2],
+            "env": {"OMP_NUM_THREADS": [1], "MKL_NUM_THREADS": "\x1b]0;owned\x07"},
+        },
+        now,
+    )
     assert lines == [
         f"torch version: saved with <int>, now {torch.__version__}",
         f"NumPy version: saved with <dict>, now {now['numpy']}",
@@ -78,9 +95,11 @@ def test_missing_and_malformed_records():
     ]
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=200),
-                           lambda c: st.lists(c, max_size=5) | st.dictionaries(st.text(max_size=10), c, max_size=5),
-                           max_leaves=20)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=200),
+    lambda c: st.lists(c, max_size=5) | st.dictionaries(st.text(max_size=10), c, max_size=5),
+    max_leaves=20,
+)
 keys = st.sampled_from([*det._LABELS, "env"]) | st.text(max_size=10)
 env = st.dictionaries(st.sampled_from(det.ENV_VARS) | st.text(max_size=5), json_values, max_size=8)
 
@@ -105,11 +124,14 @@ def test_devices_of_a_state():
 def test_pin_and_the_pinned_environment_in_a_child():
     """A child started with PINNED_ENV runs one thread (whatever its CPUs); pin() sets the flags.
     The doctests run there too: they pin, which must not leak into this process."""
-    code = ("import doctest, json, torch; from tensorkeep.checkpoint import determinism as d; "
-            "t = torch.get_num_threads(); f = doctest.testmod(d).failed; "
-            "print(json.dumps([t, f, torch.are_deterministic_algorithms_enabled(), d.capture()['env']]))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, **det.PINNED_ENV})
+    code = (
+        "import doctest, json, torch; from tensorkeep.checkpoint import determinism as d; "
+        "t = torch.get_num_threads(); f = doctest.testmod(d).failed; "
+        "print(json.dumps([t, f, torch.are_deterministic_algorithms_enabled(), d.capture()['env']]))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env={**os.environ, **det.PINNED_ENV}
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     threads, failed, deterministic, child_env = json.loads(r.stdout.splitlines()[-1])
     assert (threads, failed, deterministic) == (1, 0, True), r.stdout
@@ -128,9 +150,14 @@ def test_the_resume_tests_training_job_computes_the_same_bits_on_one_cpu_and_on_
     outs = []
     for i, cpus in enumerate([{min(os.sched_getaffinity(0))}, None]):
         outs.append(os.path.join(tmp, f"out{i}.tk"))
-        r = subprocess.run([sys.executable, job, os.path.join(tmp, f"run{i}"), outs[-1], "--epochs", "1"], env=env,
-                           capture_output=True, text=True, timeout=300,
-                           preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+        r = subprocess.run(
+            [sys.executable, job, os.path.join(tmp, f"run{i}"), outs[-1], "--epochs", "1"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
     a, b = tk.load(outs[0]), tk.load(outs[1])
     assert a.keys() == b.keys()

@@ -99,7 +99,7 @@ def test_a_forked_child_neither_keeps_nor_releases_the_lock_and_cannot_use_the_m
     try:
         lines = _lines_until(p, "READY")
         assert "CHILD HUNG" not in lines, lines
-        child = json.loads(next(l for l in lines if l.startswith("CHILD"))[len("CHILD "):])
+        child = json.loads(next(l for l in lines if l.startswith("CHILD"))[len("CHILD ") :])
         for name in ("save", "restore", "prune", "wait"):
             assert f"belongs to process {p.pid}, not to this one" in child[name], (name, child[name])
             assert run in child[name]

@@ -54,7 +54,10 @@ def test_frozen_tensors_are_written_once_and_every_step_restores_exactly(tmp):
         for step in range(1, 5):
             _train(net, opt)
             mgr.save(step, {"model": net, "optimizer": opt, "arr": np.arange(3) * step, "note": f"s{step}"})
-            saved[step] = (_copy(net.state_dict()), _copy({k: v["momentum_buffer"] for k, v in opt.state_dict()["state"].items()}))
+            saved[step] = (
+                _copy(net.state_dict()),
+                _copy({k: v["momentum_buffer"] for k, v in opt.state_dict()["state"].items()}),
+            )
         infos = {c.step: c for c in tk.list_checkpoints(tmp)}
     frozen = net[0].weight.numel() * 4 + net[1].weight.numel() * 4 + net[1].bias.numel() * 4
     first, later = infos[1], infos[3]
@@ -139,6 +142,7 @@ def test_cleanup_interrupted_at_any_deletion_never_loses_a_kept_checkpoint(tmp, 
             if calls["n"] > fail_at:
                 raise KeyboardInterrupt("simulated crash during cleanup")
             return real(*a, **k)
+
         return f
 
     for name in ("unlink", "rename", "rmdir"):  # the primitives (unlink_if_exists calls unlink)
@@ -218,14 +222,17 @@ def test_an_unreadable_manifest_stops_pack_cleanup(tmp):
     assert set(before) | {os.path.basename(junk)} <= set(os.listdir(packs.packs_dir(tmp)))
 
 
-@pytest.mark.parametrize("edit", [
-    lambda d: d["packs"].clear(),
-    lambda d: d["parts"]["values.tk"]["tensors"].update(w=["00" * 32]),
-    lambda d: d["parts"]["values.tk"]["tensors"].update(w=["zz" * 32, next(iter(d["packs"]))]),
-    lambda d: d["packs"].update({"../../etc/passwd": {"size": 1, "crc32": "0"}}),
-    lambda d: d["parts"]["values.tk"].pop("key"),
-    lambda d: d.update(parts=[]),
-])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: d["packs"].clear(),
+        lambda d: d["parts"]["values.tk"]["tensors"].update(w=["00" * 32]),
+        lambda d: d["parts"]["values.tk"]["tensors"].update(w=["zz" * 32, next(iter(d["packs"]))]),
+        lambda d: d["packs"].update({"../../etc/passwd": {"size": 1, "crc32": "0"}}),
+        lambda d: d["parts"]["values.tk"].pop("key"),
+        lambda d: d.update(parts=[]),
+    ],
+)
 def test_a_malformed_incremental_manifest_is_refused(tmp, edit):
     with tk.CheckpointManager(tmp, incremental=True) as mgr:
         mgr.save(1, {"w": torch.ones(10)})

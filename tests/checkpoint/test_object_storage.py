@@ -87,13 +87,21 @@ def base(request):
 
 def _state(seed: int = 0, rows: int = 64) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return {"w": torch.randn(rows, 256, generator=g), "b": torch.randn(256, generator=g).to(torch.bfloat16),
-            "i": torch.arange(7), "arr": np.arange(5, dtype=np.float64), "step": seed, "name": "x"}
+    return {
+        "w": torch.randn(rows, 256, generator=g),
+        "b": torch.randn(256, generator=g).to(torch.bfloat16),
+        "i": torch.arange(7),
+        "arr": np.arange(5, dtype=np.float64),
+        "step": seed,
+        "name": "x",
+    }
 
 
 def _equal(a: dict, b: dict) -> bool:
-    return all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) if not isinstance(a[k], (int, str)) else a[k] == b[k]
-               for k in a)
+    return all(
+        torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) if not isinstance(a[k], (int, str)) else a[k] == b[k]
+        for k in a
+    )
 
 
 # ----------------------------------------------------------------------------- single files
@@ -193,7 +201,12 @@ def test_manager_save_list_restore_retention(base):
     assert [(c.step, c.status) for c in infos] == [(2, "ok"), (4, "ok"), (5, "ok")]
     assert infos[0].metrics == {"loss": 0.1} and infos[0].bytes_held > 0
     listing = backend(run).list("")
-    assert {k.split("/")[0] for k in listing} == {".tensorkeep.owner", "step_00000002", "step_00000004", "step_00000005"}
+    assert {k.split("/")[0] for k in listing} == {
+        ".tensorkeep.owner",
+        "step_00000002",
+        "step_00000004",
+        "step_00000005",
+    }
 
     net2, opt2, state2 = _train_state()
     with tk.CheckpointManager(run, keep_last=2, keep_best=("loss", "min")) as mgr:

@@ -26,10 +26,27 @@ from tensorkeep.cli import main as cli
 from tensorkeep.storage import local as _io
 
 # Names a user (or another tool) may well have in a model or run directory, many named like ours.
-NAMES = ["config.json", "tokenizer.json", "README.md", "notes.txt", ".hidden", "model-extra.safetensors",
-         "step_00000001", "step_00000002", "step_00000003", "step_00000009", "step_x", "packs",
-         "distributed.json.bak", "manifest.json", ".step_00000002.tk-tmp-notmine", ".tensorkeep.lock.bak",
-         "rank-00000-of-00001.tk.txt", "mine.tk", ".model.safetensors.tk-tmp-x-y"]
+NAMES = [
+    "config.json",
+    "tokenizer.json",
+    "README.md",
+    "notes.txt",
+    ".hidden",
+    "model-extra.safetensors",
+    "step_00000001",
+    "step_00000002",
+    "step_00000003",
+    "step_00000009",
+    "step_x",
+    "packs",
+    "distributed.json.bak",
+    "manifest.json",
+    ".step_00000002.tk-tmp-notmine",
+    ".tensorkeep.lock.bak",
+    "rank-00000-of-00001.tk.txt",
+    "mine.tk",
+    ".model.safetensors.tk-tmp-x-y",
+]
 INNER = ["notes.txt", "manifest.json", "model.tk", "00000001-deadbeef.tk", "sub"]
 KINDS = ["file", "dir", "link-in", "link-out", "link-out-dir", "link-dangling"]
 
@@ -90,8 +107,9 @@ def snapshot(root: str) -> dict[str, tuple]:
     return out
 
 
-def check_untouched(before_target: dict, after_target: dict, before_out: dict, after_out: dict,
-                    foreign: list[tuple[str, str]]) -> None:
+def check_untouched(
+    before_target: dict, after_target: dict, before_out: dict, after_out: dict, foreign: list[tuple[str, str]]
+) -> None:
     assert after_out == before_out, "something outside the target directory changed"
     for rel, _ in foreign:
         assert rel in after_target, f"{rel} was deleted"
@@ -157,8 +175,14 @@ def _ops(target: str, work: str):
             tk.save_distributed(_state(v), target)
         assert torch.equal(tk.load(target)["w"], _state(2.0)["w"])
 
-    return {"save_sharded": sharded, "save_model": model, "convert": convert, "manager": manager,
-            "prune": prune_cli, "save_distributed": distributed}
+    return {
+        "save_sharded": sharded,
+        "save_model": model,
+        "convert": convert,
+        "manager": manager,
+        "prune": prune_cli,
+        "save_distributed": distributed,
+    }
 
 
 def _crashed_temps(run: str) -> None:
@@ -183,8 +207,12 @@ def test_only_what_tensorkeep_wrote_is_deleted_or_replaced(tmp_path_factory, op,
         try:
             _ops(target, work)[op]()
         except tk.TensorkeepError as e:  # refusing is allowed (e.g. a foreign file where a step goes)
-            assert "tensorkeep did not write" in str(e) or "not a checkpoint" in str(e) \
-                or "symbolic link" in str(e) or "not a directory" in str(e), e
+            assert (
+                "tensorkeep did not write" in str(e)
+                or "not a checkpoint" in str(e)
+                or "symbolic link" in str(e)
+                or "not a directory" in str(e)
+            ), e
     check_untouched(before_t, snapshot(target), before_o, snapshot(outside), tree)
     shutil.rmtree(work)
 
@@ -203,7 +231,10 @@ def test_save_sharded_keeps_a_model_folders_other_files(tmp):
         back = tk.load(tmp)
         assert all(torch.equal(back[k], sd[k]) for k in sd)
     assert sorted(n for n in os.listdir(tmp) if "safetensors" in n) == [
-        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ]
 
 
 def test_convert_into_the_current_directory_keeps_the_project(tmp):
@@ -225,8 +256,11 @@ def test_opening_a_run_never_deletes_a_users_step_directory_or_packs(tmp):
     mine = layout.step_dir(tmp, 5)
     os.makedirs(os.path.join(tmp, "packs"))
     os.makedirs(mine)
-    for p in (os.path.join(mine, "notes.txt"), os.path.join(tmp, "packs", "data.bin"),
-              os.path.join(tmp, "packs", "00000001-deadbeef.tk")):  # a pack's name, not a tensorkeep file
+    for p in (
+        os.path.join(mine, "notes.txt"),
+        os.path.join(tmp, "packs", "data.bin"),
+        os.path.join(tmp, "packs", "00000001-deadbeef.tk"),
+    ):  # a pack's name, not a tensorkeep file
         with open(p, "w") as f:
             f.write("mine")
     with pytest.warns(UserWarning, match="never deletes it"):
@@ -358,10 +392,14 @@ def test_object_storage_cleanup_deletes_only_tensorkeeps_objects():
 
     url = f"memory://tk-own-{uuid.uuid4().hex}"
     fs = fsspec.filesystem("memory")
-    root = url[len("memory://"):]
-    foreign = {f"{root}/step_00000009/notes.txt": b"mine", f"{root}/step_00000001/eval.json": b"{}",
-               f"{root}/packs/readme.txt": b"mine", f"{root}/packs/00000001-deadbeef.tk": b"not a pack",
-               f"{root}/config.json": b"{}"}
+    root = url[len("memory://") :]
+    foreign = {
+        f"{root}/step_00000009/notes.txt": b"mine",
+        f"{root}/step_00000001/eval.json": b"{}",
+        f"{root}/packs/readme.txt": b"mine",
+        f"{root}/packs/00000001-deadbeef.tk": b"not a pack",
+        f"{root}/config.json": b"{}",
+    }
     for k, v in foreign.items():
         fs.pipe_file(k, v)
     with warnings.catch_warnings():

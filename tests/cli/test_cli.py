@@ -22,8 +22,12 @@ def run(*args, cwd=None):
 @pytest.fixture
 def sd():
     g = torch.Generator().manual_seed(0)
-    return {"hidden.weight": torch.randn(256, 20, generator=g), "hidden.bias": torch.randn(256, generator=g),
-            "output.weight": torch.randn(10, 256, generator=g), "steps": torch.tensor(7)}
+    return {
+        "hidden.weight": torch.randn(256, 20, generator=g),
+        "hidden.bias": torch.randn(256, generator=g),
+        "output.weight": torch.randn(10, 256, generator=g),
+        "steps": torch.tensor(7),
+    }
 
 
 @pytest.mark.slow

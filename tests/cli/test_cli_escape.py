@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import tensorkeep as tk
 from tensorkeep import cli
 
-EVIL = "\x1b]0;pwned\x07" "\x1b[2J\x1b[H" "\x1b[8m" "\r\b" "\u202e" "\x9b31m" "\x7f" "\u2028" "\u200b" "\ufeff"
+EVIL = "\x1b]0;pwned\x07\x1b[2J\x1b[H\x1b[8m\r\b\u202e\x9b31m\x7f\u2028\u200b\ufeff"
 
 
 def _hidden(text: str) -> list[str]:
@@ -32,8 +32,11 @@ def _cli(*args: str):
 
 
 def _hostile_file(path: str, tag: str = "") -> None:
-    tk.save({f"w{EVIL}{tag}": torch.ones(2), "nested": {f"k{EVIL}": torch.zeros(1), "s": f"v{EVIL}"}}, path,
-            metadata={f"m{EVIL}": f"v{EVIL}"})
+    tk.save(
+        {f"w{EVIL}{tag}": torch.ones(2), "nested": {f"k{EVIL}": torch.zeros(1), "s": f"v{EVIL}"}},
+        path,
+        metadata={f"m{EVIL}": f"v{EVIL}"},
+    )
 
 
 def test_inspect_escapes_names_metadata_and_structure(tmp):

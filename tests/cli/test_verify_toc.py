@@ -21,8 +21,13 @@ import tensorkeep as tk
 from tensorkeep import inspection
 
 EXE = os.path.join(os.path.dirname(sys.executable), "tensorkeep")
-NOT_TENSORS = {"config.json": b'{"hidden_size": 4}', "tokenizer.json": b"{}", "README.md": b"# my model\n",
-               "tokenizer.model": b"\x0a\x05hello" * 10, ".gitattributes": b"*.safetensors filter=lfs\n"}
+NOT_TENSORS = {
+    "config.json": b'{"hidden_size": 4}',
+    "tokenizer.json": b"{}",
+    "README.md": b"# my model\n",
+    "tokenizer.model": b"\x0a\x05hello" * 10,
+    ".gitattributes": b"*.safetensors filter=lfs\n",
+}
 
 
 def _state(seed: int = 0) -> dict:
@@ -133,8 +138,10 @@ def test_a_step_renamed_to_another_step_is_damage(tmp):
 def test_unfinished_saves_and_unreferenced_packs_are_notes_not_damage(tmp):
     run = _run(tmp, incremental=True)
     os.makedirs(os.path.join(run, f".step_00000003.tk-tmp-{os.getpid()}-0a1b2c3d"))
-    shutil.copy(os.path.join(run, "packs", os.listdir(os.path.join(run, "packs"))[0]),
-                os.path.join(run, "packs", "00000003-0badf00d.tk"))
+    shutil.copy(
+        os.path.join(run, "packs", os.listdir(os.path.join(run, "packs"))[0]),
+        os.path.join(run, "packs", "00000003-0badf00d.tk"),
+    )
     res = inspection.verify(run)
     assert res.ok, _damaged(res)
     assert any("unfinished save" in n for n in res.notes) and any("00000003-0badf00d" in n for n in res.notes)
@@ -200,10 +207,14 @@ _NAME = st.text("abcxyz_-.", min_size=1, max_size=12).filter(lambda n: n not in 
 
 
 @settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
-@given(kind=st.sampled_from(["model", "step", "run", "dist"]), change=st.sampled_from(["remove", "add", "foreign"]),
-       pick=st.integers(0, 100), name=_NAME, text=st.text(max_size=40))
-def test_property_every_missing_or_extra_tensor_file_is_damage_and_nothing_else_is(tmp, kind, change, pick, name,
-                                                                                   text):
+@given(
+    kind=st.sampled_from(["model", "step", "run", "dist"]),
+    change=st.sampled_from(["remove", "add", "foreign"]),
+    pick=st.integers(0, 100),
+    name=_NAME,
+    text=st.text(max_size=40),
+)
+def test_property_every_missing_or_extra_tensor_file_is_damage_and_nothing_else_is(tmp, kind, change, pick, name, text):
     base = os.path.join(tmp, f"{kind}-{change}-{pick}-{len(os.listdir(tmp))}")
     d = {"model": _model_dir, "run": _run, "dist": _dist_dir, "step": lambda t: _step(_run(t))}[kind](base)
     if kind == "run":
@@ -228,6 +239,7 @@ def test_property_every_missing_or_extra_tensor_file_is_damage_and_nothing_else_
 @contextmanager
 def _deadline(seconds: float):
     """Fail instead of running for hours: generous, so it catches only an accidental quadratic."""
+
     def fire(*_):
         raise TimeoutError(f"no answer within {seconds} s: is something quadratic in the tensor count again?")
 

@@ -51,10 +51,16 @@ CORPUS = [
     ("leading garbage", st_file(b"x{}", raw=True), "JSON object"),
     ("broken json", st_file(b'{"a": ', raw=True), "JSON"),
     ("trailing json", st_file(b"{}{}", raw=True), "JSON"),
-    ("duplicate keys", st_file(b'{"a":' + json.dumps(T()).encode() + b',"a":' + json.dumps(T()).encode() + b"}",
-                               bytes(8), raw=True), "duplicate"),
-    ("duplicate field", st_file(b'{"a":{"dtype":"F32","dtype":"F32","shape":[2],"data_offsets":[0,8]}}', bytes(8),
-                                raw=True), "duplicate"),
+    (
+        "duplicate keys",
+        st_file(b'{"a":' + json.dumps(T()).encode() + b',"a":' + json.dumps(T()).encode() + b"}", bytes(8), raw=True),
+        "duplicate",
+    ),
+    (
+        "duplicate field",
+        st_file(b'{"a":{"dtype":"F32","dtype":"F32","shape":[2],"data_offsets":[0,8]}}', bytes(8), raw=True),
+        "duplicate",
+    ),
     ("NaN", st_file(b'{"a":{"dtype":"F32","shape":[NaN],"data_offsets":[0,8]}}', bytes(8), raw=True), "NaN"),
     ("Infinity", st_file(b'{"__metadata__":{"a":Infinity}}', raw=True), "Infinity"),
     ("-Infinity", st_file(b'{"x":-Infinity}', raw=True), "Infinity"),
@@ -73,14 +79,20 @@ CORPUS = [
     ("too many dims", st_file({"a": T(shape=(1,) * 65, offs=(0, 4))}, bytes(4)), "shape"),
     ("huge dim", st_file({"a": T(shape=(2**63,), offs=(0, 8))}, bytes(8)), "every dimension"),
     ("overflowing shape", st_file({"a": T(shape=(2**40, 2**40, 2**40), offs=(0, 8))}, bytes(8)), "needs"),
-    ("overflow to 8 bytes mod 2**64", st_file({"a": T("U8", shape=(2**32, 2**32 + 8), offs=(0, 8))}, bytes(8)),
-     "needs"),
+    (
+        "overflow to 8 bytes mod 2**64",
+        st_file({"a": T("U8", shape=(2**32, 2**32 + 8), offs=(0, 8))}, bytes(8)),
+        "needs",
+    ),
     ("negative offset", st_file({"a": T(offs=(-8, 0))}, bytes(8)), "data_offsets"),
     ("float offset", st_file({"a": T(offs=(0.0, 8))}, bytes(8)), "data_offsets"),
     ("bool offset", st_file({"a": T("BOOL", (1,), (False, True))}, bytes(1)), "data_offsets"),
     ("three offsets", st_file({"a": T(offs=(0, 8, 8))}, bytes(8)), "data_offsets"),
-    ("offsets not list", st_file({"a": {"dtype": "F32", "shape": [2], "data_offsets": "0,8"}}, bytes(8)),
-     "data_offsets"),
+    (
+        "offsets not list",
+        st_file({"a": {"dtype": "F32", "shape": [2], "data_offsets": "0,8"}}, bytes(8)),
+        "data_offsets",
+    ),
     ("huge offset", st_file({"a": T(offs=(2**64, 2**64 + 8))}, bytes(8)), "data_offsets"),
     ("reversed offsets", st_file({"a": T("F32", (0,), (8, 0))}, bytes(8)), "reversed"),
     ("shape/offsets mismatch", st_file({"a": T(shape=(3,))}, bytes(8)), "needs 12 bytes"),
@@ -97,11 +109,17 @@ CORPUS = [
     ("metadata int value", st_file({"__metadata__": {"a": 1}}), "must be a string"),
     ("metadata null value", st_file({"__metadata__": {"a": None}}), "must be a string"),
     ("metadata nested", st_file({"__metadata__": {"a": {"b": "c"}}}), "must be a string"),
-    ("lone surrogate name", st_file(b'{"\\ud800":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', bytes(8),
-                                    raw=True), "surrogate"),
+    (
+        "lone surrogate name",
+        st_file(b'{"\\ud800":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', bytes(8), raw=True),
+        "surrogate",
+    ),
     ("lone surrogate metadata", st_file(b'{"__metadata__":{"k":"\\udfff"}}', raw=True), "surrogate"),
-    ("int too long", st_file(b'{"a":{"dtype":"F32","shape":[' + b"9" * 5000 + b'],"data_offsets":[0,8]}}', bytes(8),
-                             raw=True), "JSON"),
+    (
+        "int too long",
+        st_file(b'{"a":{"dtype":"F32","shape":[' + b"9" * 5000 + b'],"data_offsets":[0,8]}}', bytes(8), raw=True),
+        "JSON",
+    ),
     ("tensorkeep metadata in a plain file", st_file({"__metadata__": {"tensorkeep": "{}"}}), "tensorkeep"),
     # found by the mutation fuzzer (tests/fuzz_mutation.py): torch.empty raised RuntimeError
     ("empty tensor with huge dims", st_file({"a": T("F32", (0, 2**62, 4), (0, 0))}), "too large"),
@@ -124,7 +142,7 @@ def _reencode(data: bytes, edit) -> bytes:
     edit(head, record)
     head["__metadata__"]["tensorkeep"] = fmt.dumps(record)
     text = fmt.dumps(head).encode()
-    out = bytearray(struct.pack("<Q", len(text)) + text + data[8 + n:])
+    out = bytearray(struct.pack("<Q", len(text)) + text + data[8 + n :])
     at = 8 + len(fmt.TK_PREFIX)
     out[at : at + 8] = b"%08x" % fmt.header_crc(out[: 8 + len(text)])
     return bytes(out)
@@ -160,8 +178,13 @@ CORPUS += [(name, data, words) for name, (data, words) in CRC_CASES.items()]
 CORPUS += [
     ("tensorkeep lookalike", _lookalike(), "starts like a tensorkeep header"),
     # found by the mutation fuzzer: one tensor loaded as a NumPy array where the structure says torch
-    ("tensor and array at once", _reencode(_tk_file({"x": torch.ones(2), "y": torch.zeros(2)}),
-                                           lambda h, r: r["tree"]["d"].append(["z", {"n": "x"}])), "NumPy array"),
+    (
+        "tensor and array at once",
+        _reencode(
+            _tk_file({"x": torch.ones(2), "y": torch.zeros(2)}), lambda h, r: r["tree"]["d"].append(["z", {"n": "x"}])
+        ),
+        "NumPy array",
+    ),
 ]
 
 
@@ -205,8 +228,15 @@ def test_safetensors_refuses_what_we_refuse_spot_check(corpus_dir):
     more than 64 dimensions and misplaced tensorkeep metadata, which safetensors accepts)."""
     from safetensors import SafetensorError, safe_open
 
-    for name in ("length past eof", "overlap", "hole between", "trailing bytes",
-                 "unknown dtype", "shape/offsets mismatch", "metadata int value"):
+    for name in (
+        "length past eof",
+        "overlap",
+        "hole between",
+        "trailing bytes",
+        "unknown dtype",
+        "shape/offsets mismatch",
+        "metadata int value",
+    ):
         i = [c[0] for c in CORPUS].index(name)
         with pytest.raises(SafetensorError):
             with safe_open(os.path.join(corpus_dir, f"{i}.safetensors"), "pt") as f:
@@ -230,13 +260,21 @@ def test_header_cap_is_checked_before_reading(tmp, monkeypatch):
 
 # ----------------------------------------------------------------------------- fuzz
 
+
 def _field_value(r: random.Random):
-    return r.choice([
-        lambda: r.randint(-3, 40), lambda: r.randint(-(2**70), 2**70), lambda: r.uniform(-1e3, 1e3),
-        lambda: r.random() < 0.5, lambda: None, lambda: "".join(r.choice("ab0{\\u00e9") for _ in range(r.randint(0, 3))),
-        lambda: r.choice(list(fmt.DTYPE_SIZES) + ["F128", "f32", ""]),
-        lambda: [r.randint(-2, 20) for _ in range(r.randint(0, 3))], lambda: {"k": r.randint(0, 9)},
-    ])()
+    return r.choice(
+        [
+            lambda: r.randint(-3, 40),
+            lambda: r.randint(-(2**70), 2**70),
+            lambda: r.uniform(-1e3, 1e3),
+            lambda: r.random() < 0.5,
+            lambda: None,
+            lambda: "".join(r.choice("ab0{\\u00e9") for _ in range(r.randint(0, 3))),
+            lambda: r.choice(list(fmt.DTYPE_SIZES) + ["F128", "f32", ""]),
+            lambda: [r.randint(-2, 20) for _ in range(r.randint(0, 3))],
+            lambda: {"k": r.randint(0, 9)},
+        ]
+    )()
 
 
 def structured_header(seed: int) -> bytes:
@@ -275,7 +313,10 @@ def structured_header(seed: int) -> bytes:
             data_len = max(0, data_len + r.randint(-9, 9))
         elif kind == "swap" and len(names) >= 2:
             a, b = r.sample(names, 2)
-            header[a]["data_offsets"], header[b]["data_offsets"] = header[b].get("data_offsets"), header[a].get("data_offsets")
+            header[a]["data_offsets"], header[b]["data_offsets"] = (
+                header[b].get("data_offsets"),
+                header[a].get("data_offsets"),
+            )
         elif kind == "dup" and name is not None:
             header[name + "2"] = dict(header[name])
     text = json.dumps(header, ensure_ascii=r.random() < 0.5).encode() + b" " * r.randint(0, 9)
@@ -303,7 +344,11 @@ def byte_mutation(seed: int) -> bytes:
         elif kind == "delete":
             del base[i : i + r.randint(1, 4)]
         elif kind == "length" and len(base) >= 8:
-            n = r.randrange(2**64) if r.random() < 0.3 else max(0, struct.unpack("<Q", base[:8])[0] + r.randint(-16, 16))
+            n = (
+                r.randrange(2**64)
+                if r.random() < 0.3
+                else max(0, struct.unpack("<Q", base[:8])[0] + r.randint(-16, 16))
+            )
             base[:8] = struct.pack("<Q", n)
         elif kind == "truncate":
             del base[i:]
@@ -313,8 +358,10 @@ def byte_mutation(seed: int) -> bytes:
 def _seed_files():
     out = [GOOD, st_file({}), st_file({"__metadata__": {"k": "v"}, "x": T("BF16", (2, 2), (0, 8))}, bytes(8))]
     with tempfile.TemporaryDirectory() as d:
-        for obj in ({"w": torch.arange(6.0).reshape(2, 3), "n": np.arange(3, dtype=np.int16), "s": "x"},
-                    [torch.ones(0), 1.5, None]):
+        for obj in (
+            {"w": torch.arange(6.0).reshape(2, 3), "n": np.arange(3, dtype=np.int16), "s": "x"},
+            [torch.ones(0), 1.5, None],
+        ):
             p = os.path.join(d, "f.tk")
             tk.save(obj, p)
             out.append(open(p, "rb").read())
@@ -350,8 +397,12 @@ def check_accepted(data: bytes, h: fmt.Header) -> None:
 
 @pytest.mark.fuzz
 @pytest.mark.slow
-@settings(max_examples=sizes.fuzz_examples, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+@settings(
+    max_examples=sizes.fuzz_examples,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
 @given(data=headers)
 def test_fuzz_parse_header_only_raises_format_error(data):
     try:
@@ -362,8 +413,12 @@ def test_fuzz_parse_header_only_raises_format_error(data):
 
 
 @pytest.mark.fuzz
-@settings(max_examples=max(50, sizes.fuzz_examples // 50), deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=max(50, sizes.fuzz_examples // 50),
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(data=headers)
 def test_fuzz_files_load_or_raise_format_error(data):
     """Through tk.load / tk.open on real files: FormatError or tensors equal to the data area slices."""
@@ -391,7 +446,7 @@ def test_fuzz_files_load_or_raise_format_error(data):
                 want = data[h.data_start + t.begin : h.data_start + t.end]
                 got = f.get(name)
                 flat = got.reshape(-1)
-                raw = (flat.view(torch.uint8).numpy() if isinstance(got, torch.Tensor) else flat.view(np.uint8))
+                raw = flat.view(torch.uint8).numpy() if isinstance(got, torch.Tensor) else flat.view(np.uint8)
                 assert raw.tobytes() == want, name
                 assert tuple(got.shape) == t.shape
         if not h.is_tensorkeep:

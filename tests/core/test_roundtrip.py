@@ -31,15 +31,65 @@ from tensorkeep.core.tree import flatten
 
 # Every torch dtype safetensors knows.
 TORCH_DTYPES = [
-    torch.bool, torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32, torch.uint32,
-    torch.int64, torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64,
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.uint16,
+    torch.int32,
+    torch.uint32,
+    torch.int64,
+    torch.uint64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
     torch.complex64,
-] + [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz",
-                                 "float8_e8m0fnu") if hasattr(torch, n)]
-NUMPY_DTYPES = ["?", "u1", "i1", "<i2", ">i2", "<u2", ">u2", "<i4", ">i4", "<u4", ">u4", "<i8", ">i8",
-                "<u8", ">u8", "<f2", ">f2", "<f4", ">f4", "<f8", ">f8", "<c8", ">c8"]
-NUMPY_SCALARS = [np.bool_, np.uint8, np.int8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64,
-                 np.float16, np.float32, np.float64, np.complex64]
+] + [
+    getattr(torch, n)
+    for n in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu")
+    if hasattr(torch, n)
+]
+NUMPY_DTYPES = [
+    "?",
+    "u1",
+    "i1",
+    "<i2",
+    ">i2",
+    "<u2",
+    ">u2",
+    "<i4",
+    ">i4",
+    "<u4",
+    ">u4",
+    "<i8",
+    ">i8",
+    "<u8",
+    ">u8",
+    "<f2",
+    ">f2",
+    "<f4",
+    ">f4",
+    "<f8",
+    ">f8",
+    "<c8",
+    ">c8",
+]
+NUMPY_SCALARS = [
+    np.bool_,
+    np.uint8,
+    np.int8,
+    np.int16,
+    np.uint16,
+    np.int32,
+    np.uint32,
+    np.int64,
+    np.uint64,
+    np.float16,
+    np.float32,
+    np.float64,
+    np.complex64,
+]
 
 SLOW_OK = settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -63,7 +113,9 @@ def assert_same(a, b, where="obj"):
     """``b`` (loaded) is ``a`` (saved): same types, keys, key types, order, and bit-identical data."""
     if isinstance(a, torch.Tensor):
         assert type(b) is type(a), f"{where}: {type(b)} != {type(a)}"
-        assert b.dtype == a.dtype and b.shape == a.shape, f"{where}: {b.dtype}{list(b.shape)} != {a.dtype}{list(a.shape)}"
+        assert b.dtype == a.dtype and b.shape == a.shape, (
+            f"{where}: {b.dtype}{list(b.shape)} != {a.dtype}{list(a.shape)}"
+        )
         assert tbytes(b) == tbytes(a), f"{where}: data differs"
         assert b.requires_grad == a.requires_grad, where
         return
@@ -168,18 +220,30 @@ def numpy_scalars(draw):
     return np.frombuffer(draw(st.binary(min_size=size, max_size=size)), dtype=t)[0]
 
 
-plain = (st.none() | st.booleans() | st.integers() | st.integers(-(2**200), 2**200)
-         | st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([-0.0, math.nan, math.inf, -math.inf])
-         | st.text(max_size=8))
+plain = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(-(2**200), 2**200)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.sampled_from([-0.0, math.nan, math.inf, -math.inf])
+    | st.text(max_size=8)
+)
 leaves = plain | torch_tensors() | numpy_arrays() | numpy_scalars()
-keys = (st.text(max_size=6) | st.integers(-(2**70), 2**70)
-        | st.sampled_from(["第一个张量", "第二个张量", "a.b", "__metadata__", "", "é", "0", "1"]))
+keys = (
+    st.text(max_size=6)
+    | st.integers(-(2**70), 2**70)
+    | st.sampled_from(["第一个张量", "第二个张量", "a.b", "__metadata__", "", "é", "0", "1"])
+)
 
 
 def containers(children):
-    return (st.lists(children, max_size=4) | st.lists(children, max_size=4).map(tuple)
-            | st.dictionaries(keys, children, max_size=4)
-            | st.dictionaries(keys, children, max_size=4).map(OrderedDict))
+    return (
+        st.lists(children, max_size=4)
+        | st.lists(children, max_size=4).map(tuple)
+        | st.dictionaries(keys, children, max_size=4)
+        | st.dictionaries(keys, children, max_size=4).map(OrderedDict)
+    )
 
 
 structures = st.recursive(leaves, containers, max_leaves=10)
@@ -225,8 +289,15 @@ def test_every_dtype_all_layouts(tmp, dtype):
     if dtype == torch.bool:
         raw = raw % 2
     base = raw.view(dtype).reshape(6, 8)
-    obj = {"plain": base, "t": base.T, "step": base[::2, 1::3], "zero": base[:0], "scalar": base[1, 2],
-           "one": base[1:2, ::5][:, :1], "empty3d": torch.empty(0, 3, 0, dtype=dtype)}
+    obj = {
+        "plain": base,
+        "t": base.T,
+        "step": base[::2, 1::3],
+        "zero": base[:0],
+        "scalar": base[1, 2],
+        "one": base[1:2, ::5][:, :1],
+        "empty3d": torch.empty(0, 3, 0, dtype=dtype),
+    }
     p = os.path.join(tmp, "d.tk")
     tk.save(obj, p)
     for lazy in (False, True):
@@ -257,8 +328,13 @@ def test_nan_payloads_and_special_floats(tmp):
 
 
 def test_types_are_kept(tmp):
-    obj = OrderedDict([(1, (torch.ones(2), np.arange(3))), ("第一个张量", [None, True, 0, 1.5, "s"]),
-                       (-7, {2**70: np.float32(1.5), "n": np.int64(-3)})])
+    obj = OrderedDict(
+        [
+            (1, (torch.ones(2), np.arange(3))),
+            ("第一个张量", [None, True, 0, 1.5, "s"]),
+            (-7, {2**70: np.float32(1.5), "n": np.int64(-3)}),
+        ]
+    )
     p = os.path.join(tmp, "t.tk")
     tk.save(obj, p)
     out = tk.load(p)
@@ -285,8 +361,16 @@ def test_tied_weights_stored_once_and_shared(tmp):
     sd = {"emb": emb.state_dict(), "head": head.state_dict(), "alias": w, "again": w, "view": w.view(256, 64)}
     p, q = os.path.join(tmp, "tied.tk"), os.path.join(tmp, "untied.tk")
     tk.save(sd, p)
-    tk.save({"emb": emb.state_dict(), "head": {"weight": emb.weight.detach().clone()}, "alias": w,
-             "again": w.clone(), "view": w.clone()}, q)
+    tk.save(
+        {
+            "emb": emb.state_dict(),
+            "head": {"weight": emb.weight.detach().clone()},
+            "alias": w,
+            "again": w.clone(),
+            "view": w.clone(),
+        },
+        q,
+    )
     # three 64 KiB tensors are written twice in the untied file, once in the tied one
     assert os.path.getsize(q) - os.path.getsize(p) >= 3 * w.nbytes - 4096
     for lazy in (False, True):
@@ -302,8 +386,13 @@ def test_conjugate_and_negative_views_are_not_their_base(tmp):
     # c.conj() and c.conj().imag share c's memory (a lazy bit, not a copy): same address, shape
     # and strides as c and c.imag, different values; each must be stored as what it reads as
     c = torch.tensor([1 + 2j, -3 + 0.5j, 4 - 1j], dtype=torch.complex64)
-    obj = {"c": c, "conj": c.conj(), "imag": c.imag, "neg_imag": c.conj().imag,
-           "conj_t": torch.stack([c, c]).t().conj()}
+    obj = {
+        "c": c,
+        "conj": c.conj(),
+        "imag": c.imag,
+        "neg_imag": c.conj().imag,
+        "conj_t": torch.stack([c, c]).t().conj(),
+    }
     assert obj["conj"].is_conj() and obj["neg_imag"].is_neg()
     p = os.path.join(tmp, "views.tk")
     tk.save(obj, p)
@@ -351,8 +440,16 @@ def test_requires_grad_is_per_reference(tmp):
 
 def test_numpy_big_endian_and_non_contiguous(tmp):
     a = np.arange(24, dtype=">f8").reshape(4, 6)
-    obj = {"be": a, "be_t": a.T, "step": np.arange(20, dtype="<i4")[::3], "fortran": np.asfortranarray(a),
-           "s": np.float16(2.5), "b": np.bool_(True), "c": np.complex64(1 - 2j), "u": np.uint64(2**64 - 1)}
+    obj = {
+        "be": a,
+        "be_t": a.T,
+        "step": np.arange(20, dtype="<i4")[::3],
+        "fortran": np.asfortranarray(a),
+        "s": np.float16(2.5),
+        "b": np.bool_(True),
+        "c": np.complex64(1 - 2j),
+        "u": np.uint64(2**64 - 1),
+    }
     p = os.path.join(tmp, "np.tk")
     tk.save(obj, p)
     out = tk.load(p)
@@ -368,10 +465,18 @@ class Custom:
     pass
 
 
-@pytest.mark.parametrize("bad, what", [
-    (lambda: 1, "function"), ({1, 2}, "set"), (Custom(), "Custom"), (frozenset(), "frozenset"),
-    (b"bytes", "bytes"), (torch.ones(2).to_sparse(), "sparse"), (np.array(["a"]), "<U1"),
-])
+@pytest.mark.parametrize(
+    "bad, what",
+    [
+        (lambda: 1, "function"),
+        ({1, 2}, "set"),
+        (Custom(), "Custom"),
+        (frozenset(), "frozenset"),
+        (b"bytes", "bytes"),
+        (torch.ones(2).to_sparse(), "sparse"),
+        (np.array(["a"]), "<U1"),
+    ],
+)
 def test_refuses_unsupported_values_naming_the_path(tmp, bad, what):
     p = os.path.join(tmp, "ckpt.tk")
     tk.save({"old": torch.arange(3)}, p)
@@ -412,9 +517,14 @@ def test_refuses_subclasses_and_unstorable_dtypes(tmp):
 
 
 def test_safetensors_reads_every_tensor_of_our_files(tmp):
-    obj = {"model": {"w": torch.randn(4, 3).T, "b": torch.arange(5, dtype=torch.int16)},
-           "opt": [{"m": torch.zeros(2, dtype=torch.bfloat16)}], "np": np.arange(6, dtype=">u4"),
-           "f8": torch.ones(3).to(torch.float8_e4m3fn), 7: np.float64(2.5), "step": 3}
+    obj = {
+        "model": {"w": torch.randn(4, 3).T, "b": torch.arange(5, dtype=torch.int16)},
+        "opt": [{"m": torch.zeros(2, dtype=torch.bfloat16)}],
+        "np": np.arange(6, dtype=">u4"),
+        "f8": torch.ones(3).to(torch.float8_e4m3fn),
+        7: np.float64(2.5),
+        "step": 3,
+    }
     p = os.path.join(tmp, "x.safetensors")
     tk.save(obj, p, metadata={"who": "me"})
     _, arrays = flatten(obj)
@@ -429,8 +539,13 @@ def test_safetensors_reads_every_tensor_of_our_files(tmp):
 
 def test_we_read_safetensors_files_with_metadata(tmp):
     p = os.path.join(tmp, "hf.safetensors")
-    sd = {"a.weight": torch.randn(3, 4), "a.bias": torch.arange(3, dtype=torch.float16),
-          "e": torch.zeros(0, 2), "f8": torch.ones(4).to(torch.float8_e5m2), "u": torch.arange(3).to(torch.uint16)}
+    sd = {
+        "a.weight": torch.randn(3, 4),
+        "a.bias": torch.arange(3, dtype=torch.float16),
+        "e": torch.zeros(0, 2),
+        "f8": torch.ones(4).to(torch.float8_e5m2),
+        "u": torch.arange(3).to(torch.uint16),
+    }
     st_save_file(sd, p, metadata={"format": "pt"})
     for lazy in (False, True):
         out = tk.load(p, lazy=lazy)

@@ -75,8 +75,12 @@ def _final(path):
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp, recipe, kill_after):
     job = script("train_job.py")
     ref_out = os.path.join(tmp, "ref.tk")
-    r = subprocess.run([PY, job, os.path.join(tmp, "ref-run"), ref_out, "--recipe", recipe],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [PY, job, os.path.join(tmp, "ref-run"), ref_out, "--recipe", recipe],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     run, out = os.path.join(tmp, "run"), os.path.join(tmp, "resumed.tk")
     p = _spawn([job, run, out, "--recipe", recipe, "--sleep", "0.01"])
@@ -91,8 +95,10 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp, recipe, kill_after
     a, b = _final(ref_out), _final(out)
     assert a.keys() == b.keys()
     for k in a:
-        assert torch.equal(a[k].view(torch.uint8) if a[k].dtype.is_floating_point else a[k],
-                           b[k].view(torch.uint8) if b[k].dtype.is_floating_point else b[k]), k
+        assert torch.equal(
+            a[k].view(torch.uint8) if a[k].dtype.is_floating_point else a[k],
+            b[k].view(torch.uint8) if b[k].dtype.is_floating_point else b[k],
+        ), k
 
 
 def test_disk_full_during_save_keeps_committed_checkpoints(tmp):

@@ -21,13 +21,21 @@ from tensorkeep.storage import local as _io
 
 def state(seed: int = 0, n: int = 4) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return {"model": {f"l{i}.weight": torch.randn(64, 33, generator=g) for i in range(n)},
-            "np": np.arange(100, dtype=np.int16), "step": seed, "f8": torch.ones(7).to(torch.float8_e4m3fn)}
+    return {
+        "model": {f"l{i}.weight": torch.randn(64, 33, generator=g) for i in range(n)},
+        "np": np.arange(100, dtype=np.int16),
+        "step": seed,
+        "f8": torch.ones(7).to(torch.float8_e4m3fn),
+    }
 
 
 def same(a, b) -> bool:
-    return all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]) and np.array_equal(a["np"], b["np"]) \
-        and a["step"] == b["step"] and torch.equal(a["f8"].view(torch.uint8), b["f8"].view(torch.uint8))
+    return (
+        all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+        and np.array_equal(a["np"], b["np"])
+        and a["step"] == b["step"]
+        and torch.equal(a["f8"].view(torch.uint8), b["f8"].view(torch.uint8))
+    )
 
 
 def temps(d: str) -> list[str]:
@@ -55,13 +63,16 @@ def test_both_io_paths_round_trip(tmp, io_path, monkeypatch):
     p = os.path.join(tmp, "x.tk")
     opened = []
     real_open_new = _io.open_new
-    monkeypatch.setattr(_io, "open_new", lambda path, direct=False: opened.append(direct) or real_open_new(path, direct))
+    monkeypatch.setattr(
+        _io, "open_new", lambda path, direct=False: opened.append(direct) or real_open_new(path, direct)
+    )
     tk.save(obj, p)
     assert opened == [io_path == "direct"]
     back = tk.load(p)
     assert same(obj, back) and torch.equal(back["odd"], obj["odd"])
     assert (os.path.getsize(p) - tk.open(p)._r.header.data_start) == sum(
-        t.nbytes for t in tk.open(p)._r.header.tensors.values())
+        t.nbytes for t in tk.open(p)._r.header.tensors.values()
+    )
     assert temps(tmp) == []
 
 
@@ -82,7 +93,9 @@ def test_durable_save_fsyncs_file_then_renames_then_fsyncs_directory(tmp, io_pat
 
     monkeypatch.setattr(_io, "fsync", fsync)
     monkeypatch.setattr(_io, "fsync_dir", lambda path: events.append(("fsync_dir", path)) or real_fsync_dir(path))
-    monkeypatch.setattr(_io, "replace", lambda a, b: events.append(("replace", os.path.basename(b))) or real_replace(a, b))
+    monkeypatch.setattr(
+        _io, "replace", lambda a, b: events.append(("replace", os.path.basename(b))) or real_replace(a, b)
+    )
     p = os.path.join(tmp, "x.tk")
     tk.save(state(3), p)
     assert [e[0] for e in events] == ["fsync", "replace", "fsync_dir"]

@@ -19,8 +19,10 @@ import tensorkeep as tk
 from support import sizes
 
 STRACE = shutil.which("strace")
-pytestmark = [pytest.mark.crash,
-              pytest.mark.skipif(STRACE is None, reason="strace is not installed (the Makefile installs it on Debian)")]
+pytestmark = [
+    pytest.mark.crash,
+    pytest.mark.skipif(STRACE is None, reason="strace is not installed (the Makefile installs it on Debian)"),
+]
 # Each traced run costs ~10 s here (ptrace stops on every syscall of the torch import; injection
 # does not fire under --seccomp-bpf with this strace), so CI injects at a few call sites:
 # --strace-points 0 takes every one, --strace-full adds every pwrite64 and EIO runs.
@@ -101,8 +103,12 @@ def test_single_file_killed_or_failing_at_every_call(tmp):
                 assert _value(p) == 3.0
                 tk.save({"w": torch.full((4096,), 1.0), "b": torch.ones(10)}, p)
                 continue
-            assert r.returncode == 3 and f"SAVEERROR {getattr(__import__('errno'), err)}" in r.stdout, (sc, n, r.stdout,
-                                                                                                    r.stderr[-500:])
+            assert r.returncode == 3 and f"SAVEERROR {getattr(__import__('errno'), err)}" in r.stdout, (
+                sc,
+                n,
+                r.stdout,
+                r.stderr[-500:],
+            )
             assert "previous file" in r.stdout and _value(p) == 1.0
             assert _temps(tmp) == [] or all("x.tk" not in t for t in _temps(tmp))
         tk.save({"w": torch.full((4096,), 1.0), "b": torch.ones(10)}, p)  # also removes the killed save's temp file

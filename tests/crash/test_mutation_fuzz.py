@@ -49,6 +49,7 @@ def test_mutated_files_are_refused_cleanly_or_load_exactly(tmp_path):
 
 # ---------------------------------------------------------------------------- the oracle has teeth
 
+
 @pytest.fixture
 def harness(tmp, monkeypatch):
     """Seeds, an input path and the per-input alarm, in this process."""
@@ -70,8 +71,13 @@ def test_oracle_catches_a_loader_that_skips_checksums(harness, monkeypatch):
     damaged[-1] ^= 1  # the last byte of the data area
     case = Case(bytes(damaged), i, ["flip"], False)
     assert fm.check_case(case, path, seeds, "load", 5.0)[0] == "refused:ChecksumError"
-    monkeypatch.setattr(files._Reader, "read_verified", lambda self, name, buf, first, verify: self.read_range(
-        buf, self.header.data_start + self.header.tensors[name].begin + first * self.block))
+    monkeypatch.setattr(
+        files._Reader,
+        "read_verified",
+        lambda self, name, buf, first, verify: self.read_range(
+            buf, self.header.data_start + self.header.tensors[name].begin + first * self.block
+        ),
+    )
     outcome, detail = fm.check_case(case, path, seeds, "load", 5.0)
     assert outcome == "wrong" and "checksums do not match" in detail, detail
 
@@ -93,10 +99,15 @@ def test_oracle_catches_loaders_that_disagree(harness, monkeypatch):
     assert outcome == "wrong" and "lazy raised what load accepted" in detail, detail
 
 
-@pytest.mark.parametrize("fault, expected", [
-    (KeyError("dtype"), "uncaught"), (MemoryError(), "memory"),
-    (RuntimeError("DefaultCPUAllocator: can't allocate memory"), "memory"), ("sleep", "hang"),
-])
+@pytest.mark.parametrize(
+    "fault, expected",
+    [
+        (KeyError("dtype"), "uncaught"),
+        (MemoryError(), "memory"),
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory"), "memory"),
+        ("sleep", "hang"),
+    ],
+)
 def test_failure_kinds(harness, monkeypatch, fault, expected):
     seeds, path = harness
     i, data = seed_named(seeds, "st-one")
@@ -113,8 +124,10 @@ def test_failure_kinds(harness, monkeypatch, fault, expected):
 
 def test_memory_limit_is_real():
     """The workers' limit: an allocation past it is a MemoryError (which check_case reports), not an OOM kill."""
-    code = (f"import sys, numpy; sys.path.insert(0, {TESTS_DIR!r}); import fuzz_mutation as fm; fm.limit_memory(64 << 20)\n"
-            "try:\n    numpy.ones(256 << 20, numpy.uint8)\nexcept MemoryError:\n    print('MemoryError')")
+    code = (
+        f"import sys, numpy; sys.path.insert(0, {TESTS_DIR!r}); import fuzz_mutation as fm; fm.limit_memory(64 << 20)\n"
+        "try:\n    numpy.ones(256 << 20, numpy.uint8)\nexcept MemoryError:\n    print('MemoryError')"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "MemoryError", r.stdout + r.stderr
 
@@ -146,8 +159,10 @@ def test_seeds_load_exactly():
 
 def test_inputs_are_reproducible(tmp):
     """STREAM:INDEX names one input: the seeds, hence every input, are the same bytes in every process."""
-    code = (f"import hashlib, sys, tempfile; sys.path.insert(0, {TESTS_DIR!r}); import fuzz_inputs as fi\n"
-            "print(*[hashlib.sha256(s.data).hexdigest() for s in fi.make_seeds(tempfile.mkdtemp())])")
+    code = (
+        f"import hashlib, sys, tempfile; sys.path.insert(0, {TESTS_DIR!r}); import fuzz_inputs as fi\n"
+        "print(*[hashlib.sha256(s.data).hexdigest() for s in fi.make_seeds(tempfile.mkdtemp())])"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     seeds = make_seeds(tmp)

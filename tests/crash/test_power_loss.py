@@ -34,6 +34,7 @@ def _assert_clean(rep: crashsim.Report) -> None:
 
 # ------------------------------------------------------------------------------ the model itself
 
+
 def _states(log: Log, k: int) -> set[tuple]:
     return {s for cut, s in crashsim.crash_states(log, 100, random.Random(0)) if cut == k}
 
@@ -42,15 +43,29 @@ def test_model_unsynced_data_may_be_lost_torn_or_extended():
     # one file #1 "f" with durable content "old!"; an unsynced 5000-byte write over it (2 pages)
     log = Log({0: {"f": 1}}, {1: b"old!"}, [Op("write", ino=1, offset=0, data=b"a" * 5000)])
     got = {s[0][1] for s in _states(log, 1)}
-    assert got == {b"old!", b"a" * 4096, b"old!" + bytes(4092) + b"a" * 904, b"old!" + bytes(4996),
-                   b"a" * 5000, b"a" * 4096 + bytes(904)}
+    assert got == {
+        b"old!",
+        b"a" * 4096,
+        b"old!" + bytes(4092) + b"a" * 904,
+        b"old!" + bytes(4996),
+        b"a" * 5000,
+        b"a" * 4096 + bytes(904),
+    }
     log.ops.append(Op("fsync", ino=1))
     assert {s[0][1] for s in _states(log, 2)} == {b"a" * 5000}
 
 
 def test_model_directory_ops_persist_in_order_until_a_directory_fsync():
-    log = Log({0: {}}, {}, [Op("create", ino=1, path="a", parents=(0,)), Op("fsync", ino=1),
-                            Op("rename", path="a", dst="b", parents=(0, 0)), Op("fsync_dir", ino=0)])
+    log = Log(
+        {0: {}},
+        {},
+        [
+            Op("create", ino=1, path="a", parents=(0,)),
+            Op("fsync", ino=1),
+            Op("rename", path="a", dst="b", parents=(0, 0)),
+            Op("fsync_dir", ino=0),
+        ],
+    )
     names = lambda k: {tuple(p for p, _ in s) for s in _states(log, k)}
     assert names(2) == {(), ("a",)}  # a file fsync does not persist its name
     assert names(3) == {(), ("a",), ("b",)}  # a prefix: never "b" without "a" having existed
@@ -87,11 +102,18 @@ def test_monkeypatching_reaches_every_caller():
         text = f.read_text()
         assert not re.search(r"from\s+tensorkeep\.storage\.local\s+import", text), f  # names bound early
         if f != local:  # no file-system mutation outside the I/O layer
-            assert not re.search(r"\bos\.(pwrite|write|fsync|replace|rename|unlink|remove|mkdir|makedirs|"
-                                 r"ftruncate|rmdir)\(|shutil\.rmtree\(", text) or f.name == "demo.py", f
+            assert (
+                not re.search(
+                    r"\bos\.(pwrite|write|fsync|replace|rename|unlink|remove|mkdir|makedirs|"
+                    r"ftruncate|rmdir)\(|shutil\.rmtree\(",
+                    text,
+                )
+                or f.name == "demo.py"
+            ), f
 
 
 # ------------------------------------------------------------------------------ the protocols
+
 
 def test_tk_save_over_old_file():
     rep, log = _run("tk.save over the old file")
@@ -131,12 +153,16 @@ def test_incremental_checkpoint_and_pack_cleanup():
 
 # ------------------------------------------------------------------------------ the harness catches bugs
 
-@pytest.mark.parametrize("name", [
-    "bug variant: tk.save without the file fsync",
-    "bug variant: tk.save without the directory fsync",
-    "bug variant: checkpoint without the file fsyncs",
-    "bug variant: checkpoint without the directory fsyncs",
-])
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "bug variant: tk.save without the file fsync",
+        "bug variant: tk.save without the directory fsync",
+        "bug variant: checkpoint without the file fsyncs",
+        "bug variant: checkpoint without the directory fsyncs",
+    ],
+)
 def test_harness_catches_a_missing_fsync(name):
     rep, log = _run(name, samples=min(200, sizes.crash_samples), enum_limit=256)
     fs = "fsync_dir" if "directory" in name else "fsync"
@@ -175,8 +201,17 @@ def test_harness_catches_a_new_directory_whose_parent_is_not_fsynced():
 
 def test_strict_model_lets_an_unsynced_directory_vanish_with_its_contents():
     # mkdir "d" in the root (#0), a durable file "d/f" (#2) in it, "d" fsynced but the root never
-    log = Log({0: {}}, {}, [Op("mkdir", ino=1, path="d", parents=(0,)), Op("create", ino=2, path="d/f", parents=(1,)),
-                            Op("write", ino=2, data=b"x"), Op("fsync", ino=2), Op("fsync_dir", ino=1)])
+    log = Log(
+        {0: {}},
+        {},
+        [
+            Op("mkdir", ino=1, path="d", parents=(0,)),
+            Op("create", ino=2, path="d/f", parents=(1,)),
+            Op("write", ino=2, data=b"x"),
+            Op("fsync", ino=2),
+            Op("fsync_dir", ino=1),
+        ],
+    )
     states = {s for k, s in crashsim.strict_crash_states(log, 20, random.Random(0)) if k == 5}
     assert states == {(("d", None), ("d/f", b"x")), ()}  # the file is durable, yet unreachable without "d"
     log.ops.append(Op("fsync_dir", ino=0))

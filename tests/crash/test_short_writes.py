@@ -31,14 +31,24 @@ REAL_PWRITE = os.pwrite
 
 def small_obj() -> dict:
     g = torch.Generator().manual_seed(0)
-    return {"w": torch.randn(33, 17, generator=g), "n": np.arange(11, dtype=np.int16), "e": torch.zeros(0, 3),
-            "s": torch.tensor(2.5, dtype=torch.float64), "step": 7, "l": [1, "x", None]}
+    return {
+        "w": torch.randn(33, 17, generator=g),
+        "n": np.arange(11, dtype=np.int16),
+        "e": torch.zeros(0, 3),
+        "s": torch.tensor(2.5, dtype=torch.float64),
+        "step": 7,
+        "l": [1, "x", None],
+    }
 
 
 def large_obj() -> dict:
     g = torch.Generator().manual_seed(1)
-    return {"big": torch.randn(50_000, generator=g), "odd": torch.arange(8193, dtype=torch.int16),
-            "n": np.linspace(0, 1, 999), "small": small_obj()}
+    return {
+        "big": torch.randn(50_000, generator=g),
+        "odd": torch.arange(8193, dtype=torch.int16),
+        "n": np.linspace(0, 1, 999),
+        "small": small_obj(),
+    }
 
 
 def same(a, b) -> bool:
@@ -167,7 +177,9 @@ def test_eio_from_write_after_a_short_write(tmp, monkeypatch, size):
     total = len(probe.calls)
     for fail_at in sorted({0, 1, total // 3, total // 2, total - 2, total - 1}):
         short = ShortWrites("half")
-        monkeypatch.setattr(os, "pwrite", lambda fd, buf, off: eio() if len(short.calls) == fail_at else short(fd, buf, off))
+        monkeypatch.setattr(
+            os, "pwrite", lambda fd, buf, off: eio() if len(short.calls) == fail_at else short(fd, buf, off)
+        )
         with pytest.raises(tk.SaveError) as e:
             tk.save(size(), p)
         assert e.value.errno == errno.EIO and "EIO" in str(e.value) and "untouched" in str(e.value)
@@ -208,8 +220,10 @@ def test_eio_from_fsync_is_fatal_and_not_retried(tmp, monkeypatch, size):
 def test_eio_from_fsync_in_a_checkpoint_save(tmp, monkeypatch):
     with tk.CheckpointManager(tmp) as mgr:
         mgr.save(1, {"w": torch.ones(3), "step": 1})
-    before = {n: open(os.path.join(tmp, "step_00000001", n), "rb").read()
-              for n in os.listdir(os.path.join(tmp, "step_00000001"))}
+    before = {
+        n: open(os.path.join(tmp, "step_00000001", n), "rb").read()
+        for n in os.listdir(os.path.join(tmp, "step_00000001"))
+    }
     targets: list[str] = []
     fsync, real = first_fsync_fails(targets), os.fsync
 
@@ -221,8 +235,10 @@ def test_eio_from_fsync_in_a_checkpoint_save(tmp, monkeypatch):
         assert e.value.errno == errno.EIO and "step 2 was not saved" in str(e.value)
         assert targets.count(targets[0]) == 1  # the failed fsync was not retried
         assert mgr.steps() == [1] and temps(tmp) == []
-    after = {n: open(os.path.join(tmp, "step_00000001", n), "rb").read()
-             for n in os.listdir(os.path.join(tmp, "step_00000001"))}
+    after = {
+        n: open(os.path.join(tmp, "step_00000001", n), "rb").read()
+        for n in os.listdir(os.path.join(tmp, "step_00000001"))
+    }
     assert after == before
     with tk.CheckpointManager(tmp) as mgr:
         out = {"w": torch.empty(3), "step": 0}

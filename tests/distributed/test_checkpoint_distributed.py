@@ -112,8 +112,9 @@ def test_two_ranks_restart_resharded(ran_two):
     w0 = ran_two[0]["warnings"]
     assert any("removing the leftovers of an unfinished save" in w and ".step_00000006" in w for w in w0)
     assert any("saved by 4 ranks, this run has 2: the RNG states are not restored" in w for w in w0)
-    assert any("skipping damaged checkpoint" in w and "rank 1: ChecksumError" in w
-               for w in ran_two[0]["damaged_warnings"])
+    assert any(
+        "skipping damaged checkpoint" in w and "rank 1: ChecksumError" in w for w in ran_two[0]["damaged_warnings"]
+    )
     assert ran_two[1]["warnings"] == []  # rank 0 speaks for the group
 
 
@@ -135,8 +136,11 @@ def test_one_process_restores_what_several_ranks_saved(data, ran_four, ran_two):
     assert [(c.step, c.status) for c in checkpoints] == [(5, "ok"), (6, "ok")]
     m = tk.checkpoint.layout.read_manifest(os.path.join(run, "step_00000005"))
     kinds = {n: i["kind"] for n, i in m.files.items()}
-    assert kinds == {**{f"rank-0000{r}-of-00004.tk": "distributed" for r in range(4)}, "distributed.json": "distributed",
-                     **{f"rng-0000{r}.tk": "rng-rank" for r in range(4)}}
+    assert kinds == {
+        **{f"rank-0000{r}-of-00004.tk": "distributed" for r in range(4)},
+        "distributed.json": "distributed",
+        **{f"rng-0000{r}.tk": "rng-rank" for r in range(4)},
+    }
     assert m.files["distributed.json"]["keys"]["table"] == "values"
     back = tk.load(os.path.join(run, "step_00000005"))  # a checkpoint is a save_distributed directory too
     assert back["epoch"] == 5 and torch.equal(back["table"], tk.load(os.path.join(data, "expect-5.tk"))["table"])

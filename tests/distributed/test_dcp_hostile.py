@@ -44,8 +44,9 @@ def get(i: int) -> bytes:
 
 
 def in_child(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout
+    )
 
 
 # ------------------------------------------------------------------------- the metadata reader
@@ -63,8 +64,10 @@ def hash_bomb(doublings: int = 100) -> bytes:
 
 def hash_flood(bits: int = 17) -> bytes:
     """A dict of 2**bits different tuple keys that all hash alike (hash(-1) == hash(-2))."""
-    keys = [b"(" + b"".join(b"J" + struct.pack("<i", -1 - (k >> j & 1)) for j in range(bits)) + b"tNs"
-            for k in range(1 << bits)]
+    keys = [
+        b"(" + b"".join(b"J" + struct.pack("<i", -1 - (k >> j & 1)) for j in range(bits)) + b"tNs"
+        for k in range(1 << bits)
+    ]
     return HEAD + b"}" + b"".join(keys) + b"."
 
 
@@ -86,10 +89,14 @@ def child(tmp_path_factory):
     check_cover on 100,000 chunks. Under a timeout of minutes, so a regression fails, never stalls."""
     tmp = str(tmp_path_factory.mktemp("child"))
     probes = [write_dir(os.path.join(tmp, n), HEAD + glob("torch", n) + b".") for n in PROBES]
-    hostile = [write_dir(os.path.join(tmp, "bomb"), hash_bomb()), write_dir(os.path.join(tmp, "flood"), hash_flood()),
-               write_dir(os.path.join(tmp, "fifo"), meta(w_with(*W)))]
+    hostile = [
+        write_dir(os.path.join(tmp, "bomb"), hash_bomb()),
+        write_dir(os.path.join(tmp, "flood"), hash_flood()),
+        write_dir(os.path.join(tmp, "fifo"), meta(w_with(*W))),
+    ]
     os.mkfifo(os.path.join(tmp, "fifo", "data"))
-    r = in_child(f"""
+    r = in_child(
+        f"""
         import json, sys, warnings
         import tensorkeep as tk
         from tensorkeep.core.boxes import check_cover
@@ -115,7 +122,9 @@ def child(tmp_path_factory):
                         check_cover("w", (3 * n, 5 * n), grid + [((1, 1), (1, 1))], "f"),
                         check_cover("w", (100_000 * P,), line, "f")]
         print(json.dumps(res))
-    """, timeout=300)
+    """,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout)
 
@@ -151,23 +160,31 @@ def test_reader_still_resolves_dtypes():
     assert read_metadata(raw, "f").state == {"d": torch.bfloat16}
 
 
-@pytest.mark.parametrize("raw, match", [
-    (HEAD + b"]" * 500 + b"a" * 499 + b".", "nested more than 100 deep"),  # [[[[...]]]]
-    (HEAD + b"]\x94" + get(0) + b"a.", "put inside itself"),  # L.append(L)
-    (HEAD + b"]\x94" + get(0) + b"\x85a.", "changed after it was put inside another"),  # L.append((L,))
-    (HEAD + glob(MD, "Metadata") + b")\x81\x94" + get(0) + b"b.", "put inside itself"),  # m.state = m
-    (HEAD + b"\x8c\x01\xff.", "is not UTF-8"),
-    (HEAD + b"X" + struct.pack("<I", 2 << 20) + b"a" * (2 << 20) + b".", "a string of 2097152 bytes"),
-    (HEAD + glob(MD, "_MEM_FORMAT_ENCODING") + b"G" + struct.pack(">d", float("inf")) + b"\x85R.",
-     "bad arguments for .*_MEM_FORMAT_ENCODING"),
-    (HEAD + glob("pathlib", "PosixPath") + b"]" * 50 + b"a" * 49 + b"\x85R.", "bad arguments for pathlib.PosixPath"),
-    (HEAD + glob("torch", "Size") + text("abc") + b"\x85R.", "bad arguments for torch.Size"),
-    (HEAD + b"}K\x07Ns.", "a dict key that is a int"),
-    (HEAD + b"}(" + text("a") + b"u.", "SETITEMS of an odd number of items"),
-    (HEAD + b"}" + b"(" * 3 + b")" + b"t" * 3 + b"Ns.", "a dict key that is a tuple"),
-    (HEAD + b")" + glob("torch", "Size") + b"\x93.", "STACK_GLOBAL of a tuple and a torch.Size, not two names"),
-    (HEAD + glob(MD, "Metadata") + b"(" + b"K\x01" * 50 + b"t\x81.", "NEWOBJ of torch.distributed"),
-])
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        (HEAD + b"]" * 500 + b"a" * 499 + b".", "nested more than 100 deep"),  # [[[[...]]]]
+        (HEAD + b"]\x94" + get(0) + b"a.", "put inside itself"),  # L.append(L)
+        (HEAD + b"]\x94" + get(0) + b"\x85a.", "changed after it was put inside another"),  # L.append((L,))
+        (HEAD + glob(MD, "Metadata") + b")\x81\x94" + get(0) + b"b.", "put inside itself"),  # m.state = m
+        (HEAD + b"\x8c\x01\xff.", "is not UTF-8"),
+        (HEAD + b"X" + struct.pack("<I", 2 << 20) + b"a" * (2 << 20) + b".", "a string of 2097152 bytes"),
+        (
+            HEAD + glob(MD, "_MEM_FORMAT_ENCODING") + b"G" + struct.pack(">d", float("inf")) + b"\x85R.",
+            "bad arguments for .*_MEM_FORMAT_ENCODING",
+        ),
+        (
+            HEAD + glob("pathlib", "PosixPath") + b"]" * 50 + b"a" * 49 + b"\x85R.",
+            "bad arguments for pathlib.PosixPath",
+        ),
+        (HEAD + glob("torch", "Size") + text("abc") + b"\x85R.", "bad arguments for torch.Size"),
+        (HEAD + b"}K\x07Ns.", "a dict key that is a int"),
+        (HEAD + b"}(" + text("a") + b"u.", "SETITEMS of an odd number of items"),
+        (HEAD + b"}" + b"(" * 3 + b")" + b"t" * 3 + b"Ns.", "a dict key that is a tuple"),
+        (HEAD + b")" + glob("torch", "Size") + b"\x93.", "STACK_GLOBAL of a tuple and a torch.Size, not two names"),
+        (HEAD + glob(MD, "Metadata") + b"(" + b"K\x01" * 50 + b"t\x81.", "NEWOBJ of torch.distributed"),
+    ],
+)
 def test_hostile_metadata_is_a_format_error(raw, match):
     with pytest.raises(tk.FormatError, match=match):
         read_metadata(raw, "f")
@@ -193,6 +210,7 @@ W = [((0,), (2,), ("data", 0, 8)), ((2,), (2,), ("data", 8, 8))]
 @pytest.fixture
 def no_alloc(monkeypatch):
     """Allocating a tensor fails the test: hostile directories must be refused before that."""
+
     def boom(*a, **kw):
         raise AssertionError("allocated a tensor before the directory was checked")
 
@@ -205,11 +223,14 @@ def test_a_checked_directory_still_converts(tmp):
     torch.save(5, blob)
     g = torch.arange(24.0).reshape(4, 6)
     grid = [((r, c), (2, 3), ("g", (r + c // 3) * 24, 24)) for r in (0, 2) for c in (0, 3)]
-    gdata = b"".join(g[r:r + 2, c:c + 3].contiguous().numpy().tobytes() for r in (0, 2) for c in (0, 3))
+    gdata = b"".join(g[r : r + 2, c : c + 3].contiguous().numpy().tobytes() for r in (0, 2) for c in (0, 3))
     tensors = [("w", (4,), W + [((4,), (0,), None)]), ("g", (4, 6), grid), ("e", (0, 3), [])]
     planner = {"w": ("model", "w"), "g": ("model", "g"), "s": ("hist", 2)}
-    d = write_dir(os.path.join(tmp, "ok"), meta(tensors, [("s", ("data", 16, len(blob.getvalue())))], planner),
-                  {"data": DATA + blob.getvalue(), "g": gdata})
+    d = write_dir(
+        os.path.join(tmp, "ok"),
+        meta(tensors, [("s", ("data", 16, len(blob.getvalue())))], planner),
+        {"data": DATA + blob.getvalue(), "g": gdata},
+    )
     tk.convert_dcp(d, os.path.join(tmp, "ok.tk"))
     back = tk.load(os.path.join(tmp, "ok.tk"))
     assert torch.equal(back["model"]["w"], torch.arange(4.0)) and torch.equal(back["model"]["g"], g)
@@ -223,13 +244,24 @@ def w_with(*chunks):
 WV = w_with(*W) + [("v", (0,), [])]
 HOSTILE = [  # (tensors, planner, what the error says)
     ([("w", (3_000_000_000,), [])], None, r"tensor 'w' hold 0 of its 3000000000 elements \(shape \[3000000000\]\)"),
-    (w_with(((-2,), (2,), ("data", 0, 8)), *W), None, r"'w' has chunk offsets \[-2\] sizes \[2\] outside its shape \[4\]"),
+    (
+        w_with(((-2,), (2,), ("data", 0, 8)), *W),
+        None,
+        r"'w' has chunk offsets \[-2\] sizes \[2\] outside its shape \[4\]",
+    ),
     (w_with(W[0]), None, r"the chunks of tensor 'w' hold 2 of its 4 elements"),
     (w_with(((0,), (3,), ("data", 0, 12)), W[1]), None, r"'w' has overlapping chunks at offsets \[0\] and \[2\]"),
     (w_with(W[0], ((2,), (2,), None)), None, r"'w' at offsets \[2\] needs one storage entry .* found none"),
-    ([("w", (1 << 28,), [((0,), (1 << 28,), ("data", 0, 1 << 30))])], None,
-     r"data is truncated: 'w' needs bytes 0..1073741824, the file has 16"),
-    (w_with(W[0], ((2,), (2,), ("data", 8, 4))), None, r"\[2\] of tensor 'w' .* needs 8 bytes, its storage entry holds 4"),
+    (
+        [("w", (1 << 28,), [((0,), (1 << 28,), ("data", 0, 1 << 30))])],
+        None,
+        r"data is truncated: 'w' needs bytes 0..1073741824, the file has 16",
+    ),
+    (
+        w_with(W[0], ((2,), (2,), ("data", 8, 4))),
+        None,
+        r"\[2\] of tensor 'w' .* needs 8 bytes, its storage entry holds 4",
+    ),
     (w_with(W[0], ((2,), (2,), ("data", 4, 8))), None, r"'w' and 'w' are stored in overlapping bytes of data"),
     (w_with(W[0], ((2,), (2,), ("nodata", 0, 8))), None, r"nodata is missing; the metadata stores 'w' in it"),
     (w_with(W[0], ((2,), (2,), ("da\0ta", 0, 8))), None, r"\[2\] of 'w' is stored in 'da\\x00ta', which is not a file"),
@@ -244,7 +276,11 @@ HOSTILE = [  # (tensors, planner, what the error says)
     (WV, {"w": ("x",), "v": ("x", "y")}, r"entry 'v': its path in planner_data runs through another"),
     (WV[::-1], {"v": ("x", "y"), "w": ("x",)}, r"entry 'w': its path in planner_data leads where another"),
     (WV, {"w": ("x", 0), "v": ("x", "k")}, r"entry 'v': item 1 of a path .* a str where a list needs an index"),
-    (w_with(*W), {"w": ("x", -1)}, r"entry 'w': item 1 of a path in planner_data is a int where a list needs an index >= 0"),
+    (
+        w_with(*W),
+        {"w": ("x", -1)},
+        r"entry 'w': item 1 of a path in planner_data is a int where a list needs an index >= 0",
+    ),
     (w_with(*W), {"w": (0,)}, r"entry 'w': item 0 of a path in planner_data is a int where a dict needs a name"),
     (w_with(*W), {"w": "w"}, r"entry 'w': a path in planner_data must be a tuple"),
 ]
@@ -282,11 +318,13 @@ def pairwise(key, shape, boxes, where):
         if len(off) != len(shape) or len(sz) != len(shape):
             return f"{where}: tensor {key!r} has a chunk with {len(sz)} dimensions, the tensor has {len(shape)}"
         if any(o < 0 or s < 0 or o + s > d for o, s, d in zip(off, sz, shape)):
-            return (f"{where}: tensor {key!r} has chunk offsets {list(off)} sizes {list(sz)} "
-                    f"outside its shape {list(shape)}")
+            return (
+                f"{where}: tensor {key!r} has chunk offsets {list(off)} sizes {list(sz)} "
+                f"outside its shape {list(shape)}"
+            )
     full = [b for b in boxes if dist_plan.volume(b[1])]
     for i, a in enumerate(full):
-        for b in full[i + 1:]:
+        for b in full[i + 1 :]:
             if dist_plan.intersect(a, b) is not None:
                 return f"{where}: tensor {key!r} has overlapping chunks at offsets {list(a[0])} and {list(b[0])}"
     got, want = sum(dist_plan.volume(b[1]) for b in full), dist_plan.volume(shape)
@@ -313,11 +351,12 @@ def layouts(draw):
         (off, sz) = boxes[i]
         for j, (o2, s2) in enumerate(boxes):
             if o2[k] == off[k] + sz[k] and all(o2[m] == off[m] and s2[m] == sz[m] for m in range(len(shape)) if m != k):
-                boxes[i] = (off, sz[:k] + (sz[k] + s2[k],) + sz[k + 1:])
+                boxes[i] = (off, sz[:k] + (sz[k] + s2[k],) + sz[k + 1 :])
                 del boxes[j]
                 break
-    box = st.tuples(st.tuples(*(st.integers(-1, d + 1) for d in shape)),
-                    st.tuples(*(st.integers(0, d + 1) for d in shape)))
+    box = st.tuples(
+        st.tuples(*(st.integers(-1, d + 1) for d in shape)), st.tuples(*(st.integers(0, d + 1) for d in shape))
+    )
     for op in draw(st.lists(st.sampled_from(["drop", "copy", "add", "grow", "move", "flat"]), max_size=2)):
         if op == "add" or not boxes:
             boxes.append(draw(box))
@@ -333,9 +372,9 @@ def layouts(draw):
             elif shape:
                 k, by = draw(st.integers(0, len(shape) - 1)), draw(st.sampled_from([-1, 1]))
                 if op == "grow":
-                    boxes[i] = (off, sz[:k] + (max(sz[k] + by, 0),) + sz[k + 1:])
+                    boxes[i] = (off, sz[:k] + (max(sz[k] + by, 0),) + sz[k + 1 :])
                 else:
-                    boxes[i] = (off[:k] + (off[k] + by,) + off[k + 1:], sz)
+                    boxes[i] = (off[:k] + (off[k] + by,) + off[k + 1 :], sz)
     return shape, draw(st.permutations(boxes))
 
 
@@ -354,8 +393,9 @@ def test_irregular_layouts_are_checked_within_a_budget(monkeypatch):
     assert dist_plan.check_cover("w", (2 * n, n), strips, "f") is None
     assert "overlapping" in dist_plan.check_cover("w", (2 * n, n), strips + [((5, 5), (n, 1))], "f")
     monkeypatch.setattr(dist_plan, "CELL_BUDGET", 0)
-    assert "tensor 'w' has 80 chunks that do not form a grid (they span 1640 cells" in \
-        dist_plan.check_cover("w", (2 * n, n), strips, "f")
+    assert "tensor 'w' has 80 chunks that do not form a grid (they span 1640 cells" in dist_plan.check_cover(
+        "w", (2 * n, n), strips, "f"
+    )
     assert "hold 3120 of its 3200 elements" in dist_plan.check_cover("w", (2 * n, n), strips[2:], "f")
 
 

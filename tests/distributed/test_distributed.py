@@ -60,16 +60,19 @@ def test_boxes_held_by_several_ranks_are_written_once():
     assert len({c.rank for c in plan.chunks["x"]}) == 2
 
 
-@pytest.mark.parametrize("shape, mesh, coord, placements, box", [
-    ((10, 6), (4,), (0,), [0], ((0, 0), (3, 6))),
-    ((10, 6), (4,), (3,), [0], ((9, 0), (1, 6))),
-    ((6, 4), (4,), (3,), [0], ((6, 0), (0, 4))),  # torch.chunk leaves the last rank empty
-    ((5, 12), (4,), (2,), [1], ((0, 6), (5, 3))),
-    ((10, 6), (2, 2), (1, 1), [0, 1], ((5, 3), (5, 3))),
-    ((10, 6), (2, 2), (1, 1), [0, 0], ((8, 0), (2, 6))),  # a dimension sharded twice
-    ((6,), (2, 2), (1, 0), [None, None], ((0,), (6,))),
-    ((6,), (2,), None, [0], ((0,), (0,))),  # a rank outside the mesh
-])
+@pytest.mark.parametrize(
+    "shape, mesh, coord, placements, box",
+    [
+        ((10, 6), (4,), (0,), [0], ((0, 0), (3, 6))),
+        ((10, 6), (4,), (3,), [0], ((9, 0), (1, 6))),
+        ((6, 4), (4,), (3,), [0], ((6, 0), (0, 4))),  # torch.chunk leaves the last rank empty
+        ((5, 12), (4,), (2,), [1], ((0, 6), (5, 3))),
+        ((10, 6), (2, 2), (1, 1), [0, 1], ((5, 3), (5, 3))),
+        ((10, 6), (2, 2), (1, 1), [0, 0], ((8, 0), (2, 6))),  # a dimension sharded twice
+        ((6,), (2, 2), (1, 0), [None, None], ((0,), (6,))),
+        ((6,), (2,), None, [0], ((0,), (0,))),  # a rank outside the mesh
+    ],
+)
 def test_shard_box(shape, mesh, coord, placements, box):
     assert shard_box(shape, mesh, coord, placements) == box
 
@@ -90,8 +93,10 @@ def test_ranks_that_disagree_are_named():
 
 def test_plan_read_cuts_boxes():
     chunks = [Chunk((0, 0), (4, 6), 0), Chunk((4, 0), (4, 6), 1)]
-    assert plan_read(chunks, ((3, 2), (2, 3))) == [ReadItem(0, (3, 2), (0, 0), (1, 3)),
-                                                   ReadItem(1, (0, 2), (1, 0), (1, 3))]
+    assert plan_read(chunks, ((3, 2), (2, 3))) == [
+        ReadItem(0, (3, 2), (0, 0), (1, 3)),
+        ReadItem(1, (0, 2), (1, 0), (1, 3)),
+    ]
     assert plan_read(chunks, ((0, 0), (0, 6))) == []
 
 
@@ -99,8 +104,12 @@ def test_plan_read_cuts_boxes():
 
 
 def _state():
-    return {"w": torch.arange(24.0).reshape(6, 4), "n": {"step": 3, "lr": 0.5, "t": (1, "a")},
-            "e": torch.zeros(0, 3), "s": torch.tensor(7)}
+    return {
+        "w": torch.arange(24.0).reshape(6, 4),
+        "n": {"step": 3, "lr": 0.5, "t": (1, "a")},
+        "e": torch.zeros(0, 3),
+        "s": torch.tensor(7),
+    }
 
 
 def test_single_process_round_trip_and_errors(tmp):
@@ -147,7 +156,9 @@ def test_a_box_reads_only_the_rows_it_needs(tmp, monkeypatch):
     path = os.path.join(tmp, "ck")
     tk.save_distributed({"w": w}, path)
     read, real = [], files._Reader.read_range
-    monkeypatch.setattr(files._Reader, "read_range", lambda self, buf, at: (read.append(len(buf)), real(self, buf, at))[1])
+    monkeypatch.setattr(
+        files._Reader, "read_range", lambda self, buf, at: (read.append(len(buf)), real(self, buf, at))[1]
+    )
     ck = Checkpoint(path)
     out = torch.empty(16, 32)
     ck.read_box("w", ((64, 16), (16, 32)), out)
@@ -268,7 +279,9 @@ def test_killed_rank_leaves_the_previous_checkpoint_whole(data, ran_a):
 def test_replicated_tensors_are_on_disk_once(data, ran_a):
     path = os.path.join(data, "ck4")
     m = json.load(open(os.path.join(path, MANIFEST)))
-    writers = {k: [c["file"] for c in m["tensors"][k]["chunks"]] for k in ("model.embed", "model.head", "model.bias", "rep")}
+    writers = {
+        k: [c["file"] for c in m["tensors"][k]["chunks"]] for k in ("model.embed", "model.head", "model.bias", "rep")
+    }
     assert all(len(f) == 1 for f in writers.values()) and len({f[0] for f in writers.values()}) > 1
     assert [c["sizes"] for c in m["tensors"]["rows"]["chunks"]] == [[3, 6], [3, 6], [3, 6], [1, 6]]
     stored, unique = 0, 0
@@ -302,7 +315,7 @@ def test_eight_ranks_read_their_boxes(data, ran_a):
             off, size = shard_box((5, 12), (2, 4), (rank // 4, rank % 4), [1, 0])
             out = torch.empty(size, dtype=torch.float64)
             ck.read_box("cols", (off, size), out)
-            assert torch.equal(out, want[off[0]:off[0] + size[0], off[1]:off[1] + size[1]])
+            assert torch.equal(out, want[off[0] : off[0] + size[0], off[1] : off[1] + size[1]])
     finally:
         ck.close()
 

@@ -91,7 +91,9 @@ def check_damaged(p: str, h: fmt.Header, pos: int, good: dict, full: bool = True
 
 
 def raw(x) -> bytes:
-    return (x.reshape(-1).view(torch.uint8).numpy() if isinstance(x, torch.Tensor) else x.reshape(-1).view(np.uint8)).tobytes()
+    return (
+        x.reshape(-1).view(torch.uint8).numpy() if isinstance(x, torch.Tensor) else x.reshape(-1).view(np.uint8)
+    ).tobytes()
 
 
 def good_bytes(p: str) -> dict:
@@ -158,18 +160,24 @@ def test_large_file_sampled_flips_and_truncations(tmp, monkeypatch):
     monkeypatch.setattr(knobs, "CHUNK_BYTES", 256 << 10)
     monkeypatch.setattr(knobs, "TASK_BYTES", 256 << 10)
     g = torch.Generator().manual_seed(1)
-    obj = {"big": torch.randn(1 << 20, generator=g).reshape(1024, 1024), "small": torch.arange(3),
-           "half": torch.randn(3000, generator=g).half()}
+    obj = {
+        "big": torch.randn(1 << 20, generator=g).reshape(1024, 1024),
+        "small": torch.arange(3),
+        "half": torch.randn(3000, generator=g).half(),
+    }
     p = os.path.join(tmp, "big.tk")
     tk.save(obj, p)
     data = open(p, "rb").read()
     h = fmt.parse_header(data, len(data), p)
     assert h.data_start % knobs.ALIGN == 0  # laid out for direct I/O
     rng = random.Random(0)
-    positions = sorted({rng.randrange(len(data)) for _ in range(sizes.corruption_samples)}
-                       | set(range(0, h.data_start, max(1, h.data_start // 20)))
-                       | {h.data_start + t.begin for t in h.tensors.values()}
-                       | {h.data_start + t.end - 1 for t in h.tensors.values()} | {len(data) - 1})
+    positions = sorted(
+        {rng.randrange(len(data)) for _ in range(sizes.corruption_samples)}
+        | set(range(0, h.data_start, max(1, h.data_start // 20)))
+        | {h.data_start + t.begin for t in h.tensors.values()}
+        | {h.data_start + t.end - 1 for t in h.tensors.values()}
+        | {len(data) - 1}
+    )
     with open(p, "r+b") as f:
         for pos in positions:
             bit = 1 << rng.randrange(8)
@@ -188,7 +196,9 @@ def test_large_file_sampled_flips_and_truncations(tmp, monkeypatch):
             f.write(bytes([data[pos]]))
             f.flush()
     assert torch.equal(tk.load(p)["big"], obj["big"])
-    for n in sorted({rng.randrange(len(data)) for _ in range(sizes.corruption_samples // 10)} | {0, 7, 8, 9, h.data_start}):
+    for n in sorted(
+        {rng.randrange(len(data)) for _ in range(sizes.corruption_samples // 10)} | {0, 7, 8, 9, h.data_start}
+    ):
         q = os.path.join(tmp, "cut.tk")
         with open(q, "wb") as f:
             f.write(data[:n])

@@ -16,9 +16,24 @@ from safetensors.torch import load_file
 import tensorkeep as tk
 from tensorkeep.core.dtypes import byte_view
 
-TORCH_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32, torch.uint32, torch.int64,
-                torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64,
-                torch.float8_e4m3fn, torch.float8_e5m2]
+TORCH_DTYPES = [
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.uint16,
+    torch.int32,
+    torch.uint32,
+    torch.int64,
+    torch.uint64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.complex64,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+]
 
 
 def _raw(x):
@@ -34,7 +49,11 @@ def tensors(draw):
     shape = draw(st.lists(st.integers(0, 5), min_size=0, max_size=3))
     n = math.prod(shape)
     raw = draw(st.binary(min_size=n * dt.itemsize, max_size=n * dt.itemsize))
-    t = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dt).reshape(shape) if n else torch.empty(shape, dtype=dt)
+    t = (
+        torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dt).reshape(shape)
+        if n
+        else torch.empty(shape, dtype=dt)
+    )
     if dt == torch.bool:
         t = t.view(torch.uint8).remainder(2).view(torch.bool) if n else t
     layout = draw(st.sampled_from(["plain", "transposed", "strided"]))
@@ -112,13 +131,23 @@ def test_multi_block_slices_verify_only_what_they_read(tmp, monkeypatch):
 
 
 def test_lesson_types_and_keys(tmp):
-    obj = {"第一个张量": torch.arange(4), 3: (1, 2.5, None, True, "x"), "np": np.arange(3.0), "s": np.float32(2.5),
-           "size": torch.Size([2, 3]), "dt": torch.float16, "dev": torch.device("cpu"), "od": OrderedDict(b=1, a=2)}
+    obj = {
+        "第一个张量": torch.arange(4),
+        3: (1, 2.5, None, True, "x"),
+        "np": np.arange(3.0),
+        "s": np.float32(2.5),
+        "size": torch.Size([2, 3]),
+        "dt": torch.float16,
+        "dev": torch.device("cpu"),
+        "od": OrderedDict(b=1, a=2),
+    }
     p = os.path.join(tmp, "o.tk")
     tk.save(obj, p)
     back = tk.load(p)
-    _same({k: v for k, v in obj.items() if k not in ("size", "dt", "dev", "s")},
-          {k: v for k, v in back.items() if k not in ("size", "dt", "dev", "s")})
+    _same(
+        {k: v for k, v in obj.items() if k not in ("size", "dt", "dev", "s")},
+        {k: v for k, v in back.items() if k not in ("size", "dt", "dev", "s")},
+    )
     assert back["size"] == torch.Size([2, 3]) and type(back["size"]) is torch.Size
     assert back["dt"] is torch.float16 and back["dev"] == torch.device("cpu")
     assert type(back["s"]) is np.float32 and back["s"] == np.float32(2.5)

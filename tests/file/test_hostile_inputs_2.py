@@ -127,8 +127,13 @@ def child(tmp_path_factory):
     """Every case that hung, crashed or imported in the old code, run once in one child process:
     {case: [what each call did]}. A crash or a hang in C fails every test that uses it."""
     d = tmp_path_factory.mktemp("hostile")
-    P = {"out": str(d / "out.tk"), "fifo": str(d / "fifo"), "dag": str(d / "dag.pt"), "legacy": str(d / "legacy.pt"),
-         "pickles": {name: pt_with_pickle(str(d / f"{name}.pt"), pkl) for name, pkl in PICKLES.items()}}
+    P = {
+        "out": str(d / "out.tk"),
+        "fifo": str(d / "fifo"),
+        "dag": str(d / "dag.pt"),
+        "legacy": str(d / "legacy.pt"),
+        "pickles": {name: pt_with_pickle(str(d / f"{name}.pt"), pkl) for name, pkl in PICKLES.items()},
+    }
     P["deflated"] = pt_with_pickle(str(d / "deflated.pt"), DEEP_TUPLE_KEY, zipfile.ZIP_DEFLATED)
     os.mkfifo(P["fifo"])
     os.makedirs(d / "fifo_dcp")
@@ -143,8 +148,9 @@ def child(tmp_path_factory):
     torch.save(dag(), blob)
     from dcp_files import meta, write_dir
 
-    P["dcp"] = write_dir(str(d / "dcp"), meta(values=[("v", ("data", 0, len(blob.getvalue())))]),
-                         {"data": blob.getvalue()})
+    P["dcp"] = write_dir(
+        str(d / "dcp"), meta(values=[("v", ("data", 0, len(blob.getvalue())))]), {"data": blob.getvalue()}
+    )
     r = subprocess.run([sys.executable, "-c", CHILD, json.dumps(P)], capture_output=True, text=True, timeout=600)
     out = {j["case"]: j["out"] for j in map(json.loads, r.stdout.splitlines())}
     assert r.returncode == 0 and len(out) == len(PICKLES) + 7, (r.returncode, r.stderr[-3000:])  # -11: a segfault
@@ -165,8 +171,11 @@ def test_a_shared_dag_pt_is_refused_not_walked_forever(child):
 
 def test_a_pt_nested_200k_deep_is_a_format_error_everywhere(tmp_path):
     p = pt_with_pickle(str(tmp_path / "deep.pt"), DEEP_LIST)
-    for call in (lambda: tk.load(p), lambda: tk.open(p),
-                 lambda: tk.load_into(torch.nn.Linear(2, 2, bias=False), p, strict=False)):
+    for call in (
+        lambda: tk.load(p),
+        lambda: tk.open(p),
+        lambda: tk.load_into(torch.nn.Linear(2, 2, bias=False), p, strict=False),
+    ):
         with pytest.raises(tk.FormatError, match=f"^{p}: .*nested more than {knobs.MAX_DEPTH} levels"):
             call()
     assert not verify(p).ok
@@ -174,7 +183,9 @@ def test_a_pt_nested_200k_deep_is_a_format_error_everywhere(tmp_path):
 
 DEEP_TUPLE = b")" + b"\x85" * N
 PICKLES = {  # each crashed (hash() of a deep tuple), hung, imported a module or allocated 2 GB in torch.load
-    "deep-tuple-key": DEEP_TUPLE_KEY, "hash-bomb": hash_bomb(), "float-key": b"\x80\x02}G?\xf0\0\0\0\0\0\0Ns.",
+    "deep-tuple-key": DEEP_TUPLE_KEY,
+    "hash-bomb": hash_bomb(),
+    "float-key": b"\x80\x02}G?\xf0\0\0\0\0\0\0Ns.",
     "huge-int-key": b"\x80\x02}\x8a\x09" + (1 << 64).to_bytes(9, "little") + b"Ns.",
     "set-of-tuples": b"\x80\x02c__builtin__\nset\n)\x85\x85R.",
     "storage-key": b"\x80\x02(X\x07\0\0\0storagectorch\nFloatStorage\n" + DEEP_TUPLE + b"X\x03\0\0\0cpuK\x01tQ.",
@@ -199,7 +210,9 @@ def test_legacy_and_compressed_torch_files_are_scanned_too(child, tmp_path):
     P, out = child
     assert out["legacy"][0].startswith(f"FormatError {P['legacy']}: the pickle has a dict key"), out["legacy"]
     unverified, verified = out["deflated"]  # verify=False still reads a compressed file: its pickle is inflated
-    assert unverified.startswith(f"FormatError {P['deflated']}: archive/data.pkl: the pickle has a dict key"), unverified
+    assert unverified.startswith(f"FormatError {P['deflated']}: archive/data.pkl: the pickle has a dict key"), (
+        unverified
+    )
     assert verified.startswith(f"FormatError {P['deflated']}: zip entry 'archive/data.pkl' is compressed"), verified
     p = str(tmp_path / "legacy.pt")
     torch.save({"w": torch.ones(2), "b": b"x"}, p, _use_new_zipfile_serialization=False)
@@ -211,10 +224,25 @@ def test_ordinary_pt_files_still_load(tmp_path):
     opt = torch.optim.Adam(net.parameters())
     net(torch.randn(2, 3)).sum().backward()
     opt.step()
-    obj = {"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": 3, "tags": {"a", "b"}, "b": b"xy",
-           "ba": bytearray(b"z"), "size": torch.Size([2, 3]), "dev": torch.device("cpu"), "dt": torch.half,
-           "c": 1 + 2j, "p": torch.nn.Parameter(torch.ones(2)), "n": None, "f": 0.5, "big": 1 << 70,
-           "t": (1, "a"), "shared": [net.state_dict()["0.weight"]] * 3, "keys": {-1: 1, -2: 2, 1 << 40: 3}}
+    obj = {
+        "model": net.state_dict(),
+        "optimizer": opt.state_dict(),
+        "epoch": 3,
+        "tags": {"a", "b"},
+        "b": b"xy",
+        "ba": bytearray(b"z"),
+        "size": torch.Size([2, 3]),
+        "dev": torch.device("cpu"),
+        "dt": torch.half,
+        "c": 1 + 2j,
+        "p": torch.nn.Parameter(torch.ones(2)),
+        "n": None,
+        "f": 0.5,
+        "big": 1 << 70,
+        "t": (1, "a"),
+        "shared": [net.state_dict()["0.weight"]] * 3,
+        "keys": {-1: 1, -2: 2, 1 << 40: 3},
+    }
     p = str(tmp_path / "ok.pt")
     torch.save(obj, p)
     back = tk.load(p)
@@ -366,9 +394,16 @@ def test_load_distributed_mismatch_in_a_later_tensor_changes_nothing(dist_ckpt):
 # ------------------------------------------------- (13) out-of-range values in a structure record
 
 
-@pytest.mark.parametrize("node, what", [({"S": [10**30]}, "torch.Size"), ({"S": [-1]}, "torch.Size"),
-                                        ({"dev": 10**30}, "device"), ({"dev": "cuda:99999999999999999999"}, "device"),
-                                        ({"dev": "x" * 10_000}, "device")])
+@pytest.mark.parametrize(
+    "node, what",
+    [
+        ({"S": [10**30]}, "torch.Size"),
+        ({"S": [-1]}, "torch.Size"),
+        ({"dev": 10**30}, "device"),
+        ({"dev": "cuda:99999999999999999999"}, "device"),
+        ({"dev": "x" * 10_000}, "device"),
+    ],
+)
 def test_a_structure_record_with_out_of_range_values_is_a_format_error(tmp_path, monkeypatch, node, what):
     p = str(tmp_path / "s.tk")
     monkeypatch.setattr(writer, "flatten", lambda obj: ({"d": [["s", node]]}, []))
@@ -383,7 +418,12 @@ def test_a_structure_record_with_out_of_range_values_is_a_format_error(tmp_path,
 
 
 def test_sizes_and_devices_still_round_trip(tmp_path):
-    obj = {"s": torch.Size([0, 2**62]), "d": torch.device("cuda", 3), "m": torch.device("meta"), "c": torch.device("cpu")}
+    obj = {
+        "s": torch.Size([0, 2**62]),
+        "d": torch.device("cuda", 3),
+        "m": torch.device("meta"),
+        "c": torch.device("cpu"),
+    }
     tk.save(obj, str(tmp_path / "s.tk"))
     assert tk.load(str(tmp_path / "s.tk")) == obj
     with pytest.raises(ValueError, match="torch.Size"):

@@ -26,11 +26,15 @@ PAGE = 4096
 def _state() -> dict:
     g = torch.Generator().manual_seed(0)
     a = torch.randn(3000, generator=g)
-    return {"a": a, "view": a[10:20],  # shares a's storage
-            "w": torch.randn(40, 50, generator=g).to(torch.bfloat16),
-            "ids": torch.randint(1, 1 << 40, (900,), generator=g),
-            "h": torch.randn(300, generator=g, dtype=torch.float64), "step": torch.tensor(7),
-            "empty": torch.empty(0, 3)}
+    return {
+        "a": a,
+        "view": a[10:20],  # shares a's storage
+        "w": torch.randn(40, 50, generator=g).to(torch.bfloat16),
+        "ids": torch.randint(1, 1 << 40, (900,), generator=g),
+        "h": torch.randn(300, generator=g, dtype=torch.float64),
+        "step": torch.tensor(7),
+        "empty": torch.empty(0, 3),
+    }
 
 
 STATE = _state()
@@ -39,9 +43,11 @@ STATE = _state()
 def _same(got: dict, want: dict) -> bool:
     """Same keys, dtypes, shapes and bytes (NaN payloads and -0.0 count)."""
     return set(got) == set(want) and all(
-        got[k].dtype == want[k].dtype and got[k].shape == want[k].shape
+        got[k].dtype == want[k].dtype
+        and got[k].shape == want[k].shape
         and bytes(byte_view(got[k].contiguous()).numpy()) == bytes(byte_view(want[k].contiguous()).numpy())
-        for k in want)
+        for k in want
+    )
 
 
 def _spans(data: bytes) -> list[tuple[int, int]]:
@@ -67,14 +73,53 @@ def _zip(items: list[tuple[str, bytes]], *, zip64_fields: bool = False, deflate:
         body = zlib.compress(raw)[2:-4] if deflate else raw
         pad = -(off + 30 + len(name_b) + 4) % 64
         extra = struct.pack("<HH", 0x4246, pad) + bytes(pad)
-        out += struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, 8 * deflate, 0, 0, crc, len(body), len(raw),
-                           len(name_b), len(extra)) + name_b + extra + body
+        out += (
+            struct.pack(
+                "<4sHHHHHIIIHH",
+                b"PK\x03\x04",
+                20,
+                0,
+                8 * deflate,
+                0,
+                0,
+                crc,
+                len(body),
+                len(raw),
+                len(name_b),
+                len(extra),
+            )
+            + name_b
+            + extra
+            + body
+        )
         sizes = (len(body), len(raw), off)
         cx = struct.pack("<HHQQQ", 1, 24, len(raw), len(body), off) if zip64_fields else b""
         if zip64_fields:
             sizes = (0xFFFFFFFF,) * 3
-        cen += struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 45, 45, 0, 8 * deflate, 0, 0, crc, sizes[0],
-                           sizes[1], len(name_b), len(cx), 0, 0, 0, 0, sizes[2]) + name_b + cx
+        cen += (
+            struct.pack(
+                "<4sHHHHHHIIIHHHHHII",
+                b"PK\x01\x02",
+                45,
+                45,
+                0,
+                8 * deflate,
+                0,
+                0,
+                crc,
+                sizes[0],
+                sizes[1],
+                len(name_b),
+                len(cx),
+                0,
+                0,
+                0,
+                0,
+                sizes[2],
+            )
+            + name_b
+            + cx
+        )
     cd_at, n = len(out), len(items)
     out += cen
     at64 = len(out)
@@ -95,8 +140,11 @@ def files(tmp_path_factory) -> dict[str, bytes]:
     d = tmp_path_factory.mktemp("pt")
     torch.save(STATE, d / "x.pt")
     plain = (d / "x.pt").read_bytes()
-    return {"torch": plain, "zip64": _zip(_entries(plain), zip64_fields=True),
-            "deflated": _zip(_entries(plain), deflate=True)}
+    return {
+        "torch": plain,
+        "zip64": _zip(_entries(plain), zip64_fields=True),
+        "deflated": _zip(_entries(plain), deflate=True),
+    }
 
 
 KINDS = ["torch", "zip64"]
@@ -261,6 +309,7 @@ def test_truncated_pt_raises(tmp, files):
 
 
 # ---------------------------------------------------------------------------------- hostile directories
+
 
 def _set(data: bytes, at: int, fmt: str, *vals) -> bytes:
     b = bytearray(data)

@@ -86,8 +86,9 @@ def joined(parts: Iterator[bytes], sep: bytes = b",", chunk: int = 20_000) -> It
 
 def empty_tensors(n: int, name_len: int = 0) -> Iterator[bytes]:
     yield b"{"
-    yield from joined(b'"%s":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}' % (b"%08d" % i).ljust(name_len, b"x")
-                      for i in range(n))
+    yield from joined(
+        b'"%s":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}' % (b"%08d" % i).ljust(name_len, b"x") for i in range(n)
+    )
     yield b"}"
 
 
@@ -122,15 +123,23 @@ def test_as_many_tensors_as_allowed_load_in_bounded_memory_and_time(big):
 NEAR_CAP = {  # ~90-99 MB headers; (header pieces, expected: number of tensors, or the words of the refusal)
     "one 99 MB metadata string": (lambda: [b'{"__metadata__":{"k":"', *[b"x" * 1_000_000] * 99, b'"}}'], 0),
     "40k tensors with 2.4 KB names": (lambda: empty_tensors(40_000, 2_400), 40_000),
-    "2.4M metadata entries (near the value limit)": (lambda: [b'{"__metadata__":{', *joined(
-        b'"k%09d":"%s"' % (i, b"v" * 22) for i in range(2_400_000)), b"}}"], 0),
+    "2.4M metadata entries (near the value limit)": (
+        lambda: [b'{"__metadata__":{', *joined(b'"k%09d":"%s"' % (i, b"v" * 22) for i in range(2_400_000)), b"}}"],
+        0,
+    ),
     "1.6M empty tensors": (lambda: empty_tensors(1_600_000), ("1600000 tensors", "MAX_TENSORS")),
-    "33M empty lists in a shape": (lambda: [b'{"a":{"dtype":"F32","shape":[', *[b"[]," * 1_000_000] * 33,
-                                            b'[]],"data_offsets":[0,0]}}'], ("JSON values", "MAX_JSON_VALUES")),
-    "19M short strings in a shape": (lambda: [b'{"a":{"dtype":"F32","shape":[', *[b'"ab",' * 1_000_000] * 19,
-                                              b'0],"data_offsets":[0,0]}}'], ("JSON values", "MAX_JSON_VALUES")),
-    "6M metadata entries": (lambda: [b'{"__metadata__":{', *joined(b'"k%09d":""' % i for i in range(6_000_000)), b"}}"],
-                            ("JSON values", "MAX_JSON_VALUES")),
+    "33M empty lists in a shape": (
+        lambda: [b'{"a":{"dtype":"F32","shape":[', *[b"[]," * 1_000_000] * 33, b'[]],"data_offsets":[0,0]}}'],
+        ("JSON values", "MAX_JSON_VALUES"),
+    ),
+    "19M short strings in a shape": (
+        lambda: [b'{"a":{"dtype":"F32","shape":[', *[b'"ab",' * 1_000_000] * 19, b'0],"data_offsets":[0,0]}}'],
+        ("JSON values", "MAX_JSON_VALUES"),
+    ),
+    "6M metadata entries": (
+        lambda: [b'{"__metadata__":{', *joined(b'"k%09d":""' % i for i in range(6_000_000)), b"}}"],
+        ("JSON values", "MAX_JSON_VALUES"),
+    ),
 }
 
 
@@ -152,7 +161,7 @@ def saved_record(p: str) -> tuple[dict, dict, bytes]:
     data = open(p, "rb").read()
     n = struct.unpack("<Q", data[:8])[0]
     head = json.loads(data[8 : 8 + n])
-    return head, json.loads(head["__metadata__"]["tensorkeep"]), data[8 + n:]
+    return head, json.loads(head["__metadata__"]["tensorkeep"]), data[8 + n :]
 
 
 def test_structure_record_near_the_cap_is_refused(big, tmp):
@@ -174,6 +183,7 @@ def test_structure_record_near_the_cap_is_refused(big, tmp):
 
 # ----------------------------------------------------------------------------- the limits, with small knobs
 
+
 def plain_file(path: str, n: int, meta: dict | None = None) -> None:
     header = {f"t{i}": {"dtype": "U8", "shape": [1], "data_offsets": [i, i + 1]} for i in range(n)}
     if meta is not None:
@@ -187,12 +197,14 @@ def test_tensor_count_limit(tmp, monkeypatch):
     plain_file(p, 5)
     assert len(tk.load(p)) == 5
     plain_file(p, 6)
-    with pytest.raises(tk.FormatError, match=r"header lists 6 tensors, more than the limit of 5 \(tensorkeep.knobs.MAX_TENSORS"):
+    with pytest.raises(
+        tk.FormatError, match=r"header lists 6 tensors, more than the limit of 5 \(tensorkeep.knobs.MAX_TENSORS"
+    ):
         tk.open(p)
     # a key spelled with an escape escapes the cheap count before parsing, not the exact one after
     data = open(p, "rb").read()
     n = struct.unpack("<Q", data[:8])[0]
-    write_file(p, [data[8 : 8 + n].replace(b"data_offsets", b"data\\u005foffsets")], data[8 + n:])
+    write_file(p, [data[8 : 8 + n].replace(b"data_offsets", b"data\\u005foffsets")], data[8 + n :])
     with pytest.raises(tk.FormatError, match="header lists 6 tensors"):
         tk.load(p)
 
@@ -203,8 +215,11 @@ def test_json_value_limit(tmp, monkeypatch):
     monkeypatch.setattr(knobs, "MAX_JSON_VALUES", 40)
     assert len(tk.load(p)) == 2
     plain_file(p, 2, {f"k{i}": "" for i in range(30)})
-    with pytest.raises(tk.FormatError, match=r"header holds \d+ JSON values, more than the limit of 40 "
-                                             r"\(tensorkeep.knobs.MAX_JSON_VALUES") as e:
+    with pytest.raises(
+        tk.FormatError,
+        match=r"header holds \d+ JSON values, more than the limit of 40 "
+        r"\(tensorkeep.knobs.MAX_JSON_VALUES",
+    ) as e:
         tk.load(p)
     assert p in str(e.value)
     monkeypatch.setattr(knobs, "MAX_JSON_VALUES", 5_000)
@@ -218,9 +233,11 @@ def test_json_value_limit(tmp, monkeypatch):
 
 def test_save_refuses_what_load_would_refuse(tmp, monkeypatch):
     p = os.path.join(tmp, "x.tk")
-    cases = [("MAX_TENSORS", 2, [torch.ones(1)] * 1 + [torch.ones(2), torch.ones(3)]),
-             ("MAX_HEADER_BYTES", 1_000, {"w": torch.ones(2), "s": "x" * 2_000}),
-             ("MAX_JSON_VALUES", 500, {"w": torch.ones(2), "plain": list(range(1_000))})]
+    cases = [
+        ("MAX_TENSORS", 2, [torch.ones(1)] * 1 + [torch.ones(2), torch.ones(3)]),
+        ("MAX_HEADER_BYTES", 1_000, {"w": torch.ones(2), "s": "x" * 2_000}),
+        ("MAX_JSON_VALUES", 500, {"w": torch.ones(2), "plain": list(range(1_000))}),
+    ]
     for knob, limit, obj in cases:
         with monkeypatch.context() as m:
             m.setattr(knobs, knob, limit)
@@ -237,7 +254,8 @@ def test_deep_structure_record_is_refused(tmp):
     depth = knobs.MAX_DEPTH + 5
     record["tree"] = "DEEP"
     head["__metadata__"]["tensorkeep"] = fmt.dumps(record).replace(
-        '"DEEP"', '{"l":[' * depth + '{"d":[["w",{"t":"w"}]]}' + "]}" * depth)
+        '"DEEP"', '{"l":[' * depth + '{"d":[["w",{"t":"w"}]]}' + "]}" * depth
+    )
     text = fmt.dumps(head).encode()
     b = bytearray(struct.pack("<Q", len(text)) + text + rest)
     assert reseal(b)
@@ -256,8 +274,11 @@ def count_built(o) -> int:
 
 
 tricky = st.text(alphabet='ab,:[]{}"\\\u00e9 \n', max_size=8)
-json_docs = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | tricky,
-                         lambda c: st.lists(c, max_size=5) | st.dictionaries(tricky, c, max_size=5), max_leaves=30)
+json_docs = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | tricky,
+    lambda c: st.lists(c, max_size=5) | st.dictionaries(tricky, c, max_size=5),
+    max_leaves=30,
+)
 
 
 @settings(max_examples=300, deadline=None)

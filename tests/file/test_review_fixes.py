@@ -59,8 +59,7 @@ def test_save_sharded_never_deletes_what_an_index_names_that_is_not_a_weight_fil
         with open(os.path.join(tmp, n), "w") as f:
             f.write(f"user's {n}")
     with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-        json.dump({"weight_map": {"a": "config.json", "b": "README.md",
-                                  "c": "model-00001-of-00002.safetensors"}}, f)
+        json.dump({"weight_map": {"a": "config.json", "b": "README.md", "c": "model-00001-of-00002.safetensors"}}, f)
     for size in (100_000, 40, 100_000):
         tk.save_sharded({"w": torch.ones(3), "v": torch.zeros(3)}, tmp, max_shard_size=size)
         assert open(os.path.join(tmp, "config.json")).read() == "user's config.json"
@@ -202,7 +201,7 @@ def test_restore_says_loudly_when_every_checkpoint_is_damaged(tmp):
 
 def test_the_readme_says_which_writes_a_lazy_snapshot_cannot_see():
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    part = readme[readme.index("**Lazy snapshots**"):][:1500]
+    part = readme[readme.index("**Lazy snapshots**") :][:1500]
     assert ".data" in part and "mgr.wait()" in part and "untyped_storage()" in part
 
 

@@ -57,7 +57,9 @@ def test_reads_directory_written_by_others(tmp):
     save_file({k: sd[k] for k in list(sd)[:2]}, os.path.join(d, "model-00001-of-00002.safetensors"), {"format": "pt"})
     save_file({k: sd[k] for k in list(sd)[2:]}, os.path.join(d, "model-00002-of-00002.safetensors"), {"format": "pt"})
     wm = {k: f"model-0000{1 + i // 2}-of-00002.safetensors" for i, k in enumerate(sd)}
-    json.dump({"metadata": {"total_size": 1}, "weight_map": wm}, open(os.path.join(d, "model.safetensors.index.json"), "w"))
+    json.dump(
+        {"metadata": {"total_size": 1}, "weight_map": wm}, open(os.path.join(d, "model.safetensors.index.json"), "w")
+    )
     back = tk.load(d)
     assert all(torch.equal(back[k], sd[k]) for k in sd)
     m = torch.nn.Module()

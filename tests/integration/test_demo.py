@@ -12,8 +12,9 @@ from tensorkeep.checkpoint import determinism
 
 @pytest.mark.slow
 def test_demo_runs_and_resume_is_exact(tmp):
-    r = subprocess.run([sys.executable, "-m", "tensorkeep.demo", "--dir", tmp], capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "tensorkeep.demo", "--dir", tmp], capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     out = r.stdout
     assert "SIGKILL" in out and "resuming from there" in out
@@ -31,9 +32,14 @@ def test_the_training_computes_the_same_bits_on_one_cpu_and_on_all(tmp):
     lines = []
     for i, cpus in enumerate([one_cpu, None]):
         run, out = os.path.join(tmp, f"run{i}"), os.path.join(tmp, f"out{i}.tk")
-        r = subprocess.run([sys.executable, "-m", "tensorkeep.demo", "--train", run, out, "--epochs", "1"], env=env,
-                           capture_output=True, text=True, timeout=300,
-                           preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+        r = subprocess.run(
+            [sys.executable, "-m", "tensorkeep.demo", "--train", run, out, "--epochs", "1"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         lines.append([l for l in r.stdout.splitlines() if l.startswith("COMMITTED")])
     assert lines[0] == lines[1] and len(lines[0]) == 1, lines

@@ -41,8 +41,9 @@ def forge(path: str, edit: Callable[[dict, dict], None]) -> None:
 def run_python(code: str, timeout: float = 300) -> str:
     """Run ``code`` in a fresh interpreter (with tests/ on the path); its stdout."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")])}
-    p = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                       timeout=timeout, env=env)
+    p = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout, env=env
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout
 
@@ -52,9 +53,34 @@ def run_python(code: str, timeout: float = 300) -> str:
 #: torch's lazy submodules, its deprecated attributes (each a factory called on access), other
 #: submodules and attributes that are not dtypes, and near-misses of real dtype names.
 HOSTILE_DTYPES: list[Any] = [
-    "_inductor", "onnx", "_dynamo", "_export", "fx", "export", "compiler", "has_cuda", "has_mps",
-    "has_cudnn", "has_mkldnn", "set_vital", "distributed", "testing", "nn", "jit", "Tensor", "__class__",
-    "__dict__", "__getattr__", "torch.float32", "float32 ", "Float32", "", 5, None, ["float32"], {"x": 1},
+    "_inductor",
+    "onnx",
+    "_dynamo",
+    "_export",
+    "fx",
+    "export",
+    "compiler",
+    "has_cuda",
+    "has_mps",
+    "has_cudnn",
+    "has_mkldnn",
+    "set_vital",
+    "distributed",
+    "testing",
+    "nn",
+    "jit",
+    "Tensor",
+    "__class__",
+    "__dict__",
+    "__getattr__",
+    "torch.float32",
+    "float32 ",
+    "Float32",
+    "",
+    5,
+    None,
+    ["float32"],
+    {"x": 1},
 ]
 
 
@@ -180,24 +206,27 @@ def set_model_info(p: str, **fields: Any) -> None:
     forge(p, edit)
 
 
-@pytest.mark.parametrize("cls, error", [
-    (f"{PKG}:helperlib.Exporter", tk.UntrustedModelError),  # walks into another module
-    (f"{PKG}:Reexported", tk.UntrustedModelError),  # defined in another module, imported into this one
-    (f"{PKG}:torch._inductor.X", tk.UntrustedModelError),  # walks into torch
-    (f"{PKG}:torch.nn.Linear", tk.UntrustedModelError),
-    (f"{PKG}:lazy_thing.X", tk.FormatError),  # only the module's __getattr__ knows it
-    (f"{PKG}:tkh_lazy", tk.FormatError),
-    (f"{PKG}:Net.__init__", tk.FormatError),
-    (f"{PKG}:Net.__class__", tk.FormatError),
-    (f"{PKG}:Net.__mro__", tk.FormatError),
-    (f"{PKG}:nn", tk.UntrustedModelError),
-    (f"{PKG}:", tk.FormatError),
-    (f"{PKG}:Net..X", tk.FormatError),
-    (f"{PKG}:<locals>.Net", tk.FormatError),
-    (f"{PKG}.:Net", tk.FormatError),
-    (f".{PKG}:Net", tk.FormatError),
-    (f"{PKG}..x:Net", tk.FormatError),
-])
+@pytest.mark.parametrize(
+    "cls, error",
+    [
+        (f"{PKG}:helperlib.Exporter", tk.UntrustedModelError),  # walks into another module
+        (f"{PKG}:Reexported", tk.UntrustedModelError),  # defined in another module, imported into this one
+        (f"{PKG}:torch._inductor.X", tk.UntrustedModelError),  # walks into torch
+        (f"{PKG}:torch.nn.Linear", tk.UntrustedModelError),
+        (f"{PKG}:lazy_thing.X", tk.FormatError),  # only the module's __getattr__ knows it
+        (f"{PKG}:tkh_lazy", tk.FormatError),
+        (f"{PKG}:Net.__init__", tk.FormatError),
+        (f"{PKG}:Net.__class__", tk.FormatError),
+        (f"{PKG}:Net.__mro__", tk.FormatError),
+        (f"{PKG}:nn", tk.UntrustedModelError),
+        (f"{PKG}:", tk.FormatError),
+        (f"{PKG}:Net..X", tk.FormatError),
+        (f"{PKG}:<locals>.Net", tk.FormatError),
+        (f"{PKG}.:Net", tk.FormatError),
+        (f".{PKG}:Net", tk.FormatError),
+        (f"{PKG}..x:Net", tk.FormatError),
+    ],
+)
 def test_class_path_stays_in_the_allowed_module(pkg, tmp, cls, error):
     import tkh_helper
 
@@ -248,11 +277,18 @@ def test_config_that_does_not_build_is_a_format_error(pkg, tmp, config):
 # ------------------------------------------------------------------ a tiny file, a huge config
 
 HUGE = [  # each would allocate and initialise ~2.4 GB
-    ("torch.nn:Linear", lambda: torch.nn.Linear(4, 3), {"in_features": 4, "out_features": 3},
-     {"in_features": 100_000, "out_features": 6_000}),  # shapes differ
-    ("torch.nn:LayerNorm", lambda: torch.nn.LayerNorm(5, elementwise_affine=False),
-     {"normalized_shape": 5, "elementwise_affine": False},
-     {"normalized_shape": 300_000_000, "elementwise_affine": True}),  # tensors missing from the file
+    (
+        "torch.nn:Linear",
+        lambda: torch.nn.Linear(4, 3),
+        {"in_features": 4, "out_features": 3},
+        {"in_features": 100_000, "out_features": 6_000},
+    ),  # shapes differ
+    (
+        "torch.nn:LayerNorm",
+        lambda: torch.nn.LayerNorm(5, elementwise_affine=False),
+        {"normalized_shape": 5, "elementwise_affine": False},
+        {"normalized_shape": 300_000_000, "elementwise_affine": True},
+    ),  # tensors missing from the file
 ]
 
 
@@ -290,8 +326,10 @@ def test_building_on_the_meta_device_imports_nothing(tmp):
     nn = torch.nn
     models = {  # class, config
         "emb": (nn.Embedding, {"num_embeddings": 5, "embedding_dim": 3}),
-        "tr": (nn.Transformer, {"d_model": 4, "nhead": 2, "num_encoder_layers": 1, "num_decoder_layers": 1,
-                                "dim_feedforward": 8}),
+        "tr": (
+            nn.Transformer,
+            {"d_model": 4, "nhead": 2, "num_encoder_layers": 1, "num_decoder_layers": 1, "dim_feedforward": 8},
+        ),
         "lstm": (nn.LSTM, {"input_size": 3, "hidden_size": 4, "num_layers": 2}),
         "bn": (nn.BatchNorm2d, {"num_features": 3}),
         "conv": (nn.Conv2d, {"in_channels": 3, "out_channels": 4, "kernel_size": 3}),

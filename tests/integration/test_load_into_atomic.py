@@ -40,11 +40,14 @@ def with_grads(net: Net) -> Net:
 
 def snapshot(net: nn.Module) -> list:
     """Everything load_into may change: tensor objects, dtypes, layouts, bytes; grads too."""
+
     def raw(t: torch.Tensor) -> bytes:
         return t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
 
-    out = [(name, id(t), t.dtype, tuple(t.shape), t.stride(), t.requires_grad, raw(t))
-           for name, t in net.state_dict(keep_vars=True).items()]
+    out = [
+        (name, id(t), t.dtype, tuple(t.shape), t.stride(), t.requires_grad, raw(t))
+        for name, t in net.state_dict(keep_vars=True).items()
+    ]
     out += [(name, id(p.grad), p.grad.dtype, raw(p.grad)) for name, p in net.named_parameters() if p.grad is not None]
     return out
 
@@ -79,8 +82,17 @@ def sources(tmp: str, sd: dict) -> dict[str, tuple[str, list[str]]]:
     return {"one": (one, [one]), "bf16": (bf16, [bf16]), "sharded": (shards, [os.path.join(shards, f) for f in files])}
 
 
-@pytest.mark.parametrize("kind, dtype", [("one", None), ("one", torch.float64), ("bf16", None), ("bf16", torch.float64),
-                                         ("sharded", None), ("sharded", torch.float64)])
+@pytest.mark.parametrize(
+    "kind, dtype",
+    [
+        ("one", None),
+        ("one", torch.float64),
+        ("bf16", None),
+        ("bf16", torch.float64),
+        ("sharded", None),
+        ("sharded", torch.float64),
+    ],
+)
 def test_a_damaged_byte_anywhere_leaves_the_model_untouched(tmp, small_blocks, kind, dtype):
     path, damage = sources(tmp, new_net(1).state_dict())[kind]
     net = with_grads(new_net(2))

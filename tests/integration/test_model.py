@@ -235,7 +235,9 @@ def test_load_model_on_params_only_file_explains(saved):
 def test_version_mismatch_warns_not_refuses(tmp, monkeypatch):
 
     p = os.path.join(tmp, "mlp.tk")
-    monkeypatch.setattr(tensorkeep.architecture, "_versions", lambda: {"torch": "1.8.0", "python": "3.8.0", "tensorkeep": "0.0.1"})
+    monkeypatch.setattr(
+        tensorkeep.architecture, "_versions", lambda: {"torch": "1.8.0", "python": "3.8.0", "tensorkeep": "0.0.1"}
+    )
     tk.save_model(MLP(), p)
     monkeypatch.undo()
     with warnings.catch_warnings(record=True) as w:
@@ -307,7 +309,9 @@ def test_rename_collision_is_an_error_not_a_silent_overwrite():
     with pytest.raises(ValueError, match=r"maps both 'a.weight' and 'b.weight' to 'b.weight'") as e:
         tk.load_into(pair(), src.state_dict(), rename={"a.": "b."}, strict=False)
     assert "'b.weight': None" in str(e.value)
-    assert tk.load_into(pair(), src.state_dict(), rename={"a.": "b."}, include=["a."], strict=False).kept  # excluded: no clash
+    assert tk.load_into(
+        pair(), src.state_dict(), rename={"a.": "b."}, include=["a."], strict=False
+    ).kept  # excluded: no clash
     m = pair()
     init = _params(m)
     rep = tk.load_into(m, src.state_dict(), rename={"a.": "b.", "b.": None}, strict=False)

@@ -29,8 +29,11 @@ from tensorkeep.storage import local as _io
 from worker_job import Augmented
 
 HANG = 120  # seconds: only to turn a hang into a failure
-LAYOUTS = {"0 workers": ["--workers", "0"], "2 workers": ["--workers", "2"],
-           "2 persistent workers": ["--workers", "2", "--persistent"]}
+LAYOUTS = {
+    "0 workers": ["--workers", "0"],
+    "2 workers": ["--workers", "2"],
+    "2 persistent workers": ["--workers", "2", "--persistent"],
+}
 
 
 # ------------------------------------------------------------------ seeded / SampleRNG
@@ -148,8 +151,9 @@ def test_what_resumes_exactly_with_and_without_sample_seeds(tmp, layout):
     for seeding in ("none", "sample"):
         ref = _stream(os.path.join(tmp, "ref"), workers, persistent, seeding)
         for stop in (3, 8, 11):  # mid-epoch, at the end of the first epoch, mid-epoch
-            exact[seeding, stop] = _stream(os.path.join(tmp, f"{seeding}-{stop}"), workers, persistent, seeding,
-                                           stop) == ref
+            exact[seeding, stop] = (
+                _stream(os.path.join(tmp, f"{seeding}-{stop}"), workers, persistent, seeding, stop) == ref
+            )
     assert all(exact["sample", s] for s in (3, 8, 11)), exact
     if workers == 0:  # the main process augments: its generators are in the checkpoint
         assert all(exact["none", s] for s in (3, 8, 11)), exact
@@ -162,14 +166,16 @@ def test_what_resumes_exactly_with_and_without_sample_seeds(tmp, layout):
 def _epochs(workers: int, persistent: bool, seeding: str, resume_at: int | None = None) -> bytes:
     """Recipe 1: a plain DataLoader, checkpoints at epoch ends (here: the RNG states, captured and
     restored around a fresh dataset and loader at epoch ``resume_at``, as a restarted process)."""
+
     def make():
         torch.manual_seed(0)
         random.seed(0)
         np.random.seed(0)
         x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
         ds = Augmented(x, torch.zeros(64, dtype=torch.long), seeding)
-        return ds, torch.utils.data.DataLoader(ds, batch_size=8, shuffle=True, num_workers=workers,
-                                               persistent_workers=persistent)
+        return ds, torch.utils.data.DataLoader(
+            ds, batch_size=8, shuffle=True, num_workers=workers, persistent_workers=persistent
+        )
 
     ds, loader = make()
     out = []
@@ -204,9 +210,13 @@ class Jobs:
     """worker_job.py's jobs, forked from one process that imported torch once (see its serve())."""
 
     def __init__(self) -> None:
-        self.p = subprocess.Popen([sys.executable, script("worker_job.py"), "--serve"],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                  env={**os.environ, **determinism.PINNED_ENV})
+        self.p = subprocess.Popen(
+            [sys.executable, script("worker_job.py"), "--serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **determinism.PINNED_ENV},
+        )
 
     def _ask(self, cmd: list) -> int:
         self.p.stdin.write(json.dumps(cmd) + "\n")
@@ -248,8 +258,15 @@ def _tail(log: str):
     raise AssertionError(f"{log}: no progress for {HANG} s")
 
 
-def _run(jobs: Jobs, tmp: str, name: str, args: list[str], kills, rnd: random.Random | None = None,
-         landed: list[int] | None = None) -> dict:
+def _run(
+    jobs: Jobs,
+    tmp: str,
+    name: str,
+    args: list[str],
+    kills,
+    rnd: random.Random | None = None,
+    landed: list[int] | None = None,
+) -> dict:
     """Train to the end, killed (SIGKILL) at the moments ``kills`` picks and restarted at once.
 
     ``kills(resumed, rnd) -> (kind, step)``: kill at ``STEP step``, or at the first save from
