@@ -27,14 +27,18 @@ appears only when it is complete::
 Without a manager (no run lock, no retention): ``with stage("ckpt/final", step) as st: ...``.
 
 Under torch.distributed (a manager of 2+ ranks, or ``stage(..., comm=Comm())``) a stage is a
-collective: every rank enters and leaves the block at the same point. Rank 0 makes the temporary
-directory and every rank gets its name (``st.path`` is the same everywhere); each rank writes its own
-files into it (names that differ between ranks, e.g. ``f"rng_state_{rank}.tk"``: a second ``st.write``
-of a name fails) and fsyncs them; once every rank has left its block, the ranks' manifest entries are all-gathered, rank 0
-records the remaining files, writes the manifest and renames; every rank returns only after that
-commit. An exception on any rank (or a rank that dies) publishes nothing, and every rank raises
-:class:`~tensorkeep.SaveError` naming the failing rank. ``latest_intact(..., comm=)`` makes every rank
-resume from the same step.
+collective: every rank enters and leaves the block at the same point::
+
+    with mgr.stage(step) as st:                      # st.path: rank 0's temporary directory, on every rank
+        if rank == 0:
+            st.write("optimizer.tk", opt.state_dict())
+        st.write(f"rng_state_{rank}.tk", rng.capture())  # each rank its own names (a name is written once)
+    # every rank: its files fsynced, their manifest entries all-gathered; rank 0: the other files
+    # recorded, the manifest written, the rename; every rank returns only after that commit
+
+An exception on any rank (or a rank that dies) publishes nothing, and every rank raises
+:class:`~tensorkeep.SaveError` naming the failing rank. ``latest_intact(..., comm=mgr.comm)`` makes
+every rank resume from the same step.
 
 A staged directory holds only files (a subdirectory or a symlink in ``st.path`` fails the save with
 :class:`~tensorkeep.SaveError`). Its first file, :data:`~tensorkeep.checkpoint.layout.STAGING_MARKER`,
