@@ -245,7 +245,7 @@ def is_staged(directory: str) -> bool:
 
 def remove_leftover(p: str) -> list[str]:
     """Remove a temporary directory of an unfinished save: whole if it is staged (:func:`is_staged`),
-    else tensorkeep's own names in it (those its manifest lists, ``*.tk``, temporary names). Returns
+    else tensorkeep's own names in it (those its manifest lists, ``*.tk``, a torn staging marker, temporary names). Returns
     what it kept."""
     if is_staged(p):
         _io.rmtree(p)
@@ -254,7 +254,7 @@ def remove_leftover(p: str) -> list[str]:
         listed = set(read_manifest(p).files)
     except FormatError:
         listed = set()
-    names = {n for n in os.listdir(p) if n in listed or _OWN_FILE_RE.match(n) or _io.temp_of(n)}
+    names = {n for n in os.listdir(p) if n in listed or n == STAGING_MARKER or _OWN_FILE_RE.match(n) or _io.temp_of(n)}
     return _io.remove_own_dir(p, names)
 
 
