@@ -22,7 +22,7 @@ demo: $(STAMP)
 # The habits that keep the layers one-way (ARCHITECTURE.md): style, types, and the import-linter contract.
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

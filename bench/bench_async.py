@@ -75,12 +75,24 @@ def stall(a: argparse.Namespace) -> list[tuple]:
     med = statistics.median
     return [
         (f"synchronous save ({mb:.0f} MB)", f"{med(t_sync) * 1e3:.0f}", f"{min(t_sync) * 1e3:.0f}", "100%"),
-        ("async save(): time it blocks", f"{med(t_block) * 1e3:.0f}", f"{min(t_block) * 1e3:.0f}",
-         f"{100 * med(t_block) / med(t_sync):.1f}%"),
-        ("async_save='lazy': time save() blocks", f"{med(t_lazy) * 1e3:.1f}", f"{min(t_lazy) * 1e3:.1f}",
-         f"{100 * med(t_lazy) / med(t_sync):.1f}%"),
-        ("async save() + wait(): durable", f"{med(t_durable) * 1e3:.0f}", f"{min(t_durable) * 1e3:.0f}",
-         f"{100 * med(t_durable) / med(t_sync):.0f}%"),
+        (
+            "async save(): time it blocks",
+            f"{med(t_block) * 1e3:.0f}",
+            f"{min(t_block) * 1e3:.0f}",
+            f"{100 * med(t_block) / med(t_sync):.1f}%",
+        ),
+        (
+            "async_save='lazy': time save() blocks",
+            f"{med(t_lazy) * 1e3:.1f}",
+            f"{min(t_lazy) * 1e3:.1f}",
+            f"{100 * med(t_lazy) / med(t_sync):.1f}%",
+        ),
+        (
+            "async save() + wait(): durable",
+            f"{med(t_durable) * 1e3:.0f}",
+            f"{min(t_durable) * 1e3:.0f}",
+            f"{100 * med(t_durable) / med(t_sync):.0f}%",
+        ),
     ]
 
 
@@ -126,8 +138,9 @@ class SyscallsOnly:
         self.pool.shutdown()
 
 
-def segment(state: dict, loader: Any, val: tuple, mgr: tk.CheckpointManager | None, epochs: int, every: int,
-            step: list) -> float:
+def segment(
+    state: dict, loader: Any, val: tuple, mgr: tk.CheckpointManager | None, epochs: int, every: int, step: list
+) -> float:
     """``epochs`` epochs of the demo's loop; with ``mgr``, a checkpoint at the start of every
     ``every``-th. The save comes first so that its background write overlaps this segment's
     training and the closing wait() finds it done: every cost of checkpointing lands in the segment."""
@@ -181,10 +194,17 @@ def overhead(a: argparse.Namespace) -> list[tuple]:
                     ratios.append(on[-1] / off[-1] - 1)
                     extra.append((on[-1] - off[-1]) / (epochs // every))
             lo, hi = bootstrap(on, off)
-            rows.append((f"{mode}, every {every} epoch{'s' if every > 1 else ''} ({44 * every} steps)",
-                         f"{1e3 * sum(off) / len(off) / epochs:.1f}", f"{1e3 * sum(on) / len(on) / epochs:.1f}",
-                         f"{100 * (sum(on) / sum(off) - 1):+.1f}%", f"{100 * lo:+.1f}% .. {100 * hi:+.1f}%",
-                         f"{100 * statistics.median(ratios):+.1f}%", f"{1e3 * statistics.median(extra):.1f}"))
+            rows.append(
+                (
+                    f"{mode}, every {every} epoch{'s' if every > 1 else ''} ({44 * every} steps)",
+                    f"{1e3 * sum(off) / len(off) / epochs:.1f}",
+                    f"{1e3 * sum(on) / len(on) / epochs:.1f}",
+                    f"{100 * (sum(on) / sum(off) - 1):+.1f}%",
+                    f"{100 * lo:+.1f}% .. {100 * hi:+.1f}%",
+                    f"{100 * statistics.median(ratios):+.1f}%",
+                    f"{1e3 * statistics.median(extra):.1f}",
+                )
+            )
     return rows
 
 
@@ -242,9 +262,17 @@ def cost(a: argparse.Namespace) -> list[tuple]:
             boot.append(1e3 * _fit(y[idx], c[idx], block))
         lo, hi = np.percentile(boot, [2.5, 97.5])
         epoch = 1e3 * float(np.mean(y[1:][(c[1:] == 0) & (c[:-1] == 0)]))
-        rows.append((mode, f"{epoch:.1f}", f"{ms:.1f} [{lo:.1f}, {hi:.1f}]",
-                     *(f"{100 * ms / (n * epoch):.1f}% [{100 * lo / (n * epoch):.1f}, {100 * hi / (n * epoch):.1f}]"
-                       for n in a.every)))
+        rows.append(
+            (
+                mode,
+                f"{epoch:.1f}",
+                f"{ms:.1f} [{lo:.1f}, {hi:.1f}]",
+                *(
+                    f"{100 * ms / (n * epoch):.1f}% [{100 * lo / (n * epoch):.1f}, {100 * hi / (n * epoch):.1f}]"
+                    for n in a.every
+                ),
+            )
+        )
     return rows
 
 
@@ -252,10 +280,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--pairs", type=int, default=60, help="segments with / without checkpoints")
-    ap.add_argument("--every", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2, 4, 8],
-                    help="epochs (44 steps each) between checkpoints, a comma-separated list")
-    ap.add_argument("--modes", type=lambda v: v.split(","), default=["sync", "async", "lazy"],
-                    help="of sync, async, lazy and syscalls-only (see SyscallsOnly)")
+    ap.add_argument(
+        "--every",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[1, 2, 4, 8],
+        help="epochs (44 steps each) between checkpoints, a comma-separated list",
+    )
+    ap.add_argument(
+        "--modes",
+        type=lambda v: v.split(","),
+        default=["sync", "async", "lazy"],
+        help="of sync, async, lazy and syscalls-only (see SyscallsOnly)",
+    )
     ap.add_argument("--dir", default="/tmp/tk-bench-async")
     ap.add_argument("--part", choices=("all", "stall", "loop", "cost"), default="all")
     ap.add_argument("--epochs", type=int, default=600, help="epochs of the randomized run (--part cost)")
@@ -266,11 +302,32 @@ def main() -> None:
         print(table(stall(a), ("GPT-2-small state in a CheckpointManager", "median ms", "min ms", "of sync save")))
         print()
     if a.part == "cost":
-        print(table(cost(a), ("randomized run of the demo loop", "ms/epoch", "ms per checkpoint [95%]",
-                              *(f"every {n} epoch{'s' if n > 1 else ''} ({44 * n} steps)" for n in a.every))))
+        print(
+            table(
+                cost(a),
+                (
+                    "randomized run of the demo loop",
+                    "ms/epoch",
+                    "ms per checkpoint [95%]",
+                    *(f"every {n} epoch{'s' if n > 1 else ''} ({44 * n} steps)" for n in a.every),
+                ),
+            )
+        )
     elif a.part != "stall":
-        print(table(overhead(a), ("demo training loop (digits MLP)", "ms/epoch without", "ms/epoch with",
-                                  "overhead", "95% interval", "median pair", "ms per checkpoint")))
+        print(
+            table(
+                overhead(a),
+                (
+                    "demo training loop (digits MLP)",
+                    "ms/epoch without",
+                    "ms/epoch with",
+                    "overhead",
+                    "95% interval",
+                    "median pair",
+                    "ms per checkpoint",
+                ),
+            )
+        )
     shutil.rmtree(a.dir, ignore_errors=True)
 
 

@@ -88,9 +88,16 @@ def get_st_touch(p):
 
 SAVES = {"tensorkeep save": save_tk, "torch.save + fsync": save_torch, "safetensors save_file + fsync": save_st}
 EXT = {"tensorkeep save": ".tk", "torch.save + fsync": ".pt", "safetensors save_file + fsync": ".safetensors"}
-LOADS = {"tensorkeep load (verified)": (load_tk, ".tk"), "torch.load(weights_only=True)": (load_torch, ".pt"),
-         "safetensors load_file (+touch)": (load_st, ".safetensors"), "tensorkeep load lazy=True": (load_tk_lazy, ".tk")}
-GETS = {"tensorkeep open().get(1 tensor)": (get_tk, ".tk"), "safetensors safe_open().get_tensor": (get_st, ".safetensors")}
+LOADS = {
+    "tensorkeep load (verified)": (load_tk, ".tk"),
+    "torch.load(weights_only=True)": (load_torch, ".pt"),
+    "safetensors load_file (+touch)": (load_st, ".safetensors"),
+    "tensorkeep load lazy=True": (load_tk_lazy, ".tk"),
+}
+GETS = {
+    "tensorkeep open().get(1 tensor)": (get_tk, ".tk"),
+    "safetensors safe_open().get_tensor": (get_st, ".safetensors"),
+}
 MORE_GETS = {
     "tensorkeep get(lazy=True) (verified: reads every page)": (get_tk_lazy, ".tk"),
     "safetensors get_tensor + .sum() (reads every page)": (get_st_touch, ".safetensors"),
@@ -106,8 +113,11 @@ def rss_child(what: str, name: str, path: str) -> None:
         base = reset_peak_rss()
         SAVES[name](sd, path)
     else:
-        SAVES[{".tk": "tensorkeep save", ".pt": "torch.save + fsync", ".safetensors": "safetensors save_file + fsync"}[
-            os.path.splitext(path)[1]]](gpt2_state_dict(), path)
+        SAVES[
+            {".tk": "tensorkeep save", ".pt": "torch.save + fsync", ".safetensors": "safetensors save_file + fsync"}[
+                os.path.splitext(path)[1]
+            ]
+        ](gpt2_state_dict(), path)
         import gc
 
         gc.collect()
@@ -119,8 +129,9 @@ def rss_child(what: str, name: str, path: str) -> None:
 
 
 def measure_rss(what: str, name: str, path: str) -> float:
-    out = subprocess.run([sys.executable, __file__, "--rss-child", what, name, path],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, __file__, "--rss-child", what, name, path], check=True, capture_output=True, text=True
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])["extra_mb"]
 
 
@@ -137,8 +148,10 @@ def gets(a: argparse.Namespace) -> None:
         for name, (fn, ext) in every.items():
             times[name].append(timed(lambda: fn(paths[ext])))
     st = summary(times["safetensors safe_open().get_tensor"])[0]
-    rows = [(name, f"{summary(xs)[0] * 1e3:.2f}", f"{summary(xs)[1] * 1e3:.2f}", f"{summary(xs)[0] / st:.1f}x")
-            for name, xs in times.items()]
+    rows = [
+        (name, f"{summary(xs)[0] * 1e3:.2f}", f"{summary(xs)[1] * 1e3:.2f}", f"{summary(xs)[0] / st:.1f}x")
+        for name, xs in times.items()
+    ]
     print(table(rows, ("one tensor (9.4 MB) of the 498 MB file", "median ms", "min ms", "of safetensors get_tensor")))
     for p in paths.values():
         os.unlink(p)
@@ -158,8 +171,10 @@ def main() -> None:
         return gets(a)
     sd = gpt2_state_dict()
     mb = nbytes(sd) / 1e6
-    print(f"workload: GPT-2-small-shaped fp32 state dict, {len(sd)} tensors, {mb:.1f} MB; "
-          f"torch threads {torch.get_num_threads()}, {os.cpu_count()} cores, {a.reps} interleaved reps\n")
+    print(
+        f"workload: GPT-2-small-shaped fp32 state dict, {len(sd)} tensors, {mb:.1f} MB; "
+        f"torch threads {torch.get_num_threads()}, {os.cpu_count()} cores, {a.reps} interleaved reps\n"
+    )
     times: dict[str, list[float]] = {k: [] for k in [*SAVES, *LOADS, *[k + " (cold)" for k in LOADS], *GETS]}
     for rep in range(a.reps):
         paths = {}

@@ -83,10 +83,20 @@ def main() -> None:
         syncs.append(sync_time(lambda: sync_mgr.save(step, {"model": model})))
     med = statistics.median
     rows.append((f"sync save of {gb:.2f} GB (GPU to disk)", f"{med(syncs) * 1e3:.0f}", "100%"))
-    rows.append(("async save(): blocks the Python thread", f"{med(blocks) * 1e3:.1f}",
-                 f"{100 * med(blocks) / med(syncs):.1f}% of sync"))
-    rows.append(("async save(): until the GPU has the snapshot", f"{med(landed) * 1e3:.1f}",
-                 f"{100 * med(landed) / med(syncs):.1f}% of sync; {gb / med(landed):.1f} GB/s"))
+    rows.append(
+        (
+            "async save(): blocks the Python thread",
+            f"{med(blocks) * 1e3:.1f}",
+            f"{100 * med(blocks) / med(syncs):.1f}% of sync",
+        )
+    )
+    rows.append(
+        (
+            "async save(): until the GPU has the snapshot",
+            f"{med(landed) * 1e3:.1f}",
+            f"{100 * med(landed) / med(syncs):.1f}% of sync; {gb / med(landed):.1f} GB/s",
+        )
+    )
 
     x = torch.randn(4096, width, device=dev)
 
@@ -108,10 +118,17 @@ def main() -> None:
     async_mgr.close()
     sync_mgr.close()
     rows.append(("training step, no checkpoint", f"{plain * 1e3:.1f}", ""))
-    rows.append(("training step + async checkpoint before it", f"{med(with_ckpt) * 1e3:.1f}",
-                 f"+{100 * (med(with_ckpt) / plain - 1):.0f}%"))
+    rows.append(
+        (
+            "training step + async checkpoint before it",
+            f"{med(with_ckpt) * 1e3:.1f}",
+            f"+{100 * (med(with_ckpt) / plain - 1):.0f}%",
+        )
+    )
     shutil.rmtree(a.dir, ignore_errors=True)
-    print(f"\n{torch.cuda.get_device_name(0)}, model {gb:.2f} GB fp32 ({n_layers} x {width}^2), torch {torch.__version__}")
+    print(
+        f"\n{torch.cuda.get_device_name(0)}, model {gb:.2f} GB fp32 ({n_layers} x {width}^2), torch {torch.__version__}"
+    )
     print(table(rows, ("measure", "ms", "rate / share")))
 
 

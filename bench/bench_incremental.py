@@ -80,7 +80,7 @@ def run(a: argparse.Namespace, with_adam: bool) -> list[tuple]:
         first_bytes[m] = tk.list_checkpoints(dirs[m])[0].bytes_written
     for s in range(1, a.reps + 1):
         step()
-        for m, mgr in (list(mgrs.items()) if s % 2 else list(mgrs.items())[::-1]):  # interleaved, alternating
+        for m, mgr in list(mgrs.items()) if s % 2 else list(mgrs.items())[::-1]:  # interleaved, alternating
             t = time.perf_counter()
             mgr.save(s, state)
             times[m].append(time.perf_counter() - t)
@@ -88,12 +88,20 @@ def run(a: argparse.Namespace, with_adam: bool) -> list[tuple]:
     for m, mgr in mgrs.items():
         later = {c.step: c for c in tk.list_checkpoints(dirs[m])}[a.reps]
         rows.append((f"{m}: first checkpoint", f"{first_bytes[m] / 1e6:.1f}", "100%", f"{first_t[m] * 1e3:.0f}", "-"))
-        rows.append((f"{m}: later checkpoint", f"{later.bytes_written / 1e6:.1f}",
-                     f"{100 * later.bytes_written / first_bytes[m]:.1f}%",
-                     f"{statistics.median(times[m]) * 1e3:.0f}", f"{min(times[m]) * 1e3:.0f}"))
+        rows.append(
+            (
+                f"{m}: later checkpoint",
+                f"{later.bytes_written / 1e6:.1f}",
+                f"{100 * later.bytes_written / first_bytes[m]:.1f}%",
+                f"{statistics.median(times[m]) * 1e3:.0f}",
+                f"{min(times[m]) * 1e3:.0f}",
+            )
+        )
         mgr.close()
-    print(f"\nstate {total / 1e6:.1f} MB model{' + Adam' if with_adam else ''}; trainable {trainable / 1e6:.1f} MB "
-          f"({100 * trainable / total:.1f}% of the model)")
+    print(
+        f"\nstate {total / 1e6:.1f} MB model{' + Adam' if with_adam else ''}; trainable {trainable / 1e6:.1f} MB "
+        f"({100 * trainable / total:.1f}% of the model)"
+    )
     return rows
 
 

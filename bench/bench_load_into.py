@@ -69,15 +69,23 @@ def main() -> None:
     res: dict[str, list] = {"tk.load_into": [], "load_state_dict(torch.load)": []}
     for _ in range(a.reps):
         for name, kind, p in (("tk.load_into", "tk", tkp), ("load_state_dict(torch.load)", "pt", ptp)):
-            out = subprocess.run([sys.executable, __file__, "--child", kind, p], check=True, capture_output=True,
-                                 text=True).stdout
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", kind, p], check=True, capture_output=True, text=True
+            ).stdout
             res[name].append(json.loads(out.strip().splitlines()[-1]))
     print(f"workload: GPT-2-small-shaped fp32 checkpoint, {mb:.1f} MB, page cache warm, {a.reps} alternating reps\n")
     rows = []
     for name, xs in res.items():
         ts, mem = [x["s"] for x in xs], [x["extra_mb"] for x in xs]
-        rows.append((name, f"{statistics.median(ts) * 1e3:.0f}", f"{min(ts) * 1e3:.0f}",
-                     f"{statistics.median(mem):.0f}", f"{100 * statistics.median(mem) / mb:.1f}%"))
+        rows.append(
+            (
+                name,
+                f"{statistics.median(ts) * 1e3:.0f}",
+                f"{min(ts) * 1e3:.0f}",
+                f"{statistics.median(mem):.0f}",
+                f"{100 * statistics.median(mem) / mb:.1f}%",
+            )
+        )
     print(table(rows, ("operation", "median ms", "min ms", "peak extra RSS MB", "of checkpoint")))
     for p in (tkp, ptp):
         os.unlink(p)

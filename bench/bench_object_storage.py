@@ -86,8 +86,10 @@ def run(a: argparse.Namespace, server: S3Server) -> None:
             mgr = mgrs[kind]
             timed(f"CheckpointManager.save ({kind})", lambda: mgr.save(rep + 1, {"model": model}))
             timed(f"CheckpointManager.restore ({kind})", lambda: mgr.restore({"model": clone}))
-        timed("s3fs pipe_file, same bytes (s3)", lambda: fs.pipe_file("bench/raw", raw, chunksize=storage.PART_BYTES,
-                                                                      max_concurrency=storage.THREADS))
+        timed(
+            "s3fs pipe_file, same bytes (s3)",
+            lambda: fs.pipe_file("bench/raw", raw, chunksize=storage.PART_BYTES, max_concurrency=storage.THREADS),
+        )
         timed("s3fs cat_file, one GET (s3)", lambda: fs.cat_file("bench/raw"))
         print(f"rep {rep + 1}/{a.reps} done", file=sys.stderr, flush=True)
     for m in mgrs.values():
@@ -101,8 +103,10 @@ def run(a: argparse.Namespace, server: S3Server) -> None:
         srv = f"{statistics.median(x[2] for x in xs):.1f}" if "(s3)" in name else "-"
         rows.append((name, f"{wall * 1e3:.0f}", f"{min(x[0] for x in xs) * 1e3:.0f}", gbs, f"{client:.1f}", srv))
     order = sorted(rows, key=lambda r: (r[0].startswith("s3fs"), r[0].split(" (")[0], "s3" in r[0]))
-    print(f"\nGPT-2-small-shaped state, {mb:.1f} MB; S3 = moto server on 127.0.0.1; part size "
-          f"{storage.PART_BYTES >> 20} MiB, {storage.THREADS} parts/ranges at once; {a.reps} reps\n")
+    print(
+        f"\nGPT-2-small-shaped state, {mb:.1f} MB; S3 = moto server on 127.0.0.1; part size "
+        f"{storage.PART_BYTES >> 20} MiB, {storage.THREADS} parts/ranges at once; {a.reps} reps\n"
+    )
     print(table(order, ("operation", "median ms", "min ms", "GB/s (median)", "client CPU s", "server CPU s")))
 
 

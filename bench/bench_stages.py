@@ -105,8 +105,12 @@ def main() -> None:
     copy = best(lambda: [dst[k].copy_(v) for k, v in sd.items()], a.reps)
     st = Staging()
     st.snapshot(dict(sd))
-    row("snapshot into reused staging (async save blocks)", best(lambda: st.snapshot(dict(sd)), a.reps),
-        "copy_ into touched memory", copy)
+    row(
+        "snapshot into reused staging (async save blocks)",
+        best(lambda: st.snapshot(dict(sd)), a.reps),
+        "copy_ into touched memory",
+        copy,
+    )
 
     # checksums and content hashes
     with ThreadPoolExecutor(knobs.IO_THREADS) as pool:
@@ -117,8 +121,12 @@ def main() -> None:
         sha = best(lambda: [d() for d in [packs.content_hash("U8", x.shape, x, pool) for x in arrays]], a.reps)
         sha1 = best(lambda: [hashlib.sha256(x).digest() for x in arrays], a.reps)
         row("SHA-256, 1 thread", sha1)
-        row(f"SHA-256 content hash (incremental), {knobs.IO_THREADS} threads", sha, "1 thread x threads",
-            sha1 / knobs.IO_THREADS)
+        row(
+            f"SHA-256 content hash (incremental), {knobs.IO_THREADS} threads",
+            sha,
+            "1 thread x threads",
+            sha1 / knobs.IO_THREADS,
+        )
 
     # writing
     p = os.path.join(a.dir, "raw.bin")
@@ -137,25 +145,43 @@ def main() -> None:
     row("raw O_DIRECT write + fsync (disk limit)", disk)
     out = os.path.join(a.dir, "model.tk")
     gone = lambda: os.path.exists(out) and os.unlink(out)
-    row("tk.save(durable=False), buffered path forced",
-        best(lambda: _save(sd, out, durable=False, direct=False), a.reps, gone), "raw pwrite to page cache", cache)
-    row("tk.save (O_DIRECT + CRC overlapped, fsync)", best(lambda: tk.save(sd, out), a.reps, gone),
-        "raw O_DIRECT + fsync", disk)
+    row(
+        "tk.save(durable=False), buffered path forced",
+        best(lambda: _save(sd, out, durable=False, direct=False), a.reps, gone),
+        "raw pwrite to page cache",
+        cache,
+    )
+    row(
+        "tk.save (O_DIRECT + CRC overlapped, fsync)",
+        best(lambda: tk.save(sd, out), a.reps, gone),
+        "raw O_DIRECT + fsync",
+        disk,
+    )
     with tk.CheckpointManager(os.path.join(a.dir, "run"), keep_last=1) as mgr:
         step = iter(range(10**6))
-        row("CheckpointManager.save (sync)", best(lambda: mgr.save(next(step), {"model": sd}), a.reps),
-            "raw O_DIRECT + fsync", disk)
+        row(
+            "CheckpointManager.save (sync)",
+            best(lambda: mgr.save(next(step), {"model": sd}), a.reps),
+            "raw O_DIRECT + fsync",
+            disk,
+        )
 
     # reading
     tk.save(sd, out)
     cold_raw = best(lambda: raw_read_direct(out, size, knobs.IO_THREADS), a.reps, lambda: evict(out))
     row(f"raw O_DIRECT read, {knobs.IO_THREADS} threads (disk limit)", cold_raw)
-    row("tk.load, cold (read + verify, threads)", best(lambda: tk.load(out), a.reps, lambda: evict(out)),
-        "raw O_DIRECT read", cold_raw)
+    row(
+        "tk.load, cold (read + verify, threads)",
+        best(lambda: tk.load(out), a.reps, lambda: evict(out)),
+        "raw O_DIRECT read",
+        cold_raw,
+    )
     warm_copy = best(lambda: [np.copyto(np.empty_like(x), x) for x in arrays], a.reps)
     row("tk.load, warm (page cache)", best(lambda: tk.load(out), a.reps), "copy into fresh memory", warm_copy)
     shutil.rmtree(a.dir, ignore_errors=True)
-    print(f"\n{mb:.1f} MB, IO_THREADS={knobs.IO_THREADS}, {os.cpu_count()} cores, torch threads={torch.get_num_threads()}")
+    print(
+        f"\n{mb:.1f} MB, IO_THREADS={knobs.IO_THREADS}, {os.cpu_count()} cores, torch threads={torch.get_num_threads()}"
+    )
     print(table(rows, ("stage", "ms", "GB/s", "machine limit", "of limit")))
 
 

@@ -66,8 +66,14 @@ def run_once(cond: dict[str, Any], epochs: int) -> dict[str, Any]:
     try:
         time.sleep(0.2 if busy else 0)  # let them take the CPUs first
         cmd = [sys.executable, __file__, "--child", "--epochs", str(epochs)] + (["--pin"] if cond["pinned"] else [])
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
-                           preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+        r = subprocess.run(
+            cmd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+        )
     finally:
         for p in busy:
             p.kill()
@@ -91,14 +97,22 @@ def summarize(rows: list[tuple[dict, dict]], pinned: bool) -> bool:
     for key, members in results.items():
         threads = sorted({r["settings"]["threads"] for _, r in members})
         kernels = sorted({r["settings"]["cpu_capability"] for _, r in members})
-        print(f"  epoch-1 val_loss {members[0][1]['epochs'][0][0]}  digest {key[-1]}: {len(members)} runs, "
-              f"torch threads {threads}, kernels {kernels}")
+        print(
+            f"  epoch-1 val_loss {members[0][1]['epochs'][0][0]}  digest {key[-1]}: {len(members)} runs, "
+            f"torch threads {threads}, kernels {kernels}"
+        )
         for _, r in members:
             by_setting[(r["settings"]["threads"], r["settings"]["cpu_capability"])].add(key)
     if len(results) > 1:
         keyed = all(len(v) == 1 for v in by_setting.values())
-        print("  the result is " + ("a function of (torch threads, CPU kernels): the same settings always gave the "
-                                    "same bits" if keyed else "NOT a function of the thread count and kernels alone"))
+        print(
+            "  the result is "
+            + (
+                "a function of (torch threads, CPU kernels): the same settings always gave the same bits"
+                if keyed
+                else "NOT a function of the thread count and kernels alone"
+            )
+        )
     return len(results) == 1
 
 
@@ -120,20 +134,25 @@ def main() -> None:
     rows = []
     print(f"{a.runs} runs of {a.epochs} epoch(s); CPUs {all_cpus}; load 0..{a.max_load} busy processes")
     for i in range(a.runs):
-        cond = {"load": rnd.randint(0, a.max_load),
-                "cpus": rnd.choice([None] + [{c} for c in all_cpus]) if len(all_cpus) > 1 else None,
-                "omp": rnd.choice([None, 1, len(all_cpus)]),
-                "pinned": (a.only == "pinned") if a.only else rnd.random() < 0.5,
-                "kernels": rnd.choice([None, "default"]) if a.kernels else None}
+        cond = {
+            "load": rnd.randint(0, a.max_load),
+            "cpus": rnd.choice([None] + [{c} for c in all_cpus]) if len(all_cpus) > 1 else None,
+            "omp": rnd.choice([None, 1, len(all_cpus)]),
+            "pinned": (a.only == "pinned") if a.only else rnd.random() < 0.5,
+            "kernels": rnd.choice([None, "default"]) if a.kernels else None,
+        }
         t0 = time.time()
         r = run_once(cond, a.epochs)
         rows.append((cond, r))
         s = r["settings"]
         cpus = ",".join(map(str, sorted(cond["cpus"]))) if cond["cpus"] else "all"
-        print(f"  run {i + 1:2d}: load {cond['load']} cpus {cpus:4} "
-              f"OMP_NUM_THREADS {str(cond['omp']):4} pinned {str(cond['pinned']):5} kernels {s['cpu_capability']:7} "
-              f"-> threads {s['threads']}  val_loss {r['epochs'][0][0]}  digest {r['epochs'][-1][1]}  "
-              f"({time.time() - t0:.0f} s)", flush=True)
+        print(
+            f"  run {i + 1:2d}: load {cond['load']} cpus {cpus:4} "
+            f"OMP_NUM_THREADS {str(cond['omp']):4} pinned {str(cond['pinned']):5} kernels {s['cpu_capability']:7} "
+            f"-> threads {s['threads']}  val_loss {r['epochs'][0][0]}  digest {r['epochs'][-1][1]}  "
+            f"({time.time() - t0:.0f} s)",
+            flush=True,
+        )
     summarize(rows, False)
     ok = summarize(rows, True)
     sys.exit(0 if ok else 1)
