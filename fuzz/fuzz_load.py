@@ -1,6 +1,6 @@
 """atheris target: tk.load / tk.open on mutated tensorkeep and safetensors files.
 
-The same inputs and oracle as tests/test_mutation_fuzz.py (tests/fuzz_inputs.py, tests/fuzz_mutation.py),
+The same inputs and oracle as tests/crash/test_mutation_fuzz.py (tests/fuzz_inputs.py, tests/fuzz_mutation.py),
 with coverage guidance choosing the mutations. See fuzz/README.md.
 
     python fuzz/fuzz_load.py -max_total_time=600 fuzz/corpus
