@@ -17,7 +17,8 @@ import torch
 import ranks
 import tensorkeep as tk
 from tensorkeep.checkpoint import layout
-from tensorkeep.checkpoint.stage import latest_intact, stage
+from tensorkeep.checkpoint.intact import latest_intact
+from tensorkeep.checkpoint.stage import stage
 from tensorkeep.distributed.comm import Comm
 from tensorkeep.errors import FormatError
 from tensorkeep.storage import local as _io

@@ -15,8 +15,9 @@ import torch
 
 import tensorkeep as tk
 from tensorkeep.checkpoint import layout
+from tensorkeep.checkpoint.intact import latest_intact
 from tensorkeep.checkpoint.naming import Naming
-from tensorkeep.checkpoint.stage import latest_intact, stage
+from tensorkeep.checkpoint.stage import stage
 from tensorkeep.errors import CheckpointNotFoundError, SaveError
 from tensorkeep.verification import verify
 
@@ -187,11 +188,11 @@ def test_unmarked_temp_dir_keeps_what_tensorkeep_did_not_write(tmp):
     os.makedirs(d)
     _put(os.path.join(d, "user.txt"), "mine")
     _put(os.path.join(d, "a.tk"), "partial")
-    _put(os.path.join(d, layout.STAGING_MARKER), "not json")  # a marker must be the real one
+    _put(os.path.join(d, layout.STAGING_MARKER), "not json")  # a marker must be the real one to remove all
     with pytest.warns(UserWarning) as seen:
         tk.CheckpointManager(tmp, naming="checkpoint-{step}").close()
     assert "which tensorkeep did not write" in str(seen[-1].message)
-    assert sorted(os.listdir(d)) == [layout.STAGING_MARKER, "user.txt"]
+    assert sorted(os.listdir(d)) == ["user.txt"]  # a torn marker is a name of ours: it goes, user.txt stays
 
 
 def test_standalone_stage_replaces_only_a_tensorkeep_checkpoint(tmp):

@@ -16,7 +16,7 @@ import pytest
 import ranks
 import tensorkeep as tk
 from tensorkeep.checkpoint import layout
-from tensorkeep.checkpoint.stage import latest_intact
+from tensorkeep.checkpoint.intact import latest_intact
 from tensorkeep.verification import verify
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stage_worker.py")

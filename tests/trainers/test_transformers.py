@@ -33,7 +33,7 @@ from transformers import GPT2LMHeadModel, Trainer  # noqa: E402
 
 import tensorkeep as tk  # noqa: E402
 from tensorkeep.checkpoint.determinism import PINNED_ENV  # noqa: E402
-from tensorkeep.checkpoint.stage import latest_intact  # noqa: E402
+from tensorkeep.checkpoint.intact import latest_intact  # noqa: E402
 from tensorkeep.transformers import NAMING, CrashProofMixin, protect  # noqa: E402
 from tensorkeep.verification import verify  # noqa: E402
 

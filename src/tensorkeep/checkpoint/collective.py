@@ -27,7 +27,7 @@ import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -35,6 +35,7 @@ from tensorkeep import errors
 from tensorkeep.checkpoint import layout, packs, rng
 from tensorkeep.checkpoint.policies import Policy
 from tensorkeep.checkpoint.records import Records
+from tensorkeep.checkpoint.run import Run
 from tensorkeep.checkpoint.state import apply, has_state
 from tensorkeep.checkpoint.steps import KINDS, LAYOUT, is_distributed, layout_entry, rng_file
 from tensorkeep.core.dtypes import torch_dtype
@@ -46,9 +47,6 @@ from tensorkeep.errors import CheckpointNotFoundError, FormatError, SaveError, S
 from tensorkeep.file.reader import read_file as load
 from tensorkeep.file.writer import write
 from tensorkeep.storage import local as _io
-
-if TYPE_CHECKING:  # run.py imports localrun, stage, and stage this module
-    from tensorkeep.checkpoint.run import Run
 
 T = TypeVar("T")
 

@@ -6,7 +6,7 @@ import os
 
 from tensorkeep.checkpoint.info import CheckpointInfo
 from tensorkeep.checkpoint.naming import DEFAULT_NAMING
-from tensorkeep.checkpoint.run import open_run
+from tensorkeep.checkpoint.runs import open_run
 
 __all__ = ["CheckpointInfo", "list_checkpoints"]
 

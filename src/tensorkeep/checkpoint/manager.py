@@ -17,11 +17,12 @@ import torch
 from tensorkeep._version import __version__
 from tensorkeep.checkpoint import collective, determinism, layout
 from tensorkeep.checkpoint.background import Background
+from tensorkeep.checkpoint.intact import latest_intact, load_verified
 from tensorkeep.checkpoint.naming import DEFAULT_NAMING
 from tensorkeep.checkpoint.policies import BestN, EveryNSteps, LatestN, Policy, to_keep
 from tensorkeep.checkpoint.records import Records
-from tensorkeep.checkpoint.run import open_run
-from tensorkeep.checkpoint.stage import Stage, latest_intact, load_verified
+from tensorkeep.checkpoint.runs import open_run
+from tensorkeep.checkpoint.stage import Stage
 from tensorkeep.checkpoint.state import Payload, apply, check_rng, payload
 from tensorkeep.distributed.comm import Comm
 from tensorkeep.errors import CheckpointNotFoundError, FormatError, StorageError, TensorkeepError
@@ -139,7 +140,7 @@ class CheckpointManager:
     @property
     def comm(self) -> Comm | None:
         """The status group of this manager's ranks under torch.distributed (2+ ranks), else None:
-        pass it to :func:`~tensorkeep.checkpoint.stage.latest_intact` so every rank picks the same step."""
+        pass it to :func:`~tensorkeep.checkpoint.intact.latest_intact` so every rank picks the same step."""
         return None if self._dist is None else self._dist.comm
 
     def path(self, step: int) -> str:

@@ -9,21 +9,16 @@ One protocol, two ways to publish a checkpoint, chosen by what the storage backe
   rename: data objects first, under names that carry a token, then the manifest, whose one PUT
   makes the checkpoint exist; the newest manager owns the run (``OwnerRecord``).
 
-The manager talks to either through this protocol only.
+The manager talks to either through this protocol only; :func:`~tensorkeep.checkpoint.runs.open_run`
+makes the right one for a path or a URL.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any, Protocol
 
 from tensorkeep.checkpoint.info import CheckpointInfo
 from tensorkeep.checkpoint.layout import Manifest
-from tensorkeep.checkpoint.localrun import LocalRun
-from tensorkeep.checkpoint.naming import DEFAULT_NAMING, Naming
-from tensorkeep.checkpoint.objects import ObjectRun
-from tensorkeep.storage import backend
-from tensorkeep.storage.objects import Store
 
 
 class Lock(Protocol):
@@ -79,23 +74,3 @@ class Run(Protocol):
         """Delete the packs no committed checkpoint refers to."""
 
     def list_checkpoints(self, verify: bool) -> list[CheckpointInfo]: ...
-
-
-def open_run(directory: str | os.PathLike[str], naming: str | Naming = DEFAULT_NAMING) -> Run:
-    """The run at ``directory``: a path (or ``file://``) is a directory, an object-store URL a prefix.
-    ``naming``: how a directory's checkpoints are named (:class:`~tensorkeep.checkpoint.naming.Naming`).
-
-    >>> open_run("memory://tk-doc-runs/mlp").url, type(open_run("/tmp/tk-doc-runs/mlp")).__name__
-    ('memory://tk-doc-runs/mlp', 'LocalRun')
-    """
-    naming = naming if isinstance(naming, Naming) else Naming(naming)
-    b = backend(directory)
-    if b.local:
-        return LocalRun(b.url, naming)
-    if naming != Naming():
-        raise ValueError(
-            f"{b.url}: naming={naming.fmt!r} is for run directories; a run in an object store names its "
-            f"checkpoints {DEFAULT_NAMING!r}. Fix: leave naming at its default"
-        )
-    assert isinstance(b, Store)  # the only backend that is not local
-    return ObjectRun(b)

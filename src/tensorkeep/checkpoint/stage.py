@@ -20,7 +20,7 @@ appears only when it is complete::
     with mgr.stage(step, subdir="checkpoint-7") as st:  # for code that appends the name itself:
         hf_save(st.run_path)                         # it writes st.run_path/checkpoint-7 == st.path
 
-    found = latest_intact("out", naming="checkpoint-{step}")  # resume: newest checkpoint that verifies
+    found = intact.latest_intact("out", naming="checkpoint-{step}")  # resume (checkpoint/intact.py)
     if found:                                        # (damaged newer ones skipped with a warning)
         found.step, found.path, found.loaded["optimizer.tk"]  # every tensorkeep file read and verified
 
@@ -55,16 +55,14 @@ import os
 import socket
 import time
 import warnings
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from tensorkeep._version import __version__
 from tensorkeep.checkpoint import determinism, layout
-from tensorkeep.checkpoint.collective import damaged_anywhere, gather, is_damage
 from tensorkeep.checkpoint.layout import FILE_KIND, MANIFEST, STAGING_FORMAT, STAGING_MARKER, Manifest
-from tensorkeep.checkpoint.naming import DEFAULT_NAMING
 from tensorkeep.checkpoint.steps import is_distributed, read_whole
 from tensorkeep.distributed.comm import Comm
 from tensorkeep.errors import SaveError, TensorkeepError
@@ -72,7 +70,7 @@ from tensorkeep.file.reader import read_file
 from tensorkeep.file.writer import FileImage, write, write_image
 from tensorkeep.storage import local as _io
 
-__all__ = ["Stage", "stage", "Intact", "latest_intact", "load_verified", "read_dir"]
+__all__ = ["Stage", "stage", "read_dir"]
 
 
 class Stage:
@@ -363,22 +361,6 @@ def _remove_stale(final: str) -> None:
             pass
 
 
-# ---------------------------------------------------------------------------------- resume
-
-
-class Intact(NamedTuple):
-    """A checkpoint that verified: its step, directory, manifest, and every tensorkeep file it holds,
-    read and checksummed, by file name (files of kind ``"file"`` were checked whole, not loaded)."""
-
-    step: int
-    path: str
-    manifest: Manifest
-    loaded: dict[str, Any]
-
-
-Check = Callable[[Manifest, dict[str, Any], str], None]
-
-
 def read_dir(directory: str, m: Manifest | None = None) -> tuple[Manifest, dict[str, Any]]:
     """A checkpoint directory checked against its manifest (``m``, else its ``manifest.json``) and every
     tensorkeep file read and verified, by file name; :class:`FormatError` (or :class:`OSError`) when
@@ -398,75 +380,3 @@ def read_dir(directory: str, m: Manifest | None = None) -> tuple[Manifest, dict[
     return m, {
         name: read_file(os.path.join(directory, name)) for name, i in m.files.items() if i.get("kind") != FILE_KIND
     }
-
-
-def load_verified(run: Any, step: int, check: Check | None = None) -> Intact:
-    """Checkpoint ``step`` of ``run`` (a :class:`~tensorkeep.checkpoint.run.Run`) read and verified,
-    then ``check(manifest, loaded, where)``; :class:`FormatError`/:class:`OSError` when damaged."""
-    where = run.step_path(step)
-    m, loaded = run.load(step, run.read_manifest(step))
-    if check is not None:
-        check(m, loaded, where)
-    return Intact(step, where, m, loaded)
-
-
-def latest_intact(
-    run: Any,
-    *,
-    naming: str = DEFAULT_NAMING,
-    check: Check | None = None,
-    on_damaged: Callable[[int], None] | None = None,
-    comm: Comm | None = None,
-) -> Intact | None:
-    """The newest checkpoint of ``run`` that verifies, or None. A damaged newer one is skipped with a
-    warning naming the damage (and reported to ``on_damaged``); nothing is changed on disk.
-
-    ``run``: a run directory (read without taking its lock, ``naming`` says how its checkpoints are
-    named) or a :class:`~tensorkeep.checkpoint.run.Run`. ``check(manifest, loaded, where)`` may raise
-    :class:`FormatError` to reject one more (e.g. RNG states that cannot be set). ``comm`` (2+ ranks):
-    a collective; every rank tries rank 0's list of steps, newest first, and every rank returns the
-    same step: the newest one that verified on every rank (each rank reads it whole).
-
-    >>> import tensorkeep as tk
-    >>> with tk.CheckpointManager("/tmp/tk-doc-intact") as mgr: _ = mgr.save(4, {"x": 1})
-    >>> latest_intact("/tmp/tk-doc-intact").step
-    4
-    """
-    if isinstance(run, (str, os.PathLike)):
-        from tensorkeep.checkpoint.run import open_run
-
-        run = open_run(run, naming=naming)
-    ranks = comm if comm is not None and comm.world > 1 else None
-    steps = gather(ranks, sorted(run.steps(), reverse=True), f"listing the checkpoints of {run.url}")[0]
-    skipped: list[int] = []
-    for s in steps:
-        found: Intact | None = None
-        bad: BaseException | str | None = None
-        try:
-            found = load_verified(run, s, check)
-        except Exception as e:
-            if ranks is None and not is_damage(e):
-                raise  # e.g. the store is unreachable: that says nothing about the checkpoint, do not skip it
-            bad = e
-        if ranks is not None:  # every rank skips it if it is damaged on any rank
-            bad = damaged_anywhere(
-                ranks, bad if isinstance(bad, BaseException) else None, f"reading {run.step_path(s)}"
-            )
-        if bad is None:
-            return found
-        if ranks is None or ranks.rank == 0:
-            warnings.warn(
-                f"skipping damaged checkpoint {run.step_path(s)}: {bad}; trying the previous one", stacklevel=2
-            )
-        skipped.append(s)
-        if on_damaged is not None:
-            on_damaged(s)
-    if skipped and (ranks is None or ranks.rank == 0):
-        warnings.warn(
-            f"{run.url}: ALL {len(skipped)} checkpoint(s) are damaged (steps {sorted(skipped)}): "
-            "nothing was restored, so restore() returns None and training would start from scratch. "
-            f"Fix: run `tensorkeep verify {run.url}`, put back a good copy, or pass step= to "
-            "see the error",
-            stacklevel=2,
-        )
-    return None

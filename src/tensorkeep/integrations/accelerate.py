@@ -50,9 +50,10 @@ from typing import Any
 
 from tensorkeep.checkpoint import layout, rng
 from tensorkeep.checkpoint.collective import collectively, gather
+from tensorkeep.checkpoint.intact import Intact, latest_intact
 from tensorkeep.checkpoint.manager import CheckpointManager
 from tensorkeep.checkpoint.naming import Naming
-from tensorkeep.checkpoint.stage import Intact, Stage, latest_intact, read_dir, stage
+from tensorkeep.checkpoint.stage import Stage, read_dir, stage
 from tensorkeep.distributed.comm import Comm
 from tensorkeep.errors import CheckpointNotFoundError, FormatError, MismatchError
 

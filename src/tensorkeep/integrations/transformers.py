@@ -73,9 +73,10 @@ except ImportError as e:  # pragma: no cover - the extra is missing
 
 from tensorkeep.checkpoint import rng
 from tensorkeep.checkpoint.collective import collectively, gather
+from tensorkeep.checkpoint.intact import Intact, latest_intact
 from tensorkeep.checkpoint.manager import CheckpointManager
 from tensorkeep.checkpoint.policies import Record
-from tensorkeep.checkpoint.stage import Intact, Stage, latest_intact, read_dir
+from tensorkeep.checkpoint.stage import Stage, read_dir
 from tensorkeep.distributed.comm import Comm
 from tensorkeep.errors import CheckpointNotFoundError, FormatError, SaveError, TensorkeepError
 from tensorkeep.storage import local as _io
