@@ -16,8 +16,9 @@ and (as root, unless ``--no-drop``) the page cache is dropped, so no save pays f
 * Lightning: ``trainer.save_checkpoint(path)`` with the strategy's ``checkpoint_io`` set to the stock
   ``TorchCheckpointIO`` (what ``plugins=[...]`` sets), to ``TensorkeepCheckpointIO()``, and to
   ``AsyncCheckpointIO(TensorkeepCheckpointIO())`` (the stall: until ``save_checkpoint`` returns; the
-  write is then awaited outside the timing). "stock + fsync": stock, then fsync of the file (stock does
-  not fsync; a reference, not what stock does).
+  write is then awaited outside the timing; ``AsyncCheckpointIO`` clones every tensor on the caller's
+  thread first), and ``AsyncCheckpointIO(TorchCheckpointIO())``'s stall. "stock + fsync": stock, then
+  fsync of the file (stock does not fsync; a reference, not what stock does).
 * HF: ``trainer._save_checkpoint(model, None)`` stock vs ``protect(trainer)`` (the same trainer, its class
   switched back and forth); "stock + sync": stock then fsync of every file and directory written.
 * Accelerate: ``Accelerator.save_state(acc, dir)`` (stock) vs ``acc.save_state(dir)`` after
@@ -220,22 +221,33 @@ def bench_lightning(d: int, work: str, reps: int) -> tuple[str, int]:
 
         return fn
 
-    def async_fn(out: str) -> float:
-        strategy.checkpoint_io = async_io
-        path = os.path.join(out, "model.ckpt")
-        stall = timed(lambda: trainer.save_checkpoint(path))
-        async_io.teardown()  # waits for the write (outside the timing)
-        assert os.path.exists(path), path
-        return stall
+    def stall(io: AsyncCheckpointIO) -> Callable[[str], float]:
+        def fn(out: str) -> float:
+            strategy.checkpoint_io = io
+            path = os.path.join(out, "model.ckpt")
+            s = timed(lambda: trainer.save_checkpoint(path))
+            io.teardown()  # waits for the write (outside the timing)
+            assert os.path.exists(path), path
+            return s
+
+        return fn
 
     variants: list[Variant] = [
         ("stock TorchCheckpointIO", save(TorchCheckpointIO())),
         ("stock + fsync (reference)", save(TorchCheckpointIO(), sync_tree)),
         ("TensorkeepCheckpointIO", save(tk_io)),
-        ("AsyncCheckpointIO(Tensorkeep) stall", async_fn),
+        ("AsyncCheckpointIO(Tensorkeep) stall", stall(async_io)),
+        ("AsyncCheckpointIO(stock) stall", stall(AsyncCheckpointIO(TorchCheckpointIO()))),
     ]
     times = run_variants(variants, os.path.join(work, "out"), reps)
-    return report(times, nbytes, {"AsyncCheckpointIO(Tensorkeep) stall": "TensorkeepCheckpointIO"}), nbytes
+    return report(
+        times,
+        nbytes,
+        {
+            "AsyncCheckpointIO(Tensorkeep) stall": "TensorkeepCheckpointIO",
+            "AsyncCheckpointIO(stock) stall": "stock TorchCheckpointIO",
+        },
+    ), nbytes
 
 
 def bench_hf(d: int, work: str, reps: int) -> tuple[str, int]:
