@@ -9,9 +9,10 @@ state after one optimizer step (exp_avg, exp_avg_sq): about 3 x ``--mb`` MB writ
 Lightning, Accelerate and DCP train a plain ``torch.nn.Module`` with those parameters; HF trains a
 ``GPT2LMHeadModel`` of that shape (tied embeddings, so one copy fewer of the ``wte`` matrix).
 
-Per trainer, the variants are timed in one process, interleaved (rep 1 of every variant, then rep 2, ...),
-median and min of ``--reps``, after ``--warmup`` unmeasured rounds. Before every timed save the previous output is deleted, ``sync`` is run
-and (as root, unless ``--no-drop``) the page cache is dropped, so no save pays for another's write-back.
+Per trainer, the variants are timed in one process, interleaved (rep 1 of every variant, then rep 2,
+...), median and min of ``--reps``, after ``--warmup`` unmeasured rounds. Before every timed save the
+previous output is deleted, ``sync`` is run and (as root, unless ``--no-drop``) the page cache is
+dropped, so no save pays for another's write-back.
 
 * Lightning: ``trainer.save_checkpoint(path)`` with the strategy's ``checkpoint_io`` set to the stock
   ``TorchCheckpointIO`` (what ``plugins=[...]`` sets), to ``TensorkeepCheckpointIO()``, and to
@@ -417,7 +418,8 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     drop_ok = DROP and os.access("/proc/sys/vm/drop_caches", os.W_OK)
     print(
-        f"width {d}, reps {a.reps}, warm-up rounds {a.warmup}, work {root}, page cache dropped between saves: {drop_ok}",
+        f"width {d}, reps {a.reps}, warm-up rounds {a.warmup}, work {root}, "
+        f"page cache dropped between saves: {drop_ok}",
         flush=True,
     )
     out = []
