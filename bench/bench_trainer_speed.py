@@ -7,7 +7,7 @@ The state: a GPT-2-small-shaped model (12 layers, vocab 50257, 1024 positions; t
 that the fp32 parameters are about ``--mb`` MB: 768 at the default, 124 M parameters) plus its AdamW
 state after one optimizer step (exp_avg, exp_avg_sq): about 3 x ``--mb`` MB written per checkpoint.
 Lightning, Accelerate and DCP train a plain ``torch.nn.Module`` with those parameters; HF trains a
-``GPT2LMHeadModel`` of that shape (tied embeddings, so one copy fewer of the ``wte`` matrix).
+``GPT2LMHeadModel`` of that shape (its ``lm_head`` is tied to ``wte``: the same tensors).
 
 Per trainer, the variants are timed in one process, interleaved (rep 1 of every variant, then rep 2,
 ...), median and min of ``--reps``, after ``--warmup`` unmeasured rounds. Before every timed save the
