@@ -15,6 +15,7 @@ from tensorkeep.checkpoint import layout, packs
 from tensorkeep.checkpoint.info import CheckpointInfo
 from tensorkeep.checkpoint.layout import Manifest, Naming
 from tensorkeep.checkpoint.lock import RunLock
+from tensorkeep.checkpoint.manifest import readable
 from tensorkeep.checkpoint.stage import Stage, read_dir
 from tensorkeep.errors import FormatError
 from tensorkeep.storage import local as _io
@@ -56,13 +57,7 @@ class LocalRun:
         return layout.read_manifest(d)
 
     def manifests(self) -> dict[int, Manifest]:
-        out = {}
-        for s in self.steps():
-            try:
-                out[s] = self.read_manifest(s)
-            except FormatError:
-                pass  # damaged: restore() skips it with a warning
-        return out
+        return readable(self.steps(), self.read_manifest)
 
     def load(self, step: int, m: Manifest) -> tuple[Manifest, dict[str, Any]]:
         d = self.step_path(step)

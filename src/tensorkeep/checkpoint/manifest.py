@@ -12,7 +12,7 @@ import math
 import numbers
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -213,6 +213,18 @@ def _validate_parts(parts: Any, packs: Any, where: str) -> tuple[dict[str, dict[
                 f"{where}: bad part entry {name!r} (each tensor must be [sha256, pack listed in 'packs'])"
             )
     return parts, packs
+
+
+def readable(steps: Iterable[int], read: Callable[[int], Manifest]) -> dict[int, Manifest]:
+    """The manifests ``read(step)`` gives for ``steps``, by step; a damaged one is left out
+    (``restore()`` skips it with a warning)."""
+    out = {}
+    for s in steps:
+        try:
+            out[s] = read(s)
+        except FormatError:
+            pass
+    return out
 
 
 def write_manifest(directory: str, m: Manifest, durable: bool = True) -> None:

@@ -31,6 +31,7 @@ from tensorkeep import knobs
 from tensorkeep.checkpoint import layout, packs
 from tensorkeep.checkpoint.info import CheckpointInfo
 from tensorkeep.checkpoint.layout import MANIFEST, Manifest
+from tensorkeep.checkpoint.manifest import readable
 from tensorkeep.core.format import CRC_FIELD_END, TK_PREFIX, check_stored, seal
 from tensorkeep.errors import FormatError, LockedError, SaveError, TensorkeepError
 from tensorkeep.file.reader import read_file as load
@@ -151,13 +152,7 @@ class ObjectRun:
 
     def manifests(self) -> dict[int, Manifest]:
         """The readable manifests by step (a damaged one is left out: restore skips it with a warning)."""
-        out = {}
-        for s in self.steps():
-            try:
-                out[s] = self.read_manifest(s)
-            except FormatError:
-                pass
-        return out
+        return readable(self.steps(), self.read_manifest)
 
     def committed(self) -> list[Manifest] | None:
         """Every committed manifest; None if one cannot be read (then no pack may be deleted)."""
