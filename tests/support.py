@@ -8,8 +8,13 @@ before any test module is imported.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
+import socket
+from collections.abc import Iterator
 from types import SimpleNamespace
+from typing import Any
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS_DIR)
@@ -21,3 +26,30 @@ sizes = SimpleNamespace()
 def script(name: str) -> str:
     """The path of a helper script in tests/, e.g. ``script("train_job.py")``, to run in a subprocess."""
     return os.path.join(TESTS_DIR, name)
+
+
+def _check_loopback(address: object) -> None:
+    if isinstance(address, tuple):
+        host = address[0]
+        if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
+            raise AssertionError(f"a test tried to reach {address}: only 127.0.0.1 is allowed")
+
+
+@contextlib.contextmanager
+def loopback_only() -> Iterator[None]:
+    """Every socket opened inside connects to 127.0.0.1, or the test fails (tests that start an S3 server)."""
+    real, real_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def connect(self: socket.socket, address: Any) -> None:
+        _check_loopback(address)
+        return real(self, address)
+
+    def connect_ex(self: socket.socket, address: Any) -> int:
+        _check_loopback(address)
+        return real_ex(self, address)
+
+    socket.socket.connect, socket.socket.connect_ex = connect, connect_ex  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        socket.socket.connect, socket.socket.connect_ex = real, real_ex  # type: ignore[method-assign]

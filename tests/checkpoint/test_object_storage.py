@@ -7,11 +7,10 @@ module opens is checked to go to 127.0.0.1.
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 import sys
 import uuid
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -25,33 +24,17 @@ s3fs = pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 import fsspec  # noqa: E402
 
+import support  # noqa: E402
 from s3server import ENV, S3Server  # noqa: E402
 
 BUCKET = "tk-tests"
 
 
-def _loopback_only(address: object) -> None:
-    if isinstance(address, tuple):
-        host = address[0]
-        if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
-            raise AssertionError(f"this test tried to reach {address}: only 127.0.0.1 is allowed")
-
-
 @pytest.fixture(scope="module", autouse=True)
-def loopback_only():
-    real, real_ex = socket.socket.connect, socket.socket.connect_ex
-
-    def connect(self, address):
-        _loopback_only(address)
-        return real(self, address)
-
-    def connect_ex(self, address):
-        _loopback_only(address)
-        return real_ex(self, address)
-
-    socket.socket.connect, socket.socket.connect_ex = connect, connect_ex
-    yield
-    socket.socket.connect, socket.socket.connect_ex = real, real_ex
+def loopback_only() -> Iterator[None]:
+    """Every socket these tests open connects to 127.0.0.1, or the test fails."""
+    with support.loopback_only():
+        yield
 
 
 @pytest.fixture(scope="module")

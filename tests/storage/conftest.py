@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import socket
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -15,34 +13,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 for _p in (HERE, os.path.dirname(HERE)):  # conformance.py here; s3server.py in tests/
     if _p not in sys.path:
         sys.path.insert(0, _p)
+import support  # noqa: E402
+
 pytest.register_assert_rewrite("conformance")  # its asserts explain themselves, as in a test module
 
 BUCKET = "tk-conformance"
 
 
-def _check_loopback(address: Any) -> None:
-    if isinstance(address, tuple):
-        host = address[0]
-        if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
-            raise AssertionError(f"a storage test tried to reach {address}: only 127.0.0.1 is allowed")
-
-
 @pytest.fixture(scope="module", autouse=True)
 def loopback_only() -> Iterator[None]:
     """Every socket these tests open connects to 127.0.0.1, or the test fails."""
-    real, real_ex = socket.socket.connect, socket.socket.connect_ex
-
-    def connect(self: socket.socket, address: Any) -> None:
-        _check_loopback(address)
-        return real(self, address)
-
-    def connect_ex(self: socket.socket, address: Any) -> int:
-        _check_loopback(address)
-        return real_ex(self, address)
-
-    socket.socket.connect, socket.socket.connect_ex = connect, connect_ex  # type: ignore[method-assign]
-    yield
-    socket.socket.connect, socket.socket.connect_ex = real, real_ex  # type: ignore[method-assign]
+    with support.loopback_only():
+        yield
 
 
 @pytest.fixture(scope="module")
