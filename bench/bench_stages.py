@@ -94,9 +94,9 @@ def main() -> None:
     mb = size / 1e6
     rows = []
 
-    def row(stage: str, secs: float, limit_name: str = "", limit_secs: float | None = None) -> None:
-        gbs = mb / 1e3 / secs
-        lim = f"{mb / 1e3 / limit_secs:.1f} GB/s {limit_name}" if limit_secs else ""
+    def row(stage: str, secs: float, limit_name: str = "", limit_secs: float | None = None, of_mb: float = mb) -> None:
+        gbs = of_mb / 1e3 / secs
+        lim = f"{of_mb / 1e3 / limit_secs:.1f} GB/s {limit_name}" if limit_secs else ""
         pct = f"{100 * limit_secs / secs:.0f}%" if limit_secs else ""
         rows.append((stage, f"{secs * 1e3:.0f}", f"{gbs:.1f}", lim, pct))
 
@@ -178,11 +178,53 @@ def main() -> None:
     )
     warm_copy = best(lambda: [np.copyto(np.empty_like(x), x) for x in arrays], a.reps)
     row("tk.load, warm (page cache)", best(lambda: tk.load(out), a.reps), "copy into fresh memory", warm_copy)
+    restore_rows(a, row)
     shutil.rmtree(a.dir, ignore_errors=True)
     print(
         f"\n{mb:.1f} MB, IO_THREADS={knobs.IO_THREADS}, {os.cpu_count()} cores, torch threads={torch.get_num_threads()}"
     )
     print(table(rows, ("stage", "ms", "GB/s", "machine limit", "of limit")))
+
+
+def model_and_adamw(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The GPT-2-small-shaped parameters in a module, and AdamW with its state (3x the model)."""
+    m = torch.nn.Module()
+    for name, t in gpt2_state_dict(seed).items():
+        m.register_parameter(name.replace(".", "_"), torch.nn.Parameter(t))
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    for p in m.parameters():
+        p.grad = torch.full_like(p, 1e-3)
+    opt.step()
+    return m, opt
+
+
+def restore_rows(a: argparse.Namespace, row: Callable[..., None]) -> None:
+    """CheckpointManager.restore of model + AdamW into a live model and optimizer, cold and warm."""
+    run = os.path.join(a.dir, "restore-run")
+    m, opt = model_and_adamw(1)
+    with tk.CheckpointManager(run, keep_last=1) as mgr:
+        mgr.save(1, {"model": m, "opt": opt})
+    files = [os.path.join(dp, f) for dp, _, fs in os.walk(run) for f in fs if not f.startswith(".")]
+    total = sum(os.path.getsize(f) for f in files)
+    live_m, live_opt = model_and_adamw(2)  # what a resumed process has built before it restores
+    state = {"model": live_m, "opt": live_opt}
+    evict_all = lambda: [evict(f) for f in files]
+
+    def raw_cold() -> None:
+        for f in files:
+            raw_read_direct(f, os.path.getsize(f), knobs.IO_THREADS)
+
+    with tk.CheckpointManager(run, keep_last=1) as mgr:
+        cold = best(lambda: mgr.restore(state), a.reps, evict_all)
+        warm = best(lambda: mgr.restore(state), a.reps)
+    assert all(torch.equal(x, y) for x, y in zip(live_m.parameters(), m.parameters()))
+    cold_raw = best(raw_cold, a.reps, evict_all)
+    srcs = [t for t in [*m.parameters(), *(v for s in opt.state.values() for v in s.values())] if t.dim()]
+    dsts = [torch.empty_like(t).fill_(0) for t in srcs]
+    touched = best(lambda: [d.copy_(s) for d, s in zip(dsts, srcs)], a.reps)
+    mb = total / 1e6
+    row(f"restore model+AdamW ({mb / 1e3:.2f} GB), cold", cold, "raw O_DIRECT read", cold_raw, of_mb=mb)
+    row(f"restore model+AdamW ({mb / 1e3:.2f} GB), warm", warm, "copy_ into touched memory", touched, of_mb=mb)
 
 
 def _save(sd: dict, out: str, durable: bool, direct: bool) -> None:

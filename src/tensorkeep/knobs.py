@@ -50,5 +50,7 @@ ALIGN = 4096
 IO_THREADS = 2
 #: ``load`` splits the work into tasks of about this many bytes (whole checksum blocks).
 TASK_BYTES = 16 << 20
+#: One tensor at least this large is read on IO_THREADS threads (``get``, ``read_into``).
+SPLIT_READ_BYTES = 4 << 20
 #: Reads are checksummed in pieces of this size while the piece is still in the CPU cache.
 READ_PIECE_BYTES = 256 << 10

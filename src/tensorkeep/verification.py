@@ -19,6 +19,7 @@ import numpy as np
 
 from tensorkeep.checkpoint import layout, packs
 from tensorkeep.core.format import TK_PREFIX, TensorInfo, crc32, looks_like_tensorkeep
+from tensorkeep.core.record import check_tree
 from tensorkeep.distributed.manifest import MANIFEST as dist_manifest
 from tensorkeep.distributed.manifest import read_manifest as dist_read
 from tensorkeep.errors import FormatError, TensorkeepError
@@ -59,7 +60,9 @@ def _verify_file(
     """Verify one file into ``res``; its tensors by name (None for a torch file or an unreadable header)."""
     res.files.append(path)
     try:
-        r = open_reader(path)
+        r = open_reader(path, cached=False)  # the bytes on disk now, not a header parsed earlier
+        if not r.torch_pickle:
+            check_tree(r.record, path)
     except (ValueError, OSError) as e:  # FormatError is a ValueError; so is a path with a NUL
         res.problems.append(Problem(path, str(e)))
         return None

@@ -411,8 +411,10 @@ def test_a_structure_record_with_out_of_range_values_is_a_format_error(tmp_path,
     monkeypatch.undo()
     with pytest.raises(tk.FormatError, match=f"^{p}: stored structure is invalid: .*{what}"):
         tk.load(p)
-    with pytest.raises(tk.FormatError, match="stored structure is invalid"):
-        tk.open(p)
+    with tk.open(p) as f:  # reading single tensors needs only the names the structure refers to
+        assert f.keys() == []
+        with pytest.raises(tk.FormatError, match="stored structure is invalid"):
+            f.load()  # the whole object needs every node: only then is the rest checked
     res = verify(p)
     assert not res.ok and "stored structure is invalid" in str(res.problems)
 

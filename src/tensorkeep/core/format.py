@@ -16,10 +16,11 @@ import re
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from tensorkeep import knobs
 from tensorkeep.core.crc import crc32 as crc32
+from tensorkeep.core.crc import crc32_combine as crc32_combine
 from tensorkeep.core.jsontext import SEAL_PREFIX as SEAL_PREFIX
 from tensorkeep.core.jsontext import bit_distance
 from tensorkeep.core.jsontext import check_json_values as check_json_values
@@ -64,8 +65,9 @@ CRC_PLACEHOLDER = "00000000"
 _MAX_DIM = 1 << 62
 
 
-@dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(NamedTuple):
+    """One tensor of a header (a tuple: a header of thousands of tensors is parsed on every open)."""
+
     name: str
     dtype: str
     shape: tuple[int, ...]

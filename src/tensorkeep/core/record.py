@@ -39,9 +39,12 @@ class Record:
 
 
 def parse_record(h: Header, path: str) -> Record:
-    """Validate the tensorkeep record of a parsed header (every node of the structure included,
-    so a check reports what a load would refuse); a plain safetensors header gives a Record
-    with no checksums and every tensor a torch tensor."""
+    """Validate the tensorkeep record of a parsed header; a plain safetensors header gives a
+    Record with no checksums and every tensor a torch tensor.
+
+    The structure tree is checked only as far as reading single tensors needs (which tensors it
+    names, and as what): every node of it is validated by :func:`check_tree`, which loading the
+    whole object and ``tk.verify`` run, so opening a file to read one tensor skips that work."""
     meta = dict(h.metadata or {})
     if not h.is_tensorkeep:
         if TK_KEY in meta or CRC_KEY in meta:
@@ -58,10 +61,14 @@ def parse_record(h: Header, path: str) -> Record:
     crcs = parse_checksums(info["crc"], info["block"], h, path)
     tree = info["tree"]
     kinds = leaf_kinds(tree, path)
-    unflatten(tree, None, path)
     if set(kinds) != set(h.tensors):
         raise FormatError(f"{path}: stored structure does not refer to exactly the file's tensors")
     for name, kind in kinds.items():
         if kind == "n" and numpy_dtype(h.tensors[name].dtype) is None:
             raise FormatError(f"{path}: NumPy array {name!r} has dtype {h.tensors[name].dtype} that NumPy lacks")
     return Record(crcs, info["block"], tree, kinds, meta)
+
+
+def check_tree(rec: Record, path: str) -> None:
+    """Validate every node of the saved structure: what loading the whole object would refuse."""
+    unflatten(rec.tree, None, path)

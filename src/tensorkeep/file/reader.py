@@ -7,6 +7,7 @@ import os
 from bisect import bisect_right
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -19,13 +20,15 @@ from tensorkeep.core.format import (
     TK_PREFIX,
     TensorInfo,
     crc32,
+    crc32_combine,
     header_length,
     looks_like_tensorkeep,
     parse_header,
 )
-from tensorkeep.core.record import parse_record
+from tensorkeep.core.record import Record, parse_record
 from tensorkeep.core.tree import unflatten
 from tensorkeep.errors import ChecksumError, FormatError, LimitError
+from tensorkeep.file import headers, workers
 from tensorkeep.file.audit import audited
 from tensorkeep.file.torchfile import load_torch_file
 from tensorkeep.storage import Source, open_source
@@ -38,14 +41,23 @@ class _Reader:
     """An open tensorkeep or safetensors file: validated header, tensor reads, verification."""
 
     @audited
-    def __init__(self, src: Source) -> None:
+    def __init__(self, src: Source, cached: bool = True) -> None:
         self.src, self.path, self.size = src, src.name, src.size
         self._map: mmap.mmap | None = None  # made by the first map_one; tensors over it keep it alive
+        identity = getattr(src, "identity", None) if cached else None
+        hit = headers.get(identity) if identity is not None else None
+        if hit is not None:  # the same unchanged file was opened before: its header is parsed and checked
+            self.torch_pickle = False
+            self.header, record = hit
+            self._use(record)
+            return
         try:
             self._open(src.pread)
         except BaseException:
             src.close()
             raise
+        if not self.torch_pickle:
+            headers.put(identity, self.header.data_start, (self.header, self.record))
 
     def _open(self, pread: Callable[[int, int], bytes]) -> None:
         """Tell a torch pickle from a safetensors file and validate the header, reading with ``pread(n, at)``."""
@@ -70,14 +82,12 @@ class _Reader:
             raise
 
     def _parse_tk(self) -> None:
-        rec = parse_record(self.header, self.path)
-        self.crcs, self.block, self.tree, self.kinds, self.metadata = (
-            rec.crcs,
-            rec.block,
-            rec.tree,
-            rec.kinds,
-            rec.metadata,
-        )
+        self._use(parse_record(self.header, self.path))
+
+    def _use(self, rec: Record) -> None:
+        self.record = rec
+        self.crcs, self.block, self.tree, self.kinds = rec.crcs, rec.block, rec.tree, rec.kinds
+        self.metadata = dict(rec.metadata)  # the caller's copy: the record may be shared through the cache
 
     def close(self) -> None:
         self._map = None  # not closed: tensors over it may outlive the reader
@@ -120,35 +130,75 @@ class _Reader:
             )
 
     def read_verified(self, name: str, buf: np.ndarray, first_block: int, verify: bool) -> None:
-        """Read ``buf`` (whole checksum blocks of ``name`` from ``first_block`` on) and verify it.
-
-        Each block is read in small pieces and checksummed while the piece is still in the
-        CPU cache, so verification costs almost nothing on top of the copy."""
-        t = self.header.tensors[name]
-        base = self.header.data_start + t.begin + first_block * self.block
+        """Read ``buf`` (whole checksum blocks of ``name`` from ``first_block`` on) and verify it."""
         if not verify or self.crcs is None:
-            return self.read_range(buf, base)
-        piece = knobs.READ_PIECE_BYTES
+            t = self.header.tensors[name]
+            return self.read_range(buf, self.header.data_start + t.begin + first_block * self.block)
+        self._check_segments(name, self._read_segments(name, buf, first_block * self.block))
+
+    def _read_segments(self, name: str, buf: np.ndarray, at: int) -> list[tuple[int, int, int]]:
+        """Read ``buf``, the bytes of ``name`` from byte ``at`` on, and checksum them on the way:
+        in pieces, each checksummed while it is still in the CPU cache, so that verifying costs
+        little on top of the copy. Returns (block, CRC-32, length) of each block's part read."""
+        base = self.header.data_start + self.header.tensors[name].begin + at
+        piece, block = knobs.READ_PIECE_BYTES, self.block
         mv = memoryview(buf)  # type: ignore[arg-type]  # numpy's stubs: ndarray.__buffer__ only on Python >= 3.12
-        for i, at in enumerate(range(0, max(len(mv), 1), self.block)):
-            crc = 0
-            for p in range(at, min(at + self.block, len(mv)), piece):
-                part = mv[p : min(p + piece, at + self.block, len(mv))]
-                self.read_range(part, base + p)
-                crc = crc32(part, crc)
-            want = self.crcs[name][first_block + i]
-            if crc != want:
+        n, p, out = len(mv), 0, []
+        if n == 0:
+            return [(at // block, 0, 0)]
+        while p < n:
+            start, end, crc = p, min(n, ((at + p) // block + 1) * block - at), 0
+            while p < end:
+                q = min(p + piece, end)
+                self.read_range(mv[p:q], base + p)
+                crc = crc32(mv[p:q], crc)
+                p = q
+            out.append(((at + start) // block, crc, end - start))
+        return out
+
+    def _check_segments(self, name: str, segments: list[tuple[int, int, int]]) -> None:
+        """Compare the checksums of whole blocks, joined from the parts in ``segments`` (in order)."""
+        joined: list[list[int]] = []  # [block, crc]
+        for blk, crc, length in segments:
+            if joined and joined[-1][0] == blk:
+                assert crc32_combine is not None  # parts of one block come only from split reads
+                joined[-1][1] = crc32_combine(joined[-1][1], crc, length)
+            else:
+                joined.append([blk, crc])
+        want = self.crcs[name] if self.crcs is not None else []
+        for blk, crc in joined:
+            if crc != want[blk]:
                 raise ChecksumError(
-                    f"{self.path}: tensor {name!r} is damaged (checksum of bytes {(first_block + i) * self.block}.. "
-                    f"is {crc:08x}, stored {want:08x}). The file changed after it was written "
+                    f"{self.path}: tensor {name!r} is damaged (checksum of bytes {blk * self.block}.. "
+                    f"is {crc:08x}, stored {want[blk]:08x}). The file changed after it was written "
                     "(disk, copy or transfer error); use a backup or an earlier checkpoint"
                 )
 
     @audited
     def read(self, name: str, kind: str, verify: bool) -> Any:
+        """One tensor into new memory; a large one on the reader's threads (:meth:`read_split`)."""
         x, buf = self._empty(self.header.tensors[name], kind)
-        self.read_verified(name, buf, 0, verify)
+        self.read_split(name, buf, verify)
         return x
+
+    def read_split(self, name: str, buf: np.ndarray, verify: bool) -> None:
+        """Fill ``buf`` with all of tensor ``name`` (verified). A large tensor is read in equal
+        parts on the reader's threads, so copying, page faults and checksums use every core; the
+        checksums of the parts of a block are joined (``crc32_combine``) and checked whole."""
+        n, threads = len(buf), knobs.IO_THREADS
+        checked = verify and self.crcs is not None
+        if n < knobs.SPLIT_READ_BYTES or threads < 2 or not self.src.mappable or (checked and not crc32_combine):
+            return self.read_verified(name, buf, 0, verify)
+        piece = knobs.READ_PIECE_BYTES
+        part = -(-n // threads // piece) * piece
+        if not checked:
+            start = self.header.data_start + self.header.tensors[name].begin
+            workers.run_all([partial(self.read_range, buf[at : at + part], start + at) for at in range(0, n, part)])
+            return
+        parts = workers.run_all(
+            [partial(self._read_segments, name, buf[at : at + part], at) for at in range(0, n, part)]
+        )
+        self._check_segments(name, [seg for segs in parts for seg in segs])
 
     @audited
     def read_all(self, verify: bool) -> dict[str, Any]:
@@ -163,12 +213,7 @@ class _Reader:
             out[name] = x
             for at in range(0, max(t.nbytes, 1), span):
                 tasks.append((name, buf[at : at + span], at))
-        if knobs.IO_THREADS < 2 or len(tasks) < 2 or self.size <= knobs.TASK_BYTES:  # threads cost ~1 ms to start
-            for task in tasks:
-                self._read_task(task, verify)
-        else:
-            with ThreadPoolExecutor(knobs.IO_THREADS, thread_name_prefix="tk-read") as pool:
-                list(pool.map(lambda task: self._read_task(task, verify), tasks))
+        workers.run_all([partial(self._read_task, task, verify) for task in tasks])
         return out
 
     def _read_task(self, task: tuple, verify: bool) -> None:
@@ -225,9 +270,10 @@ class _Reader:
         return unflatten(self.tree, get, self.path)
 
 
-def open_reader(path: str | os.PathLike[str]) -> _Reader:
-    """The file or object ``path``, its header read and validated."""
-    return _Reader(open_source(path))
+def open_reader(path: str | os.PathLike[str], *, cached: bool = True) -> _Reader:
+    """The file or object ``path``, its header read and validated (or, with ``cached``, taken
+    from :mod:`tensorkeep.file.headers` when the same unchanged file was opened before)."""
+    return _Reader(open_source(path), cached)
 
 
 def read_file(path: str | os.PathLike[str], *, device: Any = None, lazy: bool = False, verify: bool = True) -> Any:

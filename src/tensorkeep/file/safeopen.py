@@ -155,7 +155,7 @@ class SafeOpen:
         direct = out.device.type == "cpu" and out.is_contiguous() and not out.requires_grad
         if atomic or not direct or out.reshape(-1).stride(0) != 1:
             return out.copy_(self._r.read(name, "t", verify))
-        self._r.read_verified(name, out.reshape(-1).view(torch.uint8).numpy(), 0, verify)
+        self._r.read_split(name, out.reshape(-1).view(torch.uint8).numpy(), verify)
         return out
 
     def get_slice(self, name: str) -> TensorSlice:

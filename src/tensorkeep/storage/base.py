@@ -27,6 +27,9 @@ class Source(Protocol):
     name: str  #: its path or URL, for messages
     size: int
     mappable: bool  #: ``fileno()`` can be mapped (a local file)
+    #: what changes whenever the bytes may have: (device, inode, size, mtime, ctime) of a local
+    #: file, None where there is no such thing (an object). Parsed headers are cached by it.
+    identity: tuple[int, ...] | None
 
     def pread(self, n: int, at: int) -> bytes:
         """Up to ``n`` bytes at offset ``at`` (fewer only at the end)."""

@@ -29,7 +29,9 @@ class DiskSource:
     def __init__(self, path: str) -> None:
         self.name = path
         self.fd = _io.open_regular(path)
-        self.size = os.fstat(self.fd).st_size
+        st = os.fstat(self.fd)
+        self.size = st.st_size
+        self.identity: tuple[int, ...] | None = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def pread(self, n: int, at: int) -> bytes:
         return os.pread(self.fd, n, at)

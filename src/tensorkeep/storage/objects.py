@@ -303,6 +303,7 @@ class ObjectSource:
     """An object opened for ranged reads: its size looked up once, its first bytes fetched once."""
 
     mappable = False
+    identity: tuple[int, ...] | None = None  # an object's bytes are not pinned by anything cheap to ask for
 
     def __init__(self, store: Store, key: str) -> None:
         self.store, self.key, self.name = store, key, store.url_of(key)

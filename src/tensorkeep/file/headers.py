@@ -1,0 +1,64 @@
+"""Parsed headers of local files, kept for the next ``open()`` of the same, unchanged file.
+
+Opening a file parses and validates its JSON header (~1 ms for GPT-2's 148 tensors): more than
+reading one small tensor. A process that opens the same file again (``tk.open(p).get(name)`` in
+a loop, an evaluation script reading layer by layer) gets the parsed header from here instead.
+
+The key is what the kernel changes whenever a file's bytes may have changed: device, inode, size,
+mtime and ctime. A file that tensorkeep replaces gets a new inode; one written in place gets a new
+ctime, which no user can set back. ctime ticks coarsely (a few ms on ext4), so a header is kept
+only once its file's ctime is :data:`SETTLE_SECONDS` old: a later change to the file then lands
+in a later tick and so under another key. Tensor bytes are still checked against the cached
+block checksums on every read; the header cache skips re-reading the header, never a check of
+the data. ``tk.verify`` bypasses it (it checks the bytes on disk now).
+
+>>> get(None) is None
+True
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+#: entries kept (least recently used dropped first) and the largest header kept, in bytes
+MAX_ENTRIES = 64
+MAX_HEADER_BYTES = 1 << 20
+#: a header is kept only once its file has not changed for this long (see the module's docstring)
+SETTLE_SECONDS = 1.0
+
+_lock = threading.Lock()
+_cache: OrderedDict[tuple[int, ...], Any] = OrderedDict()
+
+
+def get(identity: tuple[int, ...] | None) -> Any:
+    """What :func:`put` kept for a file with this identity, or None."""
+    if identity is None:
+        return None
+    with _lock:
+        hit = _cache.get(identity)
+        if hit is not None:
+            _cache.move_to_end(identity)
+        return hit
+
+
+def put(identity: tuple[int, ...] | None, header_bytes: int, parsed: Any) -> None:
+    """Keep ``parsed`` (immutable from here on) for the file of ``identity`` if it has settled."""
+    if identity is None or header_bytes > MAX_HEADER_BYTES:
+        return
+    ctime_ns = identity[4]
+    if time.time_ns() - ctime_ns < SETTLE_SECONDS * 1e9:
+        return
+    with _lock:
+        _cache[identity] = parsed
+        _cache.move_to_end(identity)
+        while len(_cache) > MAX_ENTRIES:
+            _cache.popitem(last=False)
+
+
+def clear() -> None:
+    """Forget every cached header."""
+    with _lock:
+        _cache.clear()
