@@ -95,22 +95,12 @@ class _Reader:
 
     # -- verification
     def check(self, name: str, buf: Any, first_block: int = 0) -> None:
-        """Verify ``buf``: the bytes of ``name`` starting at block ``first_block``."""
+        """Verify ``buf``: the bytes of ``name`` starting at block ``first_block`` (a large one on
+        the reader's threads)."""
         if self.crcs is None:
             return
-        want = self.crcs[name]
-        if isinstance(buf, np.ndarray):
-            mv = memoryview(buf)  # type: ignore[arg-type]  # numpy's stubs: ndarray.__buffer__ only on Python >= 3.12
-        else:
-            mv = memoryview(buf).cast("B")
-        for i, at in enumerate(range(0, max(len(mv), 1), self.block)):
-            got = crc32(mv[at : at + self.block])
-            if got != want[first_block + i]:
-                raise ChecksumError(
-                    f"{self.path}: tensor {name!r} is damaged (checksum of bytes {(first_block + i) * self.block}.. "
-                    f"is {got:08x}, stored {want[first_block + i]:08x}). The file changed after it was written "
-                    "(disk, copy or transfer error); use a backup or an earlier checkpoint"
-                )
+        mv = memoryview(buf).cast("B") if not isinstance(buf, np.ndarray) else memoryview(buf)  # type: ignore[arg-type]
+        self._check_segments(name, self._segments_split(name, mv, first_block * self.block, fill=False))
 
     # -- reads
     def _empty(self, t: TensorInfo, kind: str, rows: int | None = None) -> tuple[Any, np.ndarray]:
@@ -134,15 +124,15 @@ class _Reader:
         if not verify or self.crcs is None:
             t = self.header.tensors[name]
             return self.read_range(buf, self.header.data_start + t.begin + first_block * self.block)
-        self._check_segments(name, self._read_segments(name, buf, first_block * self.block))
+        self._check_segments(name, self._segments(name, buf, first_block * self.block))
 
-    def _read_segments(self, name: str, buf: np.ndarray, at: int) -> list[tuple[int, int, int]]:
-        """Read ``buf``, the bytes of ``name`` from byte ``at`` on, and checksum them on the way:
+    def _segments(self, name: str, buf: Any, at: int, fill: bool = True) -> list[tuple[int, int, int]]:
+        """Checksum ``buf``, the bytes of ``name`` from byte ``at`` on, reading them first (``fill``):
         in pieces, each checksummed while it is still in the CPU cache, so that verifying costs
-        little on top of the copy. Returns (block, CRC-32, length) of each block's part read."""
+        little on top of the copy. Returns (block, CRC-32, length) of each block's part."""
         base = self.header.data_start + self.header.tensors[name].begin + at
         piece, block = knobs.READ_PIECE_BYTES, self.block
-        mv = memoryview(buf)  # type: ignore[arg-type]  # numpy's stubs: ndarray.__buffer__ only on Python >= 3.12
+        mv = memoryview(buf)
         n, p, out = len(mv), 0, []
         if n == 0:
             return [(at // block, 0, 0)]
@@ -150,11 +140,24 @@ class _Reader:
             start, end, crc = p, min(n, ((at + p) // block + 1) * block - at), 0
             while p < end:
                 q = min(p + piece, end)
-                self.read_range(mv[p:q], base + p)
+                if fill:
+                    self.read_range(mv[p:q], base + p)
                 crc = crc32(mv[p:q], crc)
                 p = q
             out.append(((at + start) // block, crc, end - start))
         return out
+
+    def _segments_split(self, name: str, mv: memoryview, at: int, fill: bool) -> list[tuple[int, int, int]]:
+        """:meth:`_segments` of a large ``mv`` in equal parts on the reader's threads, so that copying,
+        page faults and checksums use every core (the parts of a block are joined by ``crc32_combine``)."""
+        n, piece = len(mv), knobs.READ_PIECE_BYTES
+        if n < knobs.SPLIT_READ_BYTES or knobs.IO_THREADS < 2 or crc32_combine is None:
+            return self._segments(name, mv, at, fill)
+        part = -(-n // knobs.IO_THREADS // piece) * piece
+        parts = workers.run_all(
+            [partial(self._segments, name, mv[p : p + part], at + p, fill) for p in range(0, n, part)]
+        )
+        return [seg for segs in parts for seg in segs]
 
     def _check_segments(self, name: str, segments: list[tuple[int, int, int]]) -> None:
         """Compare the checksums of whole blocks, joined from the parts in ``segments`` (in order)."""
@@ -189,16 +192,11 @@ class _Reader:
         checked = verify and self.crcs is not None
         if n < knobs.SPLIT_READ_BYTES or threads < 2 or not self.src.mappable or (checked and not crc32_combine):
             return self.read_verified(name, buf, 0, verify)
-        piece = knobs.READ_PIECE_BYTES
-        part = -(-n // threads // piece) * piece
         if not checked:
-            start = self.header.data_start + self.header.tensors[name].begin
+            start, part = self.header.data_start + self.header.tensors[name].begin, -(-n // threads)
             workers.run_all([partial(self.read_range, buf[at : at + part], start + at) for at in range(0, n, part)])
             return
-        parts = workers.run_all(
-            [partial(self._read_segments, name, buf[at : at + part], at) for at in range(0, n, part)]
-        )
-        self._check_segments(name, [seg for segs in parts for seg in segs])
+        self._check_segments(name, self._segments_split(name, memoryview(buf), 0, fill=True))  # type: ignore[arg-type]
 
     @audited
     def read_all(self, verify: bool) -> dict[str, Any]:
