@@ -56,6 +56,15 @@ def evict(path: str) -> None:
         os.close(fd)
 
 
+def prime(path: str) -> None:
+    """Read a file once so that it is in the page cache, for warm-read timings (a file written with
+    O_DIRECT, as tensorkeep writes large ones, is not cached by the write)."""
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(8 << 20)
+        while f.readinto(buf):
+            pass
+
+
 def timed(fn: Callable[[], object]) -> float:
     t = time.perf_counter()
     fn()
