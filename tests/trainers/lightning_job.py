@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from tensorkeep.lightning import TensorkeepCheckpointIO  # noqa: E402
 from tensorkeep.storage import local as _io  # noqa: E402
 
+ASYNC = os.environ.get("TK_LIGHTNING_ASYNC") == "1"  # the plugin saves with async_save=True
 STEPS_PER_EPOCH = 5
 EPOCHS = 4  # 20 steps; the crash tests kill at step 10
 
@@ -85,7 +86,7 @@ def trainer(
         max_epochs=epochs,
         accelerator="cpu",
         callbacks=[*callbacks, ck] if epoch_checkpoints else list(callbacks),
-        plugins=[plugin if plugin is not None else TensorkeepCheckpointIO()],
+        plugins=[plugin if plugin is not None else TensorkeepCheckpointIO(async_save=ASYNC)],
         enable_progress_bar=False,
         enable_model_summary=False,
         logger=False,

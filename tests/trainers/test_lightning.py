@@ -206,11 +206,6 @@ def test_object_store_url():
 
 
 def test_async_checkpoint_io(tmp, monkeypatch):
-    def top1(d: str) -> ModelCheckpoint:
-        return ModelCheckpoint(
-            dirpath=d, filename="ck-{step}", every_n_train_steps=2, save_top_k=1, monitor="step", mode="max"
-        )
-
     d = os.path.join(tmp, "top")
     _, m = train(tmp, plugin=AsyncCheckpointIO(TensorkeepCheckpointIO()), callbacks=[top1(d)])
     assert sorted(os.listdir(d)) == ["ck-step=10.ckpt"]
@@ -239,14 +234,19 @@ def run_job(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, JOB, *args], env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
-def test_kill_mid_save_then_resume_last_is_bit_exact(tmp):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_kill_mid_save_then_resume_last_is_bit_exact(tmp, async_save):
     """SIGKILL just before the rename that publishes a checkpoint (its temporary file written and
     fsynced): (a) ck-step=10.ckpt, so the run resumes from step 5; (b) last.ckpt at step 10, after
     ck-step=10.ckpt was published: a stale last.ckpt (ckpt-chaos' LOST_WORK), resumed from step 10.
     Both resumed runs end bit-identical to an uninterrupted one."""
     runs = {"a": ("ck-step=10.ckpt:1", 5), "b": ("last.ckpt:2", 10)}
     procs = {
-        k: subprocess.Popen([sys.executable, JOB, "train", os.path.join(tmp, k), kill], env=ENV, stderr=subprocess.PIPE)
+        k: subprocess.Popen(
+            [sys.executable, JOB, "train", os.path.join(tmp, k), kill],
+            env={**ENV, "TK_LIGHTNING_ASYNC": "1" if async_save else "0"},  # the job's plugin: async_save or not
+            stderr=subprocess.PIPE,
+        )
         for k, (kill, _) in runs.items()
     }
     for k, p in procs.items():
@@ -294,3 +294,50 @@ def test_import_tensorkeep_lightning_alias():
     import tensorkeep.lightning as alias
 
     assert alias.TensorkeepCheckpointIO is tkl.TensorkeepCheckpointIO
+
+
+def top1(d: str) -> ModelCheckpoint:
+    return ModelCheckpoint(
+        dirpath=d, filename="ck-{step}", every_n_train_steps=2, save_top_k=1, monitor="step", mode="max"
+    )
+
+
+def test_own_async_save_rotates_and_waits_for_a_newer_commit(tmp, monkeypatch):
+    d = os.path.join(tmp, "top")
+    _, m = train(tmp, plugin=TensorkeepCheckpointIO(async_save=True), callbacks=[top1(d)])
+    assert sorted(os.listdir(d)) == ["ck-step=10.ckpt"]  # fit's teardown waited for the last write
+    assert same(tk.load(os.path.join(d, "ck-step=10.ckpt"))["state_dict"], m.state_dict())
+
+    # the write of step 10 fails on the writer thread after Lightning asked to remove step 8: step 8
+    # stays, and the error reaches the caller when fit ends (teardown waits for the write)
+    save = tkl.save
+
+    def failing(obj, p, **kw):
+        if p.endswith(os.path.join("top2", "ck-step=10.ckpt")):
+            raise tk.SaveError(28, "injected: disk full")
+        return save(obj, p, **kw)
+
+    monkeypatch.setattr(tkl, "save", failing)
+    d = os.path.join(tmp, "top2")
+    with pytest.raises(tk.SaveError, match="injected"):
+        train(tmp, plugin=TensorkeepCheckpointIO(async_save=True), callbacks=[top1(d)], epoch_checkpoints=False)
+    assert os.listdir(d) == ["ck-step=8.ckpt"]
+    assert tk.load(os.path.join(d, "ck-step=8.ckpt"))["global_step"] == 8
+
+
+def test_own_async_save_writes_the_values_of_the_moment_it_was_called(tmp):
+    plugin, w = TensorkeepCheckpointIO(async_save=True), torch.arange(1 << 20, dtype=torch.float32)
+    p = os.path.join(tmp, "a.ckpt")
+    for step in range(3):
+        plugin.save_checkpoint({"state_dict": {"w": w}, "global_step": step}, p)
+        w.add_(1)  # training goes on while the file is written: the file keeps the values of the call
+    plugin.wait()
+    got = tk.load(p)
+    assert got["global_step"] == 2 and torch.equal(got["state_dict"]["w"], torch.arange(1 << 20) + 2.0)
+
+
+def test_own_async_save_refuses_what_it_cannot_store_at_the_call(tmp):
+    plugin = TensorkeepCheckpointIO(async_save=True)
+    with pytest.raises(TypeError, match=r"checkpoint\['extra'\] is of type .*argparse.Namespace"):
+        plugin.save_checkpoint({"extra": argparse.Namespace(a=1)}, os.path.join(tmp, "x.ckpt"))
+    assert not os.path.exists(os.path.join(tmp, "x.ckpt"))

@@ -26,10 +26,8 @@ import time
 import warnings
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
-
-import torch
 
 try:
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
@@ -40,20 +38,31 @@ except ImportError as _e:  # pragma: no cover - the extra is installed in dev
         "tensorkeep.lightning needs Lightning: pip install 'tensorkeep[lightning]' (lightning==2.6.6)"
     ) from _e
 
+from tensorkeep.checkpoint.snapshot import Staging
 from tensorkeep.core.tree import flatten
 from tensorkeep.distributed.comm import Comm
 from tensorkeep.errors import CheckpointNotFoundError, FormatError
-from tensorkeep.file.reader import open_reader, read_file
+from tensorkeep.file.reader import read_file
 from tensorkeep.file.writer import save
+from tensorkeep.integrations.lightning_files import (
+    EPOCH,
+    FORMAT,
+    MARK,
+    SAVED_NS,
+    SKIPPED,
+    STEP,
+    SUFFIX,
+    _device,
+    _header,
+    _listing,
+    latest,
+    load_from_checkpoint,
+)
 from tensorkeep.storage import local as _io
 from tensorkeep.storage import resolve
 
 __all__ = ["TensorkeepCheckpointIO", "latest", "load_from_checkpoint"]
 
-MARK = "lightning.checkpoint_io"  # header metadata: written by this plugin (value: FORMAT)
-FORMAT = "tensorkeep/1"
-STEP, EPOCH, SAVED_NS, SKIPPED = "lightning.global_step", "lightning.epoch", "lightning.saved_ns", "lightning.skipped"
-SUFFIX = ".ckpt"
 _HPARAM_KEYS = tuple(
     getattr(cls, a)
     for cls in (LightningModule, LightningDataModule)
@@ -63,13 +72,6 @@ _STORES = (
     "tensorkeep stores tensors, NumPy arrays, dict/OrderedDict with str or int keys, list, tuple, "
     "str/int/float/bool/None and torch.dtype/device/Size, never a pickle (loading runs no code)"
 )
-
-
-@dataclass(frozen=True)
-class _Ckpt:
-    path: str
-    step: int
-    saved_ns: int
 
 
 def _key_path(path: tuple) -> str:
@@ -123,86 +125,6 @@ def _refusal(path: str, bad: list[tuple[tuple, str]], hparams: bool) -> TypeErro
     return TypeError(f"cannot save Lightning checkpoint {path}: {_STORES}. Not storable:\n{lines}{more}\n{fix}")
 
 
-def _header(path: str) -> _Ckpt | None:
-    """This plugin's record of a file (header only, no tensor read), or None for a file it did not
-    write (a torch pickle, a plain safetensors file). A damaged header raises FormatError."""
-    r = open_reader(path)
-    try:
-        meta = {} if r.torch_pickle else (r.metadata or {})
-    finally:
-        r.close()
-    if meta.get(MARK) != FORMAT:
-        return None
-    try:
-        return _Ckpt(path, int(meta[STEP]), int(meta[SAVED_NS]))
-    except (KeyError, ValueError):
-        raise FormatError(f"{path}: its {MARK} header has no valid {STEP} / {SAVED_NS}") from None
-
-
-def _listing(directory: str) -> list[_Ckpt]:
-    """The ``.ckpt`` files of ``directory`` this plugin wrote, newest save first (symlinks, such as
-    ``save_last="link"`` makes, are aliases and not listed; unreadable headers are left out)."""
-    found = []
-    for name in os.listdir(directory):
-        p = os.path.join(directory, name)
-        if not name.endswith(SUFFIX) or not _io.is_regular_file(p):
-            continue
-        try:
-            c = _header(p)
-        except (FormatError, OSError):
-            continue
-        if c is not None:
-            found.append(c)
-    return sorted(found, key=lambda c: c.saved_ns, reverse=True)
-
-
-def _device(map_location: Any) -> Any:
-    """``map_location`` as ``tensorkeep.load``'s ``device``: a device name or ``torch.device`` is
-    honoured; a dict or a function (torch.load's remapping forms) loads on the CPU."""
-    return map_location if isinstance(map_location, (str, torch.device)) else None
-
-
-def latest(directory: str | os.PathLike[str]) -> str | None:
-    """The newest checkpoint in ``directory`` that this plugin wrote and that verifies (every
-    checksum read), or None: for ``fit(ckpt_path=latest(dirpath))`` when Lightning finds no ``last.ckpt``.
-
-    >>> trainer.fit(model, ckpt_path=latest("checkpoints"))  # doctest: +SKIP
-    """
-    directory = os.fspath(directory)
-    if not os.path.isdir(directory):
-        return None
-    for c in _listing(directory):
-        try:
-            read_file(c.path)
-            return c.path
-        except (FormatError, OSError) as e:
-            warnings.warn(f"skipping damaged checkpoint {c.path}: {e}; trying the previous one", stacklevel=2)
-    return None
-
-
-def load_from_checkpoint(
-    cls: type[LightningModule] | type[LightningDataModule],
-    path: str | os.PathLike[str],
-    *,
-    strict: bool | None = None,
-    **kwargs: Any,
-) -> Any:
-    """``cls.load_from_checkpoint(path)`` for a file written by :class:`TensorkeepCheckpointIO`
-    (Lightning's own reads with ``torch.load``, which cannot read it). ``kwargs`` override the saved
-    hyper-parameters, as in Lightning.
-
-    >>> model = load_from_checkpoint(MyModule, "checkpoints/last.ckpt")  # doctest: +SKIP
-    """
-    from lightning.pytorch.core.saving import _load_state
-    from lightning.pytorch.utilities.migration.utils import _pl_migrate_checkpoint
-
-    checkpoint = _pl_migrate_checkpoint(read_file(path), checkpoint_path=os.fspath(path))
-    checkpoint.setdefault(cls.CHECKPOINT_HYPER_PARAMS_KEY, {}).update(kwargs)
-    if issubclass(cls, LightningDataModule):
-        return _load_state(cls, checkpoint, **kwargs)
-    return _load_state(cls, checkpoint, strict=strict, **kwargs)
-
-
 class TensorkeepCheckpointIO(CheckpointIO):
     """A Lightning ``CheckpointIO`` that writes every checkpoint as one tensorkeep file.
 
@@ -214,8 +136,14 @@ class TensorkeepCheckpointIO(CheckpointIO):
     ``resolve_last``: a requested ``last*.ckpt`` resolves to the newest intact checkpoint of its
     directory (see :meth:`load_checkpoint`). ``durable=False`` skips the fsyncs (scratch runs).
 
+    ``async_save=True``: ``save_checkpoint`` copies the checkpoint's tensors into staging buffers
+    that are reused from one save to the next (memory already touched: the copy runs at memory
+    speed) and returns; a background thread writes the file. One save is in flight at a time: the
+    next save, ``load_checkpoint`` and ``teardown`` wait for it, and raise its error. Lightning's
+    ``AsyncCheckpointIO`` works too, but clones every tensor into new memory on the training thread.
+
     >>> trainer = pl.Trainer(plugins=[TensorkeepCheckpointIO()])  # doctest: +SKIP
-    >>> trainer = pl.Trainer(plugins=[AsyncCheckpointIO(TensorkeepCheckpointIO())])  # doctest: +SKIP
+    >>> trainer = pl.Trainer(plugins=[TensorkeepCheckpointIO(async_save=True)])  # doctest: +SKIP
     """
 
     def __init__(
@@ -224,13 +152,19 @@ class TensorkeepCheckpointIO(CheckpointIO):
         unsupported: Literal["error", "skip"] = "error",
         resolve_last: bool = True,
         durable: bool = True,
+        async_save: bool = False,
     ) -> None:
         if unsupported not in ("error", "skip"):
             raise ValueError(f'unsupported must be "error" or "skip", got {unsupported!r}')
         super().__init__()
         self.unsupported, self.resolve_last, self.durable = unsupported, resolve_last, durable
+        self.async_save = async_save
         self._lock = threading.Lock()
         self._writer: int | None = None  # thread of the latest save (another thread: AsyncCheckpointIO)
+        self._bg: ThreadPoolExecutor | None = None  # async_save: the writer thread, its staging, its save
+        self._bg_thread: int | None = None
+        self._staging = Staging()
+        self._inflight: Future[None] | None = None
         self._last: tuple[str, bool] | None = None  # the latest save: (path, committed)
         self._pending: set[str] = set()  # removals waiting for a later save (see _settle)
         self._warned: set[str] = set()
@@ -249,23 +183,49 @@ class TensorkeepCheckpointIO(CheckpointIO):
                 "tensorkeep writes local paths and fsspec URLs itself"
             )
         path = os.fspath(path)
+        state, skipped = self._storable(checkpoint, path)
+        if not self.async_save:
+            return self._save_now(state, skipped, path)
+        bad = _unsupported(state)  # refused now, on the caller's thread, not later by the writer
+        if bad:
+            raise _refusal(path, bad, hparams=False)
+        self.wait()  # the staging buffers are reused: the previous write must be done (its error raises here)
+        if self._bg is None:
+            self._bg = ThreadPoolExecutor(1, thread_name_prefix="tk-lightning")
+            self._bg_thread = self._bg.submit(threading.get_ident).result()
+        with self._lock:
+            self._writer = self._bg_thread  # from now on a removal waits for a later save (see _settle)
+        snapshot = self._staging.snapshot(state)
+        self._inflight = self._bg.submit(self._save_now, snapshot, skipped, path, self._staging.ready)
+
+    def wait(self) -> None:
+        """With ``async_save``: block until the save in flight is durable; raise its error, if it failed.
+
+        >>> plugin.wait()  # doctest: +SKIP
+        """
+        f, self._inflight = self._inflight, None
+        if f is not None:
+            f.result()
+
+    def _save_now(self, state: dict[str, Any], skipped: list[str], path: str, before: Any = None) -> None:
         with self._lock:
             self._writer = threading.get_ident()
         ok = False
         try:
-            self._write(checkpoint, path)
+            if before is not None:
+                before()  # device-to-host copies of the snapshot have landed
+            self._write(state, skipped, path)
             ok = True
         finally:
             with self._lock:
                 self._last = (path, ok)
             self._settle(path, ok)
 
-    def _write(self, checkpoint: dict[str, Any], path: str) -> None:
-        state, skipped = self._storable(checkpoint, path)
+    def _write(self, state: dict[str, Any], skipped: list[str], path: str) -> None:
         meta = {
             MARK: FORMAT,
-            STEP: str(_as_int(checkpoint.get("global_step"))),
-            EPOCH: str(_as_int(checkpoint.get("epoch"))),
+            STEP: str(_as_int(state.get("global_step"))),
+            EPOCH: str(_as_int(state.get("epoch"))),
             SAVED_NS: str(time.time_ns()),
         }
         if skipped:
@@ -323,6 +283,7 @@ class TensorkeepCheckpointIO(CheckpointIO):
 
         >>> ckpt = TensorkeepCheckpointIO().load_checkpoint("ck/last.ckpt")  # doctest: +SKIP
         """
+        self.wait()
         path, device = os.fspath(path), _device(map_location)
         name = os.path.basename(path)
         last = name.endswith(SUFFIX) and name[: -len(SUFFIX)].startswith(ModelCheckpoint.CHECKPOINT_NAME_LAST)
@@ -451,7 +412,13 @@ class TensorkeepCheckpointIO(CheckpointIO):
     def teardown(self) -> None:
         """End of ``fit``, and interpreter exit (``AsyncCheckpointIO`` does not call its plugin's
         ``teardown``): the removals still waiting. No save ended after them, so they followed the
-        latest save: they are carried out if that save committed a newer checkpoint, else kept."""
+        latest save: they are carried out if that save committed a newer checkpoint, else kept.
+        With ``async_save``, the save in flight is waited for first; its error is raised at the end."""
+        error: BaseException | None = None
+        try:
+            self.wait()
+        except BaseException as e:  # the removals below still run: they keep what the failed save would replace
+            error = e
         with self._lock:
             due, last = [p for p in self._pending if _exists(p)], self._last
             self._pending.clear()
@@ -463,12 +430,17 @@ class TensorkeepCheckpointIO(CheckpointIO):
                     warnings.warn(f"TensorkeepCheckpointIO keeps {p}: no newer checkpoint was saved", stacklevel=2)
             except OSError as e:
                 warnings.warn(f"TensorkeepCheckpointIO could not remove {p}: {e}", stacklevel=2)
+        if error is not None:
+            raise error
 
 
 def _flush_at_exit(ref: weakref.ref[TensorkeepCheckpointIO]) -> None:
     plugin = ref()
     if plugin is not None:
-        plugin.teardown()
+        try:
+            plugin.teardown()
+        except Exception as e:  # at exit no caller is left to raise to
+            warnings.warn(f"TensorkeepCheckpointIO: the last asynchronous save failed: {e}", stacklevel=1)
 
 
 def _exists(path: str) -> bool:
