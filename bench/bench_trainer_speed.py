@@ -18,7 +18,8 @@ dropped, so no save pays for another's write-back.
   ``TorchCheckpointIO`` (what ``plugins=[...]`` sets), to ``TensorkeepCheckpointIO()``, and to
   ``AsyncCheckpointIO(TensorkeepCheckpointIO())`` (the stall: until ``save_checkpoint`` returns; the
   write is then awaited outside the timing; ``AsyncCheckpointIO`` clones every tensor on the caller's
-  thread first), and ``AsyncCheckpointIO(TorchCheckpointIO())``'s stall. "stock + fsync": stock, then
+  thread first), ``TensorkeepCheckpointIO(async_save=True)``'s stall (its own snapshot into reused
+  staging buffers), and ``AsyncCheckpointIO(TorchCheckpointIO())``'s stall. "stock + fsync": stock, then
   fsync of the file (stock does not fsync; a reference, not what stock does).
 * HF: ``trainer._save_checkpoint(model, None)`` stock vs ``protect(trainer)`` (the same trainer, its class
   switched back and forth); "stock + sync": stock then fsync of every file and directory written.
@@ -222,7 +223,7 @@ def bench_lightning(d: int, work: str, reps: int) -> tuple[str, int]:
 
         return fn
 
-    def stall(io: AsyncCheckpointIO) -> Callable[[str], float]:
+    def stall(io: Any) -> Callable[[str], float]:
         def fn(out: str) -> float:
             strategy.checkpoint_io = io
             path = os.path.join(out, "model.ckpt")
@@ -238,6 +239,7 @@ def bench_lightning(d: int, work: str, reps: int) -> tuple[str, int]:
         ("stock + fsync (reference)", save(TorchCheckpointIO(), sync_tree)),
         ("TensorkeepCheckpointIO", save(tk_io)),
         ("AsyncCheckpointIO(Tensorkeep) stall", stall(async_io)),
+        ("TensorkeepCheckpointIO(async_save=True) stall", stall(TensorkeepCheckpointIO(async_save=True))),
         ("AsyncCheckpointIO(stock) stall", stall(AsyncCheckpointIO(TorchCheckpointIO()))),
     ]
     times = run_variants(variants, os.path.join(work, "out"), reps)
@@ -246,6 +248,7 @@ def bench_lightning(d: int, work: str, reps: int) -> tuple[str, int]:
         nbytes,
         {
             "AsyncCheckpointIO(Tensorkeep) stall": "TensorkeepCheckpointIO",
+            "TensorkeepCheckpointIO(async_save=True) stall": "TensorkeepCheckpointIO",
             "AsyncCheckpointIO(stock) stall": "stock TorchCheckpointIO",
         },
     ), nbytes
