@@ -237,3 +237,40 @@ def test_kill_9_mid_save_then_resume_is_bit_identical(tmp):
     assert ranks.run(WORKER, "train", 1, run)[0]["resumed_from"] == 8
     assert sorted(os.listdir(ckpts)) == ["checkpoint-12", "checkpoint-16", "checkpoint-4", "checkpoint-8"]
     assert_same(tk.load(os.path.join(run, "final.tk")), tk.load(os.path.join(ref, "final.tk")))
+
+
+def flip(path: str, at: int) -> None:
+    """Flip one bit of the file ``path`` at byte ``at`` (negative: from the end)."""
+    with open(path, "r+b") as fh:
+        fh.seek(at, os.SEEK_END if at < 0 else os.SEEK_SET)
+        byte = fh.read(1)[0] ^ 0x40
+        fh.seek(-1, os.SEEK_CUR)
+        fh.write(bytes([byte]))
+
+
+def test_latest_is_the_newest_intact_checkpoint_of_a_run(tmp):
+    run = os.path.join(tmp, "run")
+    assert tk_dcp.latest(run) is None and tk_dcp.latest(os.path.join(tmp, "nothing-here")) is None
+    for step in (5, 10, 20):  # named as DCP loops name them: 20 is newer than 5 although "20" < "5"
+        dcp.save(state_of(1), checkpoint_id=os.path.join(run, f"checkpoint-{step}"), storage_writer=tk_dcp.Writer())
+    dcp.save({"w": torch.ones(2)}, checkpoint_id=os.path.join(run, "checkpoint-99"))  # stock DCP: not a candidate
+    os.makedirs(os.path.join(run, ".checkpoint-98.tk-tmp-1-0a1b2c3d"))  # an unfinished save's temporary directory
+    os.symlink(os.path.join(run, "checkpoint-5"), os.path.join(run, "checkpoint-97"))  # an alias, not a checkpoint
+    os.makedirs(os.path.join(run, "logs-1000"))  # the user's own directory
+    assert tk_dcp.latest(run) == os.path.join(run, "checkpoint-20")
+
+    flip(os.path.join(run, "checkpoint-20", "rank-00000-of-00001.tk"), 12)  # its header: the cheap check sees it
+    with pytest.warns(UserWarning, match="skipping damaged checkpoint .*checkpoint-20"):
+        assert tk_dcp.latest(run) == os.path.join(run, "checkpoint-10")
+    flip(os.path.join(run, "checkpoint-10", "rank-00000-of-00001.tk"), -3)  # its data: only verify=True reads it
+    with pytest.warns(UserWarning, match="checkpoint-20"):
+        assert tk_dcp.latest(run) == os.path.join(run, "checkpoint-10")
+    with pytest.warns(UserWarning, match="checkpoint-10"):
+        assert tk_dcp.latest(run, verify=True) == os.path.join(run, "checkpoint-5")
+    state = state_of(2)
+    dcp.load(state, checkpoint_id=tk_dcp.latest(run, verify=True), storage_reader=tk_dcp.Reader())
+    assert_same(state, state_of(1))
+    assert sorted(os.listdir(run)) == sorted(  # nothing was deleted
+        [".checkpoint-98.tk-tmp-1-0a1b2c3d", "checkpoint-10", "checkpoint-20", "checkpoint-5"]
+        + ["checkpoint-97", "checkpoint-99", "logs-1000"]
+    )

@@ -6,12 +6,11 @@
     from tensorkeep.integrations import dcp as tk_dcp
 
     dcp.save(state, checkpoint_id=path, storage_writer=tk_dcp.Writer())
-    dcp.load(state, checkpoint_id=path, storage_reader=tk_dcp.Reader())
+    dcp.load(state, checkpoint_id=path, storage_reader=tk_dcp.Reader())   # tk_dcp.latest(run): what to resume
     fut = dcp.async_save(state, checkpoint_id=path, storage_writer=tk_dcp.Writer())
 
-DCP plans as always (flattening, de-duplication of replicated tensors, resharding on load); what
-reaches the disk is :func:`tensorkeep.save_distributed`'s layout, so ``tk.load(path)``,
-``tk.load_distributed`` and ``tensorkeep verify`` read it too::
+DCP plans as always (flattening, de-duplication, resharding on load); what reaches the disk is
+:func:`tensorkeep.save_distributed`'s layout, read by ``tk.load``, ``tk.load_distributed``, ``verify``::
 
     path/                        appears by one rename, after every rank's file is durable
       rank-00000-of-00002.tk     a tensorkeep file (CRC-32 per block): the chunks rank 0 was planned to write
@@ -77,9 +76,10 @@ from tensorkeep.distributed.plan import Chunk
 from tensorkeep.distributed.save import make_temp_dir
 from tensorkeep.errors import FormatError, SaveError
 from tensorkeep.file.writer import write
+from tensorkeep.integrations.dcp_runs import latest
 from tensorkeep.storage import local as _io
 
-__all__ = ["Reader", "Writer"]
+__all__ = ["Reader", "Writer", "latest"]
 
 _STOCK = ".metadata"  # what torch's FileSystemWriter writes last: a pickle
 
