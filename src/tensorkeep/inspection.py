@@ -12,6 +12,7 @@ import torch
 from tensorkeep.api import load
 from tensorkeep.core.dtypes import byte_view
 from tensorkeep.core.format import DTYPE_SIZES
+from tensorkeep.core.record import check_tree
 from tensorkeep.file.reader import open_reader
 from tensorkeep.file.safeopen import SafeOpen
 from tensorkeep.file.torchfile import is_zip, load_torch_file
@@ -45,6 +46,8 @@ def describe_file(path: str) -> dict[str, Any]:
     """
     r = open_reader(path)
     try:
+        if not r.torch_pickle:
+            check_tree(r.record, path)  # every node, before render_tree walks them
         if r.torch_pickle:
             obj = load_torch_file(path, None, False)
             flat = obj if isinstance(obj, dict) else {"tensor": obj}

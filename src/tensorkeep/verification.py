@@ -61,9 +61,14 @@ def _verify_file(
     res.files.append(path)
     try:
         r = open_reader(path, cached=False)  # the bytes on disk now, not a header parsed earlier
-        if not r.torch_pickle:
-            check_tree(r.record, path)
     except (ValueError, OSError) as e:  # FormatError is a ValueError; so is a path with a NUL
+        res.problems.append(Problem(path, str(e)))
+        return None
+    try:
+        if not r.torch_pickle:
+            check_tree(r.record, path)  # every node of the structure: what a load would refuse
+    except ValueError as e:
+        r.close()
         res.problems.append(Problem(path, str(e)))
         return None
     try:

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 import tensorkeep as tk
 from tensorkeep import knobs
 from tensorkeep.file import writer
-from tensorkeep.inspection import verify
+from tensorkeep.inspection import describe_file, verify
 from tensorkeep.layouts.sharded import ShardedOpen
 
 
@@ -415,8 +415,12 @@ def test_a_structure_record_with_out_of_range_values_is_a_format_error(tmp_path,
         assert f.keys() == []
         with pytest.raises(tk.FormatError, match="stored structure is invalid"):
             f.load()  # the whole object needs every node: only then is the rest checked
+    fds = len(os.listdir("/proc/self/fd"))
     res = verify(p)
     assert not res.ok and "stored structure is invalid" in str(res.problems)
+    assert len(os.listdir("/proc/self/fd")) == fds  # the file was closed
+    with pytest.raises(tk.FormatError, match="stored structure is invalid"):
+        describe_file(p)  # `tensorkeep inspect`: a FormatError, not a KeyError from walking the tree
 
 
 def test_sizes_and_devices_still_round_trip(tmp_path):

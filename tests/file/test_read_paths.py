@@ -7,7 +7,11 @@ on disk is never read through a header parsed before the change.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -16,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tensorkeep as tk
-from tensorkeep import knobs
+from tensorkeep import knobs, threads
 from tensorkeep.file import headers, reader, workers
 from tensorkeep.verification import verify
 
@@ -161,3 +165,73 @@ def test_the_pool_raises_the_first_error_after_every_task_ended():
     with pytest.raises(ValueError, match="boom"):
         workers.run_all([bad, slow])
     assert done == [1]
+
+
+def test_a_file_changed_while_its_header_was_parsed_is_not_cached(tmp_path, parses, monkeypatch):
+    from tensorkeep.storage.disk import DiskSource
+
+    p = str(tmp_path / "a.tk")
+    tk.save({"w": torch.zeros(2)}, p)
+    real = DiskSource.reidentify
+    monkeypatch.setattr(DiskSource, "reidentify", lambda self: (*real(self)[:4], real(self)[4] + 1))  # a new ctime
+    tk.open(p).close()
+    tk.open(p).close()
+    assert parses == [p, p]
+
+
+def test_plain_safetensors_headers_are_not_cached(tmp_path, parses):
+    from safetensors.torch import save_file
+
+    p = str(tmp_path / "plain.safetensors")
+    save_file({"w": torch.zeros(2)}, p)  # no checksums: a stale header could not be caught by one
+    tk.open(p).close()
+    tk.open(p).close()
+    assert parses == [p, p]
+
+
+def test_a_forked_child_opens_files_while_the_parent_held_the_cache_lock(tmp_path, parses):
+    p = str(tmp_path / "a.tk")
+    tk.save({"w": torch.arange(3.0)}, p)
+    tk.open(p).close()
+    with headers._lock:  # as another thread of the parent might, at the moment of a fork
+        pid = os.fork()
+        if pid == 0:  # the child: would wait forever on the copied lock
+            signal.alarm(20)
+            try:
+                with tk.open(p) as f:
+                    os._exit(0 if torch.equal(f.get("w"), torch.arange(3.0)) else 1)
+            except BaseException:
+                os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_pool_work_runs_on_the_caller_once_a_pool_takes_no_more():
+    pool = ThreadPoolExecutor(1)
+    pool.shutdown()  # as every pool is while the interpreter exits
+    assert threads.submit(pool, sum, [1, 2]).result() == 3
+    assert threads.map(pool, abs, [-1, -2]) == [1, 2]
+    with pytest.raises(ZeroDivisionError):
+        threads.submit(pool, lambda: 1 / 0).result()
+    with pytest.raises(ZeroDivisionError):
+        threads.map(pool, lambda x: 1 / x, [1, 0])
+
+
+EXIT_SCRIPT = """
+import sys, torch, tensorkeep as tk
+from tensorkeep import knobs
+knobs.DIRECT_IO_MIN_BYTES = 1  # the direct-I/O writer: a thread pool of its own
+mgr = tk.CheckpointManager(sys.argv[1], async_save=True)
+mgr.save(1, {"w": torch.arange(1 << 20, dtype=torch.float32)})
+# the script ends while the save is in flight: no wait(), no close()
+"""
+
+
+def test_an_async_save_in_flight_when_the_script_ends_is_finished(tmp_path):
+    run = str(tmp_path / "run")
+    r = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, run], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "NOT saved" not in r.stderr, r.stderr[-2000:]
+    with tk.CheckpointManager(run, read_only=True) as mgr:
+        assert mgr.steps() == [1]
+        state = {"w": torch.zeros(1 << 20)}
+        assert mgr.restore(state) == 1 and torch.equal(state["w"], torch.arange(1 << 20, dtype=torch.float32))

@@ -341,3 +341,22 @@ def test_own_async_save_refuses_what_it_cannot_store_at_the_call(tmp):
     with pytest.raises(TypeError, match=r"checkpoint\['extra'\] is of type .*argparse.Namespace"):
         plugin.save_checkpoint({"extra": argparse.Namespace(a=1)}, os.path.join(tmp, "x.ckpt"))
     assert not os.path.exists(os.path.join(tmp, "x.ckpt"))
+
+
+EXIT_SCRIPT = """
+import sys, torch
+from tensorkeep import knobs
+from tensorkeep.lightning import TensorkeepCheckpointIO
+knobs.DIRECT_IO_MIN_BYTES = 1  # the direct-I/O writer: a thread pool of its own
+plugin = TensorkeepCheckpointIO(async_save=True)
+plugin.save_checkpoint({"state_dict": {"w": torch.arange(1 << 20, dtype=torch.float32)}, "global_step": 3}, sys.argv[1])
+# the script ends while the write is in flight (trainer.save_checkpoint after fit, then exit)
+"""
+
+
+def test_own_async_save_in_flight_when_the_script_ends_is_finished(tmp):
+    p = os.path.join(tmp, "final.ckpt")
+    r = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, p], env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "failed" not in r.stderr, r.stderr[-2000:]
+    got = tk.load(p)
+    assert got["global_step"] == 3 and torch.equal(got["state_dict"]["w"], torch.arange(1 << 20, dtype=torch.float32))

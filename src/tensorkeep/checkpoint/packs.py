@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tensorkeep import knobs
+from tensorkeep import knobs, threads
 from tensorkeep.checkpoint.layout import PACK_RE, Manifest, list_steps, read_manifest, step_dir
 from tensorkeep.core.format import TK_PREFIX
 from tensorkeep.core.tree import flatten, unflatten
@@ -58,7 +58,10 @@ def content_hash(dtype: str, shape: tuple[int, ...], data: np.ndarray, pool: Thr
     'c7ee54b02b5b'
     """
     mv = memoryview(data)  # type: ignore[arg-type]  # numpy's stubs: ndarray.__buffer__ only on Python >= 3.12
-    pieces = [pool.submit(lambda m: hashlib.sha256(m).digest(), mv[i : i + _PIECE]) for i in range(0, len(mv), _PIECE)]
+    pieces = [
+        threads.submit(pool, lambda m: hashlib.sha256(m).digest(), mv[i : i + _PIECE])
+        for i in range(0, len(mv), _PIECE)
+    ]
 
     def digest() -> str:
         h = hashlib.sha256(f"{dtype}{list(shape)}".encode())

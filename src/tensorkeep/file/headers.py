@@ -7,10 +7,13 @@ a loop, an evaluation script reading layer by layer) gets the parsed header from
 The key is what the kernel changes whenever a file's bytes may have changed: device, inode, size,
 mtime and ctime. A file that tensorkeep replaces gets a new inode; one written in place gets a new
 ctime, which no user can set back. ctime ticks coarsely (a few ms on ext4), so a header is kept
-only once its file's ctime is :data:`SETTLE_SECONDS` old: a later change to the file then lands
-in a later tick and so under another key. Tensor bytes are still checked against the cached
-block checksums on every read; the header cache skips re-reading the header, never a check of
-the data. ``tk.verify`` bypasses it (it checks the bytes on disk now).
+only when its file's ctime was :data:`SETTLE_SECONDS` old already before the file was looked at,
+and the file still has the same identity after its header was parsed: a later change then lands
+in a later tick and so under another key. Only tensorkeep files are kept: tensor bytes are still
+checked against the cached block checksums on every read, so the cache skips re-reading the
+header, never a check of the data (a network file system whose server clock lags this machine's
+can defeat the tick argument; a changed tensor then still fails its checksum). ``tk.verify``
+bypasses the cache (it checks the bytes on disk now).
 
 >>> get(None) is None
 True
@@ -18,8 +21,8 @@ True
 
 from __future__ import annotations
 
+import os
 import threading
-import time
 from collections import OrderedDict
 from typing import Any
 
@@ -44,18 +47,29 @@ def get(identity: tuple[int, ...] | None) -> Any:
         return hit
 
 
-def put(identity: tuple[int, ...] | None, header_bytes: int, parsed: Any) -> None:
-    """Keep ``parsed`` (immutable from here on) for the file of ``identity`` if it has settled."""
-    if identity is None or header_bytes > MAX_HEADER_BYTES:
+def put(
+    identity: tuple[int, ...] | None, seen_ns: int, now: tuple[int, ...] | None, header_bytes: int, parsed: Any
+) -> None:
+    """Keep ``parsed`` (immutable from here on) for the file of ``identity``, taken at ``seen_ns``
+    (the clock read just before that ``fstat``), if the file had settled by then and ``now`` (its
+    identity after the header was parsed) is still the same."""
+    if identity is None or now != identity or header_bytes > MAX_HEADER_BYTES:
         return
-    ctime_ns = identity[4]
-    if time.time_ns() - ctime_ns < SETTLE_SECONDS * 1e9:
+    if seen_ns - identity[4] < SETTLE_SECONDS * 1e9:
         return
     with _lock:
         _cache[identity] = parsed
         _cache.move_to_end(identity)
         while len(_cache) > MAX_ENTRIES:
             _cache.popitem(last=False)
+
+
+def _forget_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()  # another thread may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def clear() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tensorkeep import knobs
+from tensorkeep import knobs, threads
 from tensorkeep.core.dtypes import numpy_dtype, torch_dtype
 from tensorkeep.core.format import (
     DTYPE_SIZES,
@@ -56,8 +56,9 @@ class _Reader:
         except BaseException:
             src.close()
             raise
-        if not self.torch_pickle:
-            headers.put(identity, self.header.data_start, (self.header, self.record))
+        if identity is not None and not self.torch_pickle and self.header.is_tensorkeep:
+            now = getattr(src, "reidentify", lambda: None)()
+            headers.put(identity, src.opened_ns, now, self.header.data_start, (self.header, self.record))  # type: ignore[attr-defined]
 
     def _open(self, pread: Callable[[int, int], bytes]) -> None:
         """Tell a torch pickle from a safetensors file and validate the header, reading with ``pread(n, at)``."""
@@ -313,7 +314,7 @@ def _read_ranges(r: _Reader, verify: bool) -> dict[str, Any]:
             i += 1
 
     with ThreadPoolExecutor(THREADS, thread_name_prefix="tk-get") as pool:
-        list(pool.map(fetch, range(0, total, span)))
+        threads.map(pool, fetch, range(0, total, span))
         if verify and r.crcs is not None:
-            list(pool.map(lambda name: r.check(name, bufs[name]), bufs))
+            threads.map(pool, lambda name: r.check(name, bufs[name]), bufs)
     return out

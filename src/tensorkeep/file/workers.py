@@ -17,7 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from tensorkeep import knobs
+from tensorkeep import knobs, threads
 
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
@@ -50,7 +50,7 @@ def run_all(tasks: list[Callable[[], Any]]) -> list[Any]:
     pool = _get() if len(tasks) > 1 and not getattr(_inside, "yes", False) else None
     if pool is None:
         return [t() for t in tasks]
-    futures = [pool.submit(t) for t in tasks[1:]]
+    futures = [threads.submit(pool, t) for t in tasks[1:]]  # inline if the pool takes no more work (exit)
     first: Any = None
     error: BaseException | None = None
     try:  # the caller does the first task itself rather than sleep: one thread handoff fewer

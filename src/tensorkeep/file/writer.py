@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tensorkeep import knobs
+from tensorkeep import knobs, threads
 from tensorkeep.core.dtypes import byte_view, name_of_numpy, name_of_torch
 from tensorkeep.core.format import (
     CRC_FIELD_END,
@@ -101,7 +101,7 @@ def _write_direct(fd: int, start: int, sources: list, block: int, total: int) ->
 
             def flush(length: int) -> None:
                 nonlocal cur, fill, off
-                pending[cur] = pool.submit(_io.pwrite_all, fd, memoryview(bufs[cur])[:length], off)
+                pending[cur] = threads.submit(pool, _io.pwrite_all, fd, memoryview(bufs[cur])[:length], off)
                 off += length
                 cur, fill = 1 - cur, 0
                 other = pending[cur]

@@ -284,6 +284,8 @@ class TensorkeepCheckpointIO(CheckpointIO):
         >>> ckpt = TensorkeepCheckpointIO().load_checkpoint("ck/last.ckpt")  # doctest: +SKIP
         """
         self.wait()
+        if self.async_save and Comm().world > 1:  # every rank loads: none reads before rank 0's write is done
+            Comm().all_gather(None)
         path, device = os.fspath(path), _device(map_location)
         name = os.path.basename(path)
         last = name.endswith(SUFFIX) and name[: -len(SUFFIX)].startswith(ModelCheckpoint.CHECKPOINT_NAME_LAST)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,9 +30,15 @@ class DiskSource:
     def __init__(self, path: str) -> None:
         self.name = path
         self.fd = _io.open_regular(path)
+        self.opened_ns = time.time_ns()  # before the fstat: see tensorkeep.file.headers
         st = os.fstat(self.fd)
         self.size = st.st_size
         self.identity: tuple[int, ...] | None = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def reidentify(self) -> tuple[int, ...]:
+        """:attr:`identity` now (a file changed since it was opened has another)."""
+        st = os.fstat(self.fd)
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def pread(self, n: int, at: int) -> bytes:
         return os.pread(self.fd, n, at)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
+from tensorkeep import threads
 from tensorkeep.errors import SaveError, StorageError, TensorkeepError
 from tensorkeep.storage.base import check_key
 
@@ -235,7 +236,7 @@ class Store:
                         buf[fill : fill + k] = mv[pos : pos + k]
                         fill, pos = fill + k, pos + k
                         if fill == part:
-                            pending.add(pool.submit(send, n, buf, fill))
+                            pending.add(threads.submit(pool, send, n, buf, fill))
                             n, fill = n + 1, 0
                             while True:  # at most THREADS parts in flight: memory stays bounded
                                 for f in [f for f in pending if f.done()]:
@@ -247,7 +248,7 @@ class Store:
                             with lock:
                                 buf = free.pop()
                 if fill:
-                    pending.add(pool.submit(send, n, buf, fill))
+                    pending.add(threads.submit(pool, send, n, buf, fill))
                 for f in pending:
                     f.result()
             self._call(
@@ -330,7 +331,7 @@ class ObjectSource:
             fetch(0)
         else:
             with ThreadPoolExecutor(THREADS, thread_name_prefix="tk-get") as pool:
-                list(pool.map(fetch, range(0, len(mv), PART_BYTES)))
+                threads.map(pool, fetch, range(0, len(mv), PART_BYTES))
         return got[0]
 
     def fileno(self) -> int:
