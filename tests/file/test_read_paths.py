@@ -100,6 +100,12 @@ def test_the_cache_keeps_a_bounded_number_of_headers(tmp_path, parses, monkeypat
     assert len(headers._cache) == 2
     tk.open(paths[0]).close()  # dropped first: parsed again
     assert parses.count(paths[0]) == 2
+    monkeypatch.setattr(headers, "MAX_ENTRIES", 64)
+    one = os.path.getsize(paths[0]) - 4  # about one header's bytes (the data is 4 bytes)
+    monkeypatch.setattr(headers, "MAX_TOTAL_BYTES", one)  # a budget of bytes too: room for one header
+    for p in paths:
+        tk.open(p).close()
+    assert len(headers._cache) == 1 and headers._total <= one
 
 
 @pytest.fixture

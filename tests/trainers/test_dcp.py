@@ -258,6 +258,8 @@ def test_latest_is_the_newest_intact_checkpoint_of_a_run(tmp):
     os.symlink(os.path.join(run, "checkpoint-5"), os.path.join(run, "checkpoint-97"))  # an alias, not a checkpoint
     os.makedirs(os.path.join(run, "logs-1000"))  # the user's own directory
     assert tk_dcp.latest(run) == os.path.join(run, "checkpoint-20")
+    with pytest.raises(ValueError, match="is a checkpoint, not a run"):
+        tk_dcp.latest(os.path.join(run, "checkpoint-20"))
 
     flip(os.path.join(run, "checkpoint-20", "rank-00000-of-00001.tk"), 12)  # its header: the cheap check sees it
     with pytest.warns(UserWarning, match="skipping damaged checkpoint .*checkpoint-20"):

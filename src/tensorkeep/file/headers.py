@@ -26,14 +26,17 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-#: entries kept (least recently used dropped first) and the largest header kept, in bytes
+#: entries kept (least recently used dropped first), the largest header kept and all of them together,
+#: in bytes of header text (parsed, a header takes several times its text in memory)
 MAX_ENTRIES = 64
 MAX_HEADER_BYTES = 1 << 20
+MAX_TOTAL_BYTES = 4 << 20
 #: a header is kept only once its file has not changed for this long (see the module's docstring)
 SETTLE_SECONDS = 1.0
 
 _lock = threading.Lock()
-_cache: OrderedDict[tuple[int, ...], Any] = OrderedDict()
+_cache: OrderedDict[tuple[int, ...], tuple[int, Any]] = OrderedDict()  # identity -> (header bytes, parsed)
+_total = 0
 
 
 def get(identity: tuple[int, ...] | None) -> Any:
@@ -42,9 +45,10 @@ def get(identity: tuple[int, ...] | None) -> Any:
         return None
     with _lock:
         hit = _cache.get(identity)
-        if hit is not None:
-            _cache.move_to_end(identity)
-        return hit
+        if hit is None:
+            return None
+        _cache.move_to_end(identity)
+        return hit[1]
 
 
 def put(
@@ -57,11 +61,14 @@ def put(
         return
     if seen_ns - identity[4] < SETTLE_SECONDS * 1e9:
         return
+    global _total
     with _lock:
-        _cache[identity] = parsed
+        if identity not in _cache:
+            _cache[identity] = (header_bytes, parsed)
+            _total += header_bytes
         _cache.move_to_end(identity)
-        while len(_cache) > MAX_ENTRIES:
-            _cache.popitem(last=False)
+        while len(_cache) > MAX_ENTRIES or _total > MAX_TOTAL_BYTES:
+            _total -= _cache.popitem(last=False)[1][0]
 
 
 def _forget_in_child() -> None:
@@ -74,5 +81,7 @@ os.register_at_fork(after_in_child=_forget_in_child)
 
 def clear() -> None:
     """Forget every cached header."""
+    global _total
     with _lock:
         _cache.clear()
+        _total = 0

@@ -71,6 +71,11 @@ def latest(parent: str | os.PathLike[str], *, verify: bool = False) -> str | Non
     True
     """
     parent = os.fspath(parent)
+    if os.path.isfile(os.path.join(parent, MANIFEST)):
+        raise ValueError(
+            f"{parent} is a checkpoint, not a run: pass the directory that holds the checkpoints "
+            f"(latest({os.path.dirname(os.path.abspath(parent))!r}))"
+        )
     try:
         names = [n for n in os.listdir(parent) if not n.startswith(".") and _io.is_real_dir(os.path.join(parent, n))]
     except (FileNotFoundError, NotADirectoryError):

@@ -407,7 +407,10 @@ class TensorkeepCheckpointIO(CheckpointIO):
             self._pending.difference_update(due)
         for p in due:
             if ok:
-                self._remove(p)
+                try:
+                    self._remove(p)
+                except OSError as e:  # the save committed: a removal that failed must not fail it
+                    warnings.warn(f"TensorkeepCheckpointIO could not remove {p}: {e}", stacklevel=2)
             else:
                 warnings.warn(f"TensorkeepCheckpointIO keeps {p}: the save after its removal failed", stacklevel=2)
 
