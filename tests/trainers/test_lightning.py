@@ -14,6 +14,7 @@ import subprocess
 import sys
 import warnings
 from collections import OrderedDict
+from typing import Any
 
 import pytest
 import torch
@@ -205,10 +206,24 @@ def test_object_store_url():
         plugin.load_checkpoint(url)
 
 
-def test_async_checkpoint_io(tmp, monkeypatch):
+def top1(d: str) -> ModelCheckpoint:
+    """Every 2 steps, keeping only the newest (save_top_k=1: each save removes the one before)."""
+    return ModelCheckpoint(
+        dirpath=d, filename="ck-{step}", every_n_train_steps=2, save_top_k=1, monitor="step", mode="max"
+    )
+
+
+@pytest.mark.parametrize("own", [False, True], ids=["AsyncCheckpointIO", "async_save"])
+def test_async_saves_rotate_and_keep_the_old_checkpoint_when_the_new_one_fails(tmp, monkeypatch, own):
+    """Lightning's ``AsyncCheckpointIO(TensorkeepCheckpointIO())`` and the plugin's own ``async_save=True``."""
+
+    def plugins() -> tuple[TensorkeepCheckpointIO, Any]:
+        inner = TensorkeepCheckpointIO(async_save=own)
+        return inner, inner if own else AsyncCheckpointIO(inner)
+
     d = os.path.join(tmp, "top")
-    _, m = train(tmp, plugin=AsyncCheckpointIO(TensorkeepCheckpointIO()), callbacks=[top1(d)])
-    assert sorted(os.listdir(d)) == ["ck-step=10.ckpt"]
+    _, m = train(tmp, plugin=plugins()[1], callbacks=[top1(d)])
+    assert sorted(os.listdir(d)) == ["ck-step=10.ckpt"]  # fit's end waited for the last write
     assert same(tk.load(os.path.join(d, "ck-step=10.ckpt"))["state_dict"], m.state_dict())
 
     # the write of step 10 fails on the writer thread after Lightning asked to remove step 8:
@@ -222,10 +237,10 @@ def test_async_checkpoint_io(tmp, monkeypatch):
 
     monkeypatch.setattr(tkl, "save", failing)
     d = os.path.join(tmp, "top2")
-    plugin = TensorkeepCheckpointIO()
+    inner, outer = plugins()
     with pytest.raises(tk.SaveError, match="injected"):
-        train(tmp, plugin=AsyncCheckpointIO(plugin), callbacks=[top1(d)], epoch_checkpoints=False)
-    plugin.teardown()  # what interpreter exit does (AsyncCheckpointIO does not call it)
+        train(tmp, plugin=outer, callbacks=[top1(d)], epoch_checkpoints=False)
+    inner.teardown()  # what interpreter exit does (AsyncCheckpointIO does not call it; async_save: done already)
     assert os.listdir(d) == ["ck-step=8.ckpt"]
     assert tk.load(os.path.join(d, "ck-step=8.ckpt"))["global_step"] == 8
 
@@ -294,35 +309,6 @@ def test_import_tensorkeep_lightning_alias():
     import tensorkeep.lightning as alias
 
     assert alias.TensorkeepCheckpointIO is tkl.TensorkeepCheckpointIO
-
-
-def top1(d: str) -> ModelCheckpoint:
-    return ModelCheckpoint(
-        dirpath=d, filename="ck-{step}", every_n_train_steps=2, save_top_k=1, monitor="step", mode="max"
-    )
-
-
-def test_own_async_save_rotates_and_waits_for_a_newer_commit(tmp, monkeypatch):
-    d = os.path.join(tmp, "top")
-    _, m = train(tmp, plugin=TensorkeepCheckpointIO(async_save=True), callbacks=[top1(d)])
-    assert sorted(os.listdir(d)) == ["ck-step=10.ckpt"]  # fit's teardown waited for the last write
-    assert same(tk.load(os.path.join(d, "ck-step=10.ckpt"))["state_dict"], m.state_dict())
-
-    # the write of step 10 fails on the writer thread after Lightning asked to remove step 8: step 8
-    # stays, and the error reaches the caller when fit ends (teardown waits for the write)
-    save = tkl.save
-
-    def failing(obj, p, **kw):
-        if p.endswith(os.path.join("top2", "ck-step=10.ckpt")):
-            raise tk.SaveError(28, "injected: disk full")
-        return save(obj, p, **kw)
-
-    monkeypatch.setattr(tkl, "save", failing)
-    d = os.path.join(tmp, "top2")
-    with pytest.raises(tk.SaveError, match="injected"):
-        train(tmp, plugin=TensorkeepCheckpointIO(async_save=True), callbacks=[top1(d)], epoch_checkpoints=False)
-    assert os.listdir(d) == ["ck-step=8.ckpt"]
-    assert tk.load(os.path.join(d, "ck-step=8.ckpt"))["global_step"] == 8
 
 
 def test_own_async_save_writes_the_values_of_the_moment_it_was_called(tmp):
