@@ -16,8 +16,32 @@ from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
+import torch
+
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS_DIR)
+
+#: Every torch dtype safetensors knows (the float8 kinds this torch has), for round-trip tests.
+TORCH_DTYPES = [
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.uint16,
+    torch.int32,
+    torch.uint32,
+    torch.int64,
+    torch.uint64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.complex64,
+] + [
+    getattr(torch, n)
+    for n in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu")
+    if hasattr(torch, n)
+]
 
 #: Campaign sizes (``sizes.kill_trials``, ``sizes.fuzz_examples``, ...), set by conftest.pytest_configure.
 sizes = SimpleNamespace()

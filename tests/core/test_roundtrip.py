@@ -27,29 +27,9 @@ from safetensors.torch import save_file as st_save_file
 from torch import nn
 
 import tensorkeep as tk
+from support import TORCH_DTYPES
 from tensorkeep.core.tree import flatten
 
-# Every torch dtype safetensors knows.
-TORCH_DTYPES = [
-    torch.bool,
-    torch.uint8,
-    torch.int8,
-    torch.int16,
-    torch.uint16,
-    torch.int32,
-    torch.uint32,
-    torch.int64,
-    torch.uint64,
-    torch.float16,
-    torch.bfloat16,
-    torch.float32,
-    torch.float64,
-    torch.complex64,
-] + [
-    getattr(torch, n)
-    for n in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu")
-    if hasattr(torch, n)
-]
 NUMPY_DTYPES = [
     "?",
     "u1",
