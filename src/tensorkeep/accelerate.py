@@ -4,6 +4,6 @@ See :mod:`tensorkeep.integrations.accelerate`. Importing this module imports Acc
 ``import tensorkeep`` alone does not.
 """
 
-from tensorkeep.integrations.accelerate import NAMING, latest, load_state, protect, save_state
+from tensorkeep.integrations.accelerate import NAMING, latest, load_state, protect, save_state, wait
 
-__all__ = ["save_state", "load_state", "protect", "latest", "NAMING"]
+__all__ = ["save_state", "load_state", "protect", "wait", "latest", "NAMING"]

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import warnings
 
 import numpy as np
@@ -27,6 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import tensorkeep as tk
 from tensorkeep import accelerate as tk_acc
 from tensorkeep.checkpoint import layout
+from tensorkeep.checkpoint import stage as stage_module
 from tensorkeep.checkpoint.determinism import PINNED_ENV
 from tensorkeep.checkpoint.stage import Stage
 from tensorkeep.errors import CheckpointNotFoundError
@@ -34,6 +36,7 @@ from tensorkeep.verification import verify
 
 STEPS, SAVE_EVERY = 14, 4  # 6 batches an epoch: saves land mid-epoch (steps 4, 8, 12)
 KILL_ENV = "TK_TEST_KILL_IN_SAVE"
+ASYNC_ENV = "TK_TEST_ASYNC_SAVE"  # the script's saves go through protect(acc, async_save=True)
 
 
 class Counter:
@@ -49,7 +52,7 @@ class Counter:
         self.step = sd["step"]
 
 
-def build(project_dir: str, total_limit: int | None = 2, seed: int = 0) -> tuple:
+def build(project_dir: str, total_limit: int | None = 2, seed: int = 0, async_save: bool = False) -> tuple:
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
@@ -70,7 +73,7 @@ def build(project_dir: str, total_limit: int | None = 2, seed: int = 0) -> tuple
     counter = Counter()
     model, opt, dl, sched = acc.prepare(model, opt, dl, sched)
     acc.register_for_checkpointing(counter)
-    tk_acc.protect(acc)  # the two lines of the README: the import, and this
+    tk_acc.protect(acc, async_save=async_save)  # the two lines of the README: the import, and this
     return acc, model, opt, dl, sched, counter
 
 
@@ -105,13 +108,15 @@ def _names(project_dir: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------- tests
 
 
-def test_round_trip_continues_bit_identically(tmp):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_round_trip_continues_bit_identically(tmp, async_save):
     full = build(os.path.join(tmp, "full"))
     train(*full)
     assert _names(os.path.join(tmp, "full")) == ["checkpoint_1", "checkpoint_2"]
 
-    first = build(os.path.join(tmp, "split"))
+    first = build(os.path.join(tmp, "split"), async_save=async_save)  # training goes on while it writes
     train(*first, stop=8)  # checkpoint_0 at step 4, checkpoint_1 at step 8
+    tk_acc.wait(first[0])
     d = os.path.join(tmp, "split", "checkpoints", "checkpoint_1")
     assert sorted(os.listdir(d)) == [
         "custom_checkpoint_0.tk",
@@ -167,6 +172,45 @@ def test_total_limit_deletes_only_after_the_commit(tmp):
     assert layout.read_manifest(final).files["extra.txt"]["kind"] == "file"
 
 
+def test_async_save_writes_the_state_of_the_moment_it_returned(tmp, monkeypatch):
+    """The writer is held back until the training thread has changed the weights in place: the
+    checkpoint still holds the values save_state saw; a failed write raises on the next call and
+    publishes nothing; an explicit folder works the same."""
+    acc, model, opt, *_ = build(tmp, async_save=True)
+    go, real = threading.Event(), Stage.finish
+
+    def held(self, objs):
+        assert go.wait(30)
+        return real(self, objs)
+
+    monkeypatch.setattr(Stage, "finish", held)
+    want = weights(model)
+    final = tk_acc.save_state(acc)
+    assert _names(tmp) != ["checkpoint_0"]  # not committed yet: its writer waits
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    go.set()
+    tk_acc.wait(acc)
+    assert _names(tmp) == ["checkpoint_0"] and _same(tk.load(os.path.join(final, "model.safetensors")), want)
+
+    def full_disk(*a, **kw):
+        raise OSError(28, "No space left on device (simulated)")
+
+    monkeypatch.setattr(Stage, "finish", real)
+    monkeypatch.setattr(stage_module, "write", full_disk)  # the file writer, called in the writer thread
+    tk_acc.save_state(acc)  # returns: the error is the writer's
+    with pytest.raises(OSError, match="No space left"):
+        tk_acc.save_state(acc)  # waits for the failed one first
+    assert _names(tmp) == ["checkpoint_0"]  # iteration 1 was not published, its temporary directory removed
+    monkeypatch.undo()
+    explicit = tk_acc.save_state(acc, os.path.join(tmp, "explicit"))
+    tk_acc.wait(acc)
+    assert _same(tk.load(os.path.join(explicit, "model.safetensors")), weights(model)) and verify(explicit).ok
+    with pytest.raises(ValueError, match="one process"):
+        tk_acc.protect(type("TwoProcesses", (), {"num_processes": 2})(), async_save=True)
+
+
 def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp):
     run = build(os.path.join(tmp, "a"), total_limit=None)
     train(*run, stop=8)
@@ -209,14 +253,20 @@ def test_stock_folders_and_unsupported_state_are_refused(tmp):
     assert not os.path.exists(os.path.join(tmp, "explicit"))
 
 
-def test_kill9_mid_save_then_resume_is_bit_identical(tmp):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_kill9_mid_save_then_resume_is_bit_identical(tmp, async_save):
+    """With async_save the kill lands in the writer thread while training goes on; each script ends
+    without waiting for its last asynchronous save, which is committed at exit all the same."""
+    mode = {ASYNC_ENV: "1"} if async_save else {}
+
     def run(phase: str, out: str, env: dict | None = None) -> subprocess.CompletedProcess:
-        e = {**os.environ, **PINNED_ENV, **(env or {})}
+        e = {**os.environ, **PINNED_ENV, **mode, **(env or {})}
         return subprocess.run([sys.executable, __file__, phase, out], env=e, capture_output=True, timeout=300)
 
     ref, out = os.path.join(tmp, "ref"), os.path.join(tmp, "run")
     p = run("reference", ref)
     assert p.returncode == 0, p.stderr.decode()[-3000:]
+    assert _names(ref) == ["checkpoint_1", "checkpoint_2"]
     p = run("train", out, {KILL_ENV: "1"})  # killed while writing checkpoint_1 (step 8)
     assert p.returncode == -signal.SIGKILL, p.stderr.decode()[-3000:]
     left = glob.glob(os.path.join(out, "checkpoints", ".checkpoint_1.tk-tmp-*"))
@@ -285,7 +335,7 @@ def _arm_kill() -> None:
 
     def write(self, name, obj, **kw):
         path = real(self, name, obj, **kw)
-        if self.step == 1 and name == "optimizer.tk":
+        if self.step == 1 and name == "optimizer.tk" and not self.defer:  # async: in the writer thread
             os.kill(os.getpid(), signal.SIGKILL)
         return path
 
@@ -295,7 +345,7 @@ def _arm_kill() -> None:
 def main(phase: str, out: str) -> None:
     """``reference``/``train``/``resume`` in one process, or as one of several (torchrun's variables):
     then each process writes its own ``final_rank{i}.tk``."""
-    acc, model, opt, dl, sched, counter = build(out)
+    acc, model, opt, dl, sched, counter = build(out, async_save=bool(os.environ.get(ASYNC_ENV)))
     if phase == "resume":
         where = acc.load_state()
         print(f"resumed from {os.path.basename(where)} at step {counter.step}", flush=True)

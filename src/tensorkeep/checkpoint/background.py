@@ -19,6 +19,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from tensorkeep.checkpoint.snapshot import Staging, small_image
+from tensorkeep.checkpoint.stage import Stage
 from tensorkeep.checkpoint.state import Payload
 from tensorkeep.errors import TensorkeepError
 
@@ -58,6 +59,22 @@ class Background:
             self._hook_optimizer_steps()
             self._copied.clear()
         self._pending = (step, self._writer.submit(self._write, step, payload, commit))
+
+    def later(self, st: Stage, then: Callable[[], object] = lambda: None) -> None:
+        """Finish a deferred stage (``Stage(defer=True)``, its block done) in the background: its objects
+        are snapshotted now (the only part that blocks), written and published by the writer thread,
+        which then calls ``then()`` (retention). Nothing is published if the snapshot fails."""
+        try:
+            objs = self._staging.snapshot({name: d[0] for name, d in st.deferred.items()})
+        except BaseException:
+            st.abandon()
+            raise
+        self._pending = (st.step, self._writer.submit(self._finish, st, objs, then))
+
+    def _finish(self, st: Stage, objs: dict[str, Any], then: Callable[[], object]) -> None:
+        self._staging.ready()  # device-to-host copies of the snapshot have landed
+        st.finish(objs)
+        then()
 
     def _write(self, step: int, payload: Payload, commit: Callable[[int, Payload], object]) -> None:
         try:

@@ -207,6 +207,7 @@ class CheckpointManager:
         subdir: str | None = None,
         metrics: Mapping[str, Any] | None = None,
         by: str = "tensorkeep",
+        defer: bool = False,
     ) -> Iterator[Stage]:
         """A checkpoint of ``step`` that any code writes into ``st.path``; published atomically when
         the block ends without an exception, then retention runs (see :mod:`tensorkeep.checkpoint.stage`).
@@ -226,6 +227,12 @@ class CheckpointManager:
         step and writes its own files into the same ``st.path``; rank 0 commits once every rank's files
         are durable, every rank returns after that commit, and a failure on any rank raises
         :class:`~tensorkeep.SaveError` on every rank with nothing published.
+
+        ``defer=True`` (a manager with ``async_save``, one process): an asynchronous stage. ``st.write``
+        only checks its object; when the block ends, those objects are copied into reused staging
+        buffers and the rest (writing them, the commit, retention) runs on the manager's writer thread,
+        like an asynchronous :meth:`save`: :meth:`wait` for it. Files other code writes into
+        ``st.path`` are written in the block, as without ``defer``.
         """
         self._check_open(writing=True)
         if type(step) is not int or step < 0:
@@ -234,6 +241,10 @@ class CheckpointManager:
             raise TensorkeepError(
                 f"{self.directory}: stage() writes a checkpoint directory on a local file system; on object "
                 "storage use save()"
+            )
+        if defer and (self._background is None or self._dist is not None):
+            raise ValueError(
+                f"{self.directory}: stage(defer=True) needs a CheckpointManager(async_save=True) of one process"
             )
         self.wait()  # at most one save in flight
         self._env = determinism.capture()
@@ -245,9 +256,14 @@ class CheckpointManager:
             by=by,
             metrics=metrics,
             comm=self.comm,
+            defer=defer,
         )
         with st:
             yield st
+        if defer:
+            assert self._background is not None
+            self._background.later(st, lambda: self._after_commit(step, st.manifest.metrics))
+            return
         self._after_commit(step, st.manifest.metrics)  # rank 0's metrics, on every rank
 
     def _commit(self, step: int, files: Payload, metrics: dict[str, Any]) -> str:

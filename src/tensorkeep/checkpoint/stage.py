@@ -64,6 +64,7 @@ from tensorkeep._version import __version__
 from tensorkeep.checkpoint import determinism, layout
 from tensorkeep.checkpoint.layout import FILE_KIND, MANIFEST, STAGING_FORMAT, STAGING_MARKER, Manifest
 from tensorkeep.checkpoint.steps import is_distributed, read_whole
+from tensorkeep.core.tree import flatten
 from tensorkeep.distributed.comm import Comm
 from tensorkeep.errors import SaveError, TensorkeepError
 from tensorkeep.file.reader import read_file
@@ -82,6 +83,13 @@ class Stage:
     :meth:`CheckpointManager.stage` or :func:`stage`. ``comm``: the ranks that stage it together (a
     :class:`~tensorkeep.distributed.comm.Comm` of 2+ ranks; None or one rank: this process alone).
     ``clean``: first create the parent of ``final`` and remove leftovers of crashed stages of it.
+
+    ``defer=True`` (one process only) splits the commit for an asynchronous save: :meth:`write`
+    checks and records its object without writing it, and leaving the block without an exception
+    publishes nothing yet. The owner then snapshots :attr:`deferred` (a :class:`Staging` copy) and
+    calls :meth:`finish` with that copy, usually on a background thread: the files are written, the
+    others settled, the manifest written and the directory renamed, or, on any error, nothing is
+    published and the temporary directory is removed.
     """
 
     def __init__(
@@ -95,7 +103,10 @@ class Stage:
         metrics: Mapping[str, Any] | None = None,
         comm: Comm | None = None,
         clean: bool = False,
+        defer: bool = False,
     ) -> None:
+        if defer and comm is not None and comm.world > 1:
+            raise ValueError("Stage(defer=True) is for one process; with several ranks a stage is a collective")
         if subdir is not None and not (layout.plain_name(subdir) and not subdir.startswith(".")):
             raise ValueError(f"subdir={subdir!r} must be a plain directory name such as 'checkpoint-7'")
         self.final = os.path.abspath(final)
@@ -107,6 +118,10 @@ class Stage:
         self.run_path = self.path = ""
         self._files: dict[str, dict[str, Any]] = {}
         self.committed = False
+        self.defer = defer
+        #: ``defer=True``: what :meth:`write` was given, by file name: ``(obj, key, kind, metadata)``
+        self.deferred: dict[str, tuple[Any, str, str, dict[str, str]]] = {}
+        self._open_ok = False  # defer=True: the block ended without an exception, finish() may commit
 
     # ------------------------------------------------------------------ inside the block
 
@@ -121,12 +136,22 @@ class Stage:
         """
         if not self.path:
             raise TensorkeepError("Stage.write: use the stage in a with block (with mgr.stage(step) as st: ...)")
-        if not layout.plain_name(name) or name in (MANIFEST, STAGING_MARKER) or name in self._files:
+        if (
+            not layout.plain_name(name)
+            or name in (MANIFEST, STAGING_MARKER)
+            or name in self._files
+            or name in self.deferred
+        ):
             raise ValueError(
                 f"Stage.write: {name!r} is not a free plain file name in checkpoint step {self.step} (no "
                 f"separator, not {MANIFEST!r}, not written twice)"
             )
         p = os.path.join(self.path, name)
+        if self.defer:  # refused now, on the caller's thread, if it cannot be stored; written by finish()
+            if not isinstance(obj, FileImage):
+                flatten(obj)
+            self.deferred[name] = (obj, key, kind, dict(metadata or {}))
+            return p
         if isinstance(obj, FileImage):
             size, crc = write_image(obj, p, self.durable, in_place=True)
         else:
@@ -184,6 +209,9 @@ class Stage:
             self._exit_ranks(exc)
             return
         failed = exc
+        if exc is None and self.defer:
+            self._open_ok = True  # published by finish(), later
+            return
         if exc is None:
             try:
                 self._settle()
@@ -199,6 +227,28 @@ class Stage:
             ) from failed
         if failed is not None and failed is not exc:
             raise failed
+
+    def finish(self, objs: Mapping[str, Any]) -> None:
+        """``defer=True``, after the block: write ``objs`` (a copy of :attr:`deferred`'s objects, by
+        name) and publish, exactly as leaving the block does without ``defer``."""
+        if not (self.defer and self._open_ok) or self.committed:
+            raise TensorkeepError(
+                "Stage.finish: only once, after the with block of a Stage(defer=True) ended without an error"
+            )
+        self._open_ok = False
+        self.defer, todo, self.deferred = False, self.deferred, {}
+        try:
+            for name, (_, key, kind, meta) in todo.items():
+                self.write(name, objs[name], key=key, kind=kind, metadata=meta)
+        except BaseException as e:
+            self.__exit__(type(e), e, None)
+            raise
+        self.__exit__(None, None, None)
+
+    def abandon(self) -> None:
+        """``defer=True``, after the block, instead of :meth:`finish`: publish nothing, remove the temporary directory."""
+        self._open_ok = False
+        self._abort()
 
     def _exit_ranks(self, exc: BaseException | None) -> None:
         """Several ranks: once every rank left its block, the files are settled on every rank (rank 0
@@ -325,6 +375,7 @@ def stage(
     subdir: str | None = None,
     by: str = "tensorkeep",
     comm: Comm | None = None,
+    defer: bool = False,
 ) -> Stage:
     """A staged checkpoint published as ``final`` (a directory), without a manager: no run lock, no
     retention. An existing ``final`` is replaced atomically only if it is a tensorkeep checkpoint
@@ -340,7 +391,7 @@ def stage(
     ['manifest.json', 'notes.txt', 'w.tk']
     """
     final = os.path.abspath(os.fspath(final))
-    return Stage(final, new_manifest(step), durable=durable, subdir=subdir, by=by, comm=comm, clean=True)
+    return Stage(final, new_manifest(step), durable=durable, subdir=subdir, by=by, comm=comm, clean=True, defer=defer)
 
 
 def _remove_stale(final: str) -> None:

@@ -7,6 +7,8 @@ Two lines for existing code::
     tk_acc.protect(accelerator)       # accelerator.save_state / load_state are now the functions below
 
 or call them explicitly: ``tk_acc.save_state(accelerator, path)``, ``tk_acc.load_state(accelerator, path)``.
+``tk_acc.protect(accelerator, async_save=True)`` (one process): ``save_state`` returns once the state
+is copied into reused staging buffers, and a background thread writes and commits the checkpoint.
 
 They use what the ``Accelerator`` registered (prepared models, optimizers, schedulers, dataloaders,
 the grad scaler, objects of ``register_for_checkpointing``, the save/load pre-hooks) and write one
@@ -41,7 +43,9 @@ so only one of them may write a given file name. ``safe_serialization``, ``load_
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 import types
 import warnings
 import weakref
@@ -49,6 +53,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from tensorkeep.checkpoint import layout, rng
+from tensorkeep.checkpoint.background import Background
 from tensorkeep.checkpoint.collective import collectively, gather
 from tensorkeep.checkpoint.intact import Intact, latest_intact
 from tensorkeep.checkpoint.manager import CheckpointManager
@@ -64,12 +69,14 @@ try:
 except ImportError as e:  # pragma: no cover - the extra is missing
     raise ImportError("tensorkeep.accelerate needs Accelerate: pip install 'tensorkeep[accelerate]'") from e
 
-__all__ = ["save_state", "load_state", "protect", "latest", "NAMING"]
+__all__ = ["save_state", "load_state", "protect", "wait", "latest", "NAMING"]
 
 NAMING = "checkpoint_{step}"  #: Accelerate's automatic checkpoint names
 _BY = "tensorkeep.accelerate"
 _WARNED: weakref.WeakSet[Accelerator] = weakref.WeakSet()
 _RUNS: weakref.WeakKeyDictionary[Accelerator, tuple[str, int | None, CheckpointManager]] = weakref.WeakKeyDictionary()
+_ASYNC: weakref.WeakKeyDictionary[Accelerator, bool] = weakref.WeakKeyDictionary()  # protect(..., async_save)
+_WRITERS: weakref.WeakKeyDictionary[Accelerator, Background] = weakref.WeakKeyDictionary()  # explicit output_dir
 
 
 def save_state(
@@ -88,7 +95,7 @@ def save_state(
     """
     _check(accelerator)
     pc = accelerator.project_configuration
-    it = pc.iteration
+    it, later = pc.iteration, _ASYNC.get(accelerator, False)
     if pc.automatic_checkpoint_naming:
         mgr = _manager(accelerator)
         if os.path.lexists(mgr.path(it)):
@@ -96,13 +103,19 @@ def save_state(
                 f"Checkpoint directory {mgr.path(it)} ({it}) already exists. Fix: resume with "
                 "load_state() first (it sets project_configuration.iteration), or set it yourself"
             )
-        with mgr.stage(it, by=_BY) as st:
+        with mgr.stage(it, by=_BY, defer=later) as st:
             _write(accelerator, st)
     else:
         if output_dir is None:
             raise ValueError("save_state needs output_dir, or ProjectConfiguration(automatic_checkpoint_naming=True)")
-        with stage(os.path.expanduser(os.fspath(output_dir)), it, by=_BY, comm=_comm(accelerator)) as st:
+        bg = _writer(accelerator) if later else None
+        if bg is not None:
+            bg.wait()  # one save in flight: its staging buffers are reused, its error raises here
+        final = os.path.expanduser(os.fspath(output_dir))
+        with stage(final, it, by=_BY, comm=_comm(accelerator), defer=later) as st:
             _write(accelerator, st)
+        if bg is not None:
+            bg.later(st)
     pc.iteration += 1
     return st.final
 
@@ -122,6 +135,7 @@ def load_state(
     ``load_model_func_kwargs``: ``strict=False`` is passed to the models' ``load_state_dict``.
     """
     _check(accelerator)
+    wait(accelerator)  # an asynchronous save in flight is committed first (its error raises here)
     pc, comm = accelerator.project_configuration, _comm(accelerator)
     if input_dir is not None:
         d = os.path.expanduser(os.fspath(input_dir))
@@ -143,17 +157,44 @@ def load_state(
     return found.path
 
 
-def protect(accelerator: Accelerator) -> Accelerator:
+def protect(accelerator: Accelerator, *, async_save: bool = False) -> Accelerator:
     """Make ``accelerator.save_state`` / ``load_state`` these functions (on this instance); returns it.
+
+    ``async_save=True`` (one process): ``save_state`` copies the state into staging buffers reused
+    from one save to the next and returns; a background thread writes and commits the checkpoint
+    (and applies ``total_limit``). One save is in flight at a time: the next ``save_state``,
+    ``load_state`` and :func:`wait` wait for it and raise its error. It costs host memory the size
+    of the state.
 
     >>> from accelerate import Accelerator
     >>> acc = protect(Accelerator(cpu=True))
     >>> acc.save_state.__func__ is save_state
     True
     """
+    if async_save and accelerator.num_processes > 1:
+        raise ValueError(
+            f"tensorkeep.accelerate: async_save=True runs with one process; this Accelerator has "
+            f"{accelerator.num_processes}. Fix: protect(accelerator) (synchronous, collective over the processes)"
+        )
+    wait(accelerator)
+    _ASYNC[accelerator] = bool(async_save)
     accelerator.save_state = types.MethodType(save_state, accelerator)
     accelerator.load_state = types.MethodType(load_state, accelerator)
     return accelerator
+
+
+def wait(accelerator: Accelerator) -> None:
+    """Block until the asynchronous save in flight (``protect(..., async_save=True)``) is committed;
+    raise its error (that checkpoint was then not published). A no-op otherwise.
+
+    >>> wait(acc)  # doctest: +SKIP
+    """
+    held = _RUNS.get(accelerator)
+    if held is not None:
+        held[2].wait()
+    bg = _WRITERS.get(accelerator)
+    if bg is not None:
+        bg.wait()
 
 
 def latest(directory: str | os.PathLike[str], naming: str = "checkpoint-{step}") -> str | None:
@@ -318,11 +359,33 @@ def _comm(acc: Accelerator) -> Comm | None:
 def _manager(acc: Accelerator) -> CheckpointManager:
     """The run ``project_dir/checkpoints`` of an Accelerator with automatic naming (locked while it lives)."""
     run, limit = os.path.join(acc.project_dir, "checkpoints"), acc.project_configuration.total_limit
+    later = _ASYNC.get(acc, False)
     held = _RUNS.get(acc)
-    if held is not None and held[:2] == (run, limit):
+    if held is not None and held[:2] == (run, limit) and held[2].async_save == later:
         return held[2]
     if held is not None:
         held[2].close()
-    mgr = CheckpointManager(run, naming=NAMING, keep_last=limit)
+    mgr = CheckpointManager(run, naming=NAMING, keep_last=limit, async_save=later)
     _RUNS[acc] = (run, limit, mgr)
     return mgr
+
+
+def _writer(acc: Accelerator) -> Background:
+    """The writer thread of asynchronous saves to explicit directories (automatic naming: the manager's)."""
+    bg = _WRITERS.get(acc)
+    if bg is None:
+        bg = _WRITERS[acc] = Background(True)
+        atexit.register(_finish_at_exit, weakref.ref(bg))
+    return bg
+
+
+def _finish_at_exit(ref: weakref.ref[Background]) -> None:
+    """At interpreter exit, finish a save still in flight, or say loudly that it failed."""
+    bg = ref()
+    step = None if bg is None else bg.pending_step
+    if bg is None or step is None:
+        return
+    try:
+        bg.wait()
+    except BaseException as e:
+        print(f"tensorkeep.accelerate: the checkpoint of iteration {step} was NOT saved: {e}", file=sys.stderr)

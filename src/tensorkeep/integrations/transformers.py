@@ -139,12 +139,15 @@ class CrashProofMixin(_Base):
     _tk_push: bool = False
     _tk_resumed: Intact | None = None
     _tk_managers: dict[str, CheckpointManager] | None = None
+    #: ``protect(trainer, async_save=True)``: checkpoints are written and committed by a background thread
+    tk_async_save: bool = False
 
     # ------------------------------------------------------------------ save
 
     def _get_output_dir(self, trial: Any) -> str:
         if self._tk_stage is not None:
             return self._tk_stage.run_path
+        self._tk_wait()  # stock lists the run's checkpoints after it (end of training): the save in flight first
         return super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
@@ -155,7 +158,7 @@ class CrashProofMixin(_Base):
         there = os.path.lexists(final)
         mgr = self._tk_manager(run_dir)
         self._tk_push = False
-        with mgr.stage(step, subdir=name) as st, _safetensors_into(st):
+        with mgr.stage(step, subdir=name, defer=self.tk_async_save) as st, _safetensors_into(st):
             self._tk_stage = st
             try:
                 super()._save_checkpoint(model, trial)
@@ -170,6 +173,7 @@ class CrashProofMixin(_Base):
                 )
             self._tk_finish(st, run_dir)
         if self._tk_push:  # stock pushes the folder it just wrote: now the committed one
+            mgr.wait()
             super()._push_from_checkpoint(final)
 
     def _tk_finish(self, st: Stage, run_dir: str) -> None:
@@ -358,8 +362,19 @@ class CrashProofMixin(_Base):
                 )
             limit = self.args.save_total_limit
             policies = [_TotalLimit(limit, self._tk_best_step)] if limit and limit > 0 else []
-            self._tk_managers[run_dir] = CheckpointManager(run_dir, naming=NAMING, policies=policies)
+            self._tk_managers[run_dir] = CheckpointManager(
+                run_dir, naming=NAMING, policies=policies, async_save=self.tk_async_save
+            )
         return self._tk_managers[run_dir]
+
+    def _tk_wait(self) -> None:
+        """Block until the asynchronous save in flight is committed (its error raises here)."""
+        for mgr in (self._tk_managers or {}).values():
+            mgr.wait()
+
+    def _load_best_model(self) -> None:
+        self._tk_wait()  # the best checkpoint may be the one in flight
+        return super()._load_best_model()
 
     def _tk_best_step(self) -> int | None:
         best = self.state.best_model_checkpoint
@@ -377,7 +392,7 @@ class CrashProofMixin(_Base):
         return "rng_state.tk" if args.world_size <= 1 else f"rng_state_{args.process_index}.tk"
 
 
-def protect(trainer: T) -> T:
+def protect(trainer: T, *, async_save: bool = False) -> T:
     """Make ``trainer`` (a ``transformers.Trainer``, or a subclass's instance such as TRL's
     ``SFTTrainer``) save crash-proof checkpoints and resume from the newest intact one; returns it.
 
@@ -389,12 +404,21 @@ def protect(trainer: T) -> T:
 
     Its class becomes ``CrashProof<Class>`` (``CrashProofMixin`` first, then the original class), so
     ``isinstance(trainer, SFTTrainer)`` still holds.
+
+    ``async_save=True`` (one process): the tensor files are copied into staging buffers reused from
+    save to save (host memory the size of a checkpoint); a background thread writes them, commits
+    ``checkpoint-N`` and applies ``save_total_limit`` while training goes on. The next save, the
+    best-model load and the end of ``train()`` wait for it and raise its error. (Subclass: ``tk_async_save = True``.)
     """
     if not isinstance(trainer, Trainer):
         raise TypeError(f"protect() takes a transformers.Trainer (or a subclass's instance), not {type(trainer)!r}")
+    if async_save and trainer.args.world_size > 1:
+        n = trainer.args.world_size
+        raise ValueError(f"async_save=True runs with one process, not {n}. Fix: protect(trainer) (collective saves)")
     if not isinstance(trainer, CrashProofMixin):
         cls: Any = type(trainer)
         trainer.__class__ = _protected(cls)
+    trainer.tk_async_save = bool(async_save)  # type: ignore[attr-defined]
     return trainer
 
 
@@ -411,16 +435,8 @@ def _overridden_below(trainer: Any, method: str) -> bool:
 
 
 def _other_accelerator() -> bool:
-    return any(
-        f()
-        for f in (
-            is_torch_xla_available,
-            is_torch_npu_available,
-            is_torch_hpu_available,
-            is_torch_mlu_available,
-            is_torch_musa_available,
-        )
-    )
+    checks = (is_torch_xla_available, is_torch_npu_available, is_torch_hpu_available, is_torch_mlu_available)
+    return any(f() for f in (*checks, is_torch_musa_available))
 
 
 @functools.cache
