@@ -99,26 +99,33 @@ def stall(a: argparse.Namespace) -> list[tuple]:
 class SyscallsOnly:
     """A stand-in for an async CheckpointManager whose background thread makes only the
     syscalls of one demo checkpoint, with no Python work and no snapshot: a directory with
-    5 files of 50 kB, each fsynced, the directory fsynced, and the checkpoint from 3 saves
-    ago deleted. What checkpointing costs this loop at the least, short of fewer files."""
+    ``files`` files of 250/``files`` kB, each fsynced, in a temporary directory, fsynced and
+    renamed into place (the parent fsynced), and the checkpoint from 3 saves ago renamed away (the
+    parent fsynced) and deleted: the commit and retention of a crash-proof checkpoint.
+    ``files=5`` ("syscalls-only"): the demo's layout (4 files and the manifest); ``files=2``
+    ("syscalls-min"): the fewest a crash-proof commit needs, one data file and its manifest."""
 
-    def __init__(self, run: str) -> None:
-        self.run, self.n, self.pending = run, 0, None
+    def __init__(self, run: str, files: int = 5) -> None:
+        self.run, self.n, self.pending, self.files = run, 0, None, files
         self.pool = ThreadPoolExecutor(1)
         os.makedirs(run, exist_ok=True)
 
     def _write(self, n: int) -> None:
-        d = os.path.join(self.run, str(n))
-        os.mkdir(d)
-        for i in range(5):
-            fd = os.open(os.path.join(d, f"{i}.tk"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.pwrite(fd, bytes(50_000), 0)
+        tmp, d = os.path.join(self.run, f".{n}.tmp"), os.path.join(self.run, str(n))
+        os.mkdir(tmp)
+        for i in range(self.files):
+            fd = os.open(os.path.join(tmp, f"{i}.tk"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.pwrite(fd, bytes(250_000 // self.files), 0)
             os.fsync(fd)
             os.close(fd)
-        fd = os.open(d, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-        shutil.rmtree(os.path.join(self.run, str(n - 3)), ignore_errors=True)
+        _fsync_dir(tmp)
+        os.rename(tmp, d)  # the commit
+        _fsync_dir(self.run)
+        old = os.path.join(self.run, str(n - 3))
+        if os.path.isdir(old):  # retention: out of the namespace durably, then its files
+            os.rename(old, old + ".del")
+            _fsync_dir(self.run)
+            shutil.rmtree(old + ".del")
 
     def save(self, step: int, state: Any, metrics: Any = None) -> None:
         self.wait()
@@ -136,6 +143,14 @@ class SyscallsOnly:
     def __exit__(self, *exc: Any) -> None:
         self.wait()
         self.pool.shutdown()
+
+
+def _fsync_dir(d: str) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def segment(
@@ -177,12 +192,7 @@ def overhead(a: argparse.Namespace) -> list[tuple]:
             shutil.rmtree(run, ignore_errors=True)
             _, state, loader, val = setup()
             epochs = max(2, every)
-            if mode == "syscalls-only":
-                ctx: Any = SyscallsOnly(run)
-            else:
-                async_save = {"sync": False, "async": True, "lazy": "lazy"}[mode]
-                ctx = tk.CheckpointManager(run, keep_last=3, keep_best=("val_loss", "min"), async_save=async_save)
-            with ctx as mgr:
+            with _manager(mode, run) as mgr:
                 step = [0, {}]
                 segment(state, loader, val, mgr, 2, 1, step)  # warm-up: staging buffers, page cache, first files
                 on, off, ratios, extra = [], [], [], []
@@ -212,6 +222,8 @@ def _manager(mode: str, run: str) -> Any:
     shutil.rmtree(run, ignore_errors=True)
     if mode == "syscalls-only":
         return SyscallsOnly(run)
+    if mode == "syscalls-min":  # the fewest a crash-proof commit needs: one data file and its manifest
+        return SyscallsOnly(run, files=2)
     async_save = {"sync": False, "async": True, "lazy": "lazy"}[mode]
     return tk.CheckpointManager(run, keep_last=3, keep_best=("val_loss", "min"), async_save=async_save)
 
@@ -290,7 +302,7 @@ def main() -> None:
         "--modes",
         type=lambda v: v.split(","),
         default=["sync", "async", "lazy"],
-        help="of sync, async, lazy and syscalls-only (see SyscallsOnly)",
+        help="of sync, async, lazy, syscalls-only and syscalls-min (see SyscallsOnly)",
     )
     ap.add_argument("--dir", default="/tmp/tk-bench-async")
     ap.add_argument("--part", choices=("all", "stall", "loop", "cost"), default="all")

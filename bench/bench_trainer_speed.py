@@ -22,9 +22,11 @@ dropped, so no save pays for another's write-back.
   staging buffers), and ``AsyncCheckpointIO(TorchCheckpointIO())``'s stall. "stock + fsync": stock, then
   fsync of the file (stock does not fsync; a reference, not what stock does).
 * HF: ``trainer._save_checkpoint(model, None)`` stock vs ``protect(trainer)`` (the same trainer, its class
-  switched back and forth); "stock + sync": stock then fsync of every file and directory written.
+  switched back and forth); "stock + sync": stock then fsync of every file and directory written; the
+  stall of ``protect(trainer, async_save=True)`` (until ``_save_checkpoint`` returns).
 * Accelerate: ``Accelerator.save_state(acc, dir)`` (stock) vs ``acc.save_state(dir)`` after
-  ``tk_acc.protect(acc)``; "stock + sync" as for HF.
+  ``tk_acc.protect(acc)``; "stock + sync" as for HF; the stall of ``protect(acc, async_save=True)``
+  (until ``save_state`` returns; the write is awaited outside the timing).
 * DCP (one process, a gloo group of 1): ``dcp.save`` with the default ``FileSystemWriter`` (it fsyncs:
   ``sync_files=True``) vs ``storage_writer=tk_dcp.Writer()``, and ``dcp.async_save`` stalls (until it
   returns) of both.
@@ -298,14 +300,27 @@ def bench_hf(d: int, work: str, reps: int) -> tuple[str, int]:
 
         return fn
 
+    def stall() -> Callable[[str], float]:
+        def fn(out: str) -> float:
+            quiesce(ckpt)
+            trainer.__class__, trainer.tk_async_save = tk_cls, True
+            s = timed(lambda: trainer._save_checkpoint(model, None))
+            trainer._tk_wait()  # the write, outside the timing
+            trainer.tk_async_save = False
+            assert os.path.isdir(ckpt), ckpt
+            return s
+
+        return fn
+
     variants: list[Variant] = [
         ("stock _save_checkpoint", save(stock_cls)),
         ("stock + sync (reference)", save(stock_cls, sync_tree)),
         ("protect(trainer)", save(tk_cls)),
+        ("protect(trainer, async_save=True) stall", stall()),
     ]
     times = run_variants(variants, os.path.join(work, "unused"), reps)
     quiesce(ckpt)
-    return report(times, nbytes, {}), nbytes
+    return report(times, nbytes, {"protect(trainer, async_save=True) stall": "protect(trainer)"}), nbytes
 
 
 def bench_accelerate(d: int, work: str, reps: int) -> tuple[str, int]:
@@ -333,12 +348,21 @@ def bench_accelerate(d: int, work: str, reps: int) -> tuple[str, int]:
 
         return fn
 
+    def stall(out: str) -> float:
+        tk_acc.protect(acc, async_save=True)
+        s = timed(lambda: acc.save_state(os.path.join(out, "state")))
+        tk_acc.wait(acc)  # the write, outside the timing
+        tk_acc.protect(acc)
+        return s
+
     variants: list[Variant] = [
         ("stock save_state", save(lambda p: Accelerator.save_state(acc, p))),
         ("stock + sync (reference)", save(lambda p: Accelerator.save_state(acc, p), sync_tree)),
         ("protect(acc).save_state", save(lambda p: acc.save_state(p))),
+        ("protect(acc, async_save=True) stall", stall),
     ]
-    return report(run_variants(variants, os.path.join(work, "out"), reps), nbytes, {}), nbytes
+    times = run_variants(variants, os.path.join(work, "out"), reps)
+    return report(times, nbytes, {"protect(acc, async_save=True) stall": "protect(acc).save_state"}), nbytes
 
 
 def bench_dcp(d: int, work: str, reps: int) -> tuple[str, int]:

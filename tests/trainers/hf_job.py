@@ -1,6 +1,6 @@
 """A tiny Hugging Face Trainer job for the crash tests: run, get killed, run again, compare.
 
-    python hf_job.py RUN_DIR OUT_FILE [--max-steps 20] [--resume] [--kill-after-chain STEP]
+    python hf_job.py RUN_DIR OUT_FILE [--max-steps 20] [--resume] [--kill-after-chain STEP] [--async-save]
 
 A 1-layer GPT-2 built from a config (no download), trained on CPU, pinned (one thread,
 deterministic algorithms), checkpointing every 5 steps through ``tensorkeep.transformers.protect``.
@@ -91,12 +91,13 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=20)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--kill-after-chain", type=int)
+    ap.add_argument("--async-save", action="store_true", help="protect(trainer, async_save=True)")
     a = ap.parse_args()
     determinism.pin()
     started = Started()
     trainer = Job(model=tiny_gpt2(), args=arguments(a.run, a.max_steps), train_dataset=Tokens(), callbacks=[started])
     trainer.kill_at = a.kill_after_chain
-    protect(trainer)
+    protect(trainer, async_save=a.async_save)
     trainer.train(resume_from_checkpoint=True if a.resume else None)
     model = trainer.model
     assert model is not None

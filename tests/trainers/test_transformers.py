@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -239,8 +240,8 @@ def reference(tmp_path_factory: Any) -> dict[str, torch.Tensor]:
     return tk.load(str(d / "final.tk"))["weights"]
 
 
-def resume_and_compare(run: str, out: str, reference: dict[str, torch.Tensor]) -> int:
-    rc, log = finish(job(run, out, "--resume"))
+def resume_and_compare(run: str, out: str, reference: dict[str, torch.Tensor], *flags: str) -> int:
+    rc, log = finish(job(run, out, "--resume", *flags))
     assert rc == 0, log
     final = tk.load(out)
     assert final["weights"].keys() == reference.keys()
@@ -261,20 +262,52 @@ def test_kill_between_the_last_file_and_the_commit(tmp_path: Any, reference: dic
     assert resume_and_compare(run, str(tmp_path / "b.tk"), reference) == 5
 
 
+@pytest.mark.parametrize("mode", [[], ["--async-save"]], ids=["sync", "async"])
 def test_sigkill_from_outside_while_the_checkpoint_is_written(
-    tmp_path: Any, reference: dict[str, torch.Tensor]
+    tmp_path: Any, reference: dict[str, torch.Tensor], mode: list[str]
 ) -> None:
-    """A truly asynchronous kill: as soon as the staging directory of step 10 appears."""
+    """A truly asynchronous kill: as soon as the staging directory of step 10 appears (with
+    async_save, while the writer thread writes it and training goes on)."""
     run = str(tmp_path / "run")
-    p = job(run, str(tmp_path / "a.tk"))
+    p = job(run, str(tmp_path / "a.tk"), *mode)
     while p.poll() is None and not any(n.startswith(".checkpoint-10.") or n == "checkpoint-10" for n in _listdir(run)):
         time.sleep(0.001)
     p.send_signal(signal.SIGKILL)
     rc, log = finish(p)
     assert rc == -signal.SIGKILL, log
-    started = resume_and_compare(run, str(tmp_path / "b.tk"), reference)
+    started = resume_and_compare(run, str(tmp_path / "b.tk"), reference, *mode)
     print(f"the kill landed {'before' if started == 5 else 'after'} the commit of checkpoint-10")
     assert started in (5, 10)  # 10 only if the kill landed after the commit
+
+
+def test_async_save_commits_every_checkpoint_and_resumes_bit_identically(
+    tmp_path: Any, reference: dict[str, torch.Tensor]
+) -> None:
+    """protect(trainer, async_save=True): every checkpoint committed and verified (the last one by the
+    end of train(), which waits for it) and holding the weights of its step while training went on;
+    the run, and a run resumed from one of its checkpoints, end bit-identical to the synchronous one;
+    save_total_limit applied after each commit."""
+    run = str(tmp_path / "run")
+    rc, log = finish(job(run, str(tmp_path / "a.tk"), "--async-save"))
+    assert rc == 0, log
+    final = tk.load(str(tmp_path / "a.tk"))["weights"]
+    assert all(torch.equal(final[k], v) for k, v in reference.items())
+    assert (
+        statuses(run) == {5: "ok", 10: "ok", 15: "ok", 20: "ok"}
+        and [n for n in entries(run) if n.startswith(".")] == []
+    )
+    saved = safetensors.torch.load_file(f"{run}/checkpoint-20/model.safetensors")
+    assert saved and all(torch.equal(v, final[k]) for k, v in saved.items())
+    shutil.rmtree(f"{run}/checkpoint-20")
+    assert resume_and_compare(run, str(tmp_path / "b.tk"), reference, "--async-save") == 15
+
+    limited = str(tmp_path / "limited")
+    t = protect(trainer(limited, 20, save_total_limit=2), async_save=True)
+    t.train()
+    assert statuses(limited) == {15: "ok", 20: "ok"} and [n for n in entries(limited) if n.startswith(".")] == []
+    with pytest.raises(ValueError, match="one process"):
+        two = type("Two", (Trainer,), {"__init__": lambda self: None, "args": SimpleNamespace(world_size=2)})
+        protect(two(), async_save=True)
 
 
 def _listdir(d: str) -> list[str]:

@@ -359,13 +359,13 @@ def _comm(acc: Accelerator) -> Comm | None:
 def _manager(acc: Accelerator) -> CheckpointManager:
     """The run ``project_dir/checkpoints`` of an Accelerator with automatic naming (locked while it lives)."""
     run, limit = os.path.join(acc.project_dir, "checkpoints"), acc.project_configuration.total_limit
-    later = _ASYNC.get(acc, False)
     held = _RUNS.get(acc)
-    if held is not None and held[:2] == (run, limit) and held[2].async_save == later:
+    if held is not None and held[:2] == (run, limit):
         return held[2]
     if held is not None:
         held[2].close()
-    mgr = CheckpointManager(run, naming=NAMING, keep_last=limit, async_save=later)
+    # one process: its writer thread serves protect(..., async_save=True) (stage(defer=True))
+    mgr = CheckpointManager(run, naming=NAMING, keep_last=limit, async_save=acc.num_processes == 1)
     _RUNS[acc] = (run, limit, mgr)
     return mgr
 

@@ -362,8 +362,8 @@ class CrashProofMixin(_Base):
                 )
             limit = self.args.save_total_limit
             policies = [_TotalLimit(limit, self._tk_best_step)] if limit and limit > 0 else []
-            self._tk_managers[run_dir] = CheckpointManager(
-                run_dir, naming=NAMING, policies=policies, async_save=self.tk_async_save
+            self._tk_managers[run_dir] = CheckpointManager(  # one process: its writer thread serves async_save
+                run_dir, naming=NAMING, policies=policies, async_save=self.args.world_size <= 1
             )
         return self._tk_managers[run_dir]
 
