@@ -224,8 +224,11 @@ def _manager(mode: str, run: str) -> Any:
         return SyscallsOnly(run)
     if mode == "syscalls-min":  # the fewest a crash-proof commit needs: one data file and its manifest
         return SyscallsOnly(run, files=2)
-    async_save = {"sync": False, "async": True, "lazy": "lazy"}[mode]
-    return tk.CheckpointManager(run, keep_last=3, keep_best=("val_loss", "min"), async_save=async_save)
+    base, _, inc = mode.partition("-")  # "async-inc": incremental=True (one pack file and the manifest)
+    async_save = {"sync": False, "async": True, "lazy": "lazy"}[base]
+    return tk.CheckpointManager(
+        run, keep_last=3, keep_best=("val_loss", "min"), async_save=async_save, incremental=inc == "inc"
+    )
 
 
 def _fit(y: np.ndarray, c: np.ndarray, block: int) -> float:
@@ -302,7 +305,8 @@ def main() -> None:
         "--modes",
         type=lambda v: v.split(","),
         default=["sync", "async", "lazy"],
-        help="of sync, async, lazy, syscalls-only and syscalls-min (see SyscallsOnly)",
+        help="of sync, async, lazy (each also with -inc: incremental=True), syscalls-only and syscalls-min "
+        "(see SyscallsOnly)",
     )
     ap.add_argument("--dir", default="/tmp/tk-bench-async")
     ap.add_argument("--part", choices=("all", "stall", "loop", "cost"), default="all")

@@ -225,3 +225,42 @@ def test_standalone_stage_removes_a_dead_process_leftover(tmp):
         with stage(final, 1) as st:
             st.write("v.tk", {"a": 1})
     assert sorted(os.listdir(tmp)) == ["ckpt"]
+
+
+def test_deferred_stage_writes_later_and_publishes_only_through_finish(tmp):
+    """Stage(defer=True), the base of the integrations' async_save: write() checks and records, the
+    block publishes nothing, finish() writes what it is given and commits; an error in the block or
+    in finish() publishes nothing and removes the temporary directory; abandon() drops it."""
+    final = os.path.join(tmp, "ckpt")
+    st = stage(final, 1, defer=True)
+    with st:
+        assert st.write("w.tk", {"w": torch.ones(3)}).startswith(st.path)
+        with open(os.path.join(st.path, "notes.txt"), "w") as f:
+            f.write("hi")
+        with pytest.raises(TypeError, match="not supported"):
+            st.write("bad.tk", {"f": print})  # refused now, on the caller's thread
+        assert not os.path.exists(os.path.join(st.path, "w.tk"))
+    assert not os.path.exists(final) and set(st.deferred) == {"w.tk"}
+    st.finish({"w.tk": {"w": torch.full((3,), 2.0)}})  # what the owner snapshotted
+    assert tk.load(os.path.join(final, "w.tk"))["w"].tolist() == [2.0, 2.0, 2.0]
+    assert set(layout.read_manifest(final).files) == {"w.tk", "notes.txt"} and verify(final).ok
+    with pytest.raises(tk.TensorkeepError, match="only once"):
+        st.finish({"w.tk": {}})
+
+    later = stage(os.path.join(tmp, "later"), 2, defer=True)
+    with later:
+        later.write("w.tk", {"w": torch.ones(1)})
+    with pytest.raises(KeyError):
+        later.finish({})  # the owner lost an object: nothing published, temporary directory removed
+    assert os.listdir(tmp) == ["ckpt"]
+    dropped = stage(os.path.join(tmp, "dropped"), 3, defer=True)
+    with dropped:
+        dropped.write("w.tk", {"w": torch.ones(1)})
+    dropped.abandon()
+    with pytest.raises(RuntimeError, match="boom"), stage(os.path.join(tmp, "raised"), 4, defer=True) as st4:
+        st4.write("w.tk", {"w": torch.ones(1)})
+        raise RuntimeError("boom")
+    assert os.listdir(tmp) == ["ckpt"]
+    with pytest.raises(ValueError, match="defer=True"), tk.CheckpointManager(os.path.join(tmp, "sync-run")) as mgr:
+        with mgr.stage(1, defer=True):
+            pass
