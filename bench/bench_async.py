@@ -105,19 +105,28 @@ class SyscallsOnly:
     ``files=5`` ("syscalls-only"): the demo's layout (4 files and the manifest); ``files=2``
     ("syscalls-min"): the fewest a crash-proof commit needs, one data file and its manifest."""
 
-    def __init__(self, run: str, files: int = 5) -> None:
-        self.run, self.n, self.pending, self.files = run, 0, None, files
+    def __init__(self, run: str, files: int = 5, parallel: bool = False) -> None:
+        self.run, self.n, self.pending, self.files, self.parallel = run, 0, None, files, parallel
         self.pool = ThreadPoolExecutor(1)
+        self.par = ThreadPoolExecutor(4)
         os.makedirs(run, exist_ok=True)
 
     def _write(self, n: int) -> None:
         tmp, d = os.path.join(self.run, f".{n}.tmp"), os.path.join(self.run, str(n))
         os.mkdir(tmp)
-        for i in range(self.files):
+
+        def one(i: int) -> None:
             fd = os.open(os.path.join(tmp, f"{i}.tk"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             os.pwrite(fd, bytes(250_000 // self.files), 0)
             os.fsync(fd)
             os.close(fd)
+
+        if self.parallel:  # the data files at once, then the manifest
+            list(self.par.map(one, range(self.files - 1)))
+            one(self.files - 1)
+        else:
+            for i in range(self.files):
+                one(i)
         _fsync_dir(tmp)
         os.rename(tmp, d)  # the commit
         _fsync_dir(self.run)
@@ -143,6 +152,7 @@ class SyscallsOnly:
     def __exit__(self, *exc: Any) -> None:
         self.wait()
         self.pool.shutdown()
+        self.par.shutdown()
 
 
 def _fsync_dir(d: str) -> None:
@@ -222,6 +232,8 @@ def _manager(mode: str, run: str) -> Any:
     shutil.rmtree(run, ignore_errors=True)
     if mode == "syscalls-only":
         return SyscallsOnly(run)
+    if mode == "syscalls-par":  # the demo's layout, its 4 data files written and fsynced at once
+        return SyscallsOnly(run, parallel=True)
     if mode == "syscalls-min":  # the fewest a crash-proof commit needs: one data file and its manifest
         return SyscallsOnly(run, files=2)
     base, _, inc = mode.partition("-")  # "async-inc": incremental=True (one pack file and the manifest)
