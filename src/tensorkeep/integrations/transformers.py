@@ -7,6 +7,7 @@ Two lines on top of a stock training script::
     trainer.train(resume_from_checkpoint=True)                              # unchanged
 
 or, for a class of your own: ``class MyTrainer(CrashProofMixin, SFTTrainer): ...`` (the mixin first).
+``protect(trainer, async_save=True)`` (one process): a background thread writes and commits each checkpoint.
 
 What changes in ``args.output_dir``:
 
