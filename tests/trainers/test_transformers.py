@@ -140,7 +140,8 @@ def test_a_failed_save_publishes_nothing_and_deletes_nothing(tmp_path: Any) -> N
     assert verify(os.path.join(run, "checkpoint-5")).ok
 
 
-def test_save_total_limit_keeps_the_best_checkpoint(tmp_path: Any) -> None:
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_save_total_limit_keeps_the_best_checkpoint(tmp_path: Any, async_save: bool) -> None:
     run = str(tmp_path / "run")
     t = trainer(  # "best" = the highest loss: an early checkpoint
         run,
@@ -152,6 +153,7 @@ def test_save_total_limit_keeps_the_best_checkpoint(tmp_path: Any) -> None:
         greater_is_better=True,
         load_best_model_at_end=True,
     )
+    protect(t, async_save=async_save)  # async: the best-model load at the end waits for the last write
     t.train()
     evals = {e["step"]: e["eval_loss"] for e in t.state.log_history if "eval_loss" in e}
     best = max(evals, key=lambda s: evals[s])
