@@ -236,10 +236,15 @@ def _manager(mode: str, run: str) -> Any:
         return SyscallsOnly(run, parallel=True)
     if mode == "syscalls-min":  # the fewest a crash-proof commit needs: one data file and its manifest
         return SyscallsOnly(run, files=2)
-    base, _, inc = mode.partition("-")  # "async-inc": incremental=True (one pack file and the manifest)
+    base, *opts = mode.split("-")  # "-inc": incremental=True (packs); "-one": one_file=True (state.tk)
     async_save = {"sync": False, "async": True, "lazy": "lazy"}[base]
     return tk.CheckpointManager(
-        run, keep_last=3, keep_best=("val_loss", "min"), async_save=async_save, incremental=inc == "inc"
+        run,
+        keep_last=3,
+        keep_best=("val_loss", "min"),
+        async_save=async_save,
+        incremental="inc" in opts,
+        one_file="one" in opts,
     )
 
 
@@ -317,7 +322,8 @@ def main() -> None:
         "--modes",
         type=lambda v: v.split(","),
         default=["sync", "async", "lazy"],
-        help="of sync, async, lazy (each also with -inc: incremental=True), syscalls-only and syscalls-min "
+        help="of sync, async, lazy (each also with -inc: incremental=True, or -one: one_file=True), syscalls-only, "
+        "syscalls-par and syscalls-min "
         "(see SyscallsOnly)",
     )
     ap.add_argument("--dir", default="/tmp/tk-bench-async")

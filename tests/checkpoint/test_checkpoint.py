@@ -1,5 +1,6 @@
 """CheckpointManager: save/restore, retention, damaged checkpoints, locks, intervals."""
 
+import json
 import os
 import random
 import shutil
@@ -12,6 +13,7 @@ import torch
 import tensorkeep as tk
 from tensorkeep.checkpoint import BestN, EveryNSteps, LatestN, Record, layout
 from tensorkeep.checkpoint.policies import to_keep
+from tensorkeep.core.format import dumps, seal
 
 
 def _model():
@@ -64,13 +66,20 @@ def test_best_ignores_missing_and_nan():
 # ---------------------------------------------------------------- save / restore
 
 
-def test_round_trip_everything(tmp):
+@pytest.mark.parametrize("one_file", [False, True], ids=["files", "one-file"])
+def test_round_trip_everything(tmp, one_file):
     st = _state()
     _train(st)
     st["epoch"] = 5
-    with tk.CheckpointManager(tmp) as mgr:
+    with tk.CheckpointManager(tmp, one_file=one_file) as mgr:
         assert mgr.restore(_state()) is None
         mgr.save(5, st, metrics={"loss": 0.25})
+        names = sorted(os.listdir(mgr.path(5)))
+        assert names == (
+            ["manifest.json", "state.tk"]
+            if one_file
+            else ["manifest.json", "model.tk", "optimizer.tk", "rng.tk", "scheduler.tk", "values.tk"]
+        )
         random.random(), np.random.rand(), torch.rand(1)  # move every RNG after the save
         expect = (random.random(), np.random.rand(), torch.rand(1))
     fresh = _state()
@@ -146,14 +155,18 @@ def test_restore_missing_step_lists_existing(tmp):
             mgr.restore({"a": 0}, step=15)
 
 
+def _data_file(d):
+    return os.path.join(d, "state.tk" if os.path.exists(os.path.join(d, "state.tk")) else "model.tk")
+
+
 def _corrupt_truncate(d):
-    p = os.path.join(d, "model.tk")
+    p = _data_file(d)
     with open(p, "r+b") as f:
         f.truncate(os.path.getsize(p) - 7)
 
 
 def _corrupt_flip(d):
-    p = os.path.join(d, "model.tk")
+    p = _data_file(d)
     data = bytearray(open(p, "rb").read())
     data[-5] ^= 0x04
     open(p, "wb").write(data)
@@ -167,12 +180,13 @@ def _corrupt_manifest_garbage(d):
     open(os.path.join(d, "manifest.json"), "w").write('{"format": "tensorkeep-checkpoint", "version": 1, "step": NaN}')
 
 
+@pytest.mark.parametrize("one_file", [False, True], ids=["files", "one-file"])
 @pytest.mark.parametrize(
     "damage", [_corrupt_truncate, _corrupt_flip, _corrupt_manifest_missing, _corrupt_manifest_garbage]
 )
-def test_damaged_newest_falls_back(tmp, damage):
+def test_damaged_newest_falls_back(tmp, damage, one_file):
     st = _state()
-    with tk.CheckpointManager(tmp) as mgr:
+    with tk.CheckpointManager(tmp, one_file=one_file) as mgr:
         mgr.save(1, st)
         want = {k: v.clone() for k, v in st["model"].state_dict().items()}
         _train(st)
@@ -342,3 +356,38 @@ def test_durable_false_makes_no_fsync(tmp, fsync_calls, async_save):
         # durable: every file, the manifest, the new directory and its parent after the rename
         assert made.count("file") == (len(os.listdir(mgr.path(1))) if durable else 0), made
         assert made.count("dir") == (2 if durable else 0), made
+
+
+def test_one_file_layout_reads_by_part_and_refuses_what_does_not_fit(tmp):
+    """one_file=True: one data file whose top-level keys are the parts, a version-3 manifest that
+    lists them; a manifest naming a part the file lacks, or malformed, makes the checkpoint damaged."""
+    st = _state()
+    with tk.CheckpointManager(tmp, one_file=True, keep_last=1) as mgr:
+        mgr.save(1, st)
+        mgr.save(2, st)
+        assert mgr.steps() == [2]
+        d = mgr.path(2)
+    parts = tk.load(os.path.join(d, "state.tk"))
+    assert sorted(parts) == ["model", "optimizer", "rng", "scheduler", "values"]
+    assert all(torch.equal(v, st["model"].state_dict()[k]) for k, v in parts["model"].items())
+    m = layout.read_manifest(d)
+    assert m.bundled["model.tk"] == {"key": "model", "kind": "state_dict"} and list(m.files) == ["state.tk"]
+    with tk.CheckpointManager(tmp) as mgr:  # restore reads either layout
+        assert mgr.restore(_state()) == 2
+
+    def rewrite(change):
+        raw = json.loads(open(os.path.join(d, "manifest.json"), "rb").read())
+        change(raw)
+        raw.pop("crc32", None)
+        with open(os.path.join(d, "manifest.json"), "wb") as f:
+            f.write(seal(dumps(raw)))
+
+    rewrite(lambda raw: raw["bundled"].update({"extra.tk": {"key": "extra", "kind": "state_dict"}}))
+    with tk.CheckpointManager(tmp) as mgr, pytest.warns(UserWarning, match="damaged"):
+        assert mgr.restore(_state()) is None  # the file holds no part "extra"
+    for bad in ({"model": {}}, {"model.tk": {"key": 1, "kind": "state_dict"}}, {}):
+        rewrite(lambda raw, bad=bad: raw.update(bundled=bad))
+        with pytest.raises(tk.FormatError, match="bundled"):
+            layout.read_manifest(d)
+    with pytest.raises(ValueError, match="exclude each other"):
+        tk.CheckpointManager(os.path.join(tmp, "x"), one_file=True, incremental=True)

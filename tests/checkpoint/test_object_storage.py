@@ -222,15 +222,19 @@ def test_resaving_a_step_replaces_it_whole(base):
     assert all(torch.equal(v, after[k]) for k, v in net2.state_dict().items())
 
 
-def test_async_save(base):
+@pytest.mark.parametrize("one_file", [False, True], ids=["files", "one-file"])
+def test_async_save(base, one_file):
     net, opt, state = _train_state()
-    run = f"{base}/async"
-    with tk.CheckpointManager(run, async_save=True, keep_last=2) as mgr:
+    run = f"{base}/async-{one_file}"
+    with tk.CheckpointManager(run, async_save=True, keep_last=2, one_file=one_file) as mgr:
         for step in range(1, 4):
             _train(net, opt)
             mgr.save(step, state)
         mgr.wait()
         assert mgr.steps() == [2, 3]
+        names = backend(run).list(mgr.path(3).rsplit("/", 1)[-1] + "/")
+    stems = sorted(n.split("/")[-1].split(".")[0] for n in names)  # object names carry the save's token
+    assert stems == (["manifest", "state"] if one_file else ["manifest", "model", "optimizer", "rng", "values"])
     last = _snapshot(net, opt)
     net2, opt2, state2 = _train_state()
     with tk.CheckpointManager(run) as mgr:

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 from tensorkeep.checkpoint.collective import damaged_anywhere, gather, is_damage
 from tensorkeep.checkpoint.layout import Manifest
+from tensorkeep.checkpoint.manifest import unbundle
 from tensorkeep.checkpoint.naming import DEFAULT_NAMING
 from tensorkeep.checkpoint.runs import open_run
 from tensorkeep.distributed.comm import Comm
@@ -42,6 +43,7 @@ def load_verified(run: Any, step: int, check: Check | None = None) -> Intact:
     then ``check(manifest, loaded, where)``; :class:`FormatError`/:class:`OSError` when damaged."""
     where = run.step_path(step)
     m, loaded = run.load(step, run.read_manifest(step))
+    loaded = unbundle(m, loaded, where)  # a one-file checkpoint's parts, by part name as in any other
     if check is not None:
         check(m, loaded, where)
     return Intact(step, where, m, loaded)

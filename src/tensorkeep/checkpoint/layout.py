@@ -25,6 +25,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from tensorkeep.checkpoint.manifest import (  # re-exported: the manifest is part of the layout
+    BUNDLE_KIND as BUNDLE_KIND,
+)
+from tensorkeep.checkpoint.manifest import (
     FORMAT as FORMAT,
 )
 from tensorkeep.checkpoint.manifest import (

@@ -23,7 +23,7 @@ from tensorkeep.checkpoint.policies import BestN, EveryNSteps, LatestN, Policy, 
 from tensorkeep.checkpoint.records import Records
 from tensorkeep.checkpoint.runs import open_run
 from tensorkeep.checkpoint.stage import Stage
-from tensorkeep.checkpoint.state import Payload, apply, check_rng, payload
+from tensorkeep.checkpoint.state import Payload, apply, bundle, check_rng, payload
 from tensorkeep.distributed.comm import Comm
 from tensorkeep.errors import CheckpointNotFoundError, FormatError, StorageError, TensorkeepError
 
@@ -46,6 +46,11 @@ class CheckpointManager:
     ``naming``: how step directories are named, a format with one ``{step}`` field
     (``"checkpoint-{step}"`` is a Hugging Face ``Trainer``'s, ``"checkpoint_{step}"`` Accelerate's).
     :meth:`stage` lets other code write a checkpoint's files (see :mod:`tensorkeep.checkpoint.stage`).
+
+    ``one_file=True``: each checkpoint holds one data file, ``state.tk`` (its top-level keys are the
+    parts: ``tk.load(mgr.path(step) + "/state.tk")["model"]``), beside its manifest, instead of one
+    file per part: fewer syscalls per commit, for a small state saved often. One process, not with
+    ``incremental``. Restore reads either layout.
     """
 
     def __init__(
@@ -63,15 +68,19 @@ class CheckpointManager:
         incremental: bool = False,
         read_only: bool = False,
         naming: str = DEFAULT_NAMING,
+        one_file: bool = False,
     ) -> None:
         if async_save not in (True, False, "lazy"):
             raise ValueError(f"async_save must be True, False or 'lazy', got {async_save!r}")
+        if one_file and incremental:
+            raise ValueError("one_file=True and incremental=True exclude each other (incremental writes packs)")
         if incremental and naming != DEFAULT_NAMING:
             raise ValueError(f"incremental=True keeps the default naming {DEFAULT_NAMING!r}, got {naming!r}")
         self._pid = os.getpid()  # the process it belongs to: a forked child gets an error, not a hang
         self._run = open_run(directory, naming)
         self.directory = self._run.url
         self.read_only, self.durable, self.incremental, self.async_save = read_only, durable, incremental, async_save
+        self.one_file = one_file
         self.save_interval_steps = save_interval_steps
         self.save_interval_seconds = save_interval_seconds
         self._policies: list[Policy] = list(policies)
@@ -102,6 +111,8 @@ class CheckpointManager:
         self._run.prepare(durable)
         # torch.distributed with 2+ ranks: save/restore are collectives (collective.py); None otherwise
         comm = collective.join(self.directory, async_save=async_save, incremental=incremental, local=self._run.local)
+        if comm is not None and one_file:
+            raise ValueError(f"one_file=True is for one process; {comm.world} ranks each write their own shard file")
         self._dist = (
             None
             if comm is None
@@ -183,17 +194,19 @@ class CheckpointManager:
         if self._dist is not None:  # several ranks: a collective, each rank writes its shard
             final = collective.save(self._dist, step, state, clean)
             self._after_commit(step, clean)
-        elif self._background is None:
-            final = self._commit(step, payload(state), clean)
         else:
-            self._background.submit(
-                step,
-                state,
-                payload(state),
-                self._run.builds_images and not self.incremental,
-                lambda s, p: self._commit(s, p, clean),
-            )
-            final = self.path(step)
+            files, bundled = bundle(payload(state)) if self.one_file else (payload(state), {})
+            if self._background is None:
+                final = self._commit(step, files, clean, bundled)
+            else:
+                self._background.submit(
+                    step,
+                    state,
+                    files,
+                    self._run.builds_images and not self.incremental,
+                    lambda s, p: self._commit(s, p, clean, bundled),
+                )
+                final = self.path(step)
         if self._preempted is not None:
             self.wait()
             self._exit_after_preemption()
@@ -266,10 +279,12 @@ class CheckpointManager:
             return
         self._after_commit(step, st.manifest.metrics)  # rank 0's metrics, on every rank
 
-    def _commit(self, step: int, files: Payload, metrics: dict[str, Any]) -> str:
-        final = self._run.commit(
-            step, files, self._manifest(step, metrics), incremental=self.incremental, durable=self.durable
-        )
+    def _commit(
+        self, step: int, files: Payload, metrics: dict[str, Any], bundled: dict[str, dict[str, str]] | None = None
+    ) -> str:
+        m = self._manifest(step, metrics)
+        m.bundled = dict(bundled or {})
+        final = self._run.commit(step, files, m, incremental=self.incremental, durable=self.durable)
         self._after_commit(step, metrics)
         return final
 

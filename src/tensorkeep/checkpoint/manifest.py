@@ -25,6 +25,8 @@ MANIFEST = "manifest.json"
 FORMAT = "tensorkeep-checkpoint"
 VERSION = 1
 VERSION_INCREMENTAL = 2  # tensors live in run/packs (see packs.py); version-1 readers must refuse it
+VERSION_BUNDLED = 3  # every part in one file (CheckpointManager(one_file=True)); older readers must refuse it
+BUNDLE_KIND = "bundle"  #: the kind of that one file: its top-level keys are the parts, listed in ``bundled``
 PACK_RE = re.compile(r"^\d{8,}-[0-9a-f]{8}\.tk$")
 _HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -42,6 +44,9 @@ class Manifest:
     bytes_written: int | None = None  # tensor bytes this checkpoint wrote (None: it wrote all it holds)
     bytes_held: int | None = None  # tensor bytes it restores
     environment: Any = None  # what bit-exact resume depends on (determinism.capture()); untrusted JSON
+    # one_file=True: part name (as a file name, "model.tk") -> {"key", "kind"}, all inside the one file
+    # of kind BUNDLE_KIND, under its top-level key: the part name without ".tk"
+    bundled: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         metrics = {
@@ -59,6 +64,8 @@ class Manifest:
         }
         if self.environment:
             d["environment"] = self.environment
+        if self.bundled:
+            d.update(version=VERSION_BUNDLED, bundled=self.bundled)
         if self.parts:
             d.update(
                 version=VERSION_INCREMENTAL,
@@ -132,10 +139,10 @@ def parse_manifest(raw: bytes, path: str) -> Manifest:
     d = unseal(raw, path)  # a flipped bit anywhere is damage, not a wrong restore
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise FormatError(f"{path}: not a tensorkeep checkpoint manifest")
-    if d.get("version") not in (VERSION, VERSION_INCREMENTAL) or type(d.get("version")) is not int:
+    if d.get("version") not in (VERSION, VERSION_INCREMENTAL, VERSION_BUNDLED) or type(d.get("version")) is not int:
         raise FormatError(
             f"{path}: manifest version {d.get('version')!r}; this tensorkeep reads versions "
-            f"{VERSION} and {VERSION_INCREMENTAL}: upgrade tensorkeep"
+            f"{VERSION} to {VERSION_BUNDLED}: upgrade tensorkeep"
         )
     step, files = d.get("step"), d.get("files")
     if type(step) is not int or step < 0 or not isinstance(files, dict) or not isinstance(d.get("metrics"), dict):
@@ -169,6 +176,8 @@ def parse_manifest(raw: bytes, path: str) -> Manifest:
     env = d.get("environment")  # informational: determinism.differences() copes with any value
     metrics = {k: _untag(v) for k, v in d["metrics"].items()}
     m = Manifest(step, float(t), metrics, files, versions, environment=env)
+    if d["version"] == VERSION_BUNDLED:
+        m.bundled = _validate_bundled(d.get("bundled"), files, path)
     if d["version"] == VERSION_INCREMENTAL:
         m.parts, m.packs = _validate_parts(d.get("parts"), d.get("packs"), path)
         b = d.get("bytes")
@@ -213,6 +222,53 @@ def _validate_parts(parts: Any, packs: Any, where: str) -> tuple[dict[str, dict[
                 f"{where}: bad part entry {name!r} (each tensor must be [sha256, pack listed in 'packs'])"
             )
     return parts, packs
+
+
+def _validate_bundled(bundled: Any, files: dict[str, Any], where: str) -> dict[str, dict[str, str]]:
+    """Shape checks of a one-file checkpoint's ``bundled`` (untrusted JSON): parts named like files,
+    each with a str key and kind, and exactly one file of kind ``"bundle"`` that holds them."""
+    holders = [n for n, info in files.items() if info.get("kind") == BUNDLE_KIND]
+    good = (
+        isinstance(bundled, dict)
+        and bool(bundled)
+        and len(holders) == 1
+        and all(
+            plain_name(name)
+            and name.endswith(".tk")
+            and isinstance(p, dict)
+            and set(p) == {"key", "kind"}
+            and all(isinstance(v, str) for v in p.values())
+            for name, p in bundled.items()
+        )
+    )
+    if not good:
+        raise FormatError(
+            f"{where}: bad 'bundled' entry (expected part names ending in .tk, each "
+            '{"key": str, "kind": str}, and one file of kind "bundle")'
+        )
+    return bundled
+
+
+def unbundle(m: Manifest, loaded: dict[str, Any], where: str) -> dict[str, Any]:
+    """``loaded`` (by file name) with a one-file checkpoint's parts taken out of its one file, so that
+    they are found by part name as in a checkpoint of several files; :class:`FormatError` if one is missing.
+
+    >>> m = Manifest(1, 0.0, bundled={"model.tk": {"key": "model", "kind": "state_dict"}})
+    >>> m.files = {"state.tk": {"size": 1, "crc32": "0", "key": "", "kind": "bundle"}}
+    >>> unbundle(m, {"state.tk": {"model": {"w": 1}}}, "x")
+    {'model.tk': {'w': 1}}
+    """
+    if not m.bundled:
+        return loaded
+    out = {n: v for n, v in loaded.items() if m.files.get(n, {}).get("kind") != BUNDLE_KIND}
+    (holder,) = [n for n, info in m.files.items() if info.get("kind") == BUNDLE_KIND]
+    parts = loaded.get(holder)
+    for name in m.bundled:
+        stem = name[: -len(".tk")]
+        if not isinstance(parts, dict) or stem not in parts:
+            raise FormatError(f"{where}: {holder} holds no part {stem!r}, which its {MANIFEST} lists")
+        out[name] = parts[stem]
+    return out
 
 
 def readable(steps: Iterable[int], read: Callable[[int], Manifest]) -> dict[int, Manifest]:

@@ -68,10 +68,26 @@ def payload(state: Mapping[str, Any]) -> Payload:
     return out
 
 
+BUNDLE_FILE = "state.tk"
+
+
+def bundle(files: Payload) -> tuple[Payload, dict[str, dict[str, str]]]:
+    """The parts of a checkpoint as one file (``CheckpointManager(one_file=True)``): ``state.tk``, whose
+    top-level keys are the part names without ``.tk``, and the manifest's ``bundled`` entry for them.
+
+    >>> files, bundled = bundle(payload({"model": torch.nn.Linear(2, 2)}))
+    >>> list(files), sorted(files["state.tk"][2]), bundled["model.tk"]
+    (['state.tk'], ['model', 'rng'], {'key': 'model', 'kind': 'state_dict'})
+    """
+    parts = {name[: -len(".tk")]: obj for name, (_, _, obj) in files.items()}
+    bundled = {name: {"key": key, "kind": kind} for name, (key, kind, _) in files.items()}
+    return {BUNDLE_FILE: ("", layout.BUNDLE_KIND, parts)}, bundled
+
+
 def check_rng(m: layout.Manifest, loaded: dict[str, Any], where: str) -> None:
     """The checkpoint's RNG states can be set (tried, then undone): a FormatError now, before any
     object is touched, rather than a half-applied restore later."""
-    entries = {**m.files, **m.parts}
+    entries = {**m.files, **m.parts, **m.bundled}
     saved = [loaded[n] for n, i in entries.items() if i.get("kind") == "rng" and n in loaded]
     if not saved:
         return
@@ -88,7 +104,7 @@ def check_rng(m: layout.Manifest, loaded: dict[str, Any], where: str) -> None:
 
 def apply(state: Mapping[str, Any], m: layout.Manifest, loaded: dict[str, Any]) -> None:
     """Put a loaded (and verified) checkpoint back into ``state``: objects, values, RNG states last."""
-    entries = {**m.files, **m.parts}
+    entries = {**m.files, **m.parts, **m.bundled}
     by_key = {info["key"]: name for name, info in entries.items() if info.get("kind") == "state_dict"}
     values: dict[str, Any] = next((loaded[n] for n, i in entries.items() if i.get("kind") == "values"), {})
     missing = [k for k, o in state.items() if (k not in by_key if has_state(o) else k not in values)]
