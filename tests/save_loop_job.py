@@ -1,6 +1,6 @@
 """Saves checkpoints in a loop until killed; each step's tensors are a function of the step.
 
-python save_loop_job.py RUN_DIR [--keep-last N] [--mb SIZE]
+python save_loop_job.py RUN_DIR [--keep-last N] [--mb SIZE] [--async-save] [--one-file]
 """
 
 import argparse
@@ -21,8 +21,9 @@ def main() -> None:
     ap.add_argument("--keep-last", type=int, default=2)
     ap.add_argument("--mb", type=float, default=8.0)
     ap.add_argument("--async-save", action="store_true")
+    ap.add_argument("--one-file", action="store_true")
     a = ap.parse_args()
-    with tk.CheckpointManager(a.run, keep_last=a.keep_last, async_save=a.async_save) as mgr:
+    with tk.CheckpointManager(a.run, keep_last=a.keep_last, async_save=a.async_save, one_file=a.one_file) as mgr:
         lin = torch.nn.Linear(4, 4)
         state = {"model": lin, "step": 0, "data": {}}
         step = mgr.restore(state) or 0

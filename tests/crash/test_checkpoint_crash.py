@@ -41,14 +41,15 @@ def _wait_for_commit(p, n_at_least: int, timeout: float = 120) -> list[int]:
 
 
 @pytest.mark.slow
-def test_kill9_at_random_moments_never_loses_a_committed_checkpoint(tmp):
+@pytest.mark.parametrize("layout_flags", [[], ["--one-file"]], ids=["files", "one-file"])
+def test_kill9_at_random_moments_never_loses_a_committed_checkpoint(tmp, layout_flags):
     from save_loop_job import expected
 
     rnd = random.Random(sizes.kill_seed)
     run = os.path.join(tmp, "run")
     last_committed = 0
     for trial in range(sizes.kill_trials):
-        p = _spawn([script("save_loop_job.py"), run, "--mb", "4"])
+        p = _spawn([script("save_loop_job.py"), run, "--mb", "4", *layout_flags])
         seen = _wait_for_commit(p, 1)
         time.sleep(rnd.uniform(0.0, 0.4))  # land somewhere inside a later save
         os.kill(p.pid, signal.SIGKILL)
