@@ -221,6 +221,13 @@ def scenario_two(rank: int, world: int, data: str, out: dict) -> None:
     except ValueError as e:
         out["async"] = str(e)
     mgr.close()
+    lin, plain = torch.nn.Linear(4, 4), {"lin": None, "note": None}
+    plain["lin"] = lin
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "saved by one process: the RNG states are not restored"
+        with tk.CheckpointManager(os.path.join(data, "one-file")) as one:
+            step = one.restore(plain)
+    out["one_file"] = [step, bool(torch.all(lin.weight == 3.0)), plain["note"]]
 
 
 if __name__ == "__main__":

@@ -65,6 +65,11 @@ def after_kill(data, ran_four):
 
 @pytest.fixture(scope="module")
 def ran_two(data, after_kill):
+    lin = torch.nn.Linear(4, 4)  # a one-file checkpoint saved by one process, for the 2 ranks to restore
+    with torch.no_grad():
+        lin.weight.fill_(3.0)
+    with tk.CheckpointManager(os.path.join(data, "one-file"), one_file=True) as mgr:
+        mgr.save(3, {"lin": lin, "note": "three"})
     return run_ranks("two", 2, data)
 
 
@@ -151,3 +156,8 @@ def test_without_a_process_group_nothing_is_collective(tmp):
     with tk.CheckpointManager(tmp, async_save=True) as mgr:  # one process: async saves as before
         mgr.save(1, {"x": np.arange(3)})
     assert tk.CheckpointManager(tmp).restore({"x": None}) == 1
+
+
+def test_ranks_restore_a_one_file_checkpoint_saved_by_one_process(ran_two):
+    for r in ran_two:  # every rank: the step, the module, the plain value (RNG states: each keeps its own)
+        assert r["one_file"] == [3, True, "three"], r["one_file"]

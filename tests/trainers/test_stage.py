@@ -8,8 +8,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,7 +19,7 @@ import tensorkeep as tk
 from tensorkeep.checkpoint import layout
 from tensorkeep.checkpoint.intact import latest_intact
 from tensorkeep.checkpoint.naming import Naming
-from tensorkeep.checkpoint.stage import stage
+from tensorkeep.checkpoint.stage import Stage, stage
 from tensorkeep.errors import CheckpointNotFoundError, SaveError
 from tensorkeep.verification import verify
 
@@ -264,3 +266,21 @@ def test_deferred_stage_writes_later_and_publishes_only_through_finish(tmp):
     with pytest.raises(ValueError, match="defer=True"), tk.CheckpointManager(os.path.join(tmp, "sync-run")) as mgr:
         with mgr.stage(1, defer=True):
             pass
+
+
+def test_deferred_stage_takes_metrics_and_refusals_at_the_call(tmp, monkeypatch):
+    """What a synchronous stage would take or refuse at the call, a deferred one does too: metrics as
+    they are when the block ends (a tensor updated in place later does not reach the manifest), and a
+    dtype the writer refuses raised by write(), not later by the writer thread."""
+    go, real = threading.Event(), Stage.finish
+    monkeypatch.setattr(Stage, "finish", lambda self, objs: go.wait(30) and real(self, objs))
+    loss = torch.tensor(0.25)
+    with tk.CheckpointManager(os.path.join(tmp, "run"), async_save=True, keep_best=("loss", "min")) as mgr:
+        with mgr.stage(1, defer=True, metrics={"loss": loss}) as st:
+            st.write("w.tk", {"w": torch.ones(2)})
+            with pytest.raises(TypeError):
+                st.write("odd.tk", {"x": np.zeros(2, np.longdouble)})
+        loss.fill_(9.0)  # after the block, before the writer publishes: the manifest keeps 0.25
+        go.set()
+        mgr.wait()
+        assert mgr.metrics(1) == {"loss": 0.25} and layout.read_manifest(mgr.path(1)).metrics == {"loss": 0.25}

@@ -30,11 +30,12 @@ sys.path.insert(0, HERE)
 import hf_job  # noqa: E402
 import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
-from transformers import GPT2LMHeadModel, Trainer  # noqa: E402
+from transformers import GPT2LMHeadModel, Trainer, TrainerCallback  # noqa: E402
 
 import tensorkeep as tk  # noqa: E402
 from tensorkeep.checkpoint.determinism import PINNED_ENV  # noqa: E402
 from tensorkeep.checkpoint.intact import latest_intact  # noqa: E402
+from tensorkeep.checkpoint.stage import Stage  # noqa: E402
 from tensorkeep.transformers import NAMING, CrashProofMixin, protect  # noqa: E402
 from tensorkeep.verification import verify  # noqa: E402
 
@@ -310,6 +311,47 @@ def test_async_save_commits_every_checkpoint_and_resumes_bit_identically(
     with pytest.raises(ValueError, match="one process"):
         two = type("Two", (Trainer,), {"__init__": lambda self: None, "args": SimpleNamespace(world_size=2)})
         protect(two(), async_save=True)
+
+
+class _StepTimes(TrainerCallback):
+    def __init__(self) -> None:
+        self.ends: dict[int, float] = {}
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.ends[state.global_step] = time.monotonic()
+
+
+class _WritesIntoCheckpoint(TrainerCallback):
+    """The common pattern of an on_save callback: a file of its own into checkpoint-N."""
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        with open(os.path.join(args.output_dir, f"checkpoint-{state.global_step}", "note.txt"), "w") as f:
+            f.write("from a callback")
+
+
+def test_async_save_overlaps_training_but_waits_for_an_on_save_callback(tmp_path: Any, monkeypatch: Any) -> None:
+    """Training goes on while checkpoint-N is written (the writer is slowed down here); a callback with
+    its own on_save finds checkpoint-N committed, as with synchronous saves."""
+    committed: dict[int, float] = {}
+    real = Stage.finish
+
+    def slow(self: Stage, objs: Any) -> None:
+        time.sleep(0.5)
+        real(self, objs)
+        committed[self.step] = time.monotonic()
+
+    monkeypatch.setattr(Stage, "finish", slow)
+    for callback in (_StepTimes(), _WritesIntoCheckpoint()):
+        run = str(tmp_path / type(callback).__name__)
+        t = Trainer(model=hf_job.tiny_gpt2(), args=hf_job.arguments(run, 10), train_dataset=hf_job.Tokens())
+        t.add_callback(callback)
+        protect(t, async_save=True).train()
+        assert sorted(committed) == [5, 10] and statuses(run) == {5: "ok", 10: "ok"}
+        if isinstance(callback, _StepTimes):
+            assert callback.ends[6] < committed[5]  # step 6 ran while checkpoint-5 was being written
+        else:
+            assert open(os.path.join(run, "checkpoint-5", "note.txt")).read() == "from a callback"
+        committed.clear()
 
 
 def _listdir(d: str) -> list[str]:

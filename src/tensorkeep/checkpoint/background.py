@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from tensorkeep import threads
 from tensorkeep.checkpoint.snapshot import Staging, small_image
 from tensorkeep.checkpoint.stage import Stage
 from tensorkeep.checkpoint.state import Payload
@@ -58,7 +59,7 @@ class Background:
         if defer:  # from here until the writer has copied them, optimizer steps wait
             self._hook_optimizer_steps()
             self._copied.clear()
-        self._pending = (step, self._writer.submit(self._write, step, payload, commit))
+        self._pending = (step, threads.submit(self._writer, self._write, step, payload, commit))
 
     def later(self, st: Stage, then: Callable[[], object] = lambda: None) -> None:
         """Finish a deferred stage (``Stage(defer=True)``, its block done) in the background: its objects
@@ -66,13 +67,18 @@ class Background:
         which then calls ``then()`` (retention). Nothing is published if the snapshot fails."""
         try:
             objs = self._staging.snapshot({name: d[0] for name, d in st.deferred.items()})
+            # inline if the pool takes no more work (interpreter exit): the save still finishes
+            self._pending = (st.step, threads.submit(self._writer, self._finish, st, objs, then))
         except BaseException:
             st.abandon()
             raise
-        self._pending = (st.step, self._writer.submit(self._finish, st, objs, then))
 
     def _finish(self, st: Stage, objs: dict[str, Any], then: Callable[[], object]) -> None:
-        self._staging.ready()  # device-to-host copies of the snapshot have landed
+        try:
+            self._staging.ready()  # device-to-host copies of the snapshot have landed
+        except BaseException:
+            st.abandon()
+            raise
         st.finish(objs)
         then()
 

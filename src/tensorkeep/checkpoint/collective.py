@@ -403,8 +403,10 @@ def _load_plain(g: Group, state: Mapping[str, Any], d: str, m: layout.Manifest) 
         name: load(os.path.join(d, name)) for name, i in m.files.items() if i.get("kind") != layout.FILE_KIND
     }
     loaded.update(packs.load_parts(m.parts, packs.locate_local(g.directory, m.packs, d), d))
+    loaded = layout.unbundle(m, loaded, d)  # a one-file checkpoint's parts, by part name
     files = {n: i for n, i in m.files.items() if i.get("kind") != "rng"}
-    apply(state, dataclasses.replace(m, files=files), loaded)
+    bundled = {n: i for n, i in m.bundled.items() if i.get("kind") != "rng"}
+    apply(state, dataclasses.replace(m, files=files, bundled=bundled), loaded)
     if g.comm.rank == 0:
         warnings.warn(
             f"checkpoint step {m.step} was saved by one process: the RNG states are not restored (each "

@@ -55,6 +55,9 @@ from tensorkeep.checkpoint.manifest import (
     read_manifest as read_manifest,
 )
 from tensorkeep.checkpoint.manifest import (
+    unbundle as unbundle,
+)
+from tensorkeep.checkpoint.manifest import (
     write_manifest as write_manifest,
 )
 from tensorkeep.checkpoint.naming import DEFAULT, Naming

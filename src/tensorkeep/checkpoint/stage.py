@@ -64,11 +64,10 @@ from tensorkeep._version import __version__
 from tensorkeep.checkpoint import determinism, layout
 from tensorkeep.checkpoint.layout import FILE_KIND, MANIFEST, STAGING_FORMAT, STAGING_MARKER, Manifest
 from tensorkeep.checkpoint.steps import is_distributed, read_whole
-from tensorkeep.core.tree import flatten
 from tensorkeep.distributed.comm import Comm
 from tensorkeep.errors import SaveError, TensorkeepError
 from tensorkeep.file.reader import read_file
-from tensorkeep.file.writer import FileImage, write, write_image
+from tensorkeep.file.writer import FileImage, plan, write, write_image
 from tensorkeep.storage import local as _io
 
 __all__ = ["Stage", "stage", "read_dir"]
@@ -149,7 +148,7 @@ class Stage:
         p = os.path.join(self.path, name)
         if self.defer:  # refused now, on the caller's thread, if it cannot be stored; written by finish()
             if not isinstance(obj, FileImage):
-                flatten(obj)
+                plan(obj, p, dict(metadata or {}))  # the writer's own checks: structure, dtypes, limits
             self.deferred[name] = (obj, key, kind, dict(metadata or {}))
             return p
         if isinstance(obj, FileImage):
@@ -210,6 +209,11 @@ class Stage:
             return
         failed = exc
         if exc is None and self.defer:
+            try:  # as they are now, not when the writer thread publishes them
+                self.metrics = layout.clean_metrics(self.metrics, self.step)
+            except BaseException:
+                self._abort()
+                raise
             self._open_ok = True  # published by finish(), later
             return
         if exc is None:

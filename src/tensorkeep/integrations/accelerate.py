@@ -164,7 +164,8 @@ def protect(accelerator: Accelerator, *, async_save: bool = False) -> Accelerato
     from one save to the next and returns; a background thread writes and commits the checkpoint
     (and applies ``total_limit``). One save is in flight at a time: the next ``save_state``,
     ``load_state`` and :func:`wait` wait for it and raise its error. It costs host memory the size
-    of the state.
+    of the state. The returned folder appears only when its write is committed: call :func:`wait`
+    before writing into it or reading it (``tokenizer.save_pretrained(out)``).
 
     >>> from accelerate import Accelerator
     >>> acc = protect(Accelerator(cpu=True))

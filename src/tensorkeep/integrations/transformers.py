@@ -43,21 +43,17 @@ stock ``Trainer`` does itself at the end of training with ``save_total_limit=1``
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
-import json
 import os
-import re
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 try:
-    import safetensors.torch
-    import transformers.modeling_utils as _modeling
-    from transformers import Trainer
+    import safetensors.torch  # noqa: F401  (used by transformers_files: missing here gives the fix below)
+    from transformers import Trainer, TrainerCallback
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
     from transformers.utils import (
         is_sagemaker_mp_enabled,
@@ -80,14 +76,13 @@ from tensorkeep.checkpoint.policies import Record
 from tensorkeep.checkpoint.stage import Stage, read_dir
 from tensorkeep.distributed.comm import Comm
 from tensorkeep.errors import CheckpointNotFoundError, FormatError, SaveError, TensorkeepError
+from tensorkeep.integrations.transformers_files import NAME_RE, STATE, newest_stock, safetensors_into
 from tensorkeep.storage import local as _io
 
 __all__ = ["CrashProofMixin", "protect", "NAMING"]
 
 #: How the Trainer names its checkpoint directories (``checkpoint-500``).
 NAMING = PREFIX_CHECKPOINT_DIR + "-{step}"
-_NAME_RE = re.compile(re.escape(PREFIX_CHECKPOINT_DIR) + r"-(\d+)")
-_STATE = "trainer_state.json"
 _MODEL = "model.safetensors"
 
 T = TypeVar("T", bound=Trainer)
@@ -159,7 +154,7 @@ class CrashProofMixin(_Base):
         there = os.path.lexists(final)
         mgr = self._tk_manager(run_dir)
         self._tk_push = False
-        with mgr.stage(step, subdir=name, defer=self.tk_async_save) as st, _safetensors_into(st):
+        with mgr.stage(step, subdir=name, defer=self.tk_async_save) as st, safetensors_into(st):
             self._tk_stage = st
             try:
                 super()._save_checkpoint(model, trial)
@@ -173,8 +168,9 @@ class CrashProofMixin(_Base):
                     "pinned by tensorkeep[transformers]",
                 )
             self._tk_finish(st, run_dir)
+        if self._tk_push or (self.tk_async_save and _on_save_callbacks(self)):
+            mgr.wait()  # pushing it, or a callback's on_save (next), may read or write checkpoint-N
         if self._tk_push:  # stock pushes the folder it just wrote: now the committed one
-            mgr.wait()
             super()._push_from_checkpoint(final)
 
     def _tk_finish(self, st: Stage, run_dir: str) -> None:
@@ -186,8 +182,8 @@ class CrashProofMixin(_Base):
             state.best_model_checkpoint = os.path.join(run_dir, os.path.relpath(best, st.run_path))
         if not args.should_save:
             return
-        if os.path.exists(os.path.join(st.path, _STATE)):  # again, with the committed path of the best one
-            state.save_to_json(os.path.join(st.path, _STATE))
+        if os.path.exists(os.path.join(st.path, STATE)):  # again, with the committed path of the best one
+            state.save_to_json(os.path.join(st.path, STATE))
         if os.path.exists(os.path.join(st.path, "training_args.bin")):
             _io.unlink(os.path.join(st.path, "training_args.bin"))
             with open(os.path.join(st.path, "training_args.json"), "w", encoding="utf-8") as f:
@@ -277,7 +273,7 @@ class CrashProofMixin(_Base):
     def _tk_newest(self, run_dir: str) -> str:
         comm = self._tk_manager(run_dir).comm  # takes the run's lock, removes the leftovers of crashed saves
         found = latest_intact(run_dir, naming=NAMING, comm=comm)  # the same step on every rank
-        stock = gather(comm, _newest_stock(run_dir), f"looking for stock checkpoints in {run_dir}")[0]  # rank 0's
+        stock = gather(comm, newest_stock(run_dir), f"looking for stock checkpoints in {run_dir}")[0]  # rank 0's
         if stock is not None and (found is None or stock[0] > found.step):
             warnings.warn(
                 f"resuming from {stock[1]}, a checkpoint written without tensorkeep (no manifest.json): it is not "
@@ -379,7 +375,7 @@ class CrashProofMixin(_Base):
 
     def _tk_best_step(self) -> int | None:
         best = self.state.best_model_checkpoint
-        m = _NAME_RE.fullmatch(os.path.basename(os.path.normpath(best))) if best else None
+        m = NAME_RE.fullmatch(os.path.basename(os.path.normpath(best))) if best else None
         return int(m.group(1)) if m else None
 
     def _tk_plain(self) -> bool:
@@ -409,7 +405,8 @@ def protect(trainer: T, *, async_save: bool = False) -> T:
     ``async_save=True`` (one process): the tensor files are copied into staging buffers reused from
     save to save (host memory the size of a checkpoint); a background thread writes them, commits
     ``checkpoint-N`` and applies ``save_total_limit`` while training goes on. The next save, the
-    best-model load and the end of ``train()`` wait for it and raise its error. (Subclass: ``tk_async_save = True``.)
+    best-model load, the end of ``train()`` and a callback's ``on_save`` (it may use ``checkpoint-N``)
+    wait for it and raise its error. (Subclass: ``tk_async_save = True``.)
     """
     if not isinstance(trainer, Trainer):
         raise TypeError(f"protect() takes a transformers.Trainer (or a subclass's instance), not {type(trainer)!r}")
@@ -426,6 +423,11 @@ def protect(trainer: T, *, async_save: bool = False) -> T:
 @functools.cache
 def _protected(cls: Any) -> type:
     return type(f"CrashProof{cls.__name__}", (CrashProofMixin, cls), {"__module__": cls.__module__})
+
+
+def _on_save_callbacks(trainer: Any) -> bool:
+    """Whether a callback of ``trainer`` has its own ``on_save`` (none of transformers' built-in ones do)."""
+    return any(type(cb).on_save is not TrainerCallback.on_save for cb in trainer.callback_handler.callbacks)
 
 
 def _overridden_below(trainer: Any, method: str) -> bool:
@@ -450,49 +452,3 @@ def _unlink(directory: str, *names: str) -> None:
         p = os.path.join(directory, n)
         if os.path.lexists(p):
             _io.unlink(p)
-
-
-def _newest_stock(run_dir: str) -> tuple[int, str] | None:
-    """The newest ``checkpoint-N`` written by a stock Trainer that looks complete: its pickled
-    ``training_args.bin`` (which tensorkeep's checkpoints never hold, even partly deleted) and a
-    ``trainer_state.json`` that parses (stock writes it last); no manifest, no tensorkeep file."""
-    found: list[tuple[int, str]] = []
-    for n in os.listdir(run_dir):
-        m = _NAME_RE.fullmatch(n)
-        p = os.path.join(run_dir, n)
-        if m is None or os.path.islink(p) or not os.path.isdir(p):
-            continue
-        names = os.listdir(p)
-        if "training_args.bin" not in names or "manifest.json" in names or any(x.endswith(".tk") for x in names):
-            continue
-        try:
-            with open(os.path.join(p, _STATE), encoding="utf-8") as f:
-                json.load(f)
-        except (OSError, ValueError):
-            continue
-        found.append((int(m.group(1)), p))
-    return max(found, default=None)
-
-
-@contextlib.contextmanager
-def _safetensors_into(st: Stage) -> Iterator[None]:
-    """While ``st`` is staged, ``safetensors.torch.save_file`` (as ``save_pretrained`` and
-    ``Trainer._save`` call it) writes a tensorkeep file when the target is in ``st.path``: readable by
-    every safetensors reader, with per-tensor checksums, recorded in the manifest by ``Stage.write``.
-    Any other target gets the real function."""
-    originals = (_modeling.safe_save_file, safetensors.torch.save_file)
-
-    def save_file(
-        tensors: dict[str, Any], filename: str | os.PathLike[Any], metadata: dict[str, str] | None = None
-    ) -> None:
-        folder, name = os.path.split(os.path.abspath(os.fspath(filename)))
-        if folder != st.path:
-            return originals[1](tensors, filename, metadata=metadata)
-        st.write(name, dict(tensors), key="model", metadata=dict(metadata or {}))
-
-    _modeling.safe_save_file = save_file
-    safetensors.torch.save_file = save_file
-    try:
-        yield
-    finally:
-        _modeling.safe_save_file, safetensors.torch.save_file = originals
