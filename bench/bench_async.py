@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import gpt2_state_dict, nbytes, table
+from common import fsync_path, gpt2_state_dict, nbytes, table
 
 import tensorkeep as tk
 from tensorkeep.demo import setup, train_epoch
@@ -127,13 +127,13 @@ class SyscallsOnly:
         else:
             for i in range(self.files):
                 one(i)
-        _fsync_dir(tmp)
+        fsync_path(tmp)
         os.rename(tmp, d)  # the commit
-        _fsync_dir(self.run)
+        fsync_path(self.run)
         old = os.path.join(self.run, str(n - 3))
         if os.path.isdir(old):  # retention: out of the namespace durably, then its files
             os.rename(old, old + ".del")
-            _fsync_dir(self.run)
+            fsync_path(self.run)
             shutil.rmtree(old + ".del")
 
     def save(self, step: int, state: Any, metrics: Any = None) -> None:
@@ -153,14 +153,6 @@ class SyscallsOnly:
         self.wait()
         self.pool.shutdown()
         self.par.shutdown()
-
-
-def _fsync_dir(d: str) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def segment(
