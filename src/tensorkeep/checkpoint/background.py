@@ -8,9 +8,12 @@ done (a global optimizer step pre-hook).
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -26,10 +29,12 @@ from tensorkeep.errors import TensorkeepError
 
 
 class Background:
-    """The writer thread of one manager (``mode``: True or "lazy")."""
+    """The writer thread of one manager (``mode``: True or "lazy"). At interpreter exit a save still in
+    flight is finished, or said loudly on stderr to have failed, naming ``where`` it was going."""
 
-    def __init__(self, mode: bool | str) -> None:
+    def __init__(self, mode: bool | str, where: str) -> None:
         self.mode, self._pid = mode, os.getpid()
+        atexit.register(_finish_at_exit, weakref.ref(self), where)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="tk-checkpoint")
         self._pending: tuple[int, Future] | None = None
         self._staging = Staging()
@@ -128,6 +133,19 @@ class Background:
             self._writer.shutdown(wait=True)
             if self._step_hook is not None:
                 self._step_hook.remove()
+
+
+def _finish_at_exit(ref: weakref.ref[Background], where: str) -> None:
+    bg = ref()
+    if bg is None or bg._pid != os.getpid():  # a forked child: the save in flight is the parent's
+        return
+    step = bg.pending_step
+    if step is None:
+        return
+    try:
+        bg.wait()
+    except BaseException as e:
+        print(f"tensorkeep: the checkpoint of step {step} in {where} was NOT saved: {e}", file=sys.stderr)
 
 
 def changed_only_by_optimizers(state: Mapping[str, Any]) -> frozenset[int]:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import atexit
 import os
 import signal
-import sys
 import time
-import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -101,9 +98,7 @@ class CheckpointManager:
         self._old_handlers: dict[int, Any] = {}
         self._env: dict[str, Any] | None = None
         self._records = Records()
-        self._background = Background(async_save) if async_save else None
-        if async_save:
-            atexit.register(_finish_at_exit, weakref.ref(self))
+        self._background = Background(async_save, self.directory) if async_save else None
         if read_only:  # no lock, no cleanup: look, restore, plan a prune with dry_run=True
             self._dist = None
             self._read_records()
@@ -465,17 +460,3 @@ class CheckpointManager:
                 self._run.lock.release()
         except Exception:
             pass
-
-
-def _finish_at_exit(ref: weakref.ref[CheckpointManager]) -> None:
-    """At interpreter exit, finish an asynchronous save still in flight, or say loudly that it failed."""
-    mgr = ref()
-    if mgr is None or mgr._background is None or mgr._pid != os.getpid():  # a forked child: the parent's save
-        return
-    step = mgr._background.pending_step
-    if step is None:
-        return
-    try:
-        mgr.wait()
-    except BaseException as e:
-        print(f"tensorkeep: the checkpoint of step {step} in {mgr.directory} was NOT saved: {e}", file=sys.stderr)

@@ -43,9 +43,7 @@ so only one of them may write a given file name. ``safe_serialization``, ``load_
 
 from __future__ import annotations
 
-import atexit
 import os
-import sys
 import types
 import warnings
 import weakref
@@ -375,18 +373,5 @@ def _writer(acc: Accelerator) -> Background:
     """The writer thread of asynchronous saves to explicit directories (automatic naming: the manager's)."""
     bg = _WRITERS.get(acc)
     if bg is None:
-        bg = _WRITERS[acc] = Background(True)
-        atexit.register(_finish_at_exit, weakref.ref(bg))
+        bg = _WRITERS[acc] = Background(True, "tensorkeep.accelerate save_state(output_dir)")
     return bg
-
-
-def _finish_at_exit(ref: weakref.ref[Background]) -> None:
-    """At interpreter exit, finish a save still in flight, or say loudly that it failed."""
-    bg = ref()
-    step = None if bg is None else bg.pending_step
-    if bg is None or step is None:
-        return
-    try:
-        bg.wait()
-    except BaseException as e:
-        print(f"tensorkeep.accelerate: the checkpoint of iteration {step} was NOT saved: {e}", file=sys.stderr)
