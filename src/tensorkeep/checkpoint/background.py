@@ -66,26 +66,43 @@ class Background:
             self._copied.clear()
         self._pending = (step, threads.submit(self._writer, self._write, step, payload, commit))
 
-    def later(self, st: Stage, then: Callable[[], object] = lambda: None) -> None:
-        """Finish a deferred stage (``Stage(defer=True)``, its block done) in the background: its objects
-        are snapshotted now (the only part that blocks), written and published by the writer thread,
-        which then calls ``then()`` (retention). Nothing is published if the snapshot fails."""
+    def call(
+        self, step: int, obj: Any, fn: Callable[[Any], object], abandon: Callable[[], object] = lambda: None
+    ) -> None:
+        """Snapshot ``obj`` now (the only part that blocks); the writer thread then calls ``fn(snapshot)``.
+        ``abandon()`` runs instead of ``fn`` when the snapshot fails, on the thread that saw it.
+
+        >>> bg.call(10, {"w": w}, lambda snap: save(snap, "w.tk"))  # doctest: +SKIP
+        """
         try:
-            objs = self._staging.snapshot({name: d[0] for name, d in st.deferred.items()})
+            snap = self._staging.snapshot(obj)
             # inline if the pool takes no more work (interpreter exit): the save still finishes
-            self._pending = (st.step, threads.submit(self._writer, self._finish, st, objs, then))
+            self._pending = (step, threads.submit(self._writer, self._call, snap, fn, abandon))
         except BaseException:
-            st.abandon()
+            abandon()
             raise
 
-    def _finish(self, st: Stage, objs: dict[str, Any], then: Callable[[], object]) -> None:
+    def _call(self, snap: Any, fn: Callable[[Any], object], abandon: Callable[[], object]) -> None:
         try:
             self._staging.ready()  # device-to-host copies of the snapshot have landed
         except BaseException:
-            st.abandon()
+            abandon()
             raise
-        st.finish(objs)
-        then()
+        fn(snap)
+
+    def later(self, st: Stage, then: Callable[[], object] = lambda: None) -> None:
+        """Finish a deferred stage (``Stage(defer=True)``, its block done) in the background: its objects
+        are snapshotted now, written and published by the writer thread, which then calls ``then()``
+        (retention). Nothing is published if the snapshot fails.
+
+        >>> bg.later(stage, then=apply_retention)  # doctest: +SKIP
+        """
+
+        def finish(objs: dict[str, Any]) -> None:
+            st.finish(objs)
+            then()
+
+        self.call(st.step, {name: d[0] for name, d in st.deferred.items()}, finish, st.abandon)
 
     def _write(self, step: int, payload: Payload, commit: Callable[[int, Payload], object]) -> None:
         try:

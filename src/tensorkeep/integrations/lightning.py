@@ -26,7 +26,6 @@ import time
 import warnings
 import weakref
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
 
 try:
@@ -38,7 +37,7 @@ except ImportError as _e:  # pragma: no cover - the extra is installed in dev
         "tensorkeep.lightning needs Lightning: pip install 'tensorkeep[lightning]' (lightning==2.6.6)"
     ) from _e
 
-from tensorkeep.checkpoint.snapshot import Staging
+from tensorkeep.checkpoint.background import Background
 from tensorkeep.core.tree import flatten
 from tensorkeep.distributed.comm import Comm
 from tensorkeep.errors import CheckpointNotFoundError, FormatError
@@ -161,10 +160,8 @@ class TensorkeepCheckpointIO(CheckpointIO):
         self.async_save = async_save
         self._lock = threading.Lock()
         self._writer: int | None = None  # thread of the latest save (another thread: AsyncCheckpointIO)
-        self._bg: ThreadPoolExecutor | None = None  # async_save: the writer thread, its staging, its save
-        self._bg_thread: int | None = None
-        self._staging = Staging()
-        self._inflight: Future[None] | None = None
+        self._bg: Background | None = None  # async_save: the writer thread, its staging buffers, its save
+        self._pid = os.getpid()
         self._last: tuple[str, bool] | None = None  # the latest save: (path, committed)
         self._pending: set[str] = set()  # removals waiting for a later save (see _settle)
         self._warned: set[str] = set()
@@ -191,35 +188,38 @@ class TensorkeepCheckpointIO(CheckpointIO):
             raise _refusal(path, bad, hparams=False)
         self.wait()  # the staging buffers are reused: the previous write must be done (its error raises here)
         if self._bg is None:
-            self._bg = ThreadPoolExecutor(1, thread_name_prefix="tk-lightning")
-            self._bg_thread = self._bg.submit(threading.get_ident).result()
+            self._bg = Background(True, f"TensorkeepCheckpointIO ({os.path.dirname(path) or '.'})")
         with self._lock:
-            self._writer = self._bg_thread  # from now on a removal waits for a later save (see _settle)
-        snapshot = self._staging.snapshot(state)
-        self._inflight = self._bg.submit(self._save_now, snapshot, skipped, path, self._staging.ready)
+            self._writer = _BACKGROUND  # from now on a removal waits for a later save (see _settle)
+        self._bg.call(
+            _as_int(state.get("global_step")),
+            state,
+            lambda snapshot: self._save_now(snapshot, skipped, path),
+            lambda: self._saved(path, False),
+        )
 
     def wait(self) -> None:
         """With ``async_save``: block until the save in flight is durable; raise its error, if it failed.
 
         >>> plugin.wait()  # doctest: +SKIP
         """
-        f, self._inflight = self._inflight, None
-        if f is not None:
-            f.result()
+        if self._bg is not None:
+            self._bg.wait()
 
-    def _save_now(self, state: dict[str, Any], skipped: list[str], path: str, before: Any = None) -> None:
+    def _save_now(self, state: dict[str, Any], skipped: list[str], path: str) -> None:
         with self._lock:
             self._writer = threading.get_ident()
         ok = False
         try:
-            if before is not None:
-                before()  # device-to-host copies of the snapshot have landed
             self._write(state, skipped, path)
             ok = True
         finally:
-            with self._lock:
-                self._last = (path, ok)
-            self._settle(path, ok)
+            self._saved(path, ok)
+
+    def _saved(self, path: str, ok: bool) -> None:
+        with self._lock:
+            self._last = (path, ok)
+        self._settle(path, ok)
 
     def _write(self, state: dict[str, Any], skipped: list[str], path: str) -> None:
         meta = {
@@ -441,11 +441,14 @@ class TensorkeepCheckpointIO(CheckpointIO):
 
 def _flush_at_exit(ref: weakref.ref[TensorkeepCheckpointIO]) -> None:
     plugin = ref()
-    if plugin is not None:
+    if plugin is not None and plugin._pid == os.getpid():  # a forked child: the save in flight is the parent's
         try:
             plugin.teardown()
         except Exception as e:  # at exit no caller is left to raise to
             warnings.warn(f"TensorkeepCheckpointIO: the last asynchronous save failed: {e}", stacklevel=1)
+
+
+_BACKGROUND = -1  # TensorkeepCheckpointIO._writer: saves run on the async_save writer thread
 
 
 def _exists(path: str) -> bool:
