@@ -10,6 +10,8 @@ loop that saves DATA_DIR/ckpts/checkpoint-N every 4 steps and, at its start, res
 checkpoint-N it sees (what the stock ckpt-chaos ``dcp_ddp`` target does); ``kill_write`` SIGKILLs itself
 in the middle of writing its rank file at step 8, ``kill_commit`` after distributed.json is written and
 before the rename at step 12. The final weights and optimizer state go to DATA_DIR/final.tk.
+``fsdp``: a model sharded with FSDP2 (``fully_shard``) and its Adam take 3 steps and save DATA_DIR/fsdp
+(their full state goes to DATA_DIR/fsdp_full.tk); a fresh sharded model loads it, and both take 2 more steps.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
 import ranks  # tests/ is on PYTHONPATH (ranks.run puts it there)
@@ -158,10 +161,60 @@ def train(rank: int, data: str, out: dict, kill: str | None = None, kill_step: i
     tk.save({"model": model_sd, "optim": opt_sd}, os.path.join(data, "final.tk"))
 
 
+def fsdp_model(mesh: object | None) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The same small MLP on every rank; with a ``mesh``, each Linear and the root sharded by FSDP2."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    if mesh is not None:
+        for layer in (model[0], model[2], model):
+            fully_shard(layer, mesh=mesh)
+    return model, torch.optim.Adam(model.parameters(), lr=0.01)
+
+
+def fsdp_steps(model: nn.Module, opt: torch.optim.Optimizer, rank: int, steps: range) -> None:
+    for step in steps:
+        x, y = batch(100 * step + rank)  # each rank its own data, as under FSDP
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def full_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    model_sd, opt_sd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {"model": model_sd, "optim": opt_sd}
+
+
+def scenario_fsdp(rank: int, world: int, data: str, out: dict) -> None:
+    mesh = init_device_mesh("cpu", (world,))
+    model, opt = fsdp_model(mesh)
+    fsdp_steps(model, opt, rank, range(3))
+    model_sd, opt_sd = get_state_dict(model, opt)
+    out["sharded"] = all(type(t).__name__ == "DTensor" for t in model_sd.values())
+    dcp.save({"model": model_sd, "optim": opt_sd, "step": 3}, checkpoint_id=os.path.join(data, "fsdp"),
+             storage_writer=tk_dcp.Writer())  # fmt: skip
+    full = full_state(model, opt)  # a collective: every rank takes part
+    if rank == 0:
+        tk.save(full, os.path.join(data, "fsdp_full.tk"))
+    model2, opt2 = fsdp_model(mesh)  # a fresh start, as after a restart
+    model_sd, opt_sd = get_state_dict(model2, opt2)
+    state = {"model": model_sd, "optim": opt_sd, "step": 0}
+    dcp.load(state, checkpoint_id=os.path.join(data, "fsdp"), storage_reader=tk_dcp.Reader())
+    set_state_dict(model2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    out["step"] = state["step"]
+    fsdp_steps(model, opt, rank, range(3, 5))
+    fsdp_steps(model2, opt2, rank, range(3, 5))
+    a, b = full_state(model, opt), full_state(model2, opt2)  # full state dicts reach rank 0 only
+    if rank == 0:
+        out["resumed_same"] = same(a["model"], b["model"]) and all(
+            same(a["optim"]["state"][k], b["optim"]["state"][k]) for k in a["optim"]["state"]
+        )
+
+
 if __name__ == "__main__":
     worker_main(
         {
             "ranks": scenario_ranks,
+            "fsdp": scenario_fsdp,
             "train": lambda rank, world, data, out: train(rank, data, out),
             "kill_write": lambda rank, world, data, out: train(rank, data, out, "write", 8),
             "kill_commit": lambda rank, world, data, out: train(rank, data, out, "commit", 12),
