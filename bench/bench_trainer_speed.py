@@ -213,6 +213,7 @@ def bench_lightning(d: int, work: str, reps: int) -> tuple[str, int]:
     nbytes = state_bytes(module, trainer.optimizers[0])
     strategy = trainer.strategy
     tk_io, async_io = TensorkeepCheckpointIO(), AsyncCheckpointIO(TensorkeepCheckpointIO())
+    lazy_io = TensorkeepCheckpointIO(async_save="lazy")
 
     def save(io: Any, then: Callable[[str], None] = lambda p: None) -> Callable[[str], float]:
         def fn(out: str) -> float:
@@ -225,11 +226,15 @@ def bench_lightning(d: int, work: str, reps: int) -> tuple[str, int]:
 
         return fn
 
-    def stall(io: Any) -> Callable[[str], float]:
+    def stall(io: Any, step: bool = False) -> Callable[[str], float]:
+        """The time save_checkpoint blocks; ``step``: and an optimizer step taken at once after it (it
+        waits for a lazy copy: the worst case, with no forward and backward pass to hide the copy)."""
+
         def fn(out: str) -> float:
             strategy.checkpoint_io = io
             path = os.path.join(out, "model.ckpt")
-            s = timed(lambda: trainer.save_checkpoint(path))
+            module.zero_grad(set_to_none=True)  # the step only waits: it changes nothing
+            s = timed(lambda: (trainer.save_checkpoint(path), step and trainer.optimizers[0].step()))
             io.teardown()  # waits for the write (outside the timing)
             assert os.path.exists(path), path
             return s
@@ -242,6 +247,8 @@ def bench_lightning(d: int, work: str, reps: int) -> tuple[str, int]:
         ("TensorkeepCheckpointIO", save(tk_io)),
         ("AsyncCheckpointIO(Tensorkeep) stall", stall(async_io)),
         ("TensorkeepCheckpointIO(async_save=True) stall", stall(TensorkeepCheckpointIO(async_save=True))),
+        ('TensorkeepCheckpointIO(async_save="lazy") stall', stall(lazy_io)),
+        ('  "lazy" + optimizer.step() at once', stall(lazy_io, step=True)),
         ("AsyncCheckpointIO(stock) stall", stall(AsyncCheckpointIO(TorchCheckpointIO()))),
     ]
     times = run_variants(variants, os.path.join(work, "out"), reps)
@@ -251,6 +258,8 @@ def bench_lightning(d: int, work: str, reps: int) -> tuple[str, int]:
         {
             "AsyncCheckpointIO(Tensorkeep) stall": "TensorkeepCheckpointIO",
             "TensorkeepCheckpointIO(async_save=True) stall": "TensorkeepCheckpointIO",
+            'TensorkeepCheckpointIO(async_save="lazy") stall': "TensorkeepCheckpointIO",
+            '  "lazy" + optimizer.step() at once': "TensorkeepCheckpointIO",
             "AsyncCheckpointIO(stock) stall": "stock TorchCheckpointIO",
         },
     ), nbytes
@@ -300,11 +309,13 @@ def bench_hf(d: int, work: str, reps: int) -> tuple[str, int]:
 
         return fn
 
-    def stall() -> Callable[[str], float]:
+    def stall(mode: bool | str = True, step: bool = False) -> Callable[[str], float]:
         def fn(out: str) -> float:
             quiesce(ckpt)
-            trainer.__class__, trainer.tk_async_save = tk_cls, True
-            s = timed(lambda: trainer._save_checkpoint(model, None))
+            trainer.__class__, trainer.tk_async_save = tk_cls, mode
+            opt = trainer.optimizer
+            model.zero_grad(set_to_none=True)  # the step only waits: it changes nothing
+            s = timed(lambda: (trainer._save_checkpoint(model, None), step and opt is not None and opt.step()))
             trainer._tk_wait()  # the write, outside the timing
             trainer.tk_async_save = False
             assert os.path.isdir(ckpt), ckpt
@@ -317,10 +328,14 @@ def bench_hf(d: int, work: str, reps: int) -> tuple[str, int]:
         ("stock + sync (reference)", save(stock_cls, sync_tree)),
         ("protect(trainer)", save(tk_cls)),
         ("protect(trainer, async_save=True) stall", stall()),
+        ('protect(trainer, async_save="lazy") stall', stall("lazy")),
+        ('  "lazy" + optimizer.step() at once', stall("lazy", step=True)),
     ]
     times = run_variants(variants, os.path.join(work, "unused"), reps)
     quiesce(ckpt)
-    return report(times, nbytes, {"protect(trainer, async_save=True) stall": "protect(trainer)"}), nbytes
+    lazy = ('protect(trainer, async_save="lazy") stall', '  "lazy" + optimizer.step() at once')
+    stalls = {"protect(trainer, async_save=True) stall": "protect(trainer)", **dict.fromkeys(lazy, "protect(trainer)")}
+    return report(times, nbytes, stalls), nbytes
 
 
 def bench_accelerate(d: int, work: str, reps: int) -> tuple[str, int]:
@@ -348,21 +363,32 @@ def bench_accelerate(d: int, work: str, reps: int) -> tuple[str, int]:
 
         return fn
 
-    def stall(out: str) -> float:
-        tk_acc.protect(acc, async_save=True)
-        s = timed(lambda: acc.save_state(os.path.join(out, "state")))
-        tk_acc.wait(acc)  # the write, outside the timing
-        tk_acc.protect(acc)
-        return s
+    def stall(mode: bool | str = True, step: bool = False) -> Callable[[str], float]:
+        def fn(out: str) -> float:
+            tk_acc.protect(acc, async_save=mode)
+            model.zero_grad(set_to_none=True)  # the step only waits: it changes nothing
+            s = timed(lambda: (acc.save_state(os.path.join(out, "state")), step and opt.step()))
+            tk_acc.wait(acc)  # the write, outside the timing
+            tk_acc.protect(acc)
+            return s
+
+        return fn
 
     variants: list[Variant] = [
         ("stock save_state", save(lambda p: Accelerator.save_state(acc, p))),
         ("stock + sync (reference)", save(lambda p: Accelerator.save_state(acc, p), sync_tree)),
         ("protect(acc).save_state", save(lambda p: acc.save_state(p))),
-        ("protect(acc, async_save=True) stall", stall),
+        ("protect(acc, async_save=True) stall", stall()),
+        ('protect(acc, async_save="lazy") stall', stall("lazy")),
+        ('  "lazy" + optimizer.step() at once', stall("lazy", step=True)),
     ]
     times = run_variants(variants, os.path.join(work, "out"), reps)
-    return report(times, nbytes, {"protect(acc, async_save=True) stall": "protect(acc).save_state"}), nbytes
+    lazy = ('protect(acc, async_save="lazy") stall', '  "lazy" + optimizer.step() at once')
+    stalls = {
+        "protect(acc, async_save=True) stall": "protect(acc).save_state",
+        **dict.fromkeys(lazy, "protect(acc).save_state"),
+    }
+    return report(times, nbytes, stalls), nbytes
 
 
 def bench_dcp(d: int, work: str, reps: int) -> tuple[str, int]:

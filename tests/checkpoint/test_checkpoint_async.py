@@ -239,6 +239,10 @@ def test_lazy_snapshot_refuses_a_parameter_changed_outside_the_optimizer(tmp_pat
         assert mgr.steps() == [1]  # the torn checkpoint was not published
     with pytest.raises(ValueError, match="'lazy'"):
         tk.CheckpointManager(str(tmp_path / "other"), async_save="yes")
+    with tk.CheckpointManager(str(tmp_path / "staged"), async_save=True) as mgr:
+        with pytest.raises(ValueError, match=r"lazy=\.\.\.\) needs defer=True"):
+            with mgr.stage(1, lazy=[net]):
+                pass
 
 
 def test_failed_lazy_saves_leave_optimizer_steps_free(tmp_path):

@@ -1,6 +1,6 @@
 """A tiny Hugging Face Trainer job for the crash tests: run, get killed, run again, compare.
 
-    python hf_job.py RUN_DIR OUT_FILE [--max-steps 20] [--resume] [--kill-after-chain STEP] [--async-save]
+    python hf_job.py RUN_DIR OUT_FILE [--max-steps 20] [--resume] [--kill-after-chain STEP] [--async-save [lazy]]
 
 A 1-layer GPT-2 built from a config (no download), trained on CPU, pinned (one thread,
 deterministic algorithms), checkpointing every 5 steps through ``tensorkeep.transformers.protect``.
@@ -91,7 +91,9 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=20)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--kill-after-chain", type=int)
-    ap.add_argument("--async-save", action="store_true", help="protect(trainer, async_save=True)")
+    ap.add_argument(
+        "--async-save", nargs="?", const=True, default=False, help="protect(trainer, async_save=True, or 'lazy')"
+    )
     a = ap.parse_args()
     determinism.pin()
     started = Started()

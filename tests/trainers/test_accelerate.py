@@ -52,7 +52,7 @@ class Counter:
         self.step = sd["step"]
 
 
-def build(project_dir: str, total_limit: int | None = 2, seed: int = 0, async_save: bool = False) -> tuple:
+def build(project_dir: str, total_limit: int | None = 2, seed: int = 0, async_save: bool | str = False) -> tuple:
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
@@ -108,7 +108,7 @@ def _names(project_dir: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("async_save", [False, True, "lazy"], ids=["sync", "async", "lazy"])
 def test_round_trip_continues_bit_identically(tmp, async_save):
     full = build(os.path.join(tmp, "full"))
     train(*full)
@@ -209,6 +209,37 @@ def test_async_save_writes_the_state_of_the_moment_it_returned(tmp, monkeypatch)
     assert _same(tk.load(os.path.join(explicit, "model.safetensors")), weights(model)) and verify(explicit).ok
     with pytest.raises(ValueError, match="one process"):
         tk_acc.protect(type("TwoProcesses", (), {"num_processes": 2})(), async_save=True)
+
+
+def test_lazy_async_save_copies_weights_and_optimizer_state_before_the_next_step(tmp, monkeypatch):
+    """async_save="lazy": the writer thread copies the parameters and the optimizer state; the next
+    optimizer step waits for that copy, so the checkpoint holds the values of the moment of the call."""
+    from tensorkeep.checkpoint.snapshot import Staging
+
+    acc, model, opt, dl, *_ = build(tmp, async_save="lazy")
+    go, real = threading.Event(), Staging.copy_deferred
+    monkeypatch.setattr(Staging, "copy_deferred", lambda self: (go.wait(30), real(self))[1])
+    x, y = next(iter(dl))
+
+    def step() -> None:
+        acc.backward(F.mse_loss(model(x), y))
+        opt.step()
+        opt.zero_grad()
+
+    step()
+    want = weights(model)
+    final = tk_acc.save_state(acc)
+    stepping = threading.Thread(target=step)
+    stepping.start()
+    stepping.join(0.5)
+    assert stepping.is_alive()  # the step waits: the weights have not been copied yet
+    go.set()
+    stepping.join(30)
+    tk_acc.wait(acc)
+    assert _same(tk.load(os.path.join(final, "model.safetensors")), want) and verify(final).ok
+    assert not _same(weights(model), want)  # the step ran, after the copy
+    with pytest.raises(ValueError, match="'lazy'"):
+        tk_acc.protect(acc, async_save="yes")
 
 
 def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp):

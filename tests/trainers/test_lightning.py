@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import warnings
 from collections import OrderedDict
 from typing import Any
@@ -249,7 +250,7 @@ def run_job(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, JOB, *args], env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("async_save", [False, True, "lazy"], ids=["sync", "async", "lazy"])
 def test_kill_mid_save_then_resume_last_is_bit_exact(tmp, async_save):
     """SIGKILL just before the rename that publishes a checkpoint (its temporary file written and
     fsynced): (a) ck-step=10.ckpt, so the run resumes from step 5; (b) last.ckpt at step 10, after
@@ -259,7 +260,7 @@ def test_kill_mid_save_then_resume_last_is_bit_exact(tmp, async_save):
     procs = {
         k: subprocess.Popen(
             [sys.executable, JOB, "train", os.path.join(tmp, k), kill],
-            env={**ENV, "TK_LIGHTNING_ASYNC": "1" if async_save else "0"},  # the job's plugin: async_save or not
+            env={**ENV, "TK_LIGHTNING_ASYNC": {True: "1", "lazy": "lazy"}.get(async_save, "0")},  # the job's plugin
             stderr=subprocess.PIPE,
         )
         for k, (kill, _) in runs.items()
@@ -320,6 +321,41 @@ def test_own_async_save_writes_the_values_of_the_moment_it_was_called(tmp):
     plugin.wait()
     got = tk.load(p)
     assert got["global_step"] == 2 and torch.equal(got["state_dict"]["w"], torch.arange(1 << 20) + 2.0)
+
+
+def test_lazy_async_save_copies_the_optimizer_state_before_the_next_step_changes_it(tmp, monkeypatch):
+    """async_save="lazy": the writer thread copies the optimizers' state; an optimizer step taken
+    meanwhile waits for that copy, so the file holds the state of the moment of the call."""
+    from tensorkeep.checkpoint.snapshot import Staging
+
+    go, real = threading.Event(), Staging.copy_deferred
+    monkeypatch.setattr(Staging, "copy_deferred", lambda self: (go.wait(30), real(self))[1])
+    torch.manual_seed(0)
+    net = torch.nn.Linear(64, 64)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+
+    def step() -> None:
+        net(torch.ones(2, 64)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    step()
+    want = {k: v.clone() for k, v in opt.state[net.weight].items()}
+    plugin, p = TensorkeepCheckpointIO(async_save="lazy"), os.path.join(tmp, "a.ckpt")
+    checkpoint = {"state_dict": net.state_dict(), "optimizer_states": [opt.state_dict()], "global_step": 1}
+    plugin.save_checkpoint(checkpoint, p)
+    stepping = threading.Thread(target=step)
+    stepping.start()
+    stepping.join(0.5)
+    assert stepping.is_alive()  # the step waits: its state has not been copied yet
+    go.set()
+    stepping.join(30)
+    plugin.wait()
+    got = tk.load(p)["optimizer_states"][0]["state"][0]
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not torch.equal(opt.state[net.weight]["exp_avg"], want["exp_avg"])  # the step ran, after the copy
+    with pytest.raises(ValueError, match="'lazy'"):
+        TensorkeepCheckpointIO(async_save="yes")
 
 
 def test_own_async_save_refuses_what_it_cannot_store_at_the_call(tmp):

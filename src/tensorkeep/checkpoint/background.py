@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -60,40 +60,54 @@ class Background:
         if build_images:  # small files are built whole here (a few kB of copies), so the writer thread
             # only makes syscalls: Python work there would take the GIL from training
             payload = {name: (key, kind, small_image(obj, name)) for name, (key, kind, obj) in payload.items()}
-        payload = self._staging.snapshot(payload, defer)
+        payload = self._snapshot(payload, defer)
+        self._pending = (step, threads.submit(self._writer, self._write, step, payload, commit))
+
+    def _snapshot(self, obj: Any, defer: frozenset[int]) -> Any:
+        obj = self._staging.snapshot(obj, defer)
         if defer:  # from here until the writer has copied them, optimizer steps wait
             self._hook_optimizer_steps()
             self._copied.clear()
-        self._pending = (step, threads.submit(self._writer, self._write, step, payload, commit))
+        return obj
 
     def call(
-        self, step: int, obj: Any, fn: Callable[[Any], object], abandon: Callable[[], object] = lambda: None
+        self,
+        step: int,
+        obj: Any,
+        fn: Callable[[Any], object],
+        abandon: Callable[[], object] = lambda: None,
+        defer: frozenset[int] = frozenset(),
     ) -> None:
         """Snapshot ``obj`` now (the only part that blocks); the writer thread then calls ``fn(snapshot)``.
-        ``abandon()`` runs instead of ``fn`` when the snapshot fails, on the thread that saw it.
+        ``abandon()`` runs instead of ``fn`` when the snapshot fails. ``defer``: ``data_ptr()`` of CPU
+        tensors that only an optimizer step changes (:func:`changed_only_by_optimizers`): the writer
+        copies them, and every ``optimizer.step()`` waits until it has.
 
         >>> bg.call(10, {"w": w}, lambda snap: save(snap, "w.tk"))  # doctest: +SKIP
         """
         try:
-            snap = self._staging.snapshot(obj)
+            snap = self._snapshot(obj, defer)
             # inline if the pool takes no more work (interpreter exit): the save still finishes
-            self._pending = (step, threads.submit(self._writer, self._call, snap, fn, abandon))
+            self._pending = (step, threads.submit(self._writer, self._call, step, snap, fn, abandon))
         except BaseException:
+            self._copied.set()
             abandon()
             raise
 
-    def _call(self, snap: Any, fn: Callable[[Any], object], abandon: Callable[[], object]) -> None:
+    def _call(self, step: int, snap: Any, fn: Callable[[Any], object], abandon: Callable[[], object]) -> None:
         try:
+            self._copy_deferred(step)
             self._staging.ready()  # device-to-host copies of the snapshot have landed
         except BaseException:
             abandon()
             raise
         fn(snap)
 
-    def later(self, st: Stage, then: Callable[[], object] = lambda: None) -> None:
+    def later(self, st: Stage, then: Callable[[], object] = lambda: None, lazy: Iterable[Any] = ()) -> None:
         """Finish a deferred stage (``Stage(defer=True)``, its block done) in the background: its objects
         are snapshotted now, written and published by the writer thread, which then calls ``then()``
-        (retention). Nothing is published if the snapshot fails.
+        (retention). Nothing is published if the snapshot fails. ``lazy``: modules and optimizers whose
+        parameters and optimizer state the writer copies instead (see :meth:`call`).
 
         >>> bg.later(stage, then=apply_retention)  # doctest: +SKIP
         """
@@ -102,25 +116,30 @@ class Background:
             st.finish(objs)
             then()
 
-        self.call(st.step, {name: d[0] for name, d in st.deferred.items()}, finish, st.abandon)
+        defer = changed_only_by_optimizers({str(i): o for i, o in enumerate(lazy)})
+        self.call(st.step, {name: d[0] for name, d in st.deferred.items()}, finish, st.abandon, defer)
 
     def _write(self, step: int, payload: Payload, commit: Callable[[int, Payload], object]) -> None:
+        self._copy_deferred(step)
+        self._staging.ready()  # device-to-host copies of the snapshot have landed
+        commit(step, payload)
+
+    def _copy_deferred(self, step: int) -> None:
+        """async_save="lazy": copy what the snapshot deferred; raise if any of it changed meanwhile."""
         try:
-            changed = self._staging.copy_deferred()  # async_save="lazy"
+            changed = self._staging.copy_deferred()
         finally:
             self._copied.set()
             time.sleep(0)  # hand the GIL back now: the training thread may be waiting in optimizer.step()
-        if changed:  # paths into the payload: (file, 2, key, ...)
-            names = ", ".join(f"{p[0]}: {'.'.join(map(str, p[2:]))}" for p in changed[:3])
+        if changed:  # paths into the snapshot: (file, [2,] key, ...)
+            names = ", ".join(".".join(map(str, p)) for p in changed[:3])
             raise TensorkeepError(
                 f"checkpoint step {step} was not saved: {names} changed in place while "
                 f"async_save='lazy' was still copying it (only optimizer.step() waits for the copy). "
-                f"Fix: change parameters only through an optimizer, call mgr.wait() before other in-place "
-                f"updates, or use async_save=True. Writes through .data, a NumPy view or untyped_storage() cannot "
-                f"be detected at all: make them only after mgr.wait()."
+                f"Fix: change parameters only through an optimizer, wait for the save (mgr.wait(), or the "
+                f"integration's wait) before other in-place updates, or use async_save=True. Writes through "
+                f".data, a NumPy view or untyped_storage() cannot be detected at all: make them only after that wait."
             )
-        self._staging.ready()  # device-to-host copies of the snapshot have landed
-        commit(step, payload)
 
     def _hook_optimizer_steps(self) -> None:
         """Make every optimizer.step() wait until a lazy snapshot has copied what it would change."""

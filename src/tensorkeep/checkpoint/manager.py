@@ -216,6 +216,7 @@ class CheckpointManager:
         metrics: Mapping[str, Any] | None = None,
         by: str = "tensorkeep",
         defer: bool = False,
+        lazy: Sequence[Any] = (),
     ) -> Iterator[Stage]:
         """A checkpoint of ``step`` that any code writes into ``st.path``; published atomically when
         the block ends without an exception, then retention runs (see :mod:`tensorkeep.checkpoint.stage`).
@@ -240,7 +241,9 @@ class CheckpointManager:
         only checks its object; when the block ends, those objects are copied into reused staging
         buffers and the rest (writing them, the commit, retention) runs on the manager's writer thread,
         like an asynchronous :meth:`save`: :meth:`wait` for it. Files other code writes into
-        ``st.path`` are written in the block, as without ``defer``.
+        ``st.path`` are written in the block, as without ``defer``. ``lazy`` (with ``defer``): the modules
+        and optimizers whose parameters and optimizer state the objects hold; the writer thread copies
+        those tensors instead, and every ``optimizer.step()`` waits for that copy (``async_save="lazy"``).
         """
         self._check_open(writing=True)
         if type(step) is not int or step < 0:
@@ -250,6 +253,8 @@ class CheckpointManager:
                 f"{self.directory}: stage() writes a checkpoint directory on a local file system; on object "
                 "storage use save()"
             )
+        if lazy and not defer:
+            raise ValueError(f"{self.directory}: stage(lazy=...) needs defer=True")
         if defer and (self._background is None or self._dist is not None):
             raise ValueError(
                 f"{self.directory}: stage(defer=True) needs a CheckpointManager(async_save=True) of one process"
@@ -270,7 +275,7 @@ class CheckpointManager:
             yield st
         if defer:
             assert self._background is not None
-            self._background.later(st, lambda: self._after_commit(step, st.manifest.metrics))
+            self._background.later(st, lambda: self._after_commit(step, st.manifest.metrics), lazy)
             return
         self._after_commit(step, st.manifest.metrics)  # rank 0's metrics, on every rank
 

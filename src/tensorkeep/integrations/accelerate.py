@@ -73,7 +73,7 @@ NAMING = "checkpoint_{step}"  #: Accelerate's automatic checkpoint names
 _BY = "tensorkeep.accelerate"
 _WARNED: weakref.WeakSet[Accelerator] = weakref.WeakSet()
 _RUNS: weakref.WeakKeyDictionary[Accelerator, tuple[str, int | None, CheckpointManager]] = weakref.WeakKeyDictionary()
-_ASYNC: weakref.WeakKeyDictionary[Accelerator, bool] = weakref.WeakKeyDictionary()  # protect(..., async_save)
+_ASYNC: weakref.WeakKeyDictionary[Accelerator, bool | str] = weakref.WeakKeyDictionary()  # protect(..., async_save)
 _WRITERS: weakref.WeakKeyDictionary[Accelerator, Background] = weakref.WeakKeyDictionary()  # explicit output_dir
 
 
@@ -94,6 +94,7 @@ def save_state(
     _check(accelerator)
     pc = accelerator.project_configuration
     it, later = pc.iteration, _ASYNC.get(accelerator, False)
+    lazy = [*accelerator._models, *accelerator._optimizers] if later == "lazy" else []
     if pc.automatic_checkpoint_naming:
         mgr = _manager(accelerator)
         if os.path.lexists(mgr.path(it)):
@@ -101,7 +102,7 @@ def save_state(
                 f"Checkpoint directory {mgr.path(it)} ({it}) already exists. Fix: resume with "
                 "load_state() first (it sets project_configuration.iteration), or set it yourself"
             )
-        with mgr.stage(it, by=_BY, defer=later) as st:
+        with mgr.stage(it, by=_BY, defer=bool(later), lazy=lazy) as st:
             _write(accelerator, st)
     else:
         if output_dir is None:
@@ -110,10 +111,10 @@ def save_state(
         if bg is not None:
             bg.wait()  # one save in flight: its staging buffers are reused, its error raises here
         final = os.path.expanduser(os.fspath(output_dir))
-        with stage(final, it, by=_BY, comm=_comm(accelerator), defer=later) as st:
+        with stage(final, it, by=_BY, comm=_comm(accelerator), defer=bool(later)) as st:
             _write(accelerator, st)
         if bg is not None:
-            bg.later(st)
+            bg.later(st, lazy=lazy)
     pc.iteration += 1
     return st.final
 
@@ -155,7 +156,7 @@ def load_state(
     return found.path
 
 
-def protect(accelerator: Accelerator, *, async_save: bool = False) -> Accelerator:
+def protect(accelerator: Accelerator, *, async_save: bool | str = False) -> Accelerator:
     """Make ``accelerator.save_state`` / ``load_state`` these functions (on this instance); returns it.
 
     ``async_save=True`` (one process): ``save_state`` copies the state into staging buffers reused
@@ -163,20 +164,24 @@ def protect(accelerator: Accelerator, *, async_save: bool = False) -> Accelerato
     (and applies ``total_limit``). One save is in flight at a time: the next ``save_state``,
     ``load_state`` and :func:`wait` wait for it and raise its error. It costs host memory the size
     of the state. The returned folder appears only when its write is committed: call :func:`wait`
-    before writing into it or reading it (``tokenizer.save_pretrained(out)``).
+    before writing into it or reading it (``tokenizer.save_pretrained(out)``). ``async_save="lazy"``:
+    the models' parameters and the optimizers' state are copied by that thread too, and the next
+    optimizer step waits until it has; ``save_state`` then blocks only for the small parts.
 
     >>> from accelerate import Accelerator
     >>> acc = protect(Accelerator(cpu=True))
     >>> acc.save_state.__func__ is save_state
     True
     """
+    if async_save not in (True, False, "lazy"):
+        raise ValueError(f"async_save must be True, False or 'lazy', got {async_save!r}")
     if async_save and accelerator.num_processes > 1:
         raise ValueError(
             f"tensorkeep.accelerate: async_save=True runs with one process; this Accelerator has "
             f"{accelerator.num_processes}. Fix: protect(accelerator) (synchronous, collective over the processes)"
         )
     wait(accelerator)
-    _ASYNC[accelerator] = bool(async_save)
+    _ASYNC[accelerator] = async_save
     accelerator.save_state = types.MethodType(save_state, accelerator)
     accelerator.load_state = types.MethodType(load_state, accelerator)
     return accelerator

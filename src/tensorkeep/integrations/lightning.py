@@ -28,6 +28,8 @@ import weakref
 from collections import OrderedDict
 from typing import Any, Literal
 
+import torch
+
 try:
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
     from lightning.pytorch import LightningDataModule, LightningModule
@@ -140,6 +142,8 @@ class TensorkeepCheckpointIO(CheckpointIO):
     speed) and returns; a background thread writes the file. One save is in flight at a time: the
     next save, ``load_checkpoint`` and ``teardown`` wait for it, and raise its error. Lightning's
     ``AsyncCheckpointIO`` works too, but clones every tensor into new memory on the training thread.
+    ``async_save="lazy"``: the optimizers' state (most of an Adam checkpoint) is copied by the
+    background thread too, and the next optimizer step waits until it has.
 
     >>> trainer = pl.Trainer(plugins=[TensorkeepCheckpointIO()])  # doctest: +SKIP
     >>> trainer = pl.Trainer(plugins=[TensorkeepCheckpointIO(async_save=True)])  # doctest: +SKIP
@@ -151,10 +155,12 @@ class TensorkeepCheckpointIO(CheckpointIO):
         unsupported: Literal["error", "skip"] = "error",
         resolve_last: bool = True,
         durable: bool = True,
-        async_save: bool = False,
+        async_save: bool | str = False,
     ) -> None:
         if unsupported not in ("error", "skip"):
             raise ValueError(f'unsupported must be "error" or "skip", got {unsupported!r}')
+        if async_save not in (True, False, "lazy"):
+            raise ValueError(f"async_save must be True, False or 'lazy', got {async_save!r}")
         super().__init__()
         self.unsupported, self.resolve_last, self.durable = unsupported, resolve_last, durable
         self.async_save = async_save
@@ -196,6 +202,7 @@ class TensorkeepCheckpointIO(CheckpointIO):
             state,
             lambda snapshot: self._save_now(snapshot, skipped, path),
             lambda: self._saved(path, False),
+            _optimizer_tensors(state) if self.async_save == "lazy" else frozenset(),
         )
 
     def wait(self) -> None:
@@ -449,6 +456,21 @@ def _flush_at_exit(ref: weakref.ref[TensorkeepCheckpointIO]) -> None:
 
 
 _BACKGROUND = -1  # TensorkeepCheckpointIO._writer: saves run on the async_save writer thread
+
+
+def _optimizer_tensors(checkpoint: dict[str, Any]) -> frozenset[int]:
+    """``data_ptr()`` of the CPU tensors of the optimizers' state in a Lightning checkpoint: only an
+    optimizer step changes them (the weights in ``state_dict`` cannot be told from buffers here)."""
+    ptrs: set[int] = set()
+    for sd in checkpoint.get("optimizer_states") or ():
+        for per_param in (sd.get("state") or {}).values() if isinstance(sd, dict) else ():
+            if isinstance(per_param, dict):
+                ptrs.update(
+                    t.data_ptr()
+                    for t in per_param.values()
+                    if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.numel()
+                )
+    return frozenset(ptrs)
 
 
 def _exists(path: str) -> bool:

@@ -136,7 +136,8 @@ class CrashProofMixin(_Base):
     _tk_resumed: Intact | None = None
     _tk_managers: dict[str, CheckpointManager] | None = None
     #: ``protect(trainer, async_save=True)``: checkpoints are written and committed by a background thread
-    tk_async_save: bool = False
+    #: (``"lazy"``: it also copies the weights and optimizer state, and the next optimizer step waits for that)
+    tk_async_save: bool | str = False
 
     # ------------------------------------------------------------------ save
 
@@ -154,7 +155,8 @@ class CrashProofMixin(_Base):
         there = os.path.lexists(final)
         mgr = self._tk_manager(run_dir)
         self._tk_push = False
-        with mgr.stage(step, subdir=name, defer=self.tk_async_save) as st, safetensors_into(st):
+        lazy = [o for o in (self.model, self.optimizer) if o is not None] if self.tk_async_save == "lazy" else []
+        with mgr.stage(step, subdir=name, defer=bool(self.tk_async_save), lazy=lazy) as st, safetensors_into(st):
             self._tk_stage = st
             try:
                 super()._save_checkpoint(model, trial)
@@ -389,7 +391,7 @@ class CrashProofMixin(_Base):
         return "rng_state.tk" if args.world_size <= 1 else f"rng_state_{args.process_index}.tk"
 
 
-def protect(trainer: T, *, async_save: bool = False) -> T:
+def protect(trainer: T, *, async_save: bool | str = False) -> T:
     """Make ``trainer`` (a ``transformers.Trainer``, or a subclass's instance such as TRL's
     ``SFTTrainer``) save crash-proof checkpoints and resume from the newest intact one; returns it.
 
@@ -406,17 +408,21 @@ def protect(trainer: T, *, async_save: bool = False) -> T:
     save to save (host memory the size of a checkpoint); a background thread writes them, commits
     ``checkpoint-N`` and applies ``save_total_limit`` while training goes on. The next save, the
     best-model load, the end of ``train()`` and a callback's ``on_save`` (it may use ``checkpoint-N``)
-    wait for it and raise its error. (Subclass: ``tk_async_save = True``.)
+    wait for it and raise its error. (Subclass: ``tk_async_save = True``.) ``async_save="lazy"``: the
+    weights and optimizer state are copied by that thread too, and the next optimizer step waits until
+    it has; the save then blocks training only for the small parts.
     """
     if not isinstance(trainer, Trainer):
         raise TypeError(f"protect() takes a transformers.Trainer (or a subclass's instance), not {type(trainer)!r}")
+    if async_save not in (True, False, "lazy"):
+        raise ValueError(f"async_save must be True, False or 'lazy', got {async_save!r}")
     if async_save and trainer.args.world_size > 1:
         n = trainer.args.world_size
         raise ValueError(f"async_save=True runs with one process, not {n}. Fix: protect(trainer) (collective saves)")
     if not isinstance(trainer, CrashProofMixin):
         cls: Any = type(trainer)
         trainer.__class__ = _protected(cls)
-    trainer.tk_async_save = bool(async_save)  # type: ignore[attr-defined]
+    trainer.tk_async_save = async_save  # type: ignore[attr-defined]
     return trainer
 
 
