@@ -323,6 +323,31 @@ def bench_hf(d: int, work: str, reps: int) -> tuple[str, int]:
 
         return fn
 
+    batch = {"input_ids": torch.arange(256).unsqueeze(0) % VOCAB}
+    batch["labels"] = batch["input_ids"]
+
+    def train_step() -> None:  # a real one: forward and backward of 256 tokens, then the optimizer
+        assert trainer.optimizer is not None
+        trainer.training_step(model, batch)
+        trainer.optimizer.step()
+        model.zero_grad(set_to_none=True)
+
+    def loop(mode: bool | str) -> Callable[[str], float]:
+        """What a checkpoint adds to the training step after it: (save + that step) minus the step
+        alone (the median of 3, taken right before). With "lazy" the copy overlaps the step's forward
+        and backward pass; its optimizer.step() waits for what is left of it."""
+
+        def fn(out: str) -> float:
+            quiesce(ckpt)
+            trainer.__class__, trainer.tk_async_save = tk_cls, mode
+            alone = statistics.median(timed(train_step) for _ in range(3))
+            s = timed(lambda: (trainer._save_checkpoint(model, None), train_step()))
+            trainer._tk_wait()  # the write, outside the timing
+            trainer.tk_async_save = False
+            return s - alone
+
+        return fn
+
     variants: list[Variant] = [
         ("stock _save_checkpoint", save(stock_cls)),
         ("stock + sync (reference)", save(stock_cls, sync_tree)),
@@ -330,10 +355,17 @@ def bench_hf(d: int, work: str, reps: int) -> tuple[str, int]:
         ("protect(trainer, async_save=True) stall", stall()),
         ('protect(trainer, async_save="lazy") stall', stall("lazy")),
         ('  "lazy" + optimizer.step() at once', stall("lazy", step=True)),
+        ("  async_save=True: a training step's extra time", loop(True)),
+        ('  "lazy": a training step\'s extra time', loop("lazy")),
     ]
     times = run_variants(variants, os.path.join(work, "unused"), reps)
     quiesce(ckpt)
-    lazy = ('protect(trainer, async_save="lazy") stall', '  "lazy" + optimizer.step() at once')
+    lazy = (
+        'protect(trainer, async_save="lazy") stall',
+        '  "lazy" + optimizer.step() at once',
+        "  async_save=True: a training step's extra time",
+        '  "lazy": a training step\'s extra time',
+    )
     stalls = {"protect(trainer, async_save=True) stall": "protect(trainer)", **dict.fromkeys(lazy, "protect(trainer)")}
     return report(times, nbytes, stalls), nbytes
 
