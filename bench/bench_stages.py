@@ -83,6 +83,28 @@ def raw_read_direct(path: str, size: int, threads: int, direct: bool = True) -> 
             b.close()
 
 
+def raw_read_fresh(path: str, size: int, threads: int) -> mmap.mmap:
+    """Read a file with O_DIRECT into new page-aligned memory, CRC-32 per 4 MiB block, on ``threads``
+    threads, no Python per tensor: the floor of any load that returns new memory (its page faults)."""
+    fd, n = os.open(path, os.O_RDONLY | os.O_DIRECT), -(-size // 4096) * 4096
+    out = mmap.mmap(-1, n)
+    mv = memoryview(out)
+
+    def task(i: int) -> None:
+        a, b = i * CHUNK, min(n, (i + 1) * CHUNK)
+        os.preadv(fd, [mv[a:b]], a)
+        for k in range(a, b, 4 << 20):
+            crc32(mv[k : min(b, k + (4 << 20))])
+
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(task, range(-(-n // CHUNK))))
+    finally:
+        os.close(fd)
+        mv.release()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=5)
@@ -174,6 +196,8 @@ def main() -> None:
     cold_buffered = best(lambda: raw_read_direct(out, size, knobs.IO_THREADS, False), a.reps, lambda: evict(out))
     row(f"raw O_DIRECT read, {knobs.IO_THREADS} threads", cold_direct)
     row(f"raw buffered read, {knobs.IO_THREADS} threads", cold_buffered)
+    fresh = best(lambda: raw_read_fresh(out, size, knobs.IO_THREADS).close(), a.reps, lambda: evict(out))
+    row("raw O_DIRECT read + CRC into new memory", fresh, "disk (faster raw read)", min(cold_direct, cold_buffered))
     cold_raw = min(cold_direct, cold_buffered)
     row(
         "tk.load, cold (read + verify, threads)",
