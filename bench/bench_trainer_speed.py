@@ -213,7 +213,6 @@ def bench_lightning(d: int, work: str, reps: int) -> tuple[str, int]:
     nbytes = state_bytes(module, trainer.optimizers[0])
     strategy = trainer.strategy
     tk_io, async_io = TensorkeepCheckpointIO(), AsyncCheckpointIO(TensorkeepCheckpointIO())
-    lazy_io = TensorkeepCheckpointIO(async_save="lazy")
 
     def save(io: Any, then: Callable[[str], None] = lambda p: None) -> Callable[[str], float]:
         def fn(out: str) -> float:
@@ -226,15 +225,11 @@ def bench_lightning(d: int, work: str, reps: int) -> tuple[str, int]:
 
         return fn
 
-    def stall(io: Any, step: bool = False) -> Callable[[str], float]:
-        """The time save_checkpoint blocks; ``step``: and an optimizer step taken at once after it (it
-        waits for a lazy copy: the worst case, with no forward and backward pass to hide the copy)."""
-
+    def stall(io: Any) -> Callable[[str], float]:
         def fn(out: str) -> float:
             strategy.checkpoint_io = io
             path = os.path.join(out, "model.ckpt")
-            module.zero_grad(set_to_none=True)  # the step only waits: it changes nothing
-            s = timed(lambda: (trainer.save_checkpoint(path), step and trainer.optimizers[0].step()))
+            s = timed(lambda: trainer.save_checkpoint(path))
             io.teardown()  # waits for the write (outside the timing)
             assert os.path.exists(path), path
             return s
@@ -247,8 +242,6 @@ def bench_lightning(d: int, work: str, reps: int) -> tuple[str, int]:
         ("TensorkeepCheckpointIO", save(tk_io)),
         ("AsyncCheckpointIO(Tensorkeep) stall", stall(async_io)),
         ("TensorkeepCheckpointIO(async_save=True) stall", stall(TensorkeepCheckpointIO(async_save=True))),
-        ('TensorkeepCheckpointIO(async_save="lazy") stall', stall(lazy_io)),
-        ('  "lazy" + optimizer.step() at once', stall(lazy_io, step=True)),
         ("AsyncCheckpointIO(stock) stall", stall(AsyncCheckpointIO(TorchCheckpointIO()))),
     ]
     times = run_variants(variants, os.path.join(work, "out"), reps)
@@ -258,8 +251,6 @@ def bench_lightning(d: int, work: str, reps: int) -> tuple[str, int]:
         {
             "AsyncCheckpointIO(Tensorkeep) stall": "TensorkeepCheckpointIO",
             "TensorkeepCheckpointIO(async_save=True) stall": "TensorkeepCheckpointIO",
-            'TensorkeepCheckpointIO(async_save="lazy") stall': "TensorkeepCheckpointIO",
-            '  "lazy" + optimizer.step() at once': "TensorkeepCheckpointIO",
             "AsyncCheckpointIO(stock) stall": "stock TorchCheckpointIO",
         },
     ), nbytes

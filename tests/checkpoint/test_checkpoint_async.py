@@ -227,11 +227,12 @@ def test_lazy_snapshot_refuses_a_parameter_changed_outside_the_optimizer(tmp_pat
     real = Staging.copy_deferred
     monkeypatch.setattr(Staging, "copy_deferred", lambda self: (time.sleep(0.3), real(self))[1])
     net = _lazy_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)  # its parameters are the ones deferred
     run = str(tmp_path / "run")
     with tk.CheckpointManager(run, async_save="lazy") as mgr:
-        mgr.save(1, {"model": net})
+        mgr.save(1, {"model": net, "optimizer": opt})
         mgr.wait()
-        mgr.save(2, {"model": net})
+        mgr.save(2, {"model": net, "optimizer": opt})
         with torch.no_grad():
             net[0].weight.add_(1.0)  # a manual update while the copy has not run yet
         with pytest.raises(tk.TensorkeepError, match="changed in place while async_save='lazy'"):
@@ -245,10 +246,64 @@ def test_lazy_snapshot_refuses_a_parameter_changed_outside_the_optimizer(tmp_pat
                 pass
 
 
-def test_failed_lazy_saves_leave_optimizer_steps_free(tmp_path):
+def test_only_what_an_optimizer_steps_is_deferred():
+    """async_save="lazy" defers a tensor only if nothing but optimizer.step() changes it: not a model
+    no optimizer steps (an EMA copy), not a frozen parameter, nothing of a schedule-free or LOMO
+    optimizer (they move parameters outside step()), also inside a wrapper (as Accelerate's)."""
+    from tensorkeep.checkpoint.background import changed_only_by_optimizers
+
+    class Wrapper(torch.optim.Optimizer):  # what accelerate's AcceleratedOptimizer does
+        def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+            self.optimizer = optimizer
+
+        param_groups = property(lambda self: self.optimizer.param_groups)  # type: ignore[assignment]
+        state = property(lambda self: self.optimizer.state)  # type: ignore[assignment]
+
+        def train(self) -> None:  # AcceleratedOptimizer has these whatever it wraps
+            pass
+
+    net, ema = _lazy_net(), _lazy_net()
+    net[2].weight.requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    net(torch.randn(8, 64)).sum().backward()
+    opt.step()
+    got = changed_only_by_optimizers({"model": net, "ema": ema, "optimizer": opt})
+    stepped = {p.data_ptr() for n, p in net.named_parameters() if n != "2.weight"}
+    state = {t.data_ptr() for s in opt.state.values() for t in s.values()}
+    assert got == stepped | state and not {p.data_ptr() for p in ema.parameters()} & got
+
+    class ScheduleFree(torch.optim.SGD):
+        def train(self) -> None: ...
+
+    class Lomo(torch.optim.SGD): ...
+
+    for odd in (ScheduleFree(net.parameters(), lr=0.1), Lomo(net.parameters(), lr=0.1)):
+        assert changed_only_by_optimizers({"model": net, "optimizer": odd}) == frozenset()
+        assert changed_only_by_optimizers({"optimizer": Wrapper(odd)}) == frozenset()
+    assert changed_only_by_optimizers({"optimizer": Wrapper(opt)}) == stepped | state
+
+
+def test_failed_lazy_saves_leave_optimizer_steps_free(tmp_path, monkeypatch):
+    import threading
+
+    from tensorkeep.checkpoint import background
+
     net = _lazy_net()
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     with tk.CheckpointManager(str(tmp_path / "run"), async_save="lazy") as mgr:
+        real = background.threads.submit
+
+        def interrupted(*a, **kw):
+            raise KeyboardInterrupt  # Ctrl-C after the lazy snapshot, before its copy is queued
+
+        monkeypatch.setattr(background.threads, "submit", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            mgr.save(0, {"model": net, "optimizer": opt})
+        monkeypatch.setattr(background.threads, "submit", real)
+        stepping = threading.Thread(target=opt.step)
+        stepping.start()
+        stepping.join(10)
+        assert not stepping.is_alive()  # no copy will run: the step does not wait for one
         with pytest.raises(TypeError):
             mgr.save(1, {1: net, "optimizer": opt})  # refused inside save(): nothing is deferred
         opt.step()  # must not wait for a copy that will never happen

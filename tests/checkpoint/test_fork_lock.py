@@ -152,6 +152,16 @@ def test_a_forked_child_keeps_no_descriptor_of_the_lock(tmp):
 def test_a_forked_child_is_not_preempted_by_the_parents_signal_handler(tmp):
     """save_on_signal's handler only records the signal: in a child (a multiprocessing worker that
     pool.terminate() stops with SIGTERM) it must not swallow it."""
+    # the action before ours is the default one, whatever an earlier test in this worker installed
+    # (Lightning's Trainer leaves a SIGTERM handler of its own)
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        _child_gets_its_own_sigterm(tmp)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _child_gets_its_own_sigterm(tmp: str) -> None:
     with tk.CheckpointManager(os.path.join(tmp, "run")) as mgr:
         mgr.save_on_signal({"x": 1})
         r, w = os.pipe()

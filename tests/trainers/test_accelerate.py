@@ -241,6 +241,17 @@ def test_lazy_async_save_copies_weights_and_optimizer_state_before_the_next_step
     with pytest.raises(ValueError, match="'lazy'"):
         tk_acc.protect(acc, async_save="yes")
 
+    # a second model no optimizer steps (an EMA copy): copied inside save_state, not deferred, so an
+    # update through .data (invisible to version counters) while the copy is held cannot reach the file
+    ema = acc.prepare(torch.nn.Linear(4, 4))
+    go.clear()
+    want_ema = weights(ema)
+    final = tk_acc.save_state(acc)
+    ema.weight.data.mul_(0.5)
+    go.set()
+    tk_acc.wait(acc)
+    assert _same(tk.load(os.path.join(final, "model_1.safetensors")), want_ema)
+
 
 def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp):
     run = build(os.path.join(tmp, "a"), total_limit=None)

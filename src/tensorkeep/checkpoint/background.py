@@ -43,6 +43,11 @@ class Background:
         self._step_hook: Any = None
 
     @property
+    def forked(self) -> bool:
+        """True in a child forked while this writer existed: its thread is the parent's; make a new one."""
+        return self._pid != os.getpid()
+
+    @property
     def pending_step(self) -> int | None:
         return self._pending[0] if self._pending else None
 
@@ -60,8 +65,12 @@ class Background:
         if build_images:  # small files are built whole here (a few kB of copies), so the writer thread
             # only makes syscalls: Python work there would take the GIL from training
             payload = {name: (key, kind, small_image(obj, name)) for name, (key, kind, obj) in payload.items()}
-        payload = self._snapshot(payload, defer)
-        self._pending = (step, threads.submit(self._writer, self._write, step, payload, commit))
+        try:
+            payload = self._snapshot(payload, defer)
+            self._pending = (step, threads.submit(self._writer, self._write, step, payload, commit))
+        except BaseException:  # (an interrupt) nothing will copy: optimizer steps must not wait for it
+            self._copied.set()
+            raise
 
     def _snapshot(self, obj: Any, defer: frozenset[int]) -> Any:
         obj = self._staging.snapshot(obj, defer)
@@ -186,17 +195,29 @@ def _finish_at_exit(ref: weakref.ref[Background], where: str) -> None:
 
 def changed_only_by_optimizers(state: Mapping[str, Any]) -> frozenset[int]:
     """``data_ptr()`` of the CPU tensors in ``state`` that only an optimizer step changes: the
-    parameters of its modules and its optimizers' state. Buffers (BatchNorm's running statistics
-    change in every forward pass), values and RNG states are copied inside ``save()``."""
+    parameters that its optimizers step (``requires_grad``, in a param group) and their state.
+    Everything else is copied inside ``save()``: buffers (BatchNorm's running statistics change in
+    every forward pass), frozen parameters, a model no optimizer in ``state`` steps (an EMA copy, a
+    target network), values, RNG states. An optimizer that moves parameters outside ``step()`` too
+    (schedule-free ``train()``/``eval()``, LOMO's fused backward) defers nothing."""
     ptrs: set[int] = set()
-    for obj in state.values():
-        if isinstance(obj, torch.nn.Module):
-            ptrs.update(p.data_ptr() for p in obj.parameters() if p.device.type == "cpu")
-        elif isinstance(obj, torch.optim.Optimizer):
-            ptrs.update(
-                t.data_ptr()
-                for s in obj.state.values()
-                for t in s.values()
-                if isinstance(t, torch.Tensor) and t.device.type == "cpu"
-            )
+    for opt in state.values():
+        if not isinstance(opt, torch.optim.Optimizer) or not _changes_only_in_step(opt):
+            continue
+        ptrs.update(
+            p.data_ptr() for g in opt.param_groups for p in g["params"] if p.requires_grad and p.device.type == "cpu"
+        )
+        ptrs.update(
+            t.data_ptr()
+            for s in opt.state.values()
+            for t in s.values()
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu"
+        )
     return frozenset(ptrs)
+
+
+def _changes_only_in_step(opt: torch.optim.Optimizer) -> bool:
+    inner = getattr(opt, "optimizer", opt)  # Accelerate's AcceleratedOptimizer wraps the real one
+    inner = inner if isinstance(inner, torch.optim.Optimizer) else opt
+    schedule_free = callable(getattr(inner, "train", None)) or callable(getattr(inner, "eval", None))
+    return not schedule_free and "lomo" not in type(inner).__name__.lower()

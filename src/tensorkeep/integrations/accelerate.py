@@ -197,7 +197,7 @@ def wait(accelerator: Accelerator) -> None:
     if held is not None:
         held[2].wait()
     bg = _WRITERS.get(accelerator)
-    if bg is not None:
+    if bg is not None and not bg.forked:
         bg.wait()
 
 
@@ -377,6 +377,6 @@ def _manager(acc: Accelerator) -> CheckpointManager:
 def _writer(acc: Accelerator) -> Background:
     """The writer thread of asynchronous saves to explicit directories (automatic naming: the manager's)."""
     bg = _WRITERS.get(acc)
-    if bg is None:
+    if bg is None or bg.forked:  # (a forked child: the inherited writer thread is the parent's)
         bg = _WRITERS[acc] = Background(True, "tensorkeep.accelerate save_state(output_dir)")
     return bg

@@ -28,8 +28,6 @@ import weakref
 from collections import OrderedDict
 from typing import Any, Literal
 
-import torch
-
 try:
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
     from lightning.pytorch import LightningDataModule, LightningModule
@@ -142,8 +140,8 @@ class TensorkeepCheckpointIO(CheckpointIO):
     speed) and returns; a background thread writes the file. One save is in flight at a time: the
     next save, ``load_checkpoint`` and ``teardown`` wait for it, and raise its error. Lightning's
     ``AsyncCheckpointIO`` works too, but clones every tensor into new memory on the training thread.
-    ``async_save="lazy"``: the optimizers' state (most of an Adam checkpoint) is copied by the
-    background thread too, and the next optimizer step waits until it has.
+    (No ``"lazy"`` mode: Lightning runs the forward and backward pass inside ``optimizer.step``, so
+    a step would wait for a deferred copy before them, and the copy would overlap nothing.)
 
     >>> trainer = pl.Trainer(plugins=[TensorkeepCheckpointIO()])  # doctest: +SKIP
     >>> trainer = pl.Trainer(plugins=[TensorkeepCheckpointIO(async_save=True)])  # doctest: +SKIP
@@ -155,12 +153,10 @@ class TensorkeepCheckpointIO(CheckpointIO):
         unsupported: Literal["error", "skip"] = "error",
         resolve_last: bool = True,
         durable: bool = True,
-        async_save: bool | str = False,
+        async_save: bool = False,
     ) -> None:
         if unsupported not in ("error", "skip"):
             raise ValueError(f'unsupported must be "error" or "skip", got {unsupported!r}')
-        if async_save not in (True, False, "lazy"):
-            raise ValueError(f"async_save must be True, False or 'lazy', got {async_save!r}")
         super().__init__()
         self.unsupported, self.resolve_last, self.durable = unsupported, resolve_last, durable
         self.async_save = async_save
@@ -193,7 +189,7 @@ class TensorkeepCheckpointIO(CheckpointIO):
         if bad:
             raise _refusal(path, bad, hparams=False)
         self.wait()  # the staging buffers are reused: the previous write must be done (its error raises here)
-        if self._bg is None:
+        if self._bg is None or self._bg.forked:  # (a forked child: the inherited writer thread is the parent's)
             self._bg = Background(True, f"TensorkeepCheckpointIO ({os.path.dirname(path) or '.'})")
         with self._lock:
             self._writer = _BACKGROUND  # from now on a removal waits for a later save (see _settle)
@@ -202,7 +198,6 @@ class TensorkeepCheckpointIO(CheckpointIO):
             state,
             lambda snapshot: self._save_now(snapshot, skipped, path),
             lambda: self._saved(path, False),
-            _optimizer_tensors(state) if self.async_save == "lazy" else frozenset(),
         )
 
     def wait(self) -> None:
@@ -210,7 +205,7 @@ class TensorkeepCheckpointIO(CheckpointIO):
 
         >>> plugin.wait()  # doctest: +SKIP
         """
-        if self._bg is not None:
+        if self._bg is not None and not self._bg.forked:
             self._bg.wait()
 
     def _save_now(self, state: dict[str, Any], skipped: list[str], path: str) -> None:
@@ -431,6 +426,9 @@ class TensorkeepCheckpointIO(CheckpointIO):
             self.wait()
         except BaseException as e:  # the removals below still run: they keep what the failed save would replace
             error = e
+        bg, self._bg = self._bg, None
+        if bg is not None and not bg.forked:
+            bg.close()  # its thread ends here; a later save starts another
         with self._lock:
             due, last = [p for p in self._pending if _exists(p)], self._last
             self._pending.clear()
@@ -456,21 +454,6 @@ def _flush_at_exit(ref: weakref.ref[TensorkeepCheckpointIO]) -> None:
 
 
 _BACKGROUND = -1  # TensorkeepCheckpointIO._writer: saves run on the async_save writer thread
-
-
-def _optimizer_tensors(checkpoint: dict[str, Any]) -> frozenset[int]:
-    """``data_ptr()`` of the CPU tensors of the optimizers' state in a Lightning checkpoint: only an
-    optimizer step changes them (the weights in ``state_dict`` cannot be told from buffers here)."""
-    ptrs: set[int] = set()
-    for sd in checkpoint.get("optimizer_states") or ():
-        for per_param in (sd.get("state") or {}).values() if isinstance(sd, dict) else ():
-            if isinstance(per_param, dict):
-                ptrs.update(
-                    t.data_ptr()
-                    for t in per_param.values()
-                    if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.numel()
-                )
-    return frozenset(ptrs)
 
 
 def _exists(path: str) -> bool:
