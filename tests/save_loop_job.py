@@ -4,6 +4,7 @@ python save_loop_job.py RUN_DIR [--keep-last N] [--mb SIZE] [--async-save] [--on
 """
 
 import argparse
+import sys
 
 import torch
 
@@ -34,7 +35,8 @@ def main() -> None:
             with torch.no_grad():
                 lin.weight.fill_(step)
             mgr.save(step, state, metrics={"step": step})
-            print("COMMITTED", step, flush=True)
+            sys.stdout.write(f"COMMITTED {step}\n")  # one write: a kill cannot cut the line (even unbuffered)
+            sys.stdout.flush()
 
 
 if __name__ == "__main__":

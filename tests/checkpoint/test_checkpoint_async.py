@@ -3,6 +3,7 @@
 import errno
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -149,7 +150,8 @@ def test_kill9_during_async_saves(tmp):
         time.sleep(rnd.uniform(0, 0.3))
         os.kill(p.pid, signal.SIGKILL)
         out, _ = p.communicate()
-        submitted = max(int(x.split()[1]) for x in [line, *out.splitlines()] if x.startswith("COMMITTED"))
+        # a kill between two writes of the child may cut its last line: only whole ones count
+        submitted = max(int(m[1]) for x in [line, *out.splitlines()] if (m := re.fullmatch(r"COMMITTED (\d+)\s*", x)))
         # with async saves "COMMITTED s" means s was submitted and s-1 is durable
         with tk.CheckpointManager(run) as mgr:
             st = {"model": torch.nn.Linear(4, 4), "step": 0, "data": {}}
