@@ -115,8 +115,8 @@ class Background:
     def later(self, st: Stage, then: Callable[[], object] = lambda: None, lazy: Iterable[Any] = ()) -> None:
         """Finish a deferred stage (``Stage(defer=True)``, its block done) in the background: its objects
         are snapshotted now, written and published by the writer thread, which then calls ``then()``
-        (retention). Nothing is published if the snapshot fails. ``lazy``: modules and optimizers whose
-        parameters and optimizer state the writer copies instead (see :meth:`call`).
+        (retention). Nothing is published if the snapshot fails. ``lazy``: the live optimizers; the
+        parameters they step and their state are copied by the writer instead (see :meth:`call`).
 
         >>> bg.later(stage, then=apply_retention)  # doctest: +SKIP
         """

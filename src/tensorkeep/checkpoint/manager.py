@@ -241,9 +241,10 @@ class CheckpointManager:
         only checks its object; when the block ends, those objects are copied into reused staging
         buffers and the rest (writing them, the commit, retention) runs on the manager's writer thread,
         like an asynchronous :meth:`save`: :meth:`wait` for it. Files other code writes into
-        ``st.path`` are written in the block, as without ``defer``. ``lazy`` (with ``defer``): the modules
-        and optimizers whose parameters and optimizer state the objects hold; the writer thread copies
-        those tensors instead, and every ``optimizer.step()`` waits for that copy (``async_save="lazy"``).
+        ``st.path`` are written in the block, as without ``defer``. ``lazy`` (with ``defer``): the live
+        optimizers (modules may be listed too; they add nothing): the parameters they step and their
+        state are copied by the writer thread instead, and every ``optimizer.step()`` waits for that
+        copy (``async_save="lazy"``; see :func:`~tensorkeep.checkpoint.background.changed_only_by_optimizers`).
         """
         self._check_open(writing=True)
         if type(step) is not int or step < 0:

@@ -165,8 +165,8 @@ def protect(accelerator: Accelerator, *, async_save: bool | str = False) -> Acce
     ``load_state`` and :func:`wait` wait for it and raise its error. It costs host memory the size
     of the state. The returned folder appears only when its write is committed: call :func:`wait`
     before writing into it or reading it (``tokenizer.save_pretrained(out)``). ``async_save="lazy"``:
-    the models' parameters and the optimizers' state are copied by that thread too, and the next
-    optimizer step waits until it has; ``save_state`` then blocks only for the small parts.
+    the parameters the optimizers step and their state are copied by that thread too, and the next
+    optimizer step waits until it has; ``save_state`` then blocks only for the rest.
 
     >>> from accelerate import Accelerator
     >>> acc = protect(Accelerator(cpu=True))
