@@ -27,6 +27,19 @@ from tensorkeep.checkpoint.stage import Stage
 from tensorkeep.checkpoint.state import Payload
 from tensorkeep.errors import TensorkeepError
 
+MODES = (True, False, "lazy")  #: what ``async_save`` may be
+
+
+def check_mode(async_save: object) -> None:
+    """Refuse an ``async_save`` that is not one of :data:`MODES`.
+
+    >>> check_mode("yes")  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    ValueError: async_save must be True, False or 'lazy', got 'yes'
+    """
+    if async_save not in MODES:
+        raise ValueError(f"async_save must be True, False or 'lazy', got {async_save!r}")
+
 
 class Background:
     """The writer thread of one manager (``mode``: True or "lazy"). At interpreter exit a save still in
@@ -65,12 +78,7 @@ class Background:
         if build_images:  # small files are built whole here (a few kB of copies), so the writer thread
             # only makes syscalls: Python work there would take the GIL from training
             payload = {name: (key, kind, small_image(obj, name)) for name, (key, kind, obj) in payload.items()}
-        try:
-            payload = self._snapshot(payload, defer)
-            self._pending = (step, threads.submit(self._writer, self._write, step, payload, commit))
-        except BaseException:  # (an interrupt) nothing will copy: optimizer steps must not wait for it
-            self._copied.set()
-            raise
+        self.call(step, payload, lambda snapshot: commit(step, snapshot), defer=defer)
 
     def _snapshot(self, obj: Any, defer: frozenset[int]) -> Any:
         obj = self._staging.snapshot(obj, defer)
@@ -127,11 +135,6 @@ class Background:
 
         defer = changed_only_by_optimizers({str(i): o for i, o in enumerate(lazy)})
         self.call(st.step, {name: d[0] for name, d in st.deferred.items()}, finish, st.abandon, defer)
-
-    def _write(self, step: int, payload: Payload, commit: Callable[[int, Payload], object]) -> None:
-        self._copy_deferred(step)
-        self._staging.ready()  # device-to-host copies of the snapshot have landed
-        commit(step, payload)
 
     def _copy_deferred(self, step: int) -> None:
         """async_save="lazy": copy what the snapshot deferred; raise if any of it changed meanwhile."""

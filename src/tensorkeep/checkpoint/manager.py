@@ -13,7 +13,7 @@ import torch
 
 from tensorkeep._version import __version__
 from tensorkeep.checkpoint import collective, determinism, layout
-from tensorkeep.checkpoint.background import Background
+from tensorkeep.checkpoint.background import Background, check_mode
 from tensorkeep.checkpoint.intact import latest_intact, load_verified
 from tensorkeep.checkpoint.naming import DEFAULT_NAMING
 from tensorkeep.checkpoint.policies import BestN, EveryNSteps, LatestN, Policy, to_keep
@@ -67,8 +67,7 @@ class CheckpointManager:
         naming: str = DEFAULT_NAMING,
         one_file: bool = False,
     ) -> None:
-        if async_save not in (True, False, "lazy"):
-            raise ValueError(f"async_save must be True, False or 'lazy', got {async_save!r}")
+        check_mode(async_save)
         if one_file and incremental:
             raise ValueError("one_file=True and incremental=True exclude each other (incremental writes packs)")
         if incremental and naming != DEFAULT_NAMING:

@@ -51,7 +51,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from tensorkeep.checkpoint import layout, rng
-from tensorkeep.checkpoint.background import Background
+from tensorkeep.checkpoint.background import Background, check_mode
 from tensorkeep.checkpoint.collective import collectively, gather
 from tensorkeep.checkpoint.intact import Intact, latest_intact
 from tensorkeep.checkpoint.manager import CheckpointManager
@@ -94,7 +94,7 @@ def save_state(
     _check(accelerator)
     pc = accelerator.project_configuration
     it, later = pc.iteration, _ASYNC.get(accelerator, False)
-    lazy = [*accelerator._models, *accelerator._optimizers] if later == "lazy" else []
+    lazy = list(accelerator._optimizers) if later == "lazy" else []  # what they step, and their state
     if pc.automatic_checkpoint_naming:
         mgr = _manager(accelerator)
         if os.path.lexists(mgr.path(it)):
@@ -173,8 +173,7 @@ def protect(accelerator: Accelerator, *, async_save: bool | str = False) -> Acce
     >>> acc.save_state.__func__ is save_state
     True
     """
-    if async_save not in (True, False, "lazy"):
-        raise ValueError(f"async_save must be True, False or 'lazy', got {async_save!r}")
+    check_mode(async_save)
     if async_save and accelerator.num_processes > 1:
         raise ValueError(
             f"tensorkeep.accelerate: async_save=True runs with one process; this Accelerator has "

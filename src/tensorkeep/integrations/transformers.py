@@ -69,6 +69,7 @@ except ImportError as e:  # pragma: no cover - the extra is missing
     ) from e
 
 from tensorkeep.checkpoint import rng
+from tensorkeep.checkpoint.background import check_mode
 from tensorkeep.checkpoint.collective import collectively, gather
 from tensorkeep.checkpoint.intact import Intact, latest_intact
 from tensorkeep.checkpoint.manager import CheckpointManager
@@ -136,7 +137,7 @@ class CrashProofMixin(_Base):
     _tk_resumed: Intact | None = None
     _tk_managers: dict[str, CheckpointManager] | None = None
     #: ``protect(trainer, async_save=True)``: checkpoints are written and committed by a background thread
-    #: (``"lazy"``: it also copies the weights and optimizer state, and the next optimizer step waits for that)
+    #: (``"lazy"``: it also copies the weights the optimizer steps and its state; the next step waits for that)
     tk_async_save: bool | str = False
 
     # ------------------------------------------------------------------ save
@@ -155,7 +156,7 @@ class CrashProofMixin(_Base):
         there = os.path.lexists(final)
         mgr = self._tk_manager(run_dir)
         self._tk_push = False
-        lazy = [o for o in (self.model, self.optimizer) if o is not None] if self.tk_async_save == "lazy" else []
+        lazy = [self.optimizer] if self.tk_async_save == "lazy" and self.optimizer is not None else []
         with mgr.stage(step, subdir=name, defer=bool(self.tk_async_save), lazy=lazy) as st, safetensors_into(st):
             self._tk_stage = st
             try:
@@ -409,13 +410,12 @@ def protect(trainer: T, *, async_save: bool | str = False) -> T:
     ``checkpoint-N`` and applies ``save_total_limit`` while training goes on. The next save, the
     best-model load, the end of ``train()`` and a callback's ``on_save`` (it may use ``checkpoint-N``)
     wait for it and raise its error. (Subclass: ``tk_async_save = True``.) ``async_save="lazy"``: the
-    weights and optimizer state are copied by that thread too, and the next optimizer step waits until
-    it has; the save then blocks training only for the small parts.
+    weights the optimizer steps and its state are copied by that thread too, and the next optimizer
+    step waits until it has; the save then blocks training only for the rest.
     """
     if not isinstance(trainer, Trainer):
         raise TypeError(f"protect() takes a transformers.Trainer (or a subclass's instance), not {type(trainer)!r}")
-    if async_save not in (True, False, "lazy"):
-        raise ValueError(f"async_save must be True, False or 'lazy', got {async_save!r}")
+    check_mode(async_save)
     if async_save and trainer.args.world_size > 1:
         n = trainer.args.world_size
         raise ValueError(f"async_save=True runs with one process, not {n}. Fix: protect(trainer) (collective saves)")
